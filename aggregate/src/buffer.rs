@@ -1,0 +1,327 @@
+//! The hot buffer: datapoints acknowledged since the last lake commit, de-duplicated
+//! and queryable.
+//!
+//! Rows enter in write-ahead-log order ([`HotBuffer::insert`]) and leave in flushes:
+//! [`HotBuffer::begin_flush`] moves the open generation aside (still queryable) and
+//! hands it to the lake writer, [`HotBuffer::complete_flush`] drops it once committed.
+//!
+//! De-duplication on (account, region, namespace, metric, dimensions, time):
+//! - against the buffer, by an exact set of datapoint keys;
+//! - against the lake, by a per-series watermark: the latest time of the series known
+//!   to be in the lake. A row after its series' watermark cannot be in the lake. A row
+//!   at or before it (a redelivery, or late data) is a *suspect*: it is held back from
+//!   queries and checked against the lake when flushed. A series not seen since start
+//!   has the lake's overall latest time as watermark.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use arrow::array::{BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+
+use crate::keys::row_keys;
+
+/// How long the rows of a finished flush stay visible through the buffer, covering a
+/// query that loaded the lake just before that commit.
+const RECENT_RETENTION: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Generation {
+    batches: Vec<RecordBatch>,
+    suspects: Vec<RecordBatch>,
+    keys: HashSet<u128>,
+    series_max: HashMap<u64, i64>,
+    rows: usize,
+    suspect_rows: usize,
+    bytes: usize,
+    last_seq: u64,
+}
+
+impl Generation {
+    fn absorb(&mut self, newer: Generation) {
+        self.batches.extend(newer.batches);
+        self.suspects.extend(newer.suspects);
+        self.keys.extend(newer.keys);
+        for (series, time) in newer.series_max {
+            let t = self.series_max.entry(series).or_insert(time);
+            *t = (*t).max(time);
+        }
+        self.rows += newer.rows;
+        self.suspect_rows += newer.suspect_rows;
+        self.bytes += newer.bytes;
+        self.last_seq = self.last_seq.max(newer.last_seq);
+    }
+}
+
+/// What one insert did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InsertOutcome {
+    /// Rows now queryable.
+    pub visible: usize,
+    /// Rows held back until the flush checks them against the lake.
+    pub suspects: usize,
+    /// Rows dropped as already in the buffer.
+    pub duplicates: usize,
+}
+
+/// A flush to perform: rows to write and rows to check against the lake first.
+#[derive(Debug)]
+pub struct FlushJob {
+    /// Rows known not to be in the lake.
+    pub batches: Vec<RecordBatch>,
+    /// Rows that may already be in the lake.
+    pub suspects: Vec<RecordBatch>,
+    /// The last WAL sequence number the job covers.
+    pub seq: u64,
+    /// The latest time (epoch µs) of any row in the lake once the job is committed.
+    pub max_time: i64,
+}
+
+/// The hot buffer (see the module docs).
+#[derive(Debug)]
+pub struct HotBuffer {
+    open: Generation,
+    flushing: Option<Generation>,
+    recent: VecDeque<(i64, Instant, Vec<RecordBatch>)>,
+    watermarks: HashMap<u64, i64>,
+    default_watermark: i64,
+    lake_max_time: i64,
+}
+
+impl HotBuffer {
+    /// An empty buffer over a lake whose latest datapoint time is `lake_max_time`
+    /// (epoch µs; `None` for an empty lake).
+    pub fn new(lake_max_time: Option<i64>) -> Self {
+        let max = lake_max_time.unwrap_or(i64::MIN);
+        Self {
+            open: Generation::default(),
+            flushing: None,
+            recent: VecDeque::new(),
+            watermarks: HashMap::new(),
+            default_watermark: max,
+            lake_max_time: max,
+        }
+    }
+
+    /// Adds the rows of WAL record `seq`, dropping those already buffered.
+    pub fn insert(&mut self, seq: u64, batch: &RecordBatch) -> InsertOutcome {
+        let keys = row_keys(batch);
+        let mut visible = Vec::with_capacity(keys.len());
+        let mut suspect = Vec::with_capacity(keys.len());
+        let mut outcome = InsertOutcome::default();
+        for key in &keys {
+            let seen = self.flushing.as_ref().is_some_and(|g| g.keys.contains(&key.point))
+                || !self.open.keys.insert(key.point);
+            if seen {
+                outcome.duplicates += 1;
+                visible.push(false);
+                suspect.push(false);
+                continue;
+            }
+            let watermark = self
+                .watermarks
+                .get(&key.series)
+                .copied()
+                .unwrap_or(self.default_watermark);
+            let is_suspect = key.time <= watermark;
+            if is_suspect {
+                outcome.suspects += 1;
+            } else {
+                outcome.visible += 1;
+                let t = self.open.series_max.entry(key.series).or_insert(key.time);
+                *t = (*t).max(key.time);
+            }
+            visible.push(!is_suspect);
+            suspect.push(is_suspect);
+        }
+        let take = |mask: Vec<bool>, n: usize| -> Option<RecordBatch> {
+            if n == 0 {
+                None
+            } else if n == batch.num_rows() {
+                Some(batch.clone())
+            } else {
+                Some(
+                    filter_record_batch(batch, &BooleanArray::from(mask))
+                        .expect("mask has the batch's length"),
+                )
+            }
+        };
+        if let Some(b) = take(visible, outcome.visible) {
+            self.open.bytes += b.get_array_memory_size();
+            self.open.batches.push(b);
+        }
+        if let Some(b) = take(suspect, outcome.suspects) {
+            self.open.bytes += b.get_array_memory_size();
+            self.open.suspects.push(b);
+        }
+        self.open.rows += outcome.visible;
+        self.open.suspect_rows += outcome.suspects;
+        self.open.last_seq = self.open.last_seq.max(seq);
+        outcome
+    }
+
+    /// Rows held (open and flushing, suspects included).
+    pub fn rows(&self) -> usize {
+        let flushing = self.flushing.as_ref().map_or(0, |g| g.rows + g.suspect_rows);
+        self.open.rows + self.open.suspect_rows + flushing
+    }
+
+    /// Approximate bytes held by the rows.
+    pub fn bytes(&self) -> usize {
+        self.open.bytes + self.flushing.as_ref().map_or(0, |g| g.bytes)
+    }
+
+    /// Rows of the open generation, which the next flush takes.
+    pub fn open_rows(&self) -> usize {
+        self.open.rows + self.open.suspect_rows
+    }
+
+    /// Moves the open generation into the flushing one (merging with a flush that
+    /// failed before) and returns what to write, or `None` if there is nothing.
+    pub fn begin_flush(&mut self) -> Option<FlushJob> {
+        let open = std::mem::take(&mut self.open);
+        let flushing = match self.flushing.take() {
+            Some(mut previous) => {
+                previous.absorb(open);
+                previous
+            }
+            None => open,
+        };
+        if flushing.rows + flushing.suspect_rows == 0 {
+            // Nothing to write; keep the sequence so the next generation carries it on.
+            self.open.last_seq = flushing.last_seq;
+            return None;
+        }
+        let max_time = flushing
+            .series_max
+            .values()
+            .copied()
+            .fold(self.lake_max_time, i64::max);
+        let job = FlushJob {
+            batches: flushing.batches.clone(),
+            suspects: flushing.suspects.clone(),
+            seq: flushing.last_seq,
+            max_time,
+        };
+        self.flushing = Some(flushing);
+        Some(job)
+    }
+
+    /// Records that the flushing generation is committed as lake `version`, with
+    /// `written` the rows that went in.
+    pub fn complete_flush(&mut self, version: i64, written: Vec<RecordBatch>) {
+        let Some(done) = self.flushing.take() else {
+            return;
+        };
+        for (series, time) in done.series_max {
+            let w = self.watermarks.entry(series).or_insert(time);
+            *w = (*w).max(time);
+            self.lake_max_time = self.lake_max_time.max(time);
+        }
+        let now = Instant::now();
+        self.recent.push_back((version, now, written));
+        self.prune_recent(now);
+    }
+
+    fn prune_recent(&mut self, now: Instant) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(_, at, _)| now.duration_since(*at) > RECENT_RETENTION)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The queryable rows for a query that reads lake version `lake_version`: the open
+    /// and flushing generations (suspects excluded), plus rows of flushes committed
+    /// after that version.
+    pub fn snapshot(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
+        let mut out: Vec<RecordBatch> = self.open.batches.clone();
+        if let Some(flushing) = &self.flushing {
+            out.extend(flushing.batches.iter().cloned());
+        }
+        for (version, _, batches) in &self.recent {
+            if lake_version.is_none_or(|v| *version > v) {
+                out.extend(batches.iter().cloned());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetlake_ingest::metric_stream::MetricsBatchBuilder;
+
+    fn batch(points: &[(&str, i64)]) -> RecordBatch {
+        let mut b = MetricsBatchBuilder::new();
+        for (fname, minute) in points {
+            let line = format!(
+                r#"{{"account_id":"1","region":"r","namespace":"N","metric_name":"M","dimensions":{{"F":"{fname}"}},"timestamp":{},"value":{{"count":1,"sum":1,"min":1,"max":1}}}}"#,
+                minute * 60_000
+            );
+            assert!(b.push_record(line.as_bytes()).is_empty());
+        }
+        b.finish()
+    }
+
+    fn rows(batches: &[RecordBatch]) -> usize {
+        batches.iter().map(|b| b.num_rows()).sum()
+    }
+
+    #[test]
+    fn duplicates_within_the_buffer_are_dropped() {
+        let mut buf = HotBuffer::new(None);
+        let o = buf.insert(1, &batch(&[("a", 1), ("a", 1), ("b", 1)]));
+        assert_eq!(o, InsertOutcome { visible: 2, suspects: 0, duplicates: 1 });
+        let o = buf.insert(2, &batch(&[("a", 1), ("a", 2)]));
+        assert_eq!(o, InsertOutcome { visible: 1, suspects: 0, duplicates: 1 });
+        assert_eq!(rows(&buf.snapshot(None)), 3);
+    }
+
+    #[test]
+    fn flushing_rows_still_deduplicate_and_stay_visible() {
+        let mut buf = HotBuffer::new(None);
+        buf.insert(1, &batch(&[("a", 1)]));
+        let job = buf.begin_flush().unwrap();
+        assert_eq!(job.seq, 1);
+        assert_eq!(job.max_time, 60_000_000);
+        let o = buf.insert(2, &batch(&[("a", 1), ("a", 2)]));
+        assert_eq!(o.duplicates, 1);
+        assert_eq!(rows(&buf.snapshot(None)), 2);
+        buf.complete_flush(5, job.batches);
+        // A query on lake version 5 already sees the flushed row there.
+        assert_eq!(rows(&buf.snapshot(Some(5))), 1);
+        assert_eq!(rows(&buf.snapshot(Some(4))), 2);
+    }
+
+    #[test]
+    fn rows_at_or_before_the_lake_watermark_are_suspects() {
+        let mut buf = HotBuffer::new(Some(2 * 60_000_000));
+        let o = buf.insert(1, &batch(&[("a", 1), ("a", 2), ("a", 3)]));
+        assert_eq!(o, InsertOutcome { visible: 1, suspects: 2, duplicates: 0 });
+        assert_eq!(rows(&buf.snapshot(None)), 1);
+        let job = buf.begin_flush().unwrap();
+        assert_eq!(rows(&job.suspects), 2);
+        buf.complete_flush(1, job.batches);
+        // Series "a" is now known up to minute 3; "b" falls back to the lake maximum.
+        let o = buf.insert(2, &batch(&[("a", 3), ("a", 4), ("b", 2), ("b", 3)]));
+        assert_eq!(o, InsertOutcome { visible: 2, suspects: 2, duplicates: 0 });
+    }
+
+    #[test]
+    fn a_failed_flush_is_retried_with_newer_rows() {
+        let mut buf = HotBuffer::new(None);
+        buf.insert(1, &batch(&[("a", 1)]));
+        let _failed = buf.begin_flush().unwrap();
+        buf.insert(2, &batch(&[("a", 2)]));
+        let job = buf.begin_flush().unwrap();
+        assert_eq!(job.seq, 2);
+        assert_eq!(rows(&job.batches), 2);
+        buf.complete_flush(1, job.batches);
+        assert!(buf.begin_flush().is_none());
+        assert_eq!(buf.rows(), 0);
+    }
+}

@@ -1,0 +1,112 @@
+//! Identity of datapoints: the series and the de-duplication key.
+//!
+//! A series is (account, region, namespace, metric, dimensions); a datapoint's key adds
+//! its time. Both are hashed with xxh3 over the strings separated by 0xFF, a byte that
+//! never occurs in UTF-8, so different field splits cannot collide by concatenation.
+
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use arrow::datatypes::TimestampMicrosecondType;
+use fleetlake_ingest::schema::col;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+
+/// The identity of one row of a `metrics` batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowKey {
+    /// Hash of the series.
+    pub series: u64,
+    /// Hash of the series and the time: the de-duplication key.
+    pub point: u128,
+    /// The row's time, epoch microseconds.
+    pub time: i64,
+}
+
+/// Computes the [`RowKey`] of every row of a batch of the `metrics` schema.
+pub fn row_keys(batch: &RecordBatch) -> Vec<RowKey> {
+    let strings = |i: usize| batch.column(i).as_string::<i32>();
+    let account: &StringArray = strings(col::ACCOUNT_ID);
+    let region = strings(col::REGION);
+    let namespace = strings(col::NAMESPACE);
+    let metric = strings(col::METRIC_NAME);
+    let dims = batch.column(col::DIMENSIONS).as_map();
+    let dim_keys = dims.keys().as_string::<i32>();
+    let dim_values = dims.values().as_string::<i32>();
+    let offsets = dims.value_offsets();
+    let time = batch.column(col::TIME).as_primitive::<TimestampMicrosecondType>();
+    let mut buf = Vec::with_capacity(256);
+    (0..batch.num_rows())
+        .map(|row| {
+            buf.clear();
+            for part in [account.value(row), region.value(row), namespace.value(row), metric.value(row)] {
+                buf.extend_from_slice(part.as_bytes());
+                buf.push(0xFF);
+            }
+            if !dims.is_null(row) {
+                for entry in offsets[row] as usize..offsets[row + 1] as usize {
+                    buf.extend_from_slice(dim_keys.value(entry).as_bytes());
+                    buf.push(0xFE);
+                    buf.extend_from_slice(dim_values.value(entry).as_bytes());
+                    buf.push(0xFF);
+                }
+            }
+            let series = xxh3_64(&buf);
+            let t = time.value(row);
+            buf.extend_from_slice(&t.to_le_bytes());
+            RowKey {
+                series,
+                point: xxh3_128(&buf),
+                time: t,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetlake_ingest::metric_stream::MetricsBatchBuilder;
+
+    fn keys(lines: &str) -> Vec<RowKey> {
+        let mut b = MetricsBatchBuilder::new();
+        assert!(b.push_record(lines.as_bytes()).is_empty());
+        row_keys(&b.finish())
+    }
+
+    fn line(account: &str, dims: &str, ts: i64, sum: f64, unit: &str) -> String {
+        format!(
+            r#"{{"account_id":"{account}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{dims},"timestamp":{ts},"value":{{"count":1,"sum":{sum},"min":0,"max":1}},"unit":"{unit}"}}"#
+        )
+    }
+
+    #[test]
+    fn key_ignores_values_and_unit_but_not_identity() {
+        let k = keys(
+            &[
+                line("1", r#"{"FunctionName":"a"}"#, 60_000, 1.0, "Count"),
+                line("1", r#"{"FunctionName":"a"}"#, 60_000, 9.0, "None"),
+                line("1", r#"{"FunctionName":"a"}"#, 120_000, 1.0, "Count"),
+                line("1", r#"{"FunctionName":"b"}"#, 60_000, 1.0, "Count"),
+                line("2", r#"{"FunctionName":"a"}"#, 60_000, 1.0, "Count"),
+                line("1", r#"{"Function":"Namea"}"#, 60_000, 1.0, "Count"),
+            ]
+            .join("\n"),
+        );
+        assert_eq!(k[0], k[1]);
+        assert_eq!(k[0].series, k[2].series);
+        assert_ne!(k[0].point, k[2].point);
+        for other in &k[3..] {
+            assert_ne!(k[0].series, other.series);
+        }
+    }
+
+    #[test]
+    fn dimension_order_on_the_wire_does_not_matter() {
+        let k = keys(
+            &[
+                line("1", r#"{"A":"1","B":"2"}"#, 60_000, 1.0, "Count"),
+                line("1", r#"{"B":"2","A":"1"}"#, 60_000, 1.0, "Count"),
+            ]
+            .join("\n"),
+        );
+        assert_eq!(k[0], k[1]);
+    }
+}

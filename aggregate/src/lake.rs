@@ -1,0 +1,327 @@
+//! The `metrics` Delta table: creation, flush commits, and de-duplication checks.
+//!
+//! Each flush is one Delta commit that also records, as application transactions,
+//! the last write-ahead-log sequence number it covers ([`WAL_APP_ID`]) and the latest
+//! datapoint time in the table ([`MAX_TIME_APP_ID`]). On restart the WAL is replayed
+//! after the committed sequence, so a crash between commit and WAL truncation neither
+//! loses nor doubles a row.
+
+use std::collections::HashSet;
+use std::num::NonZeroU64;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use arrow::datatypes::TimestampMicrosecondType;
+use datafusion::prelude::{SessionContext, col, lit};
+use datafusion::scalar::ScalarValue;
+use deltalake::DeltaTable;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{StructType, Transaction};
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::SaveMode;
+use fleetlake_ingest::schema::{DAY_COLUMN, METRICS_TABLE, col as c, conform, metrics_schema};
+use url::Url;
+
+use crate::keys::row_keys;
+
+/// Application id of the transaction action carrying the last committed WAL sequence.
+pub const WAL_APP_ID: &str = "fleetlake.wal";
+/// Application id of the transaction action carrying the table's latest time (µs).
+pub const MAX_TIME_APP_ID: &str = "fleetlake.metrics.max_time_us";
+
+/// Errors of the lake.
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    /// The Delta table could not be opened, read or written.
+    #[error("lake table {table}: {source}")]
+    Delta {
+        /// The table's location.
+        table: String,
+        /// The error.
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
+    /// A query against the table failed.
+    #[error("lake table {table}: {source}")]
+    Query {
+        /// The table's location.
+        table: String,
+        /// The error.
+        #[source]
+        source: Box<datafusion::error::DataFusionError>,
+    },
+    /// Rows could not be arranged for writing.
+    #[error("lake table {table}: {source}")]
+    Arrow {
+        /// The table's location.
+        table: String,
+        /// The error.
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+}
+
+/// Settings for writing the lake.
+#[derive(Debug, Clone)]
+pub struct LakeOptions {
+    /// Files are cut near this size.
+    pub target_file_bytes: u64,
+    /// zstd level of the Parquet files.
+    pub zstd_level: i32,
+}
+
+impl Default for LakeOptions {
+    fn default() -> Self {
+        Self {
+            target_file_bytes: 256 * 1024 * 1024,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// The URL of the Delta table `name` under a local lake directory.
+pub fn table_url(lake_dir: &Path, name: &str) -> Result<Url, std::io::Error> {
+    let dir = lake_dir.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let abs = dir.canonicalize()?;
+    Url::from_directory_path(&abs).map_err(|()| {
+        std::io::Error::other(format!("{} is not an absolute path", abs.display()))
+    })
+}
+
+/// The `metrics` table, open for writing.
+#[derive(Debug)]
+pub struct MetricsLake {
+    table: DeltaTable,
+    location: String,
+    options: LakeOptions,
+}
+
+impl MetricsLake {
+    /// Opens the `metrics` table under `lake_dir`, creating it if it does not exist.
+    pub async fn open_or_create(lake_dir: &Path, options: LakeOptions) -> Result<Self, LakeError> {
+        let location = lake_dir.join(METRICS_TABLE).display().to_string();
+        let delta = |source| LakeError::Delta {
+            table: location.clone(),
+            source: Box::new(source),
+        };
+        let url = table_url(lake_dir, METRICS_TABLE)
+            .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
+        let mut table = DeltaTable::try_from_url(url).await.map_err(delta)?;
+        if table.version().is_none() {
+            let schema: StructType = metrics_schema()
+                .as_ref()
+                .try_into_kernel()
+                .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
+            table = table
+                .create()
+                .with_table_name(METRICS_TABLE)
+                .with_comment("fleetlake: one row per CloudWatch datapoint")
+                .with_columns(schema.fields().cloned())
+                .with_partition_columns([DAY_COLUMN])
+                .with_save_mode(SaveMode::Ignore)
+                .await
+                .map_err(delta)?;
+            tracing::info!(table = %location, "created lake table");
+        }
+        Ok(Self {
+            table,
+            location,
+            options,
+        })
+    }
+
+    fn delta_err(&self, source: deltalake::DeltaTableError) -> LakeError {
+        LakeError::Delta {
+            table: self.location.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    async fn app_version(&self, app_id: &str) -> Result<Option<i64>, LakeError> {
+        let state = self.table.snapshot().map_err(|e| self.delta_err(e))?;
+        state
+            .transaction_version(self.table.log_store().as_ref(), app_id)
+            .await
+            .map_err(|e| self.delta_err(e))
+    }
+
+    /// The last WAL sequence number committed to the table (0 if none).
+    pub async fn committed_seq(&self) -> Result<u64, LakeError> {
+        Ok(self.app_version(WAL_APP_ID).await?.unwrap_or(0).max(0) as u64)
+    }
+
+    /// The latest datapoint time in the table, epoch µs.
+    pub async fn max_time(&self) -> Result<Option<i64>, LakeError> {
+        self.app_version(MAX_TIME_APP_ID).await
+    }
+
+    /// The table version currently loaded.
+    pub fn version(&self) -> Option<i64> {
+        self.table.version().map(|v| v as i64)
+    }
+
+    /// The de-duplication keys of those `candidates` rows that the table already holds.
+    pub async fn existing_points(
+        &self,
+        candidates: &[RecordBatch],
+    ) -> Result<HashSet<u128>, LakeError> {
+        let query_err = |source| LakeError::Query {
+            table: self.location.clone(),
+            source: Box::new(source),
+        };
+        let mut wanted = HashSet::new();
+        let mut accounts = HashSet::new();
+        let (mut min_t, mut max_t) = (i64::MAX, i64::MIN);
+        for batch in candidates {
+            for key in row_keys(batch) {
+                wanted.insert(key.point);
+                min_t = min_t.min(key.time);
+                max_t = max_t.max(key.time);
+            }
+            let account = batch.column(c::ACCOUNT_ID).as_string::<i32>();
+            accounts.extend(account.iter().flatten().map(str::to_string));
+        }
+        if wanted.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let ctx = SessionContext::new();
+        self.table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| self.delta_err(e))?;
+        let provider = self.table.table_provider().await.map_err(query_err)?;
+        let ts = |v: i64| lit(ScalarValue::TimestampMicrosecond(Some(v), Some("UTC".into())));
+        let day = |v: i64| lit(ScalarValue::Date32(Some(v.div_euclid(86_400_000_000) as i32)));
+        let mut accounts: Vec<_> = accounts.into_iter().map(lit).collect();
+        accounts.sort_by_key(|e| e.to_string());
+        let frame = ctx
+            .read_table(provider)
+            .and_then(|df| {
+                df.filter(
+                    col(DAY_COLUMN)
+                        .between(day(min_t), day(max_t))
+                        .and(col("time").between(ts(min_t), ts(max_t)))
+                        .and(col("account_id").in_list(accounts, false)),
+                )
+            })
+            .map_err(query_err)?;
+        let found = frame.collect().await.map_err(query_err)?;
+        let schema = metrics_schema();
+        let mut existing = HashSet::new();
+        for batch in found {
+            let batch = conform(&batch, &schema).map_err(|source| LakeError::Arrow {
+                table: self.location.clone(),
+                source,
+            })?;
+            existing.extend(
+                row_keys(&batch)
+                    .into_iter()
+                    .map(|k| k.point)
+                    .filter(|p| wanted.contains(p)),
+            );
+        }
+        Ok(existing)
+    }
+
+    /// Commits `batches` (sorted as the lake keeps them) together with the WAL
+    /// sequence they cover and the table's new latest time; returns the new version.
+    pub async fn append(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        wal_seq: u64,
+        max_time: i64,
+    ) -> Result<i64, LakeError> {
+        let arrow_err = |source| LakeError::Arrow {
+            table: self.location.clone(),
+            source,
+        };
+        let level = ZstdLevel::try_new(self.options.zstd_level).map_err(|e| {
+            arrow_err(arrow::error::ArrowError::ParquetError(e.to_string()))
+        })?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_dictionary_enabled(true)
+            .build();
+        let commit = CommitProperties::default().with_application_transactions(vec![
+            Transaction::new(WAL_APP_ID, wal_seq as i64),
+            Transaction::new(MAX_TIME_APP_ID, max_time),
+        ]);
+        let table = self
+            .table
+            .clone()
+            .write(batches)
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns([DAY_COLUMN])
+            .with_writer_properties(properties)
+            .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
+            .with_commit_properties(commit)
+            .await
+            .map_err(|e| self.delta_err(e))?;
+        self.table = table;
+        Ok(self.version().unwrap_or_default())
+    }
+}
+
+/// Concatenates rows and sorts them as the lake keeps them: by account_id, namespace,
+/// metric_name, dimensions, region, time, so that row-group statistics prune queries
+/// for one account or metric.
+pub fn sort_for_lake(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let schema = metrics_schema();
+    let all = concat_batches(&schema, batches)?;
+    let s = |i: usize| all.column(i).as_string::<i32>();
+    let (account, namespace, metric, region) =
+        (s(c::ACCOUNT_ID), s(c::NAMESPACE), s(c::METRIC_NAME), s(c::REGION));
+    let dims = all.column(c::DIMENSIONS).as_map();
+    let (dim_keys, dim_values) = (dims.keys().as_string::<i32>(), dims.values().as_string::<i32>());
+    let offsets = dims.value_offsets();
+    let time = all.column(c::TIME).as_primitive::<TimestampMicrosecondType>();
+    let dim_entries = |row: usize| {
+        let range = if dims.is_null(row) {
+            0..0
+        } else {
+            offsets[row] as usize..offsets[row + 1] as usize
+        };
+        range.map(|i| (dim_keys.value(i), dim_values.value(i)))
+    };
+    let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+    order.sort_unstable_by(|&a, &b| {
+        let (a, b) = (a as usize, b as usize);
+        account
+            .value(a)
+            .cmp(account.value(b))
+            .then_with(|| namespace.value(a).cmp(namespace.value(b)))
+            .then_with(|| metric.value(a).cmp(metric.value(b)))
+            .then_with(|| dim_entries(a).cmp(dim_entries(b)))
+            .then_with(|| region.value(a).cmp(region.value(b)))
+            .then_with(|| time.value(a).cmp(&time.value(b)))
+    });
+    take_record_batch(&all, &UInt32Array::from(order))
+}
+
+/// Keeps the rows of `batches` whose key is not in `existing`.
+pub fn without_points(
+    batches: Vec<RecordBatch>,
+    existing: &HashSet<u128>,
+) -> Vec<RecordBatch> {
+    if existing.is_empty() {
+        return batches;
+    }
+    batches
+        .into_iter()
+        .filter_map(|batch| {
+            let keep: arrow::array::BooleanArray = row_keys(&batch)
+                .iter()
+                .map(|k| Some(!existing.contains(&k.point)))
+                .collect();
+            let kept = arrow::compute::filter_record_batch(&batch, &keep).expect("mask fits");
+            (kept.num_rows() > 0).then_some(kept)
+        })
+        .collect()
+}
+
+/// Shared handle to the lake for the flush task.
+pub type SharedLake = Arc<tokio::sync::Mutex<MetricsLake>>;

@@ -1,0 +1,39 @@
+//! Names of the metrics the aggregate stage emits.
+
+/// Records appended to the write-ahead log.
+pub const WAL_RECORDS: &str = "fleetlake_wal_records_total";
+/// Bytes appended to the write-ahead log.
+pub const WAL_BYTES: &str = "fleetlake_wal_bytes_total";
+/// Seconds per WAL group commit (append + fsync).
+pub const WAL_SYNC_SECONDS: &str = "fleetlake_wal_fsync_duration_seconds";
+/// Requests that shared one WAL group commit.
+pub const WAL_GROUP_SIZE: &str = "fleetlake_wal_group_commit_size";
+/// Datapoints dropped as already buffered or already in the lake, by `stage`.
+pub const DUPLICATES: &str = "fleetlake_aggregate_duplicate_datapoints_total";
+/// Rows in the hot buffer.
+pub const BUFFER_ROWS: &str = "fleetlake_hot_buffer_rows";
+/// Bytes held by the hot buffer.
+pub const BUFFER_BYTES: &str = "fleetlake_hot_buffer_bytes";
+/// Rows committed to the lake.
+pub const FLUSHED_ROWS: &str = "fleetlake_lake_rows_committed_total";
+/// Seconds per flush (check, sort, write, commit).
+pub const FLUSH_SECONDS: &str = "fleetlake_lake_flush_duration_seconds";
+/// Flushes that failed and will be retried.
+pub const FLUSH_FAILURES: &str = "fleetlake_lake_flush_failures_total";
+/// Writes refused because the hot buffer is full.
+pub const REJECTED_FULL: &str = "fleetlake_aggregate_rejected_full_total";
+
+/// Registers descriptions for the aggregate metrics.
+pub fn describe() {
+    metrics::describe_counter!(WAL_RECORDS, "Records appended to the write-ahead log");
+    metrics::describe_counter!(WAL_BYTES, "Bytes appended to the write-ahead log");
+    metrics::describe_histogram!(WAL_SYNC_SECONDS, "Seconds per WAL group commit");
+    metrics::describe_histogram!(WAL_GROUP_SIZE, "Writes sharing one WAL fsync");
+    metrics::describe_counter!(DUPLICATES, "Datapoints dropped as duplicates");
+    metrics::describe_gauge!(BUFFER_ROWS, "Rows in the hot buffer");
+    metrics::describe_gauge!(BUFFER_BYTES, "Bytes held by the hot buffer");
+    metrics::describe_counter!(FLUSHED_ROWS, "Rows committed to the lake");
+    metrics::describe_histogram!(FLUSH_SECONDS, "Seconds per lake flush");
+    metrics::describe_counter!(FLUSH_FAILURES, "Lake flushes that failed");
+    metrics::describe_counter!(REJECTED_FULL, "Writes refused because the hot buffer is full");
+}
