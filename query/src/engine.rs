@@ -1,0 +1,154 @@
+//! One DataFusion session per query over the lake's tables plus the hot buffer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::DeltaTable;
+use fleetlake_ingest::schema::{METRICS_TABLE, conform};
+
+/// Rows held in memory by the aggregate stage, not yet in the lake.
+pub trait HotData: Send + Sync + 'static {
+    /// The rows of `table` that a query reading lake version `lake_version` must add to
+    /// what it reads from the lake.
+    fn snapshot(&self, table: &str, lake_version: Option<i64>) -> Vec<RecordBatch>;
+}
+
+/// Why a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The SQL is invalid, refused, or failed while running.
+    #[error("{0}")]
+    Sql(#[source] Box<DataFusionError>),
+    /// The lake has no such table (nothing was ever ingested into this data directory).
+    #[error("no lake table at {0}: start `fleetlake serve` with this data directory first")]
+    NoTable(String),
+    /// The lake could not be read.
+    #[error("lake unavailable: {0}")]
+    Lake(String),
+}
+
+impl QueryError {
+    /// Whether the failure is the query's fault (HTTP 400) rather than the service's.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Self::Sql(e) => !matches!(
+                e.as_ref(),
+                DataFusionError::IoError(_) | DataFusionError::ObjectStore(_)
+            ),
+            Self::NoTable(_) => false,
+            Self::Lake(_) => false,
+        }
+    }
+}
+
+/// A query's result.
+#[derive(Debug)]
+pub struct QueryOutput {
+    /// Schema of the result.
+    pub schema: SchemaRef,
+    /// Rows of the result.
+    pub batches: Vec<RecordBatch>,
+}
+
+/// Runs read-only SQL over the lake under a directory, plus hot rows if given.
+pub struct QueryEngine {
+    lake_dir: PathBuf,
+    hot: Option<Arc<dyn HotData>>,
+    metrics: tokio::sync::Mutex<Option<DeltaTable>>,
+}
+
+impl std::fmt::Debug for QueryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryEngine")
+            .field("lake_dir", &self.lake_dir)
+            .field("hot", &self.hot.is_some())
+            .finish()
+    }
+}
+
+impl QueryEngine {
+    /// An engine over the lake in `lake_dir`; `hot` adds rows not yet committed.
+    pub fn new(lake_dir: &Path, hot: Option<Arc<dyn HotData>>) -> Self {
+        Self {
+            lake_dir: lake_dir.to_path_buf(),
+            hot,
+            metrics: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The `metrics` table at its latest version.
+    async fn latest_metrics(&self) -> Result<DeltaTable, QueryError> {
+        let mut cached = self.metrics.lock().await;
+        let location = self.lake_dir.join(METRICS_TABLE);
+        match cached.as_mut() {
+            Some(table) => table
+                .load()
+                .await
+                .map_err(|e| QueryError::Lake(e.to_string()))?,
+            None => {
+                if !location.join("_delta_log").is_dir() {
+                    return Err(QueryError::NoTable(location.display().to_string()));
+                }
+                let abs = location
+                    .canonicalize()
+                    .map_err(|e| QueryError::Lake(format!("{}: {e}", location.display())))?;
+                let url = url::Url::from_directory_path(&abs).map_err(|()| {
+                    QueryError::Lake(format!("{} is not a directory path", abs.display()))
+                })?;
+                let table = deltalake::open_table(url)
+                    .await
+                    .map_err(|e| QueryError::Lake(e.to_string()))?;
+                *cached = Some(table);
+            }
+        }
+        Ok(cached.clone().expect("loaded above"))
+    }
+
+    /// A session with every table registered: the lake's as of now, plus hot rows.
+    pub async fn session(&self) -> Result<SessionContext, QueryError> {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("fleetlake", "public");
+        let ctx = SessionContext::new_with_config(config);
+        let table = self.latest_metrics().await?;
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| QueryError::Lake(e.to_string()))?;
+        let lake = table
+            .table_provider()
+            .await
+            .map_err(|e| QueryError::Lake(e.to_string()))?;
+        let schema = lake.schema();
+        let hot = match &self.hot {
+            Some(hot) => hot
+                .snapshot(METRICS_TABLE, table.version().map(|v| v as i64))
+                .iter()
+                .map(|batch| conform(batch, &schema))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| QueryError::Lake(format!("hot buffer rows: {e}")))?,
+            None => Vec::new(),
+        };
+        ctx.register_table(METRICS_TABLE, Arc::new(crate::table::LakeWithHot::new(lake, hot)))
+            .map_err(|e| QueryError::Sql(Box::new(e)))?;
+        Ok(ctx)
+    }
+
+    /// Runs one read-only SQL statement.
+    pub async fn sql(&self, sql: &str) -> Result<QueryOutput, QueryError> {
+        let ctx = self.session().await?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let sql_err = |e| QueryError::Sql(Box::new(e));
+        let frame = ctx.sql_with_options(sql, options).await.map_err(sql_err)?;
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame.collect().await.map_err(sql_err)?;
+        Ok(QueryOutput { schema, batches })
+    }
+}
