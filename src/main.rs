@@ -1,1 +1,97 @@
-fn main() {}
+//! `fleetlake`: command line, configuration and wiring of the stages.
+//!
+//! ```text
+//!  Firehose HTTP ─> ingest ─> aggregate (WAL, hot buffer) ─> lake (Delta/Parquet)
+//!                                 │                            │
+//!                                 └──────> query (SQL) <───────┘  HTTP, CLI
+//! ```
+//!
+//! The binary only parses flags, loads [`config::Config`], and joins the crates:
+//! `fleetlake-ingest` → `fleetlake-aggregate` → lake ← `fleetlake-query`.
+
+mod config;
+mod query_cmd;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+
+/// Fleet-wide CloudWatch telemetry: Firehose in, a Delta Lake of Parquet out, SQL on top.
+#[derive(Debug, Parser)]
+#[command(name = "fleetlake", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// TOML configuration file (every key optional).
+    #[arg(long, env = "FLEETLAKE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory: write-ahead log and lake [default: fleetlake-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service: Firehose endpoint, write-ahead log, lake, SQL over HTTP.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// HTTP listen address [default: 127.0.0.1:8088]; port 0 picks a free port.
+        #[arg(long, value_name = "HOST:PORT")]
+        http_addr: Option<std::net::SocketAddr>,
+    },
+    /// Run SQL over the lake in a data directory, or ask a running server.
+    Query {
+        #[command(flatten)]
+        common: Common,
+        /// Ask the fleetlake server at this URL (e.g. http://127.0.0.1:8088); it also
+        /// sees data not yet committed to the lake.
+        #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
+        server: Option<String>,
+        /// Output format.
+        #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
+        format: String,
+        /// The SQL to run, e.g. "SELECT account_id, sum(sum) FROM metrics GROUP BY 1".
+        sql: String,
+    },
+}
+
+fn load(common: &Common, http_addr: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
+    let overrides = Overrides {
+        data_dir: common.data_dir.clone(),
+        http_addr,
+    };
+    Config::load(common.config.as_deref(), &overrides)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { common, http_addr } => {
+            load(&common, http_addr).and_then(serve::run)
+        }
+        Command::Query {
+            common,
+            server,
+            format,
+            sql,
+        } => load(&common, None).and_then(|config| {
+            let format = format.parse().map_err(anyhow::Error::msg)?;
+            query_cmd::run(&config, server.as_deref(), format, &sql)
+        }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

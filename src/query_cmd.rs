@@ -1,0 +1,71 @@
+//! `fleetlake query`: SQL from the command line, over a data directory's lake or
+//! through a running server.
+
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use fleetlake_query::{OutputFormat, QueryEngine, render};
+
+use crate::config::Config;
+
+pub(crate) fn run(
+    config: &Config,
+    server: Option<&str>,
+    format: OutputFormat,
+    sql: &str,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let out = runtime.block_on(async {
+        match server {
+            Some(url) => ask_server(url, format, sql).await,
+            None => {
+                let engine = QueryEngine::new(&config.lake_dir(), None);
+                let output = engine.sql(sql).await?;
+                Ok(render(format, &output.schema, &output.batches)?)
+            }
+        }
+    })?;
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
+
+async fn ask_server(url: &str, format: OutputFormat, sql: &str) -> anyhow::Result<Vec<u8>> {
+    // A table is drawn locally from the Arrow result; CSV and JSON come as the server
+    // writes them.
+    let wire = match format {
+        OutputFormat::Table | OutputFormat::Arrow => "arrow",
+        OutputFormat::Csv => "csv",
+        OutputFormat::Json => "json",
+    };
+    let endpoint = format!(
+        "{}{}?format={wire}",
+        url.trim_end_matches('/'),
+        fleetlake_query::http::SQL_PATH
+    );
+    let response = reqwest::Client::new()
+        .post(&endpoint)
+        .body(sql.to_string())
+        .send()
+        .await
+        .with_context(|| format!("asking {endpoint}"))?;
+    let status = response.status();
+    let body = response.bytes().await.context("reading the server's answer")?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        bail!("server answered {status}: {message}");
+    }
+    if format != OutputFormat::Table {
+        return Ok(body.to_vec());
+    }
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
+        .context("reading the Arrow result")?;
+    let schema = reader.schema();
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(render(OutputFormat::Table, &schema, &batches)?)
+}
