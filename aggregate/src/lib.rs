@@ -298,7 +298,9 @@ async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
     }
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let sorted = if rows == 0 {
-        Vec::new()
+        // Everything was already in the lake: commit no rows, only the WAL position,
+        // so the log can be truncated and the redelivery is not checked again.
+        vec![RecordBatch::new_empty(fleetlake_ingest::schema::metrics_schema())]
     } else {
         vec![sort_for_lake(&batches).map_err(|source| LakeError::Arrow {
             table: "metrics".into(),

@@ -1,0 +1,313 @@
+//! Test support: the real `fleetlake` binary on port 0, Firehose requests as AWS sends
+//! them, and SQL through the HTTP API.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+/// Longest a test waits for the server to come up or for a flush to land.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running `fleetlake serve`.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    log: std::sync::Mutex<mpsc::Receiver<String>>,
+}
+
+impl Server {
+    /// Starts the server on `data_dir` with extra `FLEETLAKE_*` environment variables.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with_args(data_dir, env, &[])
+    }
+
+    pub fn start_with_args(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlake"));
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .env("FLEETLAKE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start fleetlake");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[fleetlake] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("fleetlake exited or did not log its address");
+            if line.contains("http listening")
+                && let Some(rest) = line.split("addr=").nth(1)
+            {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        Self {
+            child,
+            addr,
+            log: std::sync::Mutex::new(rx),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// kill -9.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, and wait for the exit (the server flushes first).
+    pub fn stop(mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "fleetlake exited with {status}");
+    }
+
+    /// Waits until a log line contains `needle` (bounded).
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let line = self
+                .log
+                .lock()
+                .unwrap()
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// Runs SQL over HTTP, returning the JSON rows.
+    pub fn sql(&self, sql: &str) -> Vec<serde_json::Value> {
+        let response = client()
+            .post(self.url("/api/v1/sql?format=json"))
+            .body(sql.to_string())
+            .send()
+            .unwrap();
+        let status = response.status();
+        let body = response.text().unwrap();
+        assert_eq!(status, 200, "{sql}: {body}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
+    }
+
+    /// Posts a Firehose request; returns status and parsed JSON body.
+    pub fn post(&self, request: &FirehoseRequest) -> (u16, serde_json::Value) {
+        post_firehose(&self.url("/firehose/metrics"), request)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// One Firehose HTTP delivery.
+pub struct FirehoseRequest {
+    pub request_id: String,
+    /// Each record's decoded data (newline-separated metric-stream JSON).
+    pub records: Vec<String>,
+    pub gzip: bool,
+    pub access_key: Option<String>,
+}
+
+impl FirehoseRequest {
+    pub fn new(request_id: &str, records: Vec<String>) -> Self {
+        Self {
+            request_id: request_id.into(),
+            records,
+            gzip: false,
+            access_key: None,
+        }
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        let records: Vec<_> = self
+            .records
+            .iter()
+            .map(|r| serde_json::json!({"data": base64::engine::general_purpose::STANDARD.encode(r)}))
+            .collect();
+        let body = serde_json::json!({
+            "requestId": self.request_id,
+            "timestamp": 1_700_000_000_000i64,
+            "records": records,
+        })
+        .to_string()
+        .into_bytes();
+        if self.gzip { gzip(&body) } else { body }
+    }
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+pub fn post_raw(
+    url: &str,
+    request_id: &str,
+    body: Vec<u8>,
+    gzip: bool,
+    access_key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req = client()
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("X-Amz-Firehose-Protocol-Version", "1.0")
+        .header("X-Amz-Firehose-Request-Id", request_id)
+        .header(
+            "X-Amz-Firehose-Source-Arn",
+            "arn:aws:firehose:us-east-1:123456789012:deliverystream/metrics",
+        )
+        .body(body);
+    if gzip {
+        req = req.header("Content-Encoding", "gzip");
+    }
+    if let Some(key) = access_key {
+        req = req.header("X-Amz-Firehose-Access-Key", key);
+    }
+    let response = req.send().unwrap();
+    let status = response.status().as_u16();
+    assert_eq!(
+        response.headers()["content-type"], "application/json",
+        "Firehose responses are JSON"
+    );
+    let body: serde_json::Value = serde_json::from_str(&response.text().unwrap()).unwrap();
+    (status, body)
+}
+
+pub fn post_firehose(url: &str, request: &FirehoseRequest) -> (u16, serde_json::Value) {
+    post_raw(
+        url,
+        &request.request_id,
+        request.body(),
+        request.gzip,
+        request.access_key.as_deref(),
+    )
+}
+
+/// One metric-stream JSON line. `value` becomes sum; count is 1, min/max equal value.
+pub fn datapoint(account: &str, function: &str, metric: &str, minute: i64, value: f64) -> String {
+    format!(
+        r#"{{"metric_stream_name":"fleet","account_id":"{account}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"{metric}","dimensions":{{"FunctionName":"{function}"}},"timestamp":{},"value":{{"count":1.0,"sum":{value:.1},"max":{value:.1},"min":{value:.1},"p99":{value:.1}}},"unit":"Count"}}"#,
+        1_700_000_000_000i64 / 60_000 * 60_000 + minute * 60_000
+    )
+}
+
+/// A deterministic fleet slice: `accounts` × 2 functions × 2 metrics × `minutes`, as
+/// records of `per_record` lines; datapoint value = account index + minute.
+pub fn fleet_records(accounts: usize, minutes: std::ops::Range<i64>, per_record: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for minute in minutes {
+        for a in 0..accounts {
+            for f in ["api", "worker"] {
+                for m in ["Errors", "Invocations"] {
+                    lines.push(datapoint(&account_id(a), f, m, minute, (a as i64 + minute) as f64));
+                }
+            }
+        }
+    }
+    lines.chunks(per_record).map(|c| c.join("\n")).collect()
+}
+
+pub fn account_id(index: usize) -> String {
+    format!("{:012}", 100_000_000_000u64 + index as u64)
+}
+
+/// Expected sum of `fleet_records` values.
+pub fn fleet_sum(accounts: usize, minutes: std::ops::Range<i64>) -> f64 {
+    let mut sum = 0.0;
+    for minute in minutes {
+        for a in 0..accounts {
+            sum += 4.0 * (a as i64 + minute) as f64;
+        }
+    }
+    sum
+}
+
+/// Runs `fleetlake` with arguments, returning (success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlake"))
+        .args(args)
+        .env("FLEETLAKE_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Versions committed to the `metrics` table.
+pub fn lake_versions(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("lake/metrics/_delta_log"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until the lake has more than `versions` commits.
+pub fn wait_for_commit_after(data_dir: &Path, versions: usize) {
+    let deadline = Instant::now() + WAIT;
+    while lake_versions(data_dir) <= versions {
+        assert!(Instant::now() < deadline, "no lake commit within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The Python interpreter of the test venv (with the `deltalake` package).
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("DELTALAKE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/test.sh, which creates the venv with the deltalake package",
+        venv.display()
+    );
+    venv
+}
