@@ -150,7 +150,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         let config: Config = figment
-            .merge(Env::prefixed("FLEETLAKE_").split("__").ignore(&["config", "log"]))
+            .merge(
+                Env::prefixed("FLEETLAKE_")
+                    .split("__")
+                    .ignore(&["config", "log"]),
+            )
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(|e| anyhow::anyhow!(describe_figment_error(e, file)))?;
@@ -171,7 +175,10 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         if !self.firehose.path.starts_with('/') {
-            bail!("firehose.path must start with '/', got {:?}", self.firehose.path);
+            bail!(
+                "firehose.path must start with '/', got {:?}",
+                self.firehose.path
+            );
         }
         if self.firehose.max_body_bytes == 0 {
             bail!("firehose.max_body_bytes must be positive");
@@ -187,7 +194,10 @@ impl Config {
             );
         }
         if !(1..=22).contains(&self.lake.zstd_level) {
-            bail!("lake.zstd_level must be between 1 and 22, got {}", self.lake.zstd_level);
+            bail!(
+                "lake.zstd_level must be between 1 and 22, got {}",
+                self.lake.zstd_level
+            );
         }
         if self.access_key_is_empty() {
             bail!("firehose.access_key is set but empty");
@@ -196,24 +206,32 @@ impl Config {
     }
 
     fn access_key_is_empty(&self) -> bool {
-        self.firehose.access_key.as_deref().is_some_and(str::is_empty)
+        self.firehose
+            .access_key
+            .as_deref()
+            .is_some_and(str::is_empty)
     }
 
     /// Directory of the lake's Delta tables.
     pub(crate) fn lake_dir(&self) -> PathBuf {
-        self.lake.dir.clone().unwrap_or_else(|| self.data_dir.join("lake"))
+        self.lake
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("lake"))
     }
 
     /// Directory of the write-ahead log.
     pub(crate) fn wal_dir(&self) -> PathBuf {
-        self.wal.dir.clone().unwrap_or_else(|| self.data_dir.join("wal"))
+        self.wal
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("wal"))
     }
 
     /// Makes sure the data directories exist.
     pub(crate) fn prepare_dirs(&self) -> anyhow::Result<()> {
         for dir in [self.lake_dir(), self.wal_dir()] {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         Ok(())
     }
@@ -246,7 +264,10 @@ mod tests {
         let text = include_str!("../config/fleetlake.example.toml");
         let config = Config::from_toml(text).unwrap();
         assert_eq!(config.firehose.path, "/firehose/metrics");
-        assert_eq!(config.firehose.access_key.as_deref(), Some("change-me-to-a-long-random-secret"));
+        assert_eq!(
+            config.firehose.access_key.as_deref(),
+            Some("change-me-to-a-long-random-secret")
+        );
         assert_eq!(config.buffer.flush_interval, Duration::from_secs(30));
         assert_eq!(config.lake_dir(), PathBuf::from("/var/lib/fleetlake/lake"));
         assert_eq!(config.wal_dir(), PathBuf::from("/var/lib/fleetlake/wal"));
@@ -261,11 +282,17 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors_that_name_the_key() {
-        let err = Config::from_toml("flush_interval = \"1s\"").unwrap_err().to_string();
+        let err = Config::from_toml("flush_interval = \"1s\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("flush_interval"), "{err}");
-        let err = Config::from_toml("[buffer]\nflush_interval = \"soon\"").unwrap_err().to_string();
+        let err = Config::from_toml("[buffer]\nflush_interval = \"soon\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("buffer.flush_interval"), "{err}");
-        let err = Config::from_toml("[buffer]\nflush_rows = 10\nmax_rows = 5").unwrap_err().to_string();
+        let err = Config::from_toml("[buffer]\nflush_rows = 10\nmax_rows = 5")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_rows"), "{err}");
     }
 }

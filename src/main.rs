@@ -74,9 +74,7 @@ fn load(common: &Common, http_addr: Option<std::net::SocketAddr>) -> anyhow::Res
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { common, http_addr } => {
-            load(&common, http_addr).and_then(serve::run)
-        }
+        Command::Serve { common, http_addr } => load(&common, http_addr).and_then(serve::run),
         Command::Query {
             common,
             server,

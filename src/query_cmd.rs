@@ -52,7 +52,10 @@ async fn ask_server(url: &str, format: OutputFormat, sql: &str) -> anyhow::Resul
         .await
         .with_context(|| format!("asking {endpoint}"))?;
     let status = response.status();
-    let body = response.bytes().await.context("reading the server's answer")?;
+    let body = response
+        .bytes()
+        .await
+        .context("reading the server's answer")?;
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()

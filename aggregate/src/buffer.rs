@@ -110,7 +110,10 @@ impl HotBuffer {
         let mut suspect = Vec::with_capacity(keys.len());
         let mut outcome = InsertOutcome::default();
         for key in &keys {
-            let seen = self.flushing.as_ref().is_some_and(|g| g.keys.contains(&key.point))
+            let seen = self
+                .flushing
+                .as_ref()
+                .is_some_and(|g| g.keys.contains(&key.point))
                 || !self.open.keys.insert(key.point);
             if seen {
                 outcome.duplicates += 1;
@@ -162,7 +165,10 @@ impl HotBuffer {
 
     /// Rows held (open and flushing, suspects included).
     pub fn rows(&self) -> usize {
-        let flushing = self.flushing.as_ref().map_or(0, |g| g.rows + g.suspect_rows);
+        let flushing = self
+            .flushing
+            .as_ref()
+            .map_or(0, |g| g.rows + g.suspect_rows);
         self.open.rows + self.open.suspect_rows + flushing
     }
 
@@ -275,9 +281,23 @@ mod tests {
     fn duplicates_within_the_buffer_are_dropped() {
         let mut buf = HotBuffer::new(None);
         let o = buf.insert(1, &batch(&[("a", 1), ("a", 1), ("b", 1)]));
-        assert_eq!(o, InsertOutcome { visible: 2, suspects: 0, duplicates: 1 });
+        assert_eq!(
+            o,
+            InsertOutcome {
+                visible: 2,
+                suspects: 0,
+                duplicates: 1
+            }
+        );
         let o = buf.insert(2, &batch(&[("a", 1), ("a", 2)]));
-        assert_eq!(o, InsertOutcome { visible: 1, suspects: 0, duplicates: 1 });
+        assert_eq!(
+            o,
+            InsertOutcome {
+                visible: 1,
+                suspects: 0,
+                duplicates: 1
+            }
+        );
         assert_eq!(rows(&buf.snapshot(None)), 3);
     }
 
@@ -301,14 +321,28 @@ mod tests {
     fn rows_at_or_before_the_lake_watermark_are_suspects() {
         let mut buf = HotBuffer::new(Some(2 * 60_000_000));
         let o = buf.insert(1, &batch(&[("a", 1), ("a", 2), ("a", 3)]));
-        assert_eq!(o, InsertOutcome { visible: 1, suspects: 2, duplicates: 0 });
+        assert_eq!(
+            o,
+            InsertOutcome {
+                visible: 1,
+                suspects: 2,
+                duplicates: 0
+            }
+        );
         assert_eq!(rows(&buf.snapshot(None)), 1);
         let job = buf.begin_flush().unwrap();
         assert_eq!(rows(&job.suspects), 2);
         buf.complete_flush(1, job.batches);
         // Series "a" is now known up to minute 3; "b" falls back to the lake maximum.
         let o = buf.insert(2, &batch(&[("a", 3), ("a", 4), ("b", 2), ("b", 3)]));
-        assert_eq!(o, InsertOutcome { visible: 2, suspects: 2, duplicates: 0 });
+        assert_eq!(
+            o,
+            InsertOutcome {
+                visible: 2,
+                suspects: 2,
+                duplicates: 0
+            }
+        );
     }
 
     #[test]

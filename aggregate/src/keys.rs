@@ -31,12 +31,19 @@ pub fn row_keys(batch: &RecordBatch) -> Vec<RowKey> {
     let dim_keys = dims.keys().as_string::<i32>();
     let dim_values = dims.values().as_string::<i32>();
     let offsets = dims.value_offsets();
-    let time = batch.column(col::TIME).as_primitive::<TimestampMicrosecondType>();
+    let time = batch
+        .column(col::TIME)
+        .as_primitive::<TimestampMicrosecondType>();
     let mut buf = Vec::with_capacity(256);
     (0..batch.num_rows())
         .map(|row| {
             buf.clear();
-            for part in [account.value(row), region.value(row), namespace.value(row), metric.value(row)] {
+            for part in [
+                account.value(row),
+                region.value(row),
+                namespace.value(row),
+                metric.value(row),
+            ] {
                 buf.extend_from_slice(part.as_bytes());
                 buf.push(0xFF);
             }

@@ -88,9 +88,8 @@ pub fn table_url(lake_dir: &Path, name: &str) -> Result<Url, std::io::Error> {
     let dir = lake_dir.join(name);
     std::fs::create_dir_all(&dir)?;
     let abs = dir.canonicalize()?;
-    Url::from_directory_path(&abs).map_err(|()| {
-        std::io::Error::other(format!("{} is not an absolute path", abs.display()))
-    })
+    Url::from_directory_path(&abs)
+        .map_err(|()| std::io::Error::other(format!("{} is not an absolute path", abs.display())))
 }
 
 /// The `metrics` table, open for writing.
@@ -194,8 +193,17 @@ impl MetricsLake {
             .update_datafusion_session(&ctx.state())
             .map_err(|e| self.delta_err(e))?;
         let provider = self.table.table_provider().await.map_err(query_err)?;
-        let ts = |v: i64| lit(ScalarValue::TimestampMicrosecond(Some(v), Some("UTC".into())));
-        let day = |v: i64| lit(ScalarValue::Date32(Some(v.div_euclid(86_400_000_000) as i32)));
+        let ts = |v: i64| {
+            lit(ScalarValue::TimestampMicrosecond(
+                Some(v),
+                Some("UTC".into()),
+            ))
+        };
+        let day = |v: i64| {
+            lit(ScalarValue::Date32(Some(
+                v.div_euclid(86_400_000_000) as i32
+            )))
+        };
         let mut accounts: Vec<_> = accounts.into_iter().map(lit).collect();
         accounts.sort_by_key(|e| e.to_string());
         let frame = ctx
@@ -239,9 +247,8 @@ impl MetricsLake {
             table: self.location.clone(),
             source,
         };
-        let level = ZstdLevel::try_new(self.options.zstd_level).map_err(|e| {
-            arrow_err(arrow::error::ArrowError::ParquetError(e.to_string()))
-        })?;
+        let level = ZstdLevel::try_new(self.options.zstd_level)
+            .map_err(|e| arrow_err(arrow::error::ArrowError::ParquetError(e.to_string())))?;
         let properties = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_dictionary_enabled(true)
@@ -273,12 +280,21 @@ pub fn sort_for_lake(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::erro
     let schema = metrics_schema();
     let all = concat_batches(&schema, batches)?;
     let s = |i: usize| all.column(i).as_string::<i32>();
-    let (account, namespace, metric, region) =
-        (s(c::ACCOUNT_ID), s(c::NAMESPACE), s(c::METRIC_NAME), s(c::REGION));
+    let (account, namespace, metric, region) = (
+        s(c::ACCOUNT_ID),
+        s(c::NAMESPACE),
+        s(c::METRIC_NAME),
+        s(c::REGION),
+    );
     let dims = all.column(c::DIMENSIONS).as_map();
-    let (dim_keys, dim_values) = (dims.keys().as_string::<i32>(), dims.values().as_string::<i32>());
+    let (dim_keys, dim_values) = (
+        dims.keys().as_string::<i32>(),
+        dims.values().as_string::<i32>(),
+    );
     let offsets = dims.value_offsets();
-    let time = all.column(c::TIME).as_primitive::<TimestampMicrosecondType>();
+    let time = all
+        .column(c::TIME)
+        .as_primitive::<TimestampMicrosecondType>();
     let dim_entries = |row: usize| {
         let range = if dims.is_null(row) {
             0..0
@@ -303,10 +319,7 @@ pub fn sort_for_lake(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::erro
 }
 
 /// Keeps the rows of `batches` whose key is not in `existing`.
-pub fn without_points(
-    batches: Vec<RecordBatch>,
-    existing: &HashSet<u128>,
-) -> Vec<RecordBatch> {
+pub fn without_points(batches: Vec<RecordBatch>, existing: &HashSet<u128>) -> Vec<RecordBatch> {
     if existing.is_empty() {
         return batches;
     }

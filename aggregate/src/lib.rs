@@ -93,7 +93,9 @@ pub struct Aggregator {
 
 impl std::fmt::Debug for Aggregator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Aggregator").field("config", &self.shared.config).finish()
+        f.debug_struct("Aggregator")
+            .field("config", &self.shared.config)
+            .finish()
     }
 }
 
@@ -116,7 +118,12 @@ impl Aggregator {
             buffer.insert(record.seq, &record.batch);
         }
         if !replayed.is_empty() {
-            info!(records = replayed.len(), rows = replayed_rows, committed, "replayed write-ahead log");
+            info!(
+                records = replayed.len(),
+                rows = replayed_rows,
+                committed,
+                "replayed write-ahead log"
+            );
         }
         let (wal_tx, wal_rx) = mpsc::channel(WAL_QUEUE);
         let shared = Arc::new(Shared {
@@ -145,7 +152,11 @@ impl Aggregator {
 
     /// Rows of the hot buffer visible to a query reading lake `lake_version`.
     pub fn snapshot(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
-        self.shared.buffer.lock().expect("buffer lock").snapshot(lake_version)
+        self.shared
+            .buffer
+            .lock()
+            .expect("buffer lock")
+            .snapshot(lake_version)
     }
 
     /// Flushes the hot buffer to the lake now.
@@ -171,7 +182,11 @@ impl DatapointSink for Aggregator {
             let (done, acked) = oneshot::channel();
             self.shared
                 .wal_tx
-                .send(WalJob::Append { payload, batch, done })
+                .send(WalJob::Append {
+                    payload,
+                    batch,
+                    done,
+                })
                 .await
                 .map_err(|_| SinkError::Unavailable("write-ahead log is closed".into()))?;
             acked
@@ -203,7 +218,11 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
                         warn!(%error, "could not remove committed write-ahead log segments");
                     }
                 }
-                WalJob::Append { payload, batch, done } => {
+                WalJob::Append {
+                    payload,
+                    batch,
+                    done,
+                } => {
                     if failure.is_none() {
                         match wal.append(&payload) {
                             Ok(seq) => {
@@ -293,14 +312,20 @@ async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
         if !existing.is_empty() {
             ::metrics::counter!(m::DUPLICATES, "stage" => "lake").increment(existing.len() as u64);
         }
-        info!(suspects, already_in_lake = existing.len(), "checked redelivered datapoints against the lake");
+        info!(
+            suspects,
+            already_in_lake = existing.len(),
+            "checked redelivered datapoints against the lake"
+        );
         batches.extend(without_points(job.suspects, &existing));
     }
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let sorted = if rows == 0 {
         // Everything was already in the lake: commit no rows, only the WAL position,
         // so the log can be truncated and the redelivery is not checked again.
-        vec![RecordBatch::new_empty(fleetlake_ingest::schema::metrics_schema())]
+        vec![RecordBatch::new_empty(
+            fleetlake_ingest::schema::metrics_schema(),
+        )]
     } else {
         vec![sort_for_lake(&batches).map_err(|source| LakeError::Arrow {
             table: "metrics".into(),
@@ -308,12 +333,21 @@ async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
         })?]
     };
     let version = lake.append(sorted.clone(), job.seq, job.max_time).await?;
-    shared.buffer.lock().expect("buffer lock").complete_flush(version, sorted);
+    shared
+        .buffer
+        .lock()
+        .expect("buffer lock")
+        .complete_flush(version, sorted);
     drop(lake);
     ::metrics::counter!(m::FLUSHED_ROWS).increment(rows as u64);
     ::metrics::histogram!(m::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
     info!(rows, version, wal_seq = job.seq, elapsed = ?started.elapsed(), "committed flush to lake");
-    if shared.wal_tx.send(WalJob::RemoveThrough(job.seq)).await.is_err() {
+    if shared
+        .wal_tx
+        .send(WalJob::RemoveThrough(job.seq))
+        .await
+        .is_err()
+    {
         warn!("write-ahead log writer stopped before truncation");
     }
     Ok(())

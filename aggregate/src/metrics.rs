@@ -35,5 +35,8 @@ pub fn describe() {
     metrics::describe_counter!(FLUSHED_ROWS, "Rows committed to the lake");
     metrics::describe_histogram!(FLUSH_SECONDS, "Seconds per lake flush");
     metrics::describe_counter!(FLUSH_FAILURES, "Lake flushes that failed");
-    metrics::describe_counter!(REJECTED_FULL, "Writes refused because the hot buffer is full");
+    metrics::describe_counter!(
+        REJECTED_FULL,
+        "Writes refused because the hot buffer is full"
+    );
 }

@@ -146,7 +146,11 @@ impl Wal {
     /// Opens (or creates) the log in `dir`, returning it with every record whose sequence
     /// number is greater than `after`, in order. Sequence numbers continue after the
     /// largest one found (or after `after`, whichever is larger).
-    pub fn open(dir: &Path, segment_bytes: u64, after: u64) -> Result<(Self, Vec<Replayed>), WalError> {
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        after: u64,
+    ) -> Result<(Self, Vec<Replayed>), WalError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut segments = list_segments(dir)?;
         let mut replayed = Vec::new();
@@ -156,7 +160,9 @@ impl Wal {
             let is_last = index + 1 == count;
             let valid_len = read_segment(segment, is_last, after, &mut replayed, &mut last_seq)?;
             if is_last {
-                let len = fs::metadata(&segment.path).map_err(io_err(&segment.path))?.len();
+                let len = fs::metadata(&segment.path)
+                    .map_err(io_err(&segment.path))?
+                    .len();
                 if valid_len < len {
                     warn!(
                         path = %segment.path.display(),
@@ -164,7 +170,10 @@ impl Wal {
                         cut = len - valid_len,
                         "cutting torn tail of write-ahead log"
                     );
-                    let f = OpenOptions::new().write(true).open(&segment.path).map_err(io_err(&segment.path))?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&segment.path)
+                        .map_err(io_err(&segment.path))?;
                     f.set_len(valid_len).map_err(io_err(&segment.path))?;
                     f.sync_all().map_err(io_err(&segment.path))?;
                 }
@@ -261,7 +270,7 @@ impl Wal {
             self.rotate()?;
         }
         let mut removed = 0;
-        while self.sealed.len() > 0 {
+        while !self.sealed.is_empty() {
             let next_first = self
                 .sealed
                 .get(1)
@@ -356,7 +365,12 @@ mod tests {
         records
             .iter()
             .map(|r| {
-                let col = r.batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                let col = r
+                    .batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap();
                 (r.seq, col.value(0))
             })
             .collect()
@@ -375,7 +389,10 @@ mod tests {
         let (wal, replayed) = Wal::open(dir.path(), 100, 2).unwrap();
         assert_eq!(values(&replayed), vec![(3, 3), (4, 4), (5, 5)]);
         assert_eq!(wal.next_seq(), 6);
-        assert!(list_segments(dir.path()).unwrap().len() > 2, "small segments rotate");
+        assert!(
+            list_segments(dir.path()).unwrap().len() > 2,
+            "small segments rotate"
+        );
     }
 
     #[test]
@@ -389,7 +406,12 @@ mod tests {
         drop(wal);
         // Tear the last record: drop its final bytes, then garbage after a good record.
         let len = fs::metadata(&path).unwrap().len();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
         let (mut wal, replayed) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!(values(&replayed), vec![(1, 1)]);
         assert_eq!(wal.next_seq(), 2);
@@ -433,6 +455,10 @@ mod tests {
         let (mut wal, _) = Wal::open(dir.path(), 10, 4).unwrap();
         wal.remove_through(4).unwrap();
         let left: Vec<_> = list_segments(dir.path()).unwrap();
-        assert_eq!(left.len(), 1, "only the empty active segment stays: {left:?}");
+        assert_eq!(
+            left.len(),
+            1,
+            "only the empty active segment stays: {left:?}"
+        );
     }
 }

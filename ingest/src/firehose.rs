@@ -148,7 +148,8 @@ pub fn decode_request(body: &[u8]) -> Result<Decoded, String> {
     let mut data = Vec::new();
     for (index, record) in envelope.records.iter().enumerate() {
         data.clear();
-        if let Err(e) = base64::engine::general_purpose::STANDARD.decode_vec(&*record.data, &mut data)
+        if let Err(e) =
+            base64::engine::general_purpose::STANDARD.decode_vec(&*record.data, &mut data)
         {
             bad.push(format!("record {index}: data is not base64: {e}"));
             continue;
@@ -219,7 +220,9 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 async fn deliver(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let source = ep.config.source.clone();
-    let header_id = header_str(&headers, REQUEST_ID_HEADER).unwrap_or_default().to_string();
+    let header_id = header_str(&headers, REQUEST_ID_HEADER)
+        .unwrap_or_default()
+        .to_string();
     let (status, request_id, error) = match handle(&ep, &headers, body).await {
         Ok(request_id) => (StatusCode::OK, request_id.unwrap_or(header_id), None),
         Err(rejection) => {
@@ -248,9 +251,16 @@ async fn handle(
 ) -> Result<Option<String>, Rejection> {
     let source = ep.config.source.as_str();
     if let Some(expected) = &ep.config.access_key {
-        let given = headers.get(ACCESS_KEY_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        let given = headers
+            .get(ACCESS_KEY_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if !bool::from(given.ct_eq(expected.as_bytes())) {
-            let message = if given.is_empty() { "missing access key" } else { "invalid access key" };
+            let message = if given.is_empty() {
+                "missing access key"
+            } else {
+                "invalid access key"
+            };
             return Err(Rejection::new(StatusCode::UNAUTHORIZED, message));
         }
     }
@@ -265,7 +275,12 @@ async fn handle(
         decode_request(&body).map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, e))
     })
     .await
-    .map_err(|e| Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, format!("decoder failed: {e}")))??;
+    .map_err(|e| {
+        Rejection::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("decoder failed: {e}"),
+        )
+    })??;
 
     let request_id = decoded.request_id.as_deref().unwrap_or_default();
     metrics::counter!(m::RECORDS, "source" => source.to_string()).increment(decoded.records as u64);
@@ -320,7 +335,11 @@ mod tests {
         assert_eq!(decoded.records, 2);
         assert_eq!(decoded.batch.num_rows(), 2);
         assert_eq!(decoded.bad.len(), 1);
-        assert!(decoded.bad[0].starts_with("record 1: line 1"), "{:?}", decoded.bad);
+        assert!(
+            decoded.bad[0].starts_with("record 1: line 1"),
+            "{:?}",
+            decoded.bad
+        );
     }
 
     #[test]
@@ -346,6 +365,9 @@ mod tests {
         assert_eq!(gunzip(&gz, 10_000).unwrap().len(), 10_000);
         let err = gunzip(&gz, 9_999).unwrap_err();
         assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(gunzip(b"nope", 100).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            gunzip(b"nope", 100).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
     }
 }

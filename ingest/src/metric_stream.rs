@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Date32Builder, Float64Builder, MapBuilder, MapFieldNames, RecordBatch,
-    StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, Date32Builder, Float64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
 use serde::Deserialize;
 
@@ -109,7 +109,11 @@ impl MetricsBatchBuilder {
             sum: Float64Builder::new(),
             min: Float64Builder::new(),
             max: Float64Builder::new(),
-            stats: MapBuilder::new(Some(map_names()), StringBuilder::new(), Float64Builder::new()),
+            stats: MapBuilder::new(
+                Some(map_names()),
+                StringBuilder::new(),
+                Float64Builder::new(),
+            ),
             day: Date32Builder::new(),
             rows: 0,
         }
@@ -173,7 +177,9 @@ impl MetricsBatchBuilder {
             self.dimensions.keys().append_value(k);
             self.dimensions.values().append_value(v);
         }
-        self.dimensions.append(true).expect("keys and values stay aligned");
+        self.dimensions
+            .append(true)
+            .expect("keys and values stay aligned");
         self.unit.append_option(dp.unit.as_deref());
         let stat = |name: &str| dp.value.get(name).copied();
         self.count.append_option(stat("count"));
@@ -186,7 +192,9 @@ impl MetricsBatchBuilder {
                 self.stats.values().append_value(*v);
             }
         }
-        self.stats.append(true).expect("keys and values stay aligned");
+        self.stats
+            .append(true)
+            .expect("keys and values stay aligned");
         self.rows += 1;
         Ok(())
     }
@@ -229,19 +237,32 @@ mod tests {
         assert!(b.push_record(SAMPLE.as_bytes()).is_empty());
         let batch = b.finish();
         assert_eq!(batch.num_rows(), 1);
-        let time = batch.column(col::TIME).as_primitive::<TimestampMicrosecondType>();
+        let time = batch
+            .column(col::TIME)
+            .as_primitive::<TimestampMicrosecondType>();
         assert_eq!(time.value(0), 1_611_929_698_000_000);
-        assert_eq!(batch.column(col::ACCOUNT_ID).as_string::<i32>().value(0), "1234567890");
-        assert_eq!(batch.column(col::UNIT).as_string::<i32>().value(0), "Seconds");
+        assert_eq!(
+            batch.column(col::ACCOUNT_ID).as_string::<i32>().value(0),
+            "1234567890"
+        );
+        assert_eq!(
+            batch.column(col::UNIT).as_string::<i32>().value(0),
+            "Seconds"
+        );
         let sum = batch.column(col::SUM).as_primitive::<Float64Type>();
         assert_eq!(sum.value(0), 20.0);
         let dims = batch.column(col::DIMENSIONS).as_map();
-        assert_eq!(dims.value(0).column(0).as_string::<i32>().value(0), "InstanceId");
+        assert_eq!(
+            dims.value(0).column(0).as_string::<i32>().value(0),
+            "InstanceId"
+        );
         let stats = batch.column(col::STATS).as_map();
         let keys = stats.value(0).column(0).as_string::<i32>().clone();
         let names: Vec<_> = keys.iter().flatten().collect();
         assert_eq!(names, vec!["TM(25%:75%)", "p99", "p99.9"]);
-        let day = batch.column(col::DAY).as_primitive::<arrow::datatypes::Date32Type>();
+        let day = batch
+            .column(col::DAY)
+            .as_primitive::<arrow::datatypes::Date32Type>();
         assert_eq!(day.value(0), 18656);
     }
 

@@ -16,7 +16,10 @@ pub const REQUEST_SECONDS: &str = "fleetlake_ingest_request_duration_seconds";
 /// Registers descriptions for the ingest metrics.
 pub fn describe() {
     metrics::describe_counter!(REQUESTS, "Firehose requests handled, by source and status");
-    metrics::describe_counter!(REQUEST_BYTES, "Request body bytes received, before decompression");
+    metrics::describe_counter!(
+        REQUEST_BYTES,
+        "Request body bytes received, before decompression"
+    );
     metrics::describe_counter!(RECORDS, "Records received");
     metrics::describe_counter!(DATAPOINTS, "Datapoints decoded and accepted");
     metrics::describe_counter!(BAD_LINES, "Lines or records that could not be decoded");

@@ -133,8 +133,11 @@ impl QueryEngine {
                 .map_err(|e| QueryError::Lake(format!("hot buffer rows: {e}")))?,
             None => Vec::new(),
         };
-        ctx.register_table(METRICS_TABLE, Arc::new(crate::table::LakeWithHot::new(lake, hot)))
-            .map_err(|e| QueryError::Sql(Box::new(e)))?;
+        ctx.register_table(
+            METRICS_TABLE,
+            Arc::new(crate::table::LakeWithHot::new(lake, hot)),
+        )
+        .map_err(|e| QueryError::Sql(Box::new(e)))?;
         Ok(ctx)
     }
 

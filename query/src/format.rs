@@ -139,7 +139,9 @@ fn flatten_nested(batch: &RecordBatch, flat: &SchemaRef) -> Result<RecordBatch, 
 }
 
 fn nested_as_json(field: &Field, column: &ArrayRef) -> Result<ArrayRef, ArrowError> {
-    let single = Arc::new(Schema::new(vec![field.clone().with_name("v").with_nullable(true)]));
+    let single = Arc::new(Schema::new(vec![
+        field.clone().with_name("v").with_nullable(true),
+    ]));
     let batch = RecordBatch::try_new(single, vec![Arc::clone(column)])?;
     let mut buf = Vec::new();
     let mut writer = arrow::json::LineDelimitedWriter::new(&mut buf);
@@ -152,8 +154,8 @@ fn nested_as_json(field: &Field, column: &ArrayRef) -> Result<ArrayRef, ArrowErr
             values.push(None);
             continue;
         }
-        let object: serde_json::Value = serde_json::from_slice(line)
-            .map_err(|e| ArrowError::JsonError(e.to_string()))?;
+        let object: serde_json::Value =
+            serde_json::from_slice(line).map_err(|e| ArrowError::JsonError(e.to_string()))?;
         values.push(object.get("v").map(|v| v.to_string()));
     }
     Ok(Arc::new(StringArray::from(values)))
@@ -177,7 +179,12 @@ mod tests {
         let out = render(OutputFormat::Csv, &batch.schema(), &[batch]).unwrap();
         let text = String::from_utf8(out).unwrap();
         let mut lines = text.lines();
-        assert!(lines.next().unwrap().starts_with("time,account_id,region,namespace"));
+        assert!(
+            lines
+                .next()
+                .unwrap()
+                .starts_with("time,account_id,region,namespace")
+        );
         let row = lines.next().unwrap();
         assert!(row.contains(r#""{""FunctionName"":""api""}""#), "{row}");
         assert!(row.starts_with("2023-11-14T22:14:00"), "{row}");
@@ -186,7 +193,7 @@ mod tests {
     #[test]
     fn json_is_an_array_of_objects_even_when_empty() {
         let batch = sample();
-        let out = render(OutputFormat::Json, &batch.schema(), &[batch.clone()]).unwrap();
+        let out = render(OutputFormat::Json, &batch.schema(), std::slice::from_ref(&batch)).unwrap();
         let rows: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(rows[0]["dimensions"]["FunctionName"], "api");
         assert_eq!(rows[0]["sum"], 3.0);

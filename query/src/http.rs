@@ -20,7 +20,9 @@ pub const SQL_PATH: &str = "/api/v1/sql";
 
 /// Router serving the SQL endpoint.
 pub fn router(engine: Arc<QueryEngine>) -> Router {
-    Router::new().route(SQL_PATH, post(run_sql)).with_state(engine)
+    Router::new()
+        .route(SQL_PATH, post(run_sql))
+        .with_state(engine)
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,24 +41,39 @@ async fn run_sql(
     sql: String,
 ) -> Response {
     let started = Instant::now();
-    let format = match params.format.as_deref().unwrap_or("json").parse::<OutputFormat>() {
+    let format = match params
+        .format
+        .as_deref()
+        .unwrap_or("json")
+        .parse::<OutputFormat>()
+    {
         Ok(format) => format,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     if sql.trim().is_empty() {
-        return error(StatusCode::BAD_REQUEST, "empty query: send the SQL as the request body");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "empty query: send the SQL as the request body",
+        );
     }
     let result = engine.sql(&sql).await;
     let response = match result {
         Ok(output) => match render(format, &output.schema, &output.batches) {
             Ok(body) => {
                 ::metrics::counter!(m::QUERIES, "status" => "ok").increment(1);
-                (StatusCode::OK, [(header::CONTENT_TYPE, format.content_type())], body)
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, format.content_type())],
+                    body,
+                )
                     .into_response()
             }
             Err(e) => {
                 ::metrics::counter!(m::QUERIES, "status" => "error").increment(1);
-                error(StatusCode::BAD_REQUEST, &format!("cannot render result: {e}"))
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot render result: {e}"),
+                )
             }
         },
         Err(e) => {

@@ -55,7 +55,10 @@ impl TableProvider for LakeWithHot {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         // A limit may only be pushed into a side when no filter runs above it.
         let side_limit = if filters.is_empty() { limit } else { None };
-        let lake = self.lake.scan(state, projection, filters, side_limit).await?;
+        let lake = self
+            .lake
+            .scan(state, projection, filters, side_limit)
+            .await?;
         if self.hot.is_empty() {
             return Ok(lake);
         }

@@ -4,7 +4,10 @@ use crate::support::*;
 
 fn totals(server: &Server) -> (i64, f64) {
     let rows = server.sql("SELECT count(*) AS n, sum(sum) AS s FROM metrics");
-    (rows[0]["n"].as_i64().unwrap(), rows[0]["s"].as_f64().unwrap_or(0.0))
+    (
+        rows[0]["n"].as_i64().unwrap(),
+        rows[0]["s"].as_f64().unwrap_or(0.0),
+    )
 }
 
 /// Posts `records` as requests of 5 records from 4 concurrent senders (so WAL group
@@ -16,7 +19,8 @@ fn post_concurrently(server: &Server, prefix: &str, records: &[String]) {
             let requests = &requests;
             scope.spawn(move || {
                 for (i, chunk) in requests.iter().enumerate().skip(sender).step_by(4) {
-                    let mut request = FirehoseRequest::new(&format!("{prefix}-{i}"), chunk.to_vec());
+                    let mut request =
+                        FirehoseRequest::new(&format!("{prefix}-{i}"), chunk.to_vec());
                     request.gzip = i % 3 == 0;
                     let (status, body) = server.post(&request);
                     assert_eq!(status, 200, "{body}");
@@ -35,18 +39,29 @@ fn kill_9_right_after_200_loses_nothing_acknowledged() {
     let records = fleet_records(30, 0..5, 40);
     post_concurrently(&server, "a", &records);
     server.kill9();
-    assert_eq!(lake_versions(dir.path()), 1, "only the table creation is committed");
+    assert_eq!(
+        lake_versions(dir.path()),
+        1,
+        "only the table creation is committed"
+    );
 
     let server = Server::start(dir.path(), &env);
     assert_eq!(totals(&server), (30 * 4 * 5, fleet_sum(30, 0..5)));
     // The replayed data was committed at start, so the lake alone has it too.
     server.stop();
     let (ok, out, err) = cli(&[
-        "query", "--data-dir", dir.path().to_str().unwrap(), "--format", "csv",
+        "query",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--format",
+        "csv",
         "SELECT count(*) AS n, sum(sum) AS s, count(DISTINCT account_id) AS a FROM metrics",
     ]);
     assert!(ok, "{err}");
-    assert_eq!(out.lines().nth(1).unwrap(), format!("600,{:.1},30", fleet_sum(30, 0..5)));
+    assert_eq!(
+        out.lines().nth(1).unwrap(),
+        format!("600,{:.1},30", fleet_sum(30, 0..5))
+    );
 }
 
 #[test]
@@ -101,12 +116,19 @@ fn redelivered_requests_and_datapoints_are_kept_once() {
     let mut records = fleet_records(5, 0..2, 10);
     records.extend(fleet_records(5, 2..3, 10));
     let versions = lake_versions(dir.path());
-    assert_eq!(server.post(&FirehoseRequest::new("other-id", records)).0, 200);
+    assert_eq!(
+        server.post(&FirehoseRequest::new("other-id", records)).0,
+        200
+    );
     wait_for_commit_after(dir.path(), versions);
     assert_eq!(totals(&server), (5 * 4 * 3, fleet_sum(5, 0..3)));
     server.stop();
     let (ok, out, err) = cli(&[
-        "query", "--data-dir", dir.path().to_str().unwrap(), "--format", "json",
+        "query",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--format",
+        "json",
         "SELECT count(*) AS n FROM metrics",
     ]);
     assert!(ok, "{err}");

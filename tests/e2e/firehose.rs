@@ -29,16 +29,22 @@ fn plain_and_gzip_deliveries_are_queryable_at_once() {
         "SELECT dimensions['FunctionName'] AS f, count(*) AS n FROM metrics \
          WHERE metric_name = 'Errors' GROUP BY 1 ORDER BY 1",
     );
-    assert_eq!(rows, vec![
-        serde_json::json!({"f": "api", "n": 100}),
-        serde_json::json!({"f": "worker", "n": 100}),
-    ]);
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!({"f": "api", "n": 100}),
+            serde_json::json!({"f": "worker", "n": 100}),
+        ]
+    );
 }
 
 #[test]
 fn access_key_is_required_when_configured() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[("FLEETLAKE_FIREHOSE__ACCESS_KEY", "s3cret-key")]);
+    let server = Server::start(
+        dir.path(),
+        &[("FLEETLAKE_FIREHOSE__ACCESS_KEY", "s3cret-key")],
+    );
     let mut request = FirehoseRequest::new("auth-1", fleet_records(1, 0..1, 10));
     let (status, body) = server.post(&request);
     assert_eq!(status, 401);
@@ -57,17 +63,28 @@ fn access_key_is_required_when_configured() {
 #[test]
 fn malformed_and_oversized_bodies_get_the_protocol_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[("FLEETLAKE_FIREHOSE__MAX_BODY_BYTES", "20000")]);
+    let server = Server::start(
+        dir.path(),
+        &[("FLEETLAKE_FIREHOSE__MAX_BODY_BYTES", "20000")],
+    );
     let url = server.url("/firehose/metrics");
 
     let (status, body) = post_raw(&url, "bad-1", b"{not json".to_vec(), false, None);
     assert_eq!(status, 400);
     assert_eq!(body["requestId"], "bad-1");
-    assert!(body["errorMessage"].as_str().unwrap().contains("malformed request body"));
+    assert!(
+        body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("malformed request body")
+    );
 
     let (status, body) = post_raw(&url, "bad-2", b"not gzip".to_vec(), true, None);
     assert_eq!(status, 400);
-    assert!(body["errorMessage"].as_str().unwrap().contains("gzip"), "{body}");
+    assert!(
+        body["errorMessage"].as_str().unwrap().contains("gzip"),
+        "{body}"
+    );
 
     let big = FirehoseRequest::new("big-1", fleet_records(20, 0..5, 100));
     assert!(big.body().len() > 20_000);
@@ -101,7 +118,12 @@ fn bad_lines_are_counted_and_the_good_lines_around_them_kept() {
     let rows = server.sql("SELECT count(*) AS n, sum(sum) AS s FROM metrics");
     assert_eq!(rows[0]["n"], 2);
     assert_eq!(rows[0]["s"].as_f64().unwrap(), 11.0);
-    let metrics = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     let bad = metrics
         .lines()
         .find(|l| l.starts_with("fleetlake_ingest_bad_lines_total"))

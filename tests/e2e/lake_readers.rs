@@ -12,7 +12,12 @@ fn python_deltalake_reads_the_same_rows() {
     let mut records = fleet_records(10, 0..3, 25);
     records.extend(fleet_records(10, 1440..1442, 25));
     for (i, chunk) in records.chunks(3).enumerate() {
-        assert_eq!(server.post(&FirehoseRequest::new(&format!("py-{i}"), chunk.to_vec())).0, 200);
+        assert_eq!(
+            server
+                .post(&FirehoseRequest::new(&format!("py-{i}"), chunk.to_vec()))
+                .0,
+            200
+        );
     }
     let sql = server.sql(
         "SELECT count(*) AS n, sum(sum) AS s, count(DISTINCT account_id) AS a, \
@@ -46,7 +51,11 @@ print(json.dumps({
         .arg(&table)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(py["n"], sql[0]["n"]);
     assert_eq!(py["n"], 10 * 4 * 5);
@@ -55,7 +64,10 @@ print(json.dumps({
     assert_eq!(py["d"], 2);
     assert_eq!(sql[0]["d"], 2);
     assert_eq!(py["partitions"], serde_json::json!(["day"]));
-    assert_eq!(py["files"], 2, "one file per day partition, not per request");
+    assert_eq!(
+        py["files"], 2,
+        "one file per day partition, not per request"
+    );
     assert_eq!(py["p99"].as_f64(), Some((9 + 1441) as f64));
     assert_eq!(py["function"], serde_json::json!([["FunctionName", "api"]]));
     assert_eq!(py["time_type"], "timestamp[us, tz=UTC]");

@@ -4,8 +4,8 @@
 
 #![allow(unreachable_pub)]
 
-mod firehose;
 mod durability;
+mod firehose;
 mod lake_readers;
 mod sql;
 mod support;

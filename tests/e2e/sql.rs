@@ -15,7 +15,12 @@ fn sql_formats_errors_and_the_cli_against_a_server() {
         .send()
         .unwrap();
     assert_eq!(csv.status(), 200);
-    assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert!(
+        csv.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
     assert_eq!(
         csv.text().unwrap(),
         "account_id,n,s\n100000000000,8,4.0\n100000000001,8,12.0\n100000000002,8,20.0\n"
@@ -28,19 +33,32 @@ fn sql_formats_errors_and_the_cli_against_a_server() {
         ("INSERT INTO metrics SELECT * FROM metrics", "not supported"),
         ("COPY (SELECT 1) TO '/tmp/x.csv'", "not supported"),
     ] {
-        let response = client().post(server.url("/api/v1/sql")).body(sql).send().unwrap();
+        let response = client()
+            .post(server.url("/api/v1/sql"))
+            .body(sql)
+            .send()
+            .unwrap();
         assert_eq!(response.status(), 400, "{sql}");
         let body: serde_json::Value = serde_json::from_str(&response.text().unwrap()).unwrap();
         let message = body["error"].as_str().unwrap();
-        assert!(message.to_lowercase().contains(&needle.to_lowercase()), "{sql}: {message}");
+        assert!(
+            message.to_lowercase().contains(&needle.to_lowercase()),
+            "{sql}: {message}"
+        );
     }
-    let response = client().post(server.url("/api/v1/sql?format=xml")).body("SELECT 1").send().unwrap();
+    let response = client()
+        .post(server.url("/api/v1/sql?format=xml"))
+        .body("SELECT 1")
+        .send()
+        .unwrap();
     assert_eq!(response.status(), 400);
 
     // The CLI asks the server, which also sees data not yet in the lake.
     let server_url = format!("http://{}", server.addr);
     let (ok, out, err) = cli(&[
-        "query", "--server", &server_url,
+        "query",
+        "--server",
+        &server_url,
         "SELECT account_id, dimensions['FunctionName'] AS f, sum(sum) AS s FROM metrics \
          WHERE metric_name = 'Errors' AND account_id = '100000000001' GROUP BY 1, 2 ORDER BY 2",
     ]);
@@ -84,8 +102,16 @@ fn config_file_env_and_flags_layer() {
     std::fs::write(&config, "[buffer]\nflush_interval = \"soon\"\n").unwrap();
     let (ok, _, err) = cli(&["serve", "--config", config.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("fleetlake.toml") && err.contains("buffer.flush_interval"), "{err}");
-    let (ok, _, err) = cli(&["query", "--data-dir", dir.path().join("none").to_str().unwrap(), "SELECT 1"]);
+    assert!(
+        err.contains("fleetlake.toml") && err.contains("buffer.flush_interval"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&[
+        "query",
+        "--data-dir",
+        dir.path().join("none").to_str().unwrap(),
+        "SELECT 1",
+    ]);
     assert!(!ok);
     assert!(err.contains("no lake table"), "{err}");
 }

@@ -208,7 +208,8 @@ pub fn post_raw(
     let response = req.send().unwrap();
     let status = response.status().as_u16();
     assert_eq!(
-        response.headers()["content-type"], "application/json",
+        response.headers()["content-type"],
+        "application/json",
         "Firehose responses are JSON"
     );
     let body: serde_json::Value = serde_json::from_str(&response.text().unwrap()).unwrap();
@@ -235,13 +236,23 @@ pub fn datapoint(account: &str, function: &str, metric: &str, minute: i64, value
 
 /// A deterministic fleet slice: `accounts` × 2 functions × 2 metrics × `minutes`, as
 /// records of `per_record` lines; datapoint value = account index + minute.
-pub fn fleet_records(accounts: usize, minutes: std::ops::Range<i64>, per_record: usize) -> Vec<String> {
+pub fn fleet_records(
+    accounts: usize,
+    minutes: std::ops::Range<i64>,
+    per_record: usize,
+) -> Vec<String> {
     let mut lines = Vec::new();
     for minute in minutes {
         for a in 0..accounts {
             for f in ["api", "worker"] {
                 for m in ["Errors", "Invocations"] {
-                    lines.push(datapoint(&account_id(a), f, m, minute, (a as i64 + minute) as f64));
+                    lines.push(datapoint(
+                        &account_id(a),
+                        f,
+                        m,
+                        minute,
+                        (a as i64 + minute) as f64,
+                    ));
                 }
             }
         }
