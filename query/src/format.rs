@@ -193,7 +193,12 @@ mod tests {
     #[test]
     fn json_is_an_array_of_objects_even_when_empty() {
         let batch = sample();
-        let out = render(OutputFormat::Json, &batch.schema(), std::slice::from_ref(&batch)).unwrap();
+        let out = render(
+            OutputFormat::Json,
+            &batch.schema(),
+            std::slice::from_ref(&batch),
+        )
+        .unwrap();
         let rows: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(rows[0]["dimensions"]["FunctionName"], "api");
         assert_eq!(rows[0]["sum"], 3.0);
