@@ -49,15 +49,11 @@ fn kill_9_right_after_200_loses_nothing_acknowledged() {
     assert_eq!(totals(&server), (30 * 4 * 5, fleet_sum(30, 0..5)));
     // The replayed data was committed at start, so the lake alone has it too.
     server.stop();
-    let (ok, out, err) = cli(&[
-        "query",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--format",
+    let out = lake_query(
+        dir.path(),
         "csv",
         "SELECT count(*) AS n, sum(sum) AS s, count(DISTINCT account_id) AS a FROM metrics",
-    ]);
-    assert!(ok, "{err}");
+    );
     assert_eq!(
         out.lines().nth(1).unwrap(),
         format!("600,{:.1},30", fleet_sum(30, 0..5))
@@ -123,14 +119,6 @@ fn redelivered_requests_and_datapoints_are_kept_once() {
     wait_for_commit_after(dir.path(), versions);
     assert_eq!(totals(&server), (5 * 4 * 3, fleet_sum(5, 0..3)));
     server.stop();
-    let (ok, out, err) = cli(&[
-        "query",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--format",
-        "json",
-        "SELECT count(*) AS n FROM metrics",
-    ]);
-    assert!(ok, "{err}");
+    let out = lake_query(dir.path(), "json", "SELECT count(*) AS n FROM metrics");
     assert_eq!(out.trim(), r#"[{"n":60}]"#);
 }
