@@ -1,17 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh machine: installs what the tests need
-# (mold for fast links, a Python venv with the deltalake reader), then runs
-# formatting and lint checks and every test of the workspace.
+# (cargo-nextest if missing, a Python venv with the deltalake reader as an independent
+# reader of the lake), then runs formatting and lint checks and every workspace test.
+# Linking needs nothing extra: rustc links with its bundled LLD on x86_64 Linux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-if ! command -v mold >/dev/null 2>&1; then
-    echo "== installing mold (linker)"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mold >/dev/null
-fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "== installing cargo-nextest"
