@@ -325,20 +325,6 @@ pub fn python() -> PathBuf {
 
 /// `fleetlake query --data-dir DIR --format FORMAT SQL` over the lake alone; its stdout.
 pub fn lake_query(data_dir: &Path, format: &str, sql: &str) -> String {
-    let (ok, out, err) = cli(&[
-        "query",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--format",
-        format,
-        sql,
-    ]);
-    assert!(ok, "{sql}: {err}");
-    out
-}
-
-/// `fleetlake query --data-dir DIR --format FORMAT SQL` over the lake alone; its stdout.
-pub fn lake_query(data_dir: &Path, format: &str, sql: &str) -> String {
     let dir = data_dir.to_str().unwrap();
     let (ok, out, err) = cli(&["query", "--data-dir", dir, "--format", format, sql]);
     assert!(ok, "{sql}: {err}");
