@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::num::NonZeroU64;
 use std::path::Path;
-use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
@@ -335,6 +334,3 @@ pub fn without_points(batches: Vec<RecordBatch>, existing: &HashSet<u128>) -> Ve
         })
         .collect()
 }
-
-/// Shared handle to the lake for the flush task.
-pub type SharedLake = Arc<tokio::sync::Mutex<MetricsLake>>;
