@@ -15,7 +15,8 @@ use base64::Engine;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fleetlake_aggregate::buffer::HotBuffer;
 use fleetlake_aggregate::lake::sort_for_lake;
-use fleetlake_ingest::firehose::decode_request;
+use fleetlake_ingest::firehose::{Decoded, decode_request};
+use fleetlake_ingest::{Format, Table};
 
 const DATAPOINTS: usize = 10_000;
 
@@ -61,34 +62,38 @@ fn gunzip(body: &[u8]) -> Vec<u8> {
     out
 }
 
+fn decode(body: &[u8]) -> Decoded {
+    decode_request(body, "bench", Format::MetricsJson, None, "bench").unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     let gz = request_body();
     let mut group = c.benchmark_group("metric_stream_json");
     group.throughput(Throughput::Elements(DATAPOINTS as u64));
     group.bench_function("gunzip_decode", |b| {
         b.iter(|| {
-            let decoded = decode_request(&gunzip(black_box(&gz))).unwrap();
-            assert_eq!(decoded.batch.num_rows(), DATAPOINTS);
+            let decoded = decode(&gunzip(black_box(&gz)));
+            assert_eq!(decoded.stats.datapoints, DATAPOINTS);
             decoded
         })
     });
     group.bench_function("gunzip_decode_buffer", |b| {
         let mut seq = 0;
         b.iter_batched(
-            || HotBuffer::new(None),
+            || HotBuffer::new(Table::Metrics, None),
             |mut buffer| {
                 seq += 1;
-                let decoded = decode_request(&gunzip(black_box(&gz))).unwrap();
-                let outcome = buffer.insert(seq, &decoded.batch);
+                let decoded = decode(&gunzip(black_box(&gz)));
+                let outcome = buffer.insert(seq, &decoded.rows[0].1);
                 assert_eq!(outcome.visible, DATAPOINTS);
                 buffer
             },
             criterion::BatchSize::SmallInput,
         )
     });
-    let batch = decode_request(&gunzip(&gz)).unwrap().batch;
+    let batch = decode(&gunzip(&gz)).rows.remove(0).1;
     group.bench_function("sort_for_lake", |b| {
-        b.iter(|| sort_for_lake(black_box(std::slice::from_ref(&batch))).unwrap())
+        b.iter(|| sort_for_lake(Table::Metrics, black_box(std::slice::from_ref(&batch))).unwrap())
     });
     group.finish();
 }

@@ -2,13 +2,15 @@
 //! environment variables (nested keys joined by `__`, e.g.
 //! `FLEETLAKE_FIREHOSE__ACCESS_KEY`), then command-line flags.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use fleetlake_ingest::Format;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
@@ -19,8 +21,12 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// Address of the HTTP listener (Firehose, SQL, health, metrics). Port 0 picks one.
     pub(crate) http_addr: SocketAddr,
-    /// The Firehose endpoint for CloudWatch Metric Streams JSON.
+    /// Settings shared by every Firehose endpoint.
     pub(crate) firehose: FirehoseConfig,
+    /// Firehose endpoints by name, one per delivery stream if wanted. Four are built
+    /// in: `metrics` (JSON), `otel` (OpenTelemetry 1.0), `otel07` (OpenTelemetry 0.7),
+    /// `logs` (CloudWatch Logs).
+    pub(crate) sources: BTreeMap<String, SourceConfig>,
     /// The hot buffer and its flushes to the lake.
     pub(crate) buffer: BufferConfig,
     /// The write-ahead log.
@@ -33,12 +39,58 @@ pub(crate) struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct FirehoseConfig {
-    /// URL path of the endpoint.
-    pub(crate) path: String,
-    /// Access key Firehose must send in `X-Amz-Firehose-Access-Key`; unset accepts all.
+    /// Access key Firehose must send in `X-Amz-Firehose-Access-Key`, for every source
+    /// that sets none of its own; unset accepts all.
     pub(crate) access_key: Option<String>,
     /// Largest request body, compressed and decompressed, in bytes.
     pub(crate) max_body_bytes: usize,
+}
+
+/// `[sources.<name>]`: one Firehose HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SourceConfig {
+    /// URL path of the endpoint.
+    pub(crate) path: String,
+    /// Record format: `json`, `otel1`, `otel07` or `cwlogs`.
+    pub(crate) format: Format,
+    /// Access key for this endpoint; `firehose.access_key` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) access_key: Option<String>,
+    /// Region of log events that carry none; the delivery stream's region (from
+    /// `X-Amz-Firehose-Source-Arn`) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) region: Option<String>,
+    /// Whether the endpoint is served.
+    #[serde(default = "enabled")]
+    pub(crate) enabled: bool,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+fn builtin_sources() -> BTreeMap<String, SourceConfig> {
+    [
+        ("metrics", "/firehose/metrics", Format::MetricsJson),
+        ("otel", "/firehose/otel", Format::Otel1),
+        ("otel07", "/firehose/otel07", Format::Otel07),
+        ("logs", "/firehose/logs", Format::CloudWatchLogs),
+    ]
+    .into_iter()
+    .map(|(name, path, format)| {
+        (
+            name.to_string(),
+            SourceConfig {
+                path: path.into(),
+                format,
+                access_key: None,
+                region: None,
+                enabled: true,
+            },
+        )
+    })
+    .collect()
 }
 
 /// `[buffer]`
@@ -82,6 +134,7 @@ impl Default for Config {
             data_dir: PathBuf::from("fleetlake-data"),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8088)),
             firehose: FirehoseConfig::default(),
+            sources: builtin_sources(),
             buffer: BufferConfig::default(),
             wal: WalConfig::default(),
             lake: LakeConfig::default(),
@@ -92,7 +145,6 @@ impl Default for Config {
 impl Default for FirehoseConfig {
     fn default() -> Self {
         Self {
-            path: "/firehose/metrics".into(),
             access_key: None,
             max_body_bytes: fleetlake_ingest::firehose::DEFAULT_MAX_BODY_BYTES,
         }
@@ -174,11 +226,31 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if !self.firehose.path.starts_with('/') {
-            bail!(
-                "firehose.path must start with '/', got {:?}",
-                self.firehose.path
-            );
+        let mut paths = BTreeMap::new();
+        for (name, source) in self.enabled_sources() {
+            if !source.path.starts_with('/') {
+                bail!(
+                    "sources.{name}.path must start with '/', got {:?}",
+                    source.path
+                );
+            }
+            if ["/health", "/metrics"].contains(&source.path.as_str())
+                || source.path.starts_with("/api/")
+            {
+                bail!(
+                    "sources.{name}.path {:?} is taken by fleetlake itself",
+                    source.path
+                );
+            }
+            if let Some(other) = paths.insert(source.path.as_str(), name) {
+                bail!(
+                    "sources.{other} and sources.{name} both use path {:?}",
+                    source.path
+                );
+            }
+            if source.access_key.as_deref().is_some_and(str::is_empty) {
+                bail!("sources.{name}.access_key is set but empty");
+            }
         }
         if self.firehose.max_body_bytes == 0 {
             bail!("firehose.max_body_bytes must be positive");
@@ -210,6 +282,30 @@ impl Config {
             .access_key
             .as_deref()
             .is_some_and(str::is_empty)
+    }
+
+    /// The sources to serve, by name.
+    pub(crate) fn enabled_sources(&self) -> impl Iterator<Item = (&str, &SourceConfig)> {
+        self.sources
+            .iter()
+            .filter(|(_, s)| s.enabled)
+            .map(|(name, s)| (name.as_str(), s))
+    }
+
+    /// Settings of the aggregate stage (WAL, hot buffer, lake).
+    pub(crate) fn aggregate_config(&self) -> fleetlake_aggregate::AggregateConfig {
+        fleetlake_aggregate::AggregateConfig {
+            wal_dir: self.wal_dir(),
+            lake_dir: self.lake_dir(),
+            flush_interval: self.buffer.flush_interval,
+            flush_rows: self.buffer.flush_rows,
+            max_buffered_rows: self.buffer.max_rows,
+            wal_segment_bytes: self.wal.segment_bytes,
+            lake: fleetlake_aggregate::lake::LakeOptions {
+                target_file_bytes: self.lake.target_file_bytes,
+                zstd_level: self.lake.zstd_level,
+            },
+        }
     }
 
     /// Directory of the lake's Delta tables.
@@ -263,11 +359,16 @@ mod tests {
     fn the_example_config_parses_and_says_something() {
         let text = include_str!("../config/fleetlake.example.toml");
         let config = Config::from_toml(text).unwrap();
-        assert_eq!(config.firehose.path, "/firehose/metrics");
         assert_eq!(
             config.firehose.access_key.as_deref(),
             Some("change-me-to-a-long-random-secret")
         );
+        let names: Vec<_> = config.enabled_sources().map(|(n, _)| n).collect();
+        assert_eq!(names, ["logs", "metrics", "otel", "prod-logs"]);
+        let prod = &config.sources["prod-logs"];
+        assert_eq!(prod.format, Format::CloudWatchLogs);
+        assert_eq!(prod.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(config.sources["metrics"].path, "/firehose/metrics");
         assert_eq!(config.buffer.flush_interval, Duration::from_secs(30));
         assert_eq!(config.lake_dir(), PathBuf::from("/var/lib/fleetlake/lake"));
         assert_eq!(config.wal_dir(), PathBuf::from("/var/lib/fleetlake/wal"));
@@ -278,6 +379,28 @@ mod tests {
         let config = Config::default();
         assert!(config.http_addr.ip().is_loopback());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn sources_are_checked() {
+        let err = Config::from_toml("[sources.a]\npath = \"/firehose/metrics\"\nformat = \"json\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("both use path"), "{err}");
+        let err = Config::from_toml("[sources.a]\npath = \"/x\"\nformat = \"xml\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sources.a.format") && err.contains("unknown format"),
+            "{err}"
+        );
+        let err = Config::from_toml("[sources.a]\npath = \"/x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("format"), "{err}");
+        let config = Config::from_toml("[sources.metrics]\naccess_key = \"k\"").unwrap();
+        assert_eq!(config.sources["metrics"].format, Format::MetricsJson);
+        assert_eq!(config.sources["metrics"].access_key.as_deref(), Some("k"));
     }
 
     #[test]

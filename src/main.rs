@@ -11,6 +11,7 @@
 
 mod config;
 mod query_cmd;
+mod replay;
 mod serve;
 
 use std::path::PathBuf;
@@ -61,6 +62,20 @@ enum Command {
         /// The SQL to run, e.g. "SELECT account_id, sum(sum) FROM metrics GROUP BY 1".
         sql: String,
     },
+    /// Ingest files of records straight into the lake (the service must not be running
+    /// on the same data directory). Gzip is detected; saved Firehose request bodies
+    /// are recognised; undecodable input goes to the dead_letters table.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        /// Record format: json (Metric Streams JSON lines), otel1, otel07
+        /// (length-delimited OpenTelemetry), cwlogs (CloudWatch Logs subscription JSON).
+        #[arg(long, default_value = "json")]
+        format: fleetlake_ingest::Format,
+        /// Files to ingest.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn load(common: &Common, http_addr: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
@@ -84,6 +99,11 @@ fn main() -> std::process::ExitCode {
             let format = format.parse().map_err(anyhow::Error::msg)?;
             query_cmd::run(&config, server.as_deref(), format, &sql)
         }),
+        Command::Replay {
+            common,
+            format,
+            files,
+        } => load(&common, None).and_then(|config| replay::run(&config, format, &files)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -10,8 +10,7 @@ use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use fleetlake_aggregate::lake::LakeOptions;
-use fleetlake_aggregate::{AggregateConfig, Aggregator};
+use fleetlake_aggregate::Aggregator;
 use fleetlake_ingest::firehose::{self, EndpointConfig};
 use fleetlake_query::{HotData, QueryEngine};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -24,12 +23,12 @@ use crate::config::Config;
 struct HotBuffer(Aggregator);
 
 impl HotData for HotBuffer {
-    fn snapshot(&self, table: &str, lake_version: Option<i64>) -> Vec<arrow::array::RecordBatch> {
-        if table == fleetlake_ingest::schema::METRICS_TABLE {
-            self.0.snapshot(lake_version)
-        } else {
-            Vec::new()
-        }
+    fn snapshot(
+        &self,
+        table: fleetlake_ingest::Table,
+        lake_version: Option<i64>,
+    ) -> Vec<arrow::array::RecordBatch> {
+        self.0.snapshot(table, lake_version)
     }
 }
 
@@ -37,11 +36,12 @@ impl HotData for HotBuffer {
 /// error; fleetlake reports the errors it gets back from it itself.
 const DEFAULT_LOG_FILTER: &str = "info,buoyant_kernel=off,deltalake_core=warn";
 
-/// Logs go to stderr; `FLEETLAKE_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
-pub(crate) fn init_tracing() {
+/// Logs go to stderr; `FLEETLAKE_LOG` (or `RUST_LOG`) sets the filter, `default`
+/// otherwise.
+pub(crate) fn init_tracing(default: &str) {
     let filter = std::env::var("FLEETLAKE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
+        .unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -50,7 +50,7 @@ pub(crate) fn init_tracing() {
 }
 
 pub(crate) fn run(config: Config) -> anyhow::Result<()> {
-    init_tracing();
+    init_tracing(DEFAULT_LOG_FILTER);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetlake")
@@ -75,39 +75,43 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let lake_dir = config.lake_dir();
-    let aggregator = Aggregator::open(AggregateConfig {
-        wal_dir: config.wal_dir(),
-        lake_dir: lake_dir.clone(),
-        flush_interval: config.buffer.flush_interval,
-        flush_rows: config.buffer.flush_rows,
-        max_buffered_rows: config.buffer.max_rows,
-        wal_segment_bytes: config.wal.segment_bytes,
-        lake: LakeOptions {
-            target_file_bytes: config.lake.target_file_bytes,
-            zstd_level: config.lake.zstd_level,
-        },
-    })
-    .await
-    .context("opening the write-ahead log and the lake")?;
+    let aggregator = Aggregator::open(config.aggregate_config())
+        .await
+        .context("opening the write-ahead log and the lake")?;
 
     let engine = Arc::new(QueryEngine::new(
         &lake_dir,
         Some(Arc::new(HotBuffer(aggregator.clone()))),
     ));
-    let firehose = firehose::router(
-        &config.firehose.path,
-        EndpointConfig {
-            source: "firehose_metrics".into(),
-            access_key: config.firehose.access_key.clone(),
-            max_body_bytes: config.firehose.max_body_bytes,
-        },
-        Arc::new(aggregator.clone()),
-    );
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(move || render_metrics(prometheus.clone())))
-        .merge(firehose)
         .merge(fleetlake_query::http::router(engine));
+    let sink: Arc<dyn fleetlake_ingest::RowSink> = Arc::new(aggregator.clone());
+    for (name, source) in config.enabled_sources() {
+        let access_key = source
+            .access_key
+            .clone()
+            .or_else(|| config.firehose.access_key.clone());
+        info!(
+            source = name,
+            path = %source.path,
+            format = %source.format,
+            access_key = access_key.is_some(),
+            "firehose endpoint"
+        );
+        app = app.merge(firehose::router(
+            &source.path,
+            EndpointConfig {
+                source: format!("firehose/{name}"),
+                format: source.format,
+                region: source.region.clone(),
+                access_key,
+                max_body_bytes: config.firehose.max_body_bytes,
+            },
+            Arc::clone(&sink),
+        ));
+    }
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -116,8 +120,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!(
         %addr,
         data_dir = %config.data_dir.display(),
-        firehose = %config.firehose.path,
-        access_key = config.firehose.access_key.is_some(),
         "http listening"
     );
     axum::serve(listener, app)

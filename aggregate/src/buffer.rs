@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 
+use fleetlake_ingest::schema::Table;
+
 use crate::keys::row_keys;
 
 /// How long the rows of a finished flush stay visible through the buffer, covering a
@@ -34,6 +36,7 @@ struct Generation {
     rows: usize,
     suspect_rows: usize,
     bytes: usize,
+    first_seq: Option<u64>,
     last_seq: u64,
 }
 
@@ -49,6 +52,10 @@ impl Generation {
         self.rows += newer.rows;
         self.suspect_rows += newer.suspect_rows;
         self.bytes += newer.bytes;
+        self.first_seq = match (self.first_seq, newer.first_seq) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.last_seq = self.last_seq.max(newer.last_seq);
     }
 }
@@ -80,6 +87,7 @@ pub struct FlushJob {
 /// The hot buffer (see the module docs).
 #[derive(Debug)]
 pub struct HotBuffer {
+    table: Table,
     open: Generation,
     flushing: Option<Generation>,
     recent: VecDeque<(i64, Instant, Vec<RecordBatch>)>,
@@ -89,11 +97,12 @@ pub struct HotBuffer {
 }
 
 impl HotBuffer {
-    /// An empty buffer over a lake whose latest datapoint time is `lake_max_time`
-    /// (epoch µs; `None` for an empty lake).
-    pub fn new(lake_max_time: Option<i64>) -> Self {
+    /// An empty buffer for `table` over a lake whose latest row time is
+    /// `lake_max_time` (epoch µs; `None` for an empty lake).
+    pub fn new(table: Table, lake_max_time: Option<i64>) -> Self {
         let max = lake_max_time.unwrap_or(i64::MIN);
         Self {
+            table,
             open: Generation::default(),
             flushing: None,
             recent: VecDeque::new(),
@@ -105,7 +114,7 @@ impl HotBuffer {
 
     /// Adds the rows of WAL record `seq`, dropping those already buffered.
     pub fn insert(&mut self, seq: u64, batch: &RecordBatch) -> InsertOutcome {
-        let keys = row_keys(batch);
+        let keys = row_keys(self.table, batch);
         let mut visible = Vec::with_capacity(keys.len());
         let mut suspect = Vec::with_capacity(keys.len());
         let mut outcome = InsertOutcome::default();
@@ -160,7 +169,20 @@ impl HotBuffer {
         self.open.rows += outcome.visible;
         self.open.suspect_rows += outcome.suspects;
         self.open.last_seq = self.open.last_seq.max(seq);
+        if outcome.visible + outcome.suspects > 0 {
+            self.open.first_seq = Some(self.open.first_seq.map_or(seq, |s| s.min(seq)));
+        }
         outcome
+    }
+
+    /// The first WAL sequence number whose rows are held and not yet committed, if any:
+    /// the log must be kept from there on for this table.
+    pub fn pending_since(&self) -> Option<u64> {
+        let flushing = self.flushing.as_ref().and_then(|g| g.first_seq);
+        match (self.open.first_seq, flushing) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Rows held (open and flushing, suspects included).
@@ -279,7 +301,7 @@ mod tests {
 
     #[test]
     fn duplicates_within_the_buffer_are_dropped() {
-        let mut buf = HotBuffer::new(None);
+        let mut buf = HotBuffer::new(Table::Metrics, None);
         let o = buf.insert(1, &batch(&[("a", 1), ("a", 1), ("b", 1)]));
         assert_eq!(
             o,
@@ -303,7 +325,7 @@ mod tests {
 
     #[test]
     fn flushing_rows_still_deduplicate_and_stay_visible() {
-        let mut buf = HotBuffer::new(None);
+        let mut buf = HotBuffer::new(Table::Metrics, None);
         buf.insert(1, &batch(&[("a", 1)]));
         let job = buf.begin_flush().unwrap();
         assert_eq!(job.seq, 1);
@@ -319,7 +341,7 @@ mod tests {
 
     #[test]
     fn rows_at_or_before_the_lake_watermark_are_suspects() {
-        let mut buf = HotBuffer::new(Some(2 * 60_000_000));
+        let mut buf = HotBuffer::new(Table::Metrics, Some(2 * 60_000_000));
         let o = buf.insert(1, &batch(&[("a", 1), ("a", 2), ("a", 3)]));
         assert_eq!(
             o,
@@ -347,15 +369,17 @@ mod tests {
 
     #[test]
     fn a_failed_flush_is_retried_with_newer_rows() {
-        let mut buf = HotBuffer::new(None);
+        let mut buf = HotBuffer::new(Table::Metrics, None);
         buf.insert(1, &batch(&[("a", 1)]));
         let _failed = buf.begin_flush().unwrap();
         buf.insert(2, &batch(&[("a", 2)]));
         let job = buf.begin_flush().unwrap();
         assert_eq!(job.seq, 2);
         assert_eq!(rows(&job.batches), 2);
+        assert_eq!(buf.pending_since(), Some(1));
         buf.complete_flush(1, job.batches);
         assert!(buf.begin_flush().is_none());
         assert_eq!(buf.rows(), 0);
+        assert_eq!(buf.pending_since(), None);
     }
 }

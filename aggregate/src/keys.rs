@@ -1,12 +1,17 @@
-//! Identity of datapoints: the series and the de-duplication key.
+//! Identity of rows: the series and the de-duplication key, per table.
 //!
-//! A series is (account, region, namespace, metric, dimensions); a datapoint's key adds
-//! its time. Both are hashed with xxh3 over the strings separated by 0xFF, a byte that
-//! never occurs in UTF-8, so different field splits cannot collide by concatenation.
+//! - `metrics`: a series is (account, region, namespace, metric, dimensions); a
+//!   datapoint's key adds its time.
+//! - `logs`: a series is (account, log group); an event's key adds its event id.
+//! - `dead_letters`: a series is the source; a dead letter's key adds its position and
+//!   delivery time (a Firehose retry repeats both).
+//!
+//! Both are hashed with xxh3 over the strings separated by 0xFF, a byte that never
+//! occurs in UTF-8, so different field splits cannot collide by concatenation.
 
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::TimestampMicrosecondType;
-use fleetlake_ingest::schema::col;
+use fleetlake_ingest::schema::{Table, col, dead_col, logs_col};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
 /// The identity of one row of a `metrics` batch.
@@ -20,8 +25,80 @@ pub struct RowKey {
     pub time: i64,
 }
 
-/// Computes the [`RowKey`] of every row of a batch of the `metrics` schema.
-pub fn row_keys(batch: &RecordBatch) -> Vec<RowKey> {
+/// Computes the [`RowKey`] of every row of a batch of `table`'s schema.
+pub fn row_keys(table: Table, batch: &RecordBatch) -> Vec<RowKey> {
+    match table {
+        Table::Metrics => metrics_keys(batch),
+        Table::Logs => keyed_by(
+            batch,
+            logs_col::TIME,
+            &[logs_col::ACCOUNT_ID, logs_col::LOG_GROUP],
+            &[logs_col::EVENT_ID],
+            false,
+        ),
+        Table::DeadLetters => keyed_by(
+            batch,
+            dead_col::TIME,
+            &[dead_col::SOURCE],
+            &[dead_col::POSITION],
+            true,
+        ),
+    }
+}
+
+/// The column that narrows the lake scan checking redelivered rows (with the time).
+pub fn scan_column(table: Table) -> &'static str {
+    match table {
+        Table::Metrics | Table::Logs => "account_id",
+        Table::DeadLetters => "source",
+    }
+}
+
+/// Keys from string columns: `series` columns make the series, `point` columns (and
+/// the time, if `with_time`) the rest of the key.
+fn keyed_by(
+    batch: &RecordBatch,
+    time_col: usize,
+    series: &[usize],
+    point: &[usize],
+    with_time: bool,
+) -> Vec<RowKey> {
+    let strings = |cols: &[usize]| -> Vec<&StringArray> {
+        cols.iter()
+            .map(|&i| batch.column(i).as_string::<i32>())
+            .collect()
+    };
+    let (series, point) = (strings(series), strings(point));
+    let time = batch
+        .column(time_col)
+        .as_primitive::<TimestampMicrosecondType>();
+    let mut buf = Vec::with_capacity(256);
+    (0..batch.num_rows())
+        .map(|row| {
+            buf.clear();
+            for column in &series {
+                buf.extend_from_slice(column.value(row).as_bytes());
+                buf.push(0xFF);
+            }
+            let series_hash = xxh3_64(&buf);
+            for column in &point {
+                buf.extend_from_slice(column.value(row).as_bytes());
+                buf.push(0xFF);
+            }
+            let t = time.value(row);
+            if with_time {
+                buf.extend_from_slice(&t.to_le_bytes());
+            }
+            RowKey {
+                series: series_hash,
+                point: xxh3_128(&buf),
+                time: t,
+            }
+        })
+        .collect()
+}
+
+fn metrics_keys(batch: &RecordBatch) -> Vec<RowKey> {
     let strings = |i: usize| batch.column(i).as_string::<i32>();
     let account: &StringArray = strings(col::ACCOUNT_ID);
     let region = strings(col::REGION);
@@ -75,7 +152,7 @@ mod tests {
     fn keys(lines: &str) -> Vec<RowKey> {
         let mut b = MetricsBatchBuilder::new();
         assert!(b.push_record(lines.as_bytes()).is_empty());
-        row_keys(&b.finish())
+        row_keys(Table::Metrics, &b.finish())
     }
 
     fn line(account: &str, dims: &str, ts: i64, sum: f64, unit: &str) -> String {

@@ -1,17 +1,18 @@
-//! The `metrics` Delta table: creation, flush commits, and de-duplication checks.
+//! The lake's Delta tables (`metrics`, `logs`, `dead_letters`): creation, flush
+//! commits, and de-duplication checks.
 //!
-//! Each flush is one Delta commit that also records, as application transactions,
-//! the last write-ahead-log sequence number it covers ([`WAL_APP_ID`]) and the latest
-//! datapoint time in the table ([`MAX_TIME_APP_ID`]). On restart the WAL is replayed
-//! after the committed sequence, so a crash between commit and WAL truncation neither
-//! loses nor doubles a row.
+//! Each flush of a table is one Delta commit that also records, as application
+//! transactions, the last write-ahead-log sequence number it covers ([`WAL_APP_ID`])
+//! and the latest row time in the table ([`max_time_app_id`]). On restart the WAL is
+//! replayed, per table, after that table's committed sequence, so a crash between
+//! commits or before WAL truncation neither loses nor doubles a row.
 
 use std::collections::HashSet;
 use std::num::NonZeroU64;
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use arrow::compute::{concat_batches, take_record_batch};
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::TimestampMicrosecondType;
 use datafusion::prelude::{SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
@@ -22,15 +23,17 @@ use deltalake::kernel::{StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
-use fleetlake_ingest::schema::{DAY_COLUMN, METRICS_TABLE, col as c, conform, metrics_schema};
+use fleetlake_ingest::schema::{DAY_COLUMN, Table, col as c, conform, dead_col, logs_col};
 use url::Url;
 
-use crate::keys::row_keys;
+use crate::keys::{row_keys, scan_column};
 
 /// Application id of the transaction action carrying the last committed WAL sequence.
 pub const WAL_APP_ID: &str = "fleetlake.wal";
-/// Application id of the transaction action carrying the table's latest time (µs).
-pub const MAX_TIME_APP_ID: &str = "fleetlake.metrics.max_time_us";
+/// Application id of the transaction action carrying a table's latest time (µs).
+pub fn max_time_app_id(table: Table) -> String {
+    format!("fleetlake.{}.max_time_us", table.name())
+}
 
 /// Errors of the lake.
 #[derive(Debug, thiserror::Error)]
@@ -91,34 +94,44 @@ pub fn table_url(lake_dir: &Path, name: &str) -> Result<Url, std::io::Error> {
         .map_err(|()| std::io::Error::other(format!("{} is not an absolute path", abs.display())))
 }
 
-/// The `metrics` table, open for writing.
+/// One lake table, open for writing.
 #[derive(Debug)]
-pub struct MetricsLake {
+pub struct TableLake {
+    kind: Table,
     table: DeltaTable,
     location: String,
     options: LakeOptions,
 }
 
-impl MetricsLake {
-    /// Opens the `metrics` table under `lake_dir`, creating it if it does not exist.
-    pub async fn open_or_create(lake_dir: &Path, options: LakeOptions) -> Result<Self, LakeError> {
-        let location = lake_dir.join(METRICS_TABLE).display().to_string();
+impl TableLake {
+    /// Opens table `kind` under `lake_dir`, creating it if it does not exist.
+    pub async fn open_or_create(
+        lake_dir: &Path,
+        kind: Table,
+        options: LakeOptions,
+    ) -> Result<Self, LakeError> {
+        let location = lake_dir.join(kind.name()).display().to_string();
         let delta = |source| LakeError::Delta {
             table: location.clone(),
             source: Box::new(source),
         };
-        let url = table_url(lake_dir, METRICS_TABLE)
+        let url = table_url(lake_dir, kind.name())
             .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
         let mut table = DeltaTable::try_from_url(url).await.map_err(delta)?;
         if table.version().is_none() {
-            let schema: StructType = metrics_schema()
+            let schema: StructType = kind
+                .schema()
                 .as_ref()
                 .try_into_kernel()
                 .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
             table = table
                 .create()
-                .with_table_name(METRICS_TABLE)
-                .with_comment("fleetlake: one row per CloudWatch datapoint")
+                .with_table_name(kind.name())
+                .with_comment(match kind {
+                    Table::Metrics => "fleetlake: one row per CloudWatch datapoint",
+                    Table::Logs => "fleetlake: one row per CloudWatch Logs event",
+                    Table::DeadLetters => "fleetlake: input that could not be decoded, raw",
+                })
                 .with_columns(schema.fields().cloned())
                 .with_partition_columns([DAY_COLUMN])
                 .with_save_mode(SaveMode::Ignore)
@@ -127,6 +140,7 @@ impl MetricsLake {
             tracing::info!(table = %location, "created lake table");
         }
         Ok(Self {
+            kind,
             table,
             location,
             options,
@@ -153,9 +167,14 @@ impl MetricsLake {
         Ok(self.app_version(WAL_APP_ID).await?.unwrap_or(0).max(0) as u64)
     }
 
-    /// The latest datapoint time in the table, epoch µs.
+    /// The latest row time in the table, epoch µs.
     pub async fn max_time(&self) -> Result<Option<i64>, LakeError> {
-        self.app_version(MAX_TIME_APP_ID).await
+        self.app_version(&max_time_app_id(self.kind)).await
+    }
+
+    /// Which table this is.
+    pub fn kind(&self) -> Table {
+        self.kind
     }
 
     /// The table version currently loaded.
@@ -172,17 +191,20 @@ impl MetricsLake {
             table: self.location.clone(),
             source: Box::new(source),
         };
+        let scan_col = scan_column(self.kind);
         let mut wanted = HashSet::new();
         let mut accounts = HashSet::new();
         let (mut min_t, mut max_t) = (i64::MAX, i64::MIN);
         for batch in candidates {
-            for key in row_keys(batch) {
+            for key in row_keys(self.kind, batch) {
                 wanted.insert(key.point);
                 min_t = min_t.min(key.time);
                 max_t = max_t.max(key.time);
             }
-            let account = batch.column(c::ACCOUNT_ID).as_string::<i32>();
-            accounts.extend(account.iter().flatten().map(str::to_string));
+            if let Some(column) = batch.column_by_name(scan_col) {
+                let values = column.as_string::<i32>();
+                accounts.extend(values.iter().flatten().map(str::to_string));
+            }
         }
         if wanted.is_empty() {
             return Ok(HashSet::new());
@@ -212,12 +234,12 @@ impl MetricsLake {
                     col(DAY_COLUMN)
                         .between(day(min_t), day(max_t))
                         .and(col("time").between(ts(min_t), ts(max_t)))
-                        .and(col("account_id").in_list(accounts, false)),
+                        .and(col(scan_col).in_list(accounts, false)),
                 )
             })
             .map_err(query_err)?;
         let found = frame.collect().await.map_err(query_err)?;
-        let schema = metrics_schema();
+        let schema = self.kind.schema();
         let mut existing = HashSet::new();
         for batch in found {
             let batch = conform(&batch, &schema).map_err(|source| LakeError::Arrow {
@@ -225,7 +247,7 @@ impl MetricsLake {
                 source,
             })?;
             existing.extend(
-                row_keys(&batch)
+                row_keys(self.kind, &batch)
                     .into_iter()
                     .map(|k| k.point)
                     .filter(|p| wanted.contains(p)),
@@ -254,7 +276,7 @@ impl MetricsLake {
             .build();
         let commit = CommitProperties::default().with_application_transactions(vec![
             Transaction::new(WAL_APP_ID, wal_seq as i64),
-            Transaction::new(MAX_TIME_APP_ID, max_time),
+            Transaction::new(max_time_app_id(self.kind), max_time),
         ]);
         let table = self
             .table
@@ -272,12 +294,41 @@ impl MetricsLake {
     }
 }
 
-/// Concatenates rows and sorts them as the lake keeps them: by account_id, namespace,
-/// metric_name, dimensions, region, time, so that row-group statistics prune queries
-/// for one account or metric.
-pub fn sort_for_lake(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let schema = metrics_schema();
-    let all = concat_batches(&schema, batches)?;
+/// Concatenates rows and sorts them as the lake keeps them, so that row-group
+/// statistics prune queries for one account or metric:
+/// - `metrics` by account_id, namespace, metric_name, dimensions, region, time;
+/// - `logs` by account_id, log_group, log_stream, time, event_id;
+/// - `dead_letters` by source, time, position.
+pub fn sort_for_lake(
+    table: Table,
+    batches: &[RecordBatch],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let all = concat_batches(&table.schema(), batches)?;
+    let by_columns = |columns: &[usize]| {
+        let sort: Vec<SortColumn> = columns
+            .iter()
+            .map(|&i| SortColumn {
+                values: all.column(i).clone(),
+                options: None,
+            })
+            .collect();
+        let order = lexsort_to_indices(&sort, None)?;
+        take_record_batch(&all, &order)
+    };
+    match table {
+        Table::Metrics => sort_metrics(&all),
+        Table::Logs => by_columns(&[
+            logs_col::ACCOUNT_ID,
+            logs_col::LOG_GROUP,
+            logs_col::LOG_STREAM,
+            logs_col::TIME,
+            logs_col::EVENT_ID,
+        ]),
+        Table::DeadLetters => by_columns(&[dead_col::SOURCE, dead_col::TIME, dead_col::POSITION]),
+    }
+}
+
+fn sort_metrics(all: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
     let s = |i: usize| all.column(i).as_string::<i32>();
     let (account, namespace, metric, region) = (
         s(c::ACCOUNT_ID),
@@ -314,18 +365,22 @@ pub fn sort_for_lake(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::erro
             .then_with(|| region.value(a).cmp(region.value(b)))
             .then_with(|| time.value(a).cmp(&time.value(b)))
     });
-    take_record_batch(&all, &UInt32Array::from(order))
+    take_record_batch(all, &UInt32Array::from(order))
 }
 
-/// Keeps the rows of `batches` whose key is not in `existing`.
-pub fn without_points(batches: Vec<RecordBatch>, existing: &HashSet<u128>) -> Vec<RecordBatch> {
+/// Keeps the rows of `batches` (of `table`) whose key is not in `existing`.
+pub fn without_points(
+    table: Table,
+    batches: Vec<RecordBatch>,
+    existing: &HashSet<u128>,
+) -> Vec<RecordBatch> {
     if existing.is_empty() {
         return batches;
     }
     batches
         .into_iter()
         .filter_map(|batch| {
-            let keep: arrow::array::BooleanArray = row_keys(&batch)
+            let keep: arrow::array::BooleanArray = row_keys(table, &batch)
                 .iter()
                 .map(|k| Some(!existing.contains(&k.point)))
                 .collect();

@@ -1,17 +1,18 @@
 //! fleetlake's second stage: durability, de-duplication, the hot buffer and the lake.
 //!
 //! ```text
-//!  DatapointSink::write ──> WAL writer thread ─────> HotBuffer ──(flush: time/size)──> lake
-//!  (from ingest/)           append, one fsync        de-duplicated,   sorted zstd Parquet,
-//!                           per group of writers,    queryable        one Delta commit with
-//!                           then acknowledge         (query/)         the WAL sequence
+//!  RowSink::write ──> WAL writer thread ─────> HotBuffer ──(flush: time/size)──> lake
+//!  (from ingest/)      append, one fsync        per table,        per table: sorted zstd
+//!                      per group of writers,    de-duplicated,    Parquet, one Delta commit
+//!                      then acknowledge         queryable         with the WAL sequence
+//!                                               (query/)
 //! ```
 //!
-//! A write returns only after its batch is fsync'd in the write-ahead log and applied
-//! to the hot buffer, so it is both durable and visible to SQL. Flushes move the buffer
-//! into the `metrics` Delta table and then delete the WAL segments they cover. On start
-//! the WAL is replayed after the sequence recorded in the lake.
-
+//! A write returns only after its rows (for any of the tables `metrics`, `logs`,
+//! `dead_letters`) are fsync'd together in the write-ahead log and applied to the hot
+//! buffers, so they are both durable and visible to SQL. Flushes move each table's
+//! buffer into its Delta table, then delete the WAL segments no table still needs. On
+//! start the WAL is replayed, per table, after the sequence recorded in that table.
 pub mod buffer;
 pub mod keys;
 pub mod lake;
@@ -27,12 +28,14 @@ use futures::future::BoxFuture;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use fleetlake_ingest::{DatapointSink, SinkError};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleetlake_ingest::{RowSink, SinkError, Table};
 
 use crate::buffer::HotBuffer;
-use crate::lake::{LakeError, LakeOptions, MetricsLake, sort_for_lake, without_points};
+use crate::lake::{LakeError, LakeOptions, TableLake, sort_for_lake, without_points};
 use crate::metrics as m;
-use crate::wal::{Wal, WalError, encode_batch};
+use crate::wal::{Wal, WalError, encode_rows};
 
 /// Settings of the aggregate stage.
 #[derive(Debug, Clone)]
@@ -62,12 +65,40 @@ pub enum AggregateError {
     /// The lake could not be opened or written.
     #[error(transparent)]
     Lake(#[from] LakeError),
+    /// Another process (a running `fleetlake serve`, a replay) writes this data
+    /// directory.
+    #[error("{0} is in use by another fleetlake process (serve or replay); stop it first")]
+    Locked(String),
+}
+
+/// Takes the data directory's writer lock (`<wal_dir>/LOCK`), held for as long as the
+/// returned file is open; the operating system releases it when the process dies.
+fn lock_wal_dir(wal_dir: &std::path::Path) -> Result<std::fs::File, AggregateError> {
+    let io = |source| WalError::Io {
+        path: wal_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(wal_dir).map_err(io)?;
+    let path = wal_dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(AggregateError::Locked(wal_dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e).into()),
+    }
 }
 
 enum WalJob {
     Append {
         payload: Vec<u8>,
-        batch: RecordBatch,
+        rows: Vec<(Table, RecordBatch)>,
         done: oneshot::Sender<Result<(), String>>,
     },
     RemoveThrough(u64),
@@ -77,15 +108,49 @@ enum WalJob {
 /// an unbounded buffer.
 const WAL_QUEUE: usize = 1024;
 
-struct Shared {
+/// One lake table and its hot buffer.
+struct TableState {
+    table: Table,
     buffer: Mutex<HotBuffer>,
-    lake: tokio::sync::Mutex<MetricsLake>,
+    lake: tokio::sync::Mutex<TableLake>,
+}
+
+struct Shared {
+    tables: Vec<TableState>,
+    /// The last WAL sequence applied to the buffers (all tables).
+    applied_seq: AtomicU64,
     wal_tx: mpsc::Sender<WalJob>,
     flush_now: Notify,
     config: AggregateConfig,
+    _lock: std::fs::File,
 }
 
-/// The aggregate stage: a [`DatapointSink`] in front, the lake behind.
+impl Shared {
+    fn state(&self, table: Table) -> &TableState {
+        &self.tables[table.index()]
+    }
+
+    fn buffered_rows(&self) -> usize {
+        self.tables
+            .iter()
+            .map(|t| t.buffer.lock().expect("buffer lock").rows())
+            .sum()
+    }
+
+    /// The WAL sequence through which every table has committed what it holds.
+    fn truncatable_through(&self) -> u64 {
+        // Read the applied sequence first: a record applied after this read is either
+        // seen pending in a buffer below, or beyond the sequence returned.
+        let applied = self.applied_seq.load(Ordering::Acquire);
+        self.tables
+            .iter()
+            .filter_map(|t| t.buffer.lock().expect("buffer lock").pending_since())
+            .map(|first| first.saturating_sub(1))
+            .fold(applied, u64::min)
+    }
+}
+
+/// The aggregate stage: a [`RowSink`] in front, the lake behind.
 #[derive(Clone)]
 pub struct Aggregator {
     shared: Arc<Shared>,
@@ -100,38 +165,64 @@ impl std::fmt::Debug for Aggregator {
 }
 
 impl Aggregator {
-    /// Opens the lake and the WAL, replays what the lake has not committed, and starts
-    /// the WAL writer and the flush task.
+    /// Opens the lake's tables and the WAL, replays what the tables have not committed,
+    /// and starts the WAL writer and the flush task.
     pub async fn open(config: AggregateConfig) -> Result<Self, AggregateError> {
         m::describe();
-        let lake = MetricsLake::open_or_create(&config.lake_dir, config.lake.clone()).await?;
-        let committed = lake.committed_seq().await?;
-        let mut buffer = HotBuffer::new(lake.max_time().await?);
+        let lock = lock_wal_dir(&config.wal_dir)?;
+        let mut tables = Vec::new();
+        let mut committed = Vec::new();
+        for table in Table::ALL {
+            let lake =
+                TableLake::open_or_create(&config.lake_dir, table, config.lake.clone()).await?;
+            committed.push(lake.committed_seq().await?);
+            let buffer = HotBuffer::new(table, lake.max_time().await?);
+            tables.push(TableState {
+                table,
+                buffer: Mutex::new(buffer),
+                lake: tokio::sync::Mutex::new(lake),
+            });
+        }
+        let least = committed.iter().copied().min().unwrap_or(0);
+        let greatest = committed.iter().copied().max().unwrap_or(0);
         let dir = config.wal_dir.clone();
         let segment_bytes = config.wal_segment_bytes;
-        let (wal, replayed) =
-            tokio::task::spawn_blocking(move || Wal::open(&dir, segment_bytes, committed))
-                .await
-                .expect("wal open does not panic")?;
-        let replayed_rows: usize = replayed.iter().map(|r| r.batch.num_rows()).sum();
+        let (wal, replayed) = tokio::task::spawn_blocking(move || {
+            Wal::open_continuing(&dir, segment_bytes, least, greatest)
+        })
+        .await
+        .expect("wal open does not panic")?;
+        let mut replayed_rows = 0;
+        let mut applied = greatest;
         for record in &replayed {
-            buffer.insert(record.seq, &record.batch);
+            applied = applied.max(record.seq);
+            for (table, batch) in &record.rows {
+                if record.seq > committed[table.index()] {
+                    replayed_rows += batch.num_rows();
+                    tables[table.index()]
+                        .buffer
+                        .lock()
+                        .expect("buffer lock")
+                        .insert(record.seq, batch);
+                }
+            }
         }
         if !replayed.is_empty() {
             info!(
                 records = replayed.len(),
                 rows = replayed_rows,
-                committed,
+                committed = ?committed,
                 "replayed write-ahead log"
             );
         }
         let (wal_tx, wal_rx) = mpsc::channel(WAL_QUEUE);
         let shared = Arc::new(Shared {
-            buffer: Mutex::new(buffer),
-            lake: tokio::sync::Mutex::new(lake),
+            tables,
+            applied_seq: AtomicU64::new(applied),
             wal_tx,
             flush_now: Notify::new(),
             config,
+            _lock: lock,
         });
         let writer = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -141,7 +232,7 @@ impl Aggregator {
         let flusher = Arc::clone(&shared);
         tokio::spawn(flush_loop(flusher));
         let aggregator = Self { shared };
-        if replayed_rows > 0 {
+        if !replayed.is_empty() {
             // Commit what the WAL held before taking new data, so it is not replayed again.
             if let Err(error) = aggregator.flush().await {
                 warn!(%error, "could not commit replayed data yet; will retry");
@@ -150,41 +241,47 @@ impl Aggregator {
         Ok(aggregator)
     }
 
-    /// Rows of the hot buffer visible to a query reading lake `lake_version`.
-    pub fn snapshot(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
+    /// Rows of `table` in the hot buffer visible to a query reading lake version
+    /// `lake_version` of that table.
+    pub fn snapshot(&self, table: Table, lake_version: Option<i64>) -> Vec<RecordBatch> {
         self.shared
+            .state(table)
             .buffer
             .lock()
             .expect("buffer lock")
             .snapshot(lake_version)
     }
 
-    /// Flushes the hot buffer to the lake now.
+    /// Flushes every table's hot buffer to the lake now.
     pub async fn flush(&self) -> Result<(), LakeError> {
         flush_once(&self.shared).await
     }
 }
 
-impl DatapointSink for Aggregator {
-    fn write(&self, batch: RecordBatch) -> BoxFuture<'_, Result<(), SinkError>> {
+impl RowSink for Aggregator {
+    fn write(&self, rows: Vec<(Table, RecordBatch)>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            let rows = self.shared.buffer.lock().expect("buffer lock").rows();
-            if rows >= self.shared.config.max_buffered_rows {
+            let rows: Vec<_> = rows.into_iter().filter(|(_, b)| b.num_rows() > 0).collect();
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let buffered = self.shared.buffered_rows();
+            if buffered >= self.shared.config.max_buffered_rows {
                 ::metrics::counter!(m::REJECTED_FULL).increment(1);
                 self.shared.flush_now.notify_one();
                 return Err(SinkError::Overloaded(format!(
-                    "hot buffer holds {rows} rows, the limit is {}; retry later",
+                    "hot buffer holds {buffered} rows, the limit is {}; retry later",
                     self.shared.config.max_buffered_rows
                 )));
             }
-            let payload = encode_batch(&batch)
-                .map_err(|e| SinkError::Unavailable(format!("encoding batch: {e}")))?;
+            let payload = encode_rows(&rows)
+                .map_err(|e| SinkError::Unavailable(format!("encoding rows: {e}")))?;
             let (done, acked) = oneshot::channel();
             self.shared
                 .wal_tx
                 .send(WalJob::Append {
                     payload,
-                    batch,
+                    rows,
                     done,
                 })
                 .await
@@ -220,14 +317,14 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
                 }
                 WalJob::Append {
                     payload,
-                    batch,
+                    rows,
                     done,
                 } => {
                     if failure.is_none() {
                         match wal.append(&payload) {
                             Ok(seq) => {
                                 ::metrics::counter!(m::WAL_BYTES).increment(payload.len() as u64);
-                                appended.push((seq, batch, done));
+                                appended.push((seq, rows, done));
                                 continue;
                             }
                             Err(e) => failure = Some(e.to_string()),
@@ -257,19 +354,30 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
         ::metrics::histogram!(m::WAL_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
         ::metrics::histogram!(m::WAL_GROUP_SIZE).record(appended.len() as f64);
         ::metrics::counter!(m::WAL_RECORDS).increment(appended.len() as u64);
-        let (open_rows, rows, bytes) = {
-            let mut buffer = shared.buffer.lock().expect("buffer lock");
-            for (seq, batch, _) in &appended {
-                let outcome = buffer.insert(*seq, batch);
-                if outcome.duplicates > 0 {
-                    ::metrics::counter!(m::DUPLICATES, "stage" => "buffer")
-                        .increment(outcome.duplicates as u64);
+        let mut open_rows = 0;
+        for state in &shared.tables {
+            let mut buffer = state.buffer.lock().expect("buffer lock");
+            let mut duplicates = 0;
+            for (seq, rows, _) in &appended {
+                for (table, batch) in rows {
+                    if *table == state.table {
+                        duplicates += buffer.insert(*seq, batch).duplicates;
+                    }
                 }
             }
-            (buffer.open_rows(), buffer.rows(), buffer.bytes())
-        };
-        ::metrics::gauge!(m::BUFFER_ROWS).set(rows as f64);
-        ::metrics::gauge!(m::BUFFER_BYTES).set(bytes as f64);
+            if duplicates > 0 {
+                ::metrics::counter!(m::DUPLICATES, "table" => state.table.name(), "stage" => "buffer")
+                    .increment(duplicates as u64);
+            }
+            open_rows += buffer.open_rows();
+            ::metrics::gauge!(m::BUFFER_ROWS, "table" => state.table.name())
+                .set(buffer.rows() as f64);
+            ::metrics::gauge!(m::BUFFER_BYTES, "table" => state.table.name())
+                .set(buffer.bytes() as f64);
+        }
+        if let Some((last, _, _)) = appended.last() {
+            shared.applied_seq.store(*last, Ordering::Release);
+        }
         for (_, _, done) in appended {
             let _ = done.send(Ok(()));
         }
@@ -298,10 +406,33 @@ async fn flush_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Flushes every table, then truncates the WAL as far as all tables allow.
 async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
+    let mut first_error = None;
+    for state in &shared.tables {
+        if let Err(error) = flush_table(state).await {
+            error!(table = %state.table, %error, "lake flush failed");
+            first_error.get_or_insert(error);
+        }
+    }
+    let through = shared.truncatable_through();
+    if through > 0
+        && shared
+            .wal_tx
+            .send(WalJob::RemoveThrough(through))
+            .await
+            .is_err()
+    {
+        warn!("write-ahead log writer stopped before truncation");
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn flush_table(state: &TableState) -> Result<(), LakeError> {
+    let table = state.table;
     // One flush at a time: the lake lock is held from taking the rows to the commit.
-    let mut lake = shared.lake.lock().await;
-    let Some(job) = shared.buffer.lock().expect("buffer lock").begin_flush() else {
+    let mut lake = state.lake.lock().await;
+    let Some(job) = state.buffer.lock().expect("buffer lock").begin_flush() else {
         return Ok(());
     };
     let started = Instant::now();
@@ -310,45 +441,40 @@ async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
         let existing = lake.existing_points(&job.suspects).await?;
         let suspects: usize = job.suspects.iter().map(|b| b.num_rows()).sum();
         if !existing.is_empty() {
-            ::metrics::counter!(m::DUPLICATES, "stage" => "lake").increment(existing.len() as u64);
+            ::metrics::counter!(m::DUPLICATES, "table" => table.name(), "stage" => "lake")
+                .increment(existing.len() as u64);
         }
         info!(
+            %table,
             suspects,
             already_in_lake = existing.len(),
-            "checked redelivered datapoints against the lake"
+            "checked redelivered rows against the lake"
         );
-        batches.extend(without_points(job.suspects, &existing));
+        batches.extend(without_points(table, job.suspects, &existing));
     }
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let sorted = if rows == 0 {
         // Everything was already in the lake: commit no rows, only the WAL position,
-        // so the log can be truncated and the redelivery is not checked again.
-        vec![RecordBatch::new_empty(
-            fleetlake_ingest::schema::metrics_schema(),
-        )]
+        // so the redelivery is not checked again after a restart.
+        vec![RecordBatch::new_empty(table.schema())]
     } else {
-        vec![sort_for_lake(&batches).map_err(|source| LakeError::Arrow {
-            table: "metrics".into(),
-            source,
-        })?]
+        vec![
+            sort_for_lake(table, &batches).map_err(|source| LakeError::Arrow {
+                table: table.name().into(),
+                source,
+            })?,
+        ]
     };
     let version = lake.append(sorted.clone(), job.seq, job.max_time).await?;
-    shared
+    state
         .buffer
         .lock()
         .expect("buffer lock")
         .complete_flush(version, sorted);
     drop(lake);
-    ::metrics::counter!(m::FLUSHED_ROWS).increment(rows as u64);
-    ::metrics::histogram!(m::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
-    info!(rows, version, wal_seq = job.seq, elapsed = ?started.elapsed(), "committed flush to lake");
-    if shared
-        .wal_tx
-        .send(WalJob::RemoveThrough(job.seq))
-        .await
-        .is_err()
-    {
-        warn!("write-ahead log writer stopped before truncation");
-    }
+    ::metrics::counter!(m::FLUSHED_ROWS, "table" => table.name()).increment(rows as u64);
+    ::metrics::histogram!(m::FLUSH_SECONDS, "table" => table.name())
+        .record(started.elapsed().as_secs_f64());
+    info!(%table, rows, version, wal_seq = job.seq, elapsed = ?started.elapsed(), "committed flush to lake");
     Ok(())
 }

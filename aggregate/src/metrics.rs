@@ -8,13 +8,13 @@ pub const WAL_BYTES: &str = "fleetlake_wal_bytes_total";
 pub const WAL_SYNC_SECONDS: &str = "fleetlake_wal_fsync_duration_seconds";
 /// Requests that shared one WAL group commit.
 pub const WAL_GROUP_SIZE: &str = "fleetlake_wal_group_commit_size";
-/// Datapoints dropped as already buffered or already in the lake, by `stage`.
-pub const DUPLICATES: &str = "fleetlake_aggregate_duplicate_datapoints_total";
-/// Rows in the hot buffer.
+/// Rows dropped as already buffered or already in the lake, by `table` and `stage`.
+pub const DUPLICATES: &str = "fleetlake_aggregate_duplicate_rows_total";
+/// Rows in the hot buffer, by `table`.
 pub const BUFFER_ROWS: &str = "fleetlake_hot_buffer_rows";
 /// Bytes held by the hot buffer.
 pub const BUFFER_BYTES: &str = "fleetlake_hot_buffer_bytes";
-/// Rows committed to the lake.
+/// Rows committed to the lake, by `table`.
 pub const FLUSHED_ROWS: &str = "fleetlake_lake_rows_committed_total";
 /// Seconds per flush (check, sort, write, commit).
 pub const FLUSH_SECONDS: &str = "fleetlake_lake_flush_duration_seconds";
@@ -29,7 +29,7 @@ pub fn describe() {
     metrics::describe_counter!(WAL_BYTES, "Bytes appended to the write-ahead log");
     metrics::describe_histogram!(WAL_SYNC_SECONDS, "Seconds per WAL group commit");
     metrics::describe_histogram!(WAL_GROUP_SIZE, "Writes sharing one WAL fsync");
-    metrics::describe_counter!(DUPLICATES, "Datapoints dropped as duplicates");
+    metrics::describe_counter!(DUPLICATES, "Rows dropped as duplicates (redeliveries)");
     metrics::describe_gauge!(BUFFER_ROWS, "Rows in the hot buffer");
     metrics::describe_gauge!(BUFFER_BYTES, "Bytes held by the hot buffer");
     metrics::describe_counter!(FLUSHED_ROWS, "Rows committed to the lake");

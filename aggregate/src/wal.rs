@@ -6,7 +6,14 @@
 //! [payload length u32 LE][crc32 of seq+payload u32 LE][sequence u64 LE][payload]
 //! ```
 //!
-//! where the payload is one Arrow IPC stream (one batch of the `metrics` schema). A
+//! where the payload holds the rows of one write, for one or more tables:
+//!
+//! ```text
+//! [0x02][table count u8] then per table: [table index u8][length u32 LE][Arrow IPC stream]
+//! ```
+//!
+//! (a payload that is a bare Arrow IPC stream, as written before tables other than
+//! `metrics` existed, is one `metrics` batch). A
 //! single writer thread appends every queued batch, fsyncs once for all of them (group
 //! commit) and only then lets their writers go. On open, a torn or corrupt tail of the
 //! last segment (a crash mid-append) is detected by its checksum and cut off; a corrupt
@@ -19,6 +26,7 @@ use std::path::{Path, PathBuf};
 use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
+use fleetlake_ingest::schema::Table;
 use tracing::{info, warn};
 
 const HEADER_LEN: usize = 16;
@@ -65,14 +73,66 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
     }
 }
 
-/// Encodes a batch as the payload of a WAL record.
+/// First byte of a payload holding rows of several tables.
+const ROWS_PAYLOAD: u8 = 0x02;
+
+/// Encodes one batch as an Arrow IPC stream (a bare stream is read back as `metrics`).
 pub fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>, arrow::error::ArrowError> {
     let mut out = Vec::with_capacity(batch.get_array_memory_size() + 1024);
-    let mut writer = StreamWriter::try_new(&mut out, &batch.schema())?;
-    writer.write(batch)?;
-    writer.finish()?;
-    drop(writer);
+    write_ipc(&mut out, batch)?;
     Ok(out)
+}
+
+fn write_ipc(out: &mut Vec<u8>, batch: &RecordBatch) -> Result<(), arrow::error::ArrowError> {
+    let mut writer = StreamWriter::try_new(out, &batch.schema())?;
+    writer.write(batch)?;
+    writer.finish()
+}
+
+/// Encodes the rows of one write (batches of several tables) as the payload of a WAL
+/// record.
+pub fn encode_rows(rows: &[(Table, RecordBatch)]) -> Result<Vec<u8>, arrow::error::ArrowError> {
+    let size: usize = rows.iter().map(|(_, b)| b.get_array_memory_size()).sum();
+    let mut out = Vec::with_capacity(size + 1024);
+    out.push(ROWS_PAYLOAD);
+    out.push(u8::try_from(rows.len()).map_err(|_| {
+        arrow::error::ArrowError::InvalidArgumentError("too many parts in one write".into())
+    })?);
+    for (table, batch) in rows {
+        out.push(table.index() as u8);
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        write_ipc(&mut out, batch)?;
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+    Ok(out)
+}
+
+fn decode_rows(seq: u64, payload: &[u8]) -> Result<Vec<(Table, RecordBatch)>, WalError> {
+    let bad = |reason: &str| WalError::Payload {
+        seq,
+        source: arrow::error::ArrowError::IpcError(reason.to_string()),
+    };
+    if payload.first() != Some(&ROWS_PAYLOAD) {
+        return Ok(vec![(Table::Metrics, decode_batch(seq, payload)?)]);
+    }
+    let count = *payload.get(1).ok_or_else(|| bad("truncated rows header"))? as usize;
+    let mut rest = &payload[2..];
+    let mut rows = Vec::with_capacity(count);
+    for _ in 0..count {
+        if rest.len() < 5 {
+            return Err(bad("truncated table header"));
+        }
+        let table = Table::from_index(rest[0] as usize).ok_or_else(|| bad("unknown table"))?;
+        let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
+        let body = rest
+            .get(5..5 + len)
+            .ok_or_else(|| bad("truncated table rows"))?;
+        rows.push((table, decode_batch(seq, body)?));
+        rest = &rest[5 + len..];
+    }
+    Ok(rows)
 }
 
 fn decode_batch(seq: u64, payload: &[u8]) -> Result<RecordBatch, WalError> {
@@ -125,8 +185,8 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
 pub struct Replayed {
     /// Its sequence number.
     pub seq: u64,
-    /// Its batch.
-    pub batch: RecordBatch,
+    /// Its rows, per table.
+    pub rows: Vec<(Table, RecordBatch)>,
 }
 
 /// The append side of the log. Not thread-safe by itself: the aggregate stage owns it
@@ -150,6 +210,19 @@ impl Wal {
         dir: &Path,
         segment_bytes: u64,
         after: u64,
+    ) -> Result<(Self, Vec<Replayed>), WalError> {
+        Self::open_continuing(dir, segment_bytes, after, after)
+    }
+
+    /// As [`Wal::open`], but sequence numbers continue after `continue_after` if that
+    /// is larger than every sequence found: with several tables, the log is replayed
+    /// after the least committed sequence and continues after the greatest, so a new
+    /// record is never taken for one a table already committed.
+    pub fn open_continuing(
+        dir: &Path,
+        segment_bytes: u64,
+        after: u64,
+        continue_after: u64,
     ) -> Result<(Self, Vec<Replayed>), WalError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut segments = list_segments(dir)?;
@@ -179,7 +252,7 @@ impl Wal {
                 }
             }
         }
-        let next_seq = last_seq + 1;
+        let next_seq = last_seq.max(continue_after) + 1;
         // Always start a fresh segment: the tail of an old one may sit after a cut.
         let active = Segment {
             first_seq: next_seq,
@@ -341,7 +414,7 @@ fn read_segment(
         if seq > after {
             out.push(Replayed {
                 seq,
-                batch: decode_batch(seq, &payload)?,
+                rows: decode_rows(seq, &payload)?,
             });
         }
         *last_seq = (*last_seq).max(seq);
@@ -365,8 +438,8 @@ mod tests {
         records
             .iter()
             .map(|r| {
-                let col = r
-                    .batch
+                let col = r.rows[0]
+                    .1
                     .column(0)
                     .as_any()
                     .downcast_ref::<Int64Array>()

@@ -1,9 +1,14 @@
-//! Amazon Data Firehose HTTP endpoint delivery (`formats.md` §4), for CloudWatch
-//! Metric Streams JSON records.
+//! Amazon Data Firehose HTTP endpoint delivery (`formats.md` §4), for records of any
+//! [`Format`] (one format per endpoint).
 //!
-//! A request is answered 200 only after its datapoints are durable in the
-//! [`DatapointSink`]; every failure answers with the protocol's JSON body carrying the
-//! request id and an `errorMessage`, so Firehose retries (or, for 413, gives up).
+//! A request is answered 200 only after its rows are durable in the [`RowSink`]; every
+//! failure answers with the protocol's JSON body carrying the request id and an
+//! `errorMessage`, so Firehose retries (or, for 413, gives up).
+//!
+//! Records that cannot be decoded are written to `dead_letters` in the same durable
+//! write as the good rows, and the request is answered 200: Firehose would otherwise
+//! retry the same undecodable bytes for up to two hours and then drop them. Only a
+//! request whose envelope itself is malformed is answered 400.
 
 use std::borrow::Cow;
 use std::io::Read;
@@ -21,26 +26,31 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
-use crate::metric_stream::MetricsBatchBuilder;
+use crate::decode::{DecodeStats, Decoder, Format};
 use crate::metrics as m;
-use crate::sink::{DatapointSink, SinkError};
+use crate::schema::Table;
+use crate::sink::{RowSink, SinkError};
 
 /// Header carrying the request id, identical across retries of one request.
 pub const REQUEST_ID_HEADER: &str = "x-amz-firehose-request-id";
 /// Header carrying the configured access key.
 pub const ACCESS_KEY_HEADER: &str = "x-amz-firehose-access-key";
+/// Header carrying the ARN of the delivery stream.
+pub const SOURCE_ARN_HEADER: &str = "x-amz-firehose-source-arn";
 /// Largest request body Firehose sends, before compression (64 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// Most records Firehose puts in one request.
 pub const MAX_RECORDS: usize = 10_000;
-/// Bad lines logged one by one per request; the rest are only counted.
-const LOGGED_BAD_LINES: usize = 5;
-
 /// How one Firehose endpoint behaves.
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
-    /// Name of the source in logs and metrics labels.
+    /// Name of the source in logs, metrics labels and dead letters.
     pub source: String,
+    /// The format of the records.
+    pub format: Format,
+    /// Region of log events that do not carry one; when `None`, the region of the
+    /// delivery stream's ARN (`X-Amz-Firehose-Source-Arn`) is used.
+    pub region: Option<String>,
     /// The access key Firehose must send; `None` accepts any request.
     pub access_key: Option<String>,
     /// Largest body accepted, compressed or not, and largest body after gunzip.
@@ -49,12 +59,12 @@ pub struct EndpointConfig {
 
 struct Endpoint {
     config: EndpointConfig,
-    sink: Arc<dyn DatapointSink>,
+    sink: Arc<dyn RowSink>,
 }
 
 /// An axum router serving one Firehose endpoint at `path`: POST for deliveries, GET
 /// for Firehose's health check.
-pub fn router(path: &str, config: EndpointConfig, sink: Arc<dyn DatapointSink>) -> Router {
+pub fn router(path: &str, config: EndpointConfig, sink: Arc<dyn RowSink>) -> Router {
     let endpoint = Arc::new(Endpoint { config, sink });
     Router::new()
         .route(path, post(deliver).get(health))
@@ -108,6 +118,8 @@ async fn health() -> Response {
 struct Envelope<'a> {
     #[serde(borrow, default)]
     request_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    timestamp: Option<i64>,
     #[serde(borrow)]
     records: Vec<WireRecord<'a>>,
 }
@@ -125,16 +137,34 @@ pub struct Decoded {
     pub request_id: Option<String>,
     /// Records in the request.
     pub records: usize,
-    /// The valid datapoints.
-    pub batch: arrow::array::RecordBatch,
-    /// Lines or records that could not be decoded, described.
-    pub bad: Vec<String>,
+    /// The rows, per table, dead letters included.
+    pub rows: Vec<(Table, arrow::array::RecordBatch)>,
+    /// What the decoder counted.
+    pub stats: DecodeStats,
+    /// The first few dead-letter reasons, for logs.
+    pub reasons: Vec<String>,
 }
 
-/// Decodes an (already decompressed) Firehose request body of metric-stream JSON
-/// records. A malformed envelope is an error; malformed records or lines are listed in
-/// [`Decoded::bad`] and the rest kept.
-pub fn decode_request(body: &[u8]) -> Result<Decoded, String> {
+/// The region of a delivery stream ARN (`arn:aws:firehose:REGION:ACCOUNT:...`).
+pub fn arn_region(arn: &str) -> Option<&str> {
+    let mut parts = arn.split(':');
+    (parts.next() == Some("arn"))
+        .then(|| parts.nth(2))
+        .flatten()
+        .filter(|r| !r.is_empty())
+}
+
+/// Decodes an (already decompressed) Firehose request body of `format` records
+/// arriving through `source`. A malformed envelope is an error; records that cannot be
+/// decoded become dead letters and the rest is kept. `header_request_id` names the
+/// request in dead letters when the body has no `requestId`.
+pub fn decode_request(
+    body: &[u8],
+    source: &str,
+    format: Format,
+    region: Option<&str>,
+    header_request_id: &str,
+) -> Result<Decoded, String> {
     let envelope: Envelope<'_> =
         serde_json::from_slice(body).map_err(|e| format!("malformed request body: {e}"))?;
     if envelope.records.len() > MAX_RECORDS {
@@ -143,26 +173,34 @@ pub fn decode_request(body: &[u8]) -> Result<Decoded, String> {
             envelope.records.len()
         ));
     }
-    let mut builder = MetricsBatchBuilder::new();
-    let mut bad = Vec::new();
+    let request_id = envelope.request_id.as_deref().unwrap_or(header_request_id);
+    // Retries of a request carry the same timestamp: dead letters of a retry then
+    // de-duplicate like any redelivered row.
+    let time_ms = envelope.timestamp.unwrap_or_else(now_ms);
+    let mut decoder = Decoder::new(source, format, region);
     let mut data = Vec::new();
     for (index, record) in envelope.records.iter().enumerate() {
         data.clear();
+        let position = format!("request {request_id} record {index}");
         if let Err(e) =
             base64::engine::general_purpose::STANDARD.decode_vec(&*record.data, &mut data)
         {
-            bad.push(format!("record {index}: data is not base64: {e}"));
+            decoder.dead_letter(
+                time_ms,
+                &position,
+                &format!("data is not base64: {e}"),
+                record.data.as_bytes(),
+            );
             continue;
         }
-        for error in builder.push_record(&data) {
-            bad.push(format!("record {index}: {error}"));
-        }
+        decoder.push_record(&data, &position, time_ms);
     }
     Ok(Decoded {
         request_id: envelope.request_id.map(Cow::into_owned),
         records: envelope.records.len(),
-        batch: builder.finish(),
-        bad,
+        stats: decoder.stats(),
+        reasons: decoder.sample_reasons().to_vec(),
+        rows: decoder.finish(),
     })
 }
 
@@ -269,10 +307,21 @@ async fn handle(
     metrics::counter!(m::REQUEST_BYTES, "source" => source.to_string()).increment(raw.len() as u64);
     let gzipped = header_str(headers, header::CONTENT_ENCODING.as_str())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+    let format = ep.config.format;
+    let region = ep.config.region.clone().or_else(|| {
+        header_str(headers, SOURCE_ARN_HEADER)
+            .and_then(arn_region)
+            .map(str::to_string)
+    });
+    let header_id = header_str(headers, REQUEST_ID_HEADER)
+        .unwrap_or_default()
+        .to_string();
+    let source_name = source.to_string();
     // Decompression and decoding are CPU work: keep them off the async workers.
     let decoded = tokio::task::spawn_blocking(move || {
         let body = if gzipped { gunzip(&raw, limit)? } else { raw };
-        decode_request(&body).map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, e))
+        decode_request(&body, &source_name, format, region.as_deref(), &header_id)
+            .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, e))
     })
     .await
     .map_err(|e| {
@@ -283,31 +332,35 @@ async fn handle(
     })??;
 
     let request_id = decoded.request_id.as_deref().unwrap_or_default();
-    metrics::counter!(m::RECORDS, "source" => source.to_string()).increment(decoded.records as u64);
-    if !decoded.bad.is_empty() {
-        metrics::counter!(m::BAD_LINES, "source" => source.to_string())
-            .increment(decoded.bad.len() as u64);
-        for problem in decoded.bad.iter().take(LOGGED_BAD_LINES) {
-            warn!(source, request_id, error = %problem, "skipping undecodable datapoint");
-        }
-        if decoded.bad.len() > LOGGED_BAD_LINES {
-            warn!(
-                source,
-                request_id,
-                skipped = decoded.bad.len(),
-                "skipped undecodable datapoints in request"
-            );
-        }
-    }
-    let rows = decoded.batch.num_rows();
-    if rows > 0 {
-        ep.sink.write(decoded.batch).await.map_err(|e| match e {
+    if !decoded.rows.is_empty() {
+        ep.sink.write(decoded.rows).await.map_err(|e| match e {
             SinkError::Overloaded(msg) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, msg),
             SinkError::Unavailable(msg) => Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, msg),
         })?;
     }
-    metrics::counter!(m::DATAPOINTS, "source" => source.to_string()).increment(rows as u64);
-    debug!(source, request_id, rows, "accepted firehose request");
+    let stats = decoded.stats;
+    m::record_decoded(source, format.name(), stats);
+    if stats.dead_letters > 0 {
+        for reason in &decoded.reasons {
+            warn!(source, request_id, error = %reason, "kept undecodable input as a dead letter");
+        }
+        if stats.dead_letters > decoded.reasons.len() {
+            warn!(
+                source,
+                request_id,
+                dead_letters = stats.dead_letters,
+                "kept undecodable input of the request as dead letters"
+            );
+        }
+    }
+    debug!(
+        source,
+        request_id,
+        records = decoded.records,
+        datapoints = stats.datapoints,
+        log_events = stats.log_events,
+        "accepted firehose request"
+    );
     Ok(decoded.request_id)
 }
 
@@ -327,33 +380,52 @@ mod tests {
 
     const LINE: &str = r#"{"account_id":"111122223333","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{"FunctionName":"f"},"timestamp":1700000000000,"value":{"count":1,"sum":2,"min":2,"max":2},"unit":"Count"}"#;
 
+    fn decode(body: &str) -> Result<Decoded, String> {
+        decode_request(body.as_bytes(), "test", Format::MetricsJson, None, "hdr")
+    }
+
     #[test]
     fn decodes_records_and_keeps_good_lines() {
         let body = envelope(&[&format!("{LINE}\n{LINE}\n"), "garbage\n"]);
-        let decoded = decode_request(body.as_bytes()).unwrap();
+        let decoded = decode(&body).unwrap();
         assert_eq!(decoded.request_id.as_deref(), Some("req-1"));
         assert_eq!(decoded.records, 2);
-        assert_eq!(decoded.batch.num_rows(), 2);
-        assert_eq!(decoded.bad.len(), 1);
+        assert_eq!(decoded.stats.datapoints, 2);
+        assert_eq!(decoded.stats.dead_letters, 1);
+        assert_eq!(decoded.rows[0].0, Table::Metrics);
+        assert_eq!(decoded.rows[0].1.num_rows(), 2);
+        assert_eq!(decoded.rows[1].0, Table::DeadLetters);
         assert!(
-            decoded.bad[0].starts_with("record 1: line 1"),
+            decoded.reasons[0].starts_with("request req-1 record 1 line 1:"),
             "{:?}",
-            decoded.bad
+            decoded.reasons
         );
     }
 
     #[test]
-    fn invalid_base64_is_a_bad_record_not_a_bad_request() {
-        let body = r#"{"requestId":"r","timestamp":1,"records":[{"data":"!!!"}]}"#;
-        let decoded = decode_request(body.as_bytes()).unwrap();
-        assert_eq!(decoded.batch.num_rows(), 0);
-        assert_eq!(decoded.bad.len(), 1);
+    fn invalid_base64_is_a_dead_letter_not_a_bad_request() {
+        let body = r#"{"timestamp":1,"records":[{"data":"!!!"}]}"#;
+        let decoded = decode(body).unwrap();
+        assert_eq!(decoded.stats.datapoints, 0);
+        assert_eq!(decoded.stats.dead_letters, 1);
+        assert_eq!(decoded.rows.len(), 1);
+        assert_eq!(decoded.rows[0].0, Table::DeadLetters);
+        assert!(decoded.reasons[0].starts_with("request hdr record 0:"));
     }
 
     #[test]
     fn malformed_envelope_is_an_error() {
-        assert!(decode_request(b"{\"records\": 5}").is_err());
-        assert!(decode_request(b"not json").is_err());
+        assert!(decode("{\"records\": 5}").is_err());
+        assert!(decode("not json").is_err());
+    }
+
+    #[test]
+    fn region_of_a_delivery_stream_arn() {
+        assert_eq!(
+            arn_region("arn:aws:firehose:eu-west-1:123456789012:deliverystream/logs"),
+            Some("eu-west-1")
+        );
+        assert_eq!(arn_region("nonsense"), None);
     }
 
     #[test]

@@ -1,21 +1,33 @@
 //! fleetlake's first stage: sources and decoders.
 //!
 //! ```text
-//!  Firehose HTTP POST ──> firehose::router ──> metric_stream decoder ──> DatapointSink
-//!  (gzip or plain JSON     (protocol, auth,     (one Arrow row per          (aggregate/:
-//!   envelope, base64        limits, request      datapoint, bad lines        WAL, hot buffer,
-//!   records)                id echoed)           counted and kept apart)     lake)
+//!  Firehose HTTP POST ──> firehose::router ──> decode::Decoder ──────────────> RowSink
+//!  (gzip or plain JSON     (protocol, auth,     metric_stream (JSON)          (aggregate/:
+//!   envelope, base64        limits, request      otel (OpenTelemetry 1.0/0.7)  WAL, hot buffer,
+//!   records)                id echoed)           cwlogs (CloudWatch Logs)      lake)
+//!  Kinesis records ──> kpl (de-aggregation) ──┘  dead letters (the rest, raw)
 //! ```
 //!
-//! Every decoder emits Arrow record batches of [`schema::metrics_schema`], each row
-//! tagged with its account id. Data goes next to a [`sink::DatapointSink`], which the
-//! aggregate stage implements; a source acknowledges its sender only after the sink's
-//! `write` returned `Ok`, i.e. once the data is durable.
+//! Decoders emit Arrow record batches of the [`schema`] tables (`metrics`, `logs`,
+//! `dead_letters`), each metric and log row tagged with its account id. Data goes next
+//! to a [`sink::RowSink`], which the aggregate stage implements; a source acknowledges
+//! its sender only after the sink's `write` returned `Ok`, i.e. once the data is
+//! durable. Whatever a decoder cannot read goes to `dead_letters` with its raw bytes,
+//! never dropped silently.
 
+pub mod cwlogs;
+pub mod decode;
 pub mod firehose;
+pub mod kpl;
 pub mod metric_stream;
 pub mod metrics;
+pub mod otel;
 pub mod schema;
 pub mod sink;
 
-pub use sink::{DatapointSink, SinkError};
+#[cfg(test)]
+mod format_tests;
+
+pub use decode::{DecodeStats, Decoder, Format};
+pub use schema::Table;
+pub use sink::{RowSink, SinkError};

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -38,23 +39,40 @@ struct WireDatapoint<'a> {
 
 /// Why one line of a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum LineError {
-    /// The line is not a JSON object of the metric-stream shape.
-    #[error("line {line}: invalid metric stream JSON: {message}")]
-    Json {
-        /// 1-based line number inside the record.
-        line: usize,
-        /// The parser's message.
-        message: String,
-    },
-    /// The line parsed but a required field is empty or out of range.
-    #[error("line {line}: {message}")]
-    Invalid {
-        /// 1-based line number inside the record.
-        line: usize,
-        /// What is wrong.
-        message: String,
-    },
+#[error("line {line}: {message}")]
+pub struct LineError {
+    /// 1-based line number inside the record.
+    pub line: usize,
+    /// The line's bytes inside the record (kept as a dead letter).
+    pub span: Range<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The identity of a datapoint: account, region, namespace, metric name.
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesId<'a> {
+    /// The AWS account id.
+    pub account_id: &'a str,
+    /// The AWS region.
+    pub region: &'a str,
+    /// The CloudWatch namespace.
+    pub namespace: &'a str,
+    /// The CloudWatch metric name.
+    pub metric_name: &'a str,
+}
+
+/// The base statistics of a datapoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BaseStats {
+    /// SampleCount.
+    pub count: Option<f64>,
+    /// Sum.
+    pub sum: Option<f64>,
+    /// Minimum.
+    pub min: Option<f64>,
+    /// Maximum.
+    pub max: Option<f64>,
 }
 
 /// Accumulates datapoints into Arrow columns of the [`metrics_schema`].
@@ -133,64 +151,99 @@ impl MetricsBatchBuilder {
     /// valid line and returning the errors of the others.
     pub fn push_record(&mut self, record: &[u8]) -> Vec<LineError> {
         let mut errors = Vec::new();
-        for (index, line) in record.split(|b| *b == b'\n').enumerate() {
-            let line = line.trim_ascii();
+        let mut start = 0;
+        for (index, raw) in record.split(|b| *b == b'\n').enumerate() {
+            let span = start..start + raw.len();
+            start = span.end + 1;
+            let line = raw.trim_ascii();
             if line.is_empty() {
                 continue;
             }
-            if let Err(error) = self.push_line(line, index + 1) {
-                errors.push(error);
+            if let Err(message) = self.push_line(line) {
+                errors.push(LineError {
+                    line: index + 1,
+                    span,
+                    message,
+                });
             }
         }
         errors
     }
 
-    fn push_line(&mut self, line: &[u8], number: usize) -> Result<(), LineError> {
-        let dp: WireDatapoint<'_> = serde_json::from_slice(line).map_err(|e| LineError::Json {
-            line: number,
-            message: e.to_string(),
-        })?;
-        let invalid = |message: &str| LineError::Invalid {
-            line: number,
-            message: message.to_string(),
-        };
-        if dp.account_id.is_empty() {
-            return Err(invalid("account_id is empty"));
+    fn push_line(&mut self, line: &[u8]) -> Result<(), String> {
+        let dp: WireDatapoint<'_> =
+            serde_json::from_slice(line).map_err(|e| format!("invalid metric stream JSON: {e}"))?;
+        let stat = |name: &str| dp.value.get(name).copied();
+        self.append(
+            SeriesId {
+                account_id: &dp.account_id,
+                region: &dp.region,
+                namespace: &dp.namespace,
+                metric_name: &dp.metric_name,
+            },
+            dp.timestamp,
+            dp.dimensions.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+            dp.unit.as_deref(),
+            BaseStats {
+                count: stat("count"),
+                sum: stat("sum"),
+                min: stat("min"),
+                max: stat("max"),
+            },
+            dp.value
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_ref(), "count" | "sum" | "min" | "max"))
+                .map(|(k, v)| (k.as_ref(), *v)),
+        )
+    }
+
+    /// Appends one datapoint after checking it. `time_ms` is the start of its period
+    /// (epoch milliseconds); `dimensions` and `stats` must come sorted by key, without
+    /// repeated keys. Nothing is appended if the check fails.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append<'d, 's>(
+        &mut self,
+        id: SeriesId<'_>,
+        time_ms: i64,
+        dimensions: impl IntoIterator<Item = (&'d str, &'d str)>,
+        unit: Option<&str>,
+        base: BaseStats,
+        stats: impl IntoIterator<Item = (&'s str, f64)>,
+    ) -> Result<(), String> {
+        if id.account_id.is_empty() {
+            return Err("account_id is empty".into());
         }
-        if dp.region.is_empty() {
-            return Err(invalid("region is empty"));
+        if id.region.is_empty() {
+            return Err("region is empty".into());
         }
-        if dp.namespace.is_empty() || dp.metric_name.is_empty() {
-            return Err(invalid("namespace and metric_name must not be empty"));
+        if id.namespace.is_empty() || id.metric_name.is_empty() {
+            return Err("namespace and metric_name must not be empty".into());
         }
         // Epoch milliseconds between 1970 and 9999: anything else is not a CloudWatch time.
-        if !(0..253_402_300_800_000).contains(&dp.timestamp) {
-            return Err(invalid("timestamp is not epoch milliseconds"));
+        if !(0..253_402_300_800_000).contains(&time_ms) {
+            return Err(format!("timestamp {time_ms} is not epoch milliseconds"));
         }
-        self.time.append_value(dp.timestamp * 1000);
-        self.day.append_value(day_of_millis(dp.timestamp));
-        self.account_id.append_value(&dp.account_id);
-        self.region.append_value(&dp.region);
-        self.namespace.append_value(&dp.namespace);
-        self.metric_name.append_value(&dp.metric_name);
-        for (k, v) in &dp.dimensions {
+        self.time.append_value(time_ms * 1000);
+        self.day.append_value(day_of_millis(time_ms));
+        self.account_id.append_value(id.account_id);
+        self.region.append_value(id.region);
+        self.namespace.append_value(id.namespace);
+        self.metric_name.append_value(id.metric_name);
+        for (k, v) in dimensions {
             self.dimensions.keys().append_value(k);
             self.dimensions.values().append_value(v);
         }
         self.dimensions
             .append(true)
             .expect("keys and values stay aligned");
-        self.unit.append_option(dp.unit.as_deref());
-        let stat = |name: &str| dp.value.get(name).copied();
-        self.count.append_option(stat("count"));
-        self.sum.append_option(stat("sum"));
-        self.min.append_option(stat("min"));
-        self.max.append_option(stat("max"));
-        for (k, v) in &dp.value {
-            if !matches!(k.as_ref(), "count" | "sum" | "min" | "max") {
-                self.stats.keys().append_value(k);
-                self.stats.values().append_value(*v);
-            }
+        self.unit.append_option(unit);
+        self.count.append_option(base.count);
+        self.sum.append_option(base.sum);
+        self.min.append_option(base.min);
+        self.max.append_option(base.max);
+        for (k, v) in stats {
+            self.stats.keys().append_value(k);
+            self.stats.values().append_value(v);
         }
         self.stats
             .append(true)
@@ -275,8 +328,11 @@ mod tests {
         let mut b = MetricsBatchBuilder::new();
         let errors = b.push_record(record.as_bytes());
         assert_eq!(errors.len(), 2);
-        assert!(matches!(errors[0], LineError::Json { line: 2, .. }));
-        assert!(matches!(errors[1], LineError::Invalid { line: 3, .. }));
+        assert_eq!(errors[0].line, 2);
+        assert!(errors[0].message.contains("invalid metric stream JSON"));
+        assert_eq!(&record.as_bytes()[errors[0].span.clone()], b"not json");
+        assert_eq!(errors[1].line, 3);
+        assert_eq!(errors[1].message, "account_id is empty");
         let batch = b.finish();
         assert_eq!(batch.num_rows(), 2);
         assert_eq!(batch.column(col::DIMENSIONS).null_count(), 0);

@@ -8,8 +8,13 @@ pub const REQUEST_BYTES: &str = "fleetlake_ingest_request_bytes_total";
 pub const RECORDS: &str = "fleetlake_ingest_records_total";
 /// Datapoints decoded and handed to the aggregate stage, by `source`.
 pub const DATAPOINTS: &str = "fleetlake_ingest_datapoints_total";
-/// Lines or records that could not be decoded, by `source`.
-pub const BAD_LINES: &str = "fleetlake_ingest_bad_lines_total";
+/// Log events decoded and handed to the aggregate stage, by `source`.
+pub const LOG_EVENTS: &str = "fleetlake_ingest_log_events_total";
+/// CloudWatch Logs control messages dropped, by `source`.
+pub const CONTROL_MESSAGES: &str = "fleetlake_ingest_control_messages_total";
+/// Records or parts of records that could not be decoded and were kept as dead
+/// letters, by `source` and `format`.
+pub const DEAD_LETTERS: &str = "fleetlake_ingest_dead_letters_total";
 /// Seconds spent handling one Firehose request, by `source`.
 pub const REQUEST_SECONDS: &str = "fleetlake_ingest_request_duration_seconds";
 
@@ -22,6 +27,27 @@ pub fn describe() {
     );
     metrics::describe_counter!(RECORDS, "Records received");
     metrics::describe_counter!(DATAPOINTS, "Datapoints decoded and accepted");
-    metrics::describe_counter!(BAD_LINES, "Lines or records that could not be decoded");
+    metrics::describe_counter!(LOG_EVENTS, "Log events decoded and accepted");
+    metrics::describe_counter!(CONTROL_MESSAGES, "CloudWatch Logs control messages dropped");
+    metrics::describe_counter!(
+        DEAD_LETTERS,
+        "Records (or parts) that could not be decoded, kept in the dead_letters table"
+    );
     metrics::describe_histogram!(REQUEST_SECONDS, "Seconds to handle one Firehose request");
+}
+
+/// Counts what a decoder read from `source`.
+pub fn record_decoded(source: &str, format: &str, stats: crate::DecodeStats) {
+    let source = source.to_string();
+    metrics::counter!(RECORDS, "source" => source.clone()).increment(stats.records as u64);
+    metrics::counter!(DATAPOINTS, "source" => source.clone()).increment(stats.datapoints as u64);
+    metrics::counter!(LOG_EVENTS, "source" => source.clone()).increment(stats.log_events as u64);
+    if stats.control_messages > 0 {
+        metrics::counter!(CONTROL_MESSAGES, "source" => source.clone())
+            .increment(stats.control_messages as u64);
+    }
+    if stats.dead_letters > 0 {
+        metrics::counter!(DEAD_LETTERS, "source" => source, "format" => format.to_string())
+            .increment(stats.dead_letters as u64);
+    }
 }

@@ -3,12 +3,15 @@
 use arrow::array::RecordBatch;
 use futures::future::BoxFuture;
 
-/// Where decoded datapoints go. The aggregate stage implements it: `write` resolves
-/// only once the batch is durable (write-ahead log fsync'd or committed to the lake),
-/// so a source may acknowledge its sender as soon as it returns `Ok`.
-pub trait DatapointSink: Send + Sync + 'static {
-    /// Makes a batch of the `metrics` schema durable, then visible to queries.
-    fn write(&self, batch: RecordBatch) -> BoxFuture<'_, Result<(), SinkError>>;
+use crate::schema::Table;
+
+/// Where decoded rows go. The aggregate stage implements it: `write` resolves only
+/// once the rows are durable (write-ahead log fsync'd or committed to the lake), so a
+/// source may acknowledge its sender as soon as it returns `Ok`.
+pub trait RowSink: Send + Sync + 'static {
+    /// Makes rows durable, then visible to queries: each batch has the schema of its
+    /// table. All of them are made durable together, or none.
+    fn write(&self, rows: Vec<(Table, RecordBatch)>) -> BoxFuture<'_, Result<(), SinkError>>;
 }
 
 /// Why a sink could not take a batch. Nothing of the batch was acknowledged.

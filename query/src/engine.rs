@@ -1,5 +1,6 @@
 //! One DataFusion session per query over the lake's tables plus the hot buffer.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -9,13 +10,13 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
-use fleetlake_ingest::schema::{METRICS_TABLE, conform};
+use fleetlake_ingest::schema::{Table, conform};
 
 /// Rows held in memory by the aggregate stage, not yet in the lake.
 pub trait HotData: Send + Sync + 'static {
-    /// The rows of `table` that a query reading lake version `lake_version` must add to
-    /// what it reads from the lake.
-    fn snapshot(&self, table: &str, lake_version: Option<i64>) -> Vec<RecordBatch>;
+    /// The rows of `table` that a query reading lake version `lake_version` of it must
+    /// add to what it reads from the lake.
+    fn snapshot(&self, table: Table, lake_version: Option<i64>) -> Vec<RecordBatch>;
 }
 
 /// Why a query failed.
@@ -24,8 +25,8 @@ pub enum QueryError {
     /// The SQL is invalid, refused, or failed while running.
     #[error("{0}")]
     Sql(#[source] Box<DataFusionError>),
-    /// The lake has no such table (nothing was ever ingested into this data directory).
-    #[error("no lake table at {0}: start `fleetlake serve` with this data directory first")]
+    /// The lake has no tables (nothing was ever ingested into this data directory).
+    #[error("no lake tables under {0}: start `fleetlake serve` with this data directory first")]
     NoTable(String),
     /// The lake could not be read.
     #[error("lake unavailable: {0}")]
@@ -59,7 +60,7 @@ pub struct QueryOutput {
 pub struct QueryEngine {
     lake_dir: PathBuf,
     hot: Option<Arc<dyn HotData>>,
-    metrics: tokio::sync::Mutex<Option<DeltaTable>>,
+    tables: tokio::sync::Mutex<HashMap<Table, DeltaTable>>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -77,36 +78,34 @@ impl QueryEngine {
         Self {
             lake_dir: lake_dir.to_path_buf(),
             hot,
-            metrics: tokio::sync::Mutex::new(None),
+            tables: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    /// The `metrics` table at its latest version.
-    async fn latest_metrics(&self) -> Result<DeltaTable, QueryError> {
-        let mut cached = self.metrics.lock().await;
-        let location = self.lake_dir.join(METRICS_TABLE);
-        match cached.as_mut() {
-            Some(table) => table
+    /// Table `table` at its latest version, or `None` if the lake does not have it.
+    async fn latest(&self, table: Table) -> Result<Option<DeltaTable>, QueryError> {
+        let mut cached = self.tables.lock().await;
+        if let Some(delta) = cached.get_mut(&table) {
+            delta
                 .load()
                 .await
-                .map_err(|e| QueryError::Lake(e.to_string()))?,
-            None => {
-                if !location.join("_delta_log").is_dir() {
-                    return Err(QueryError::NoTable(location.display().to_string()));
-                }
-                let abs = location
-                    .canonicalize()
-                    .map_err(|e| QueryError::Lake(format!("{}: {e}", location.display())))?;
-                let url = url::Url::from_directory_path(&abs).map_err(|()| {
-                    QueryError::Lake(format!("{} is not a directory path", abs.display()))
-                })?;
-                let table = deltalake::open_table(url)
-                    .await
-                    .map_err(|e| QueryError::Lake(e.to_string()))?;
-                *cached = Some(table);
-            }
+                .map_err(|e| QueryError::Lake(e.to_string()))?;
+            return Ok(Some(delta.clone()));
         }
-        Ok(cached.clone().expect("loaded above"))
+        let location = self.lake_dir.join(table.name());
+        if !location.join("_delta_log").is_dir() {
+            return Ok(None);
+        }
+        let abs = location
+            .canonicalize()
+            .map_err(|e| QueryError::Lake(format!("{}: {e}", location.display())))?;
+        let url = url::Url::from_directory_path(&abs)
+            .map_err(|()| QueryError::Lake(format!("{} is not a directory path", abs.display())))?;
+        let delta = deltalake::open_table(url)
+            .await
+            .map_err(|e| QueryError::Lake(e.to_string()))?;
+        cached.insert(table, delta.clone());
+        Ok(Some(delta))
     }
 
     /// A session with every table registered: the lake's as of now, plus hot rows.
@@ -115,29 +114,38 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_default_catalog_and_schema("fleetlake", "public");
         let ctx = SessionContext::new_with_config(config);
-        let table = self.latest_metrics().await?;
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| QueryError::Lake(e.to_string()))?;
-        let lake = table
-            .table_provider()
-            .await
-            .map_err(|e| QueryError::Lake(e.to_string()))?;
-        let schema = lake.schema();
-        let hot = match &self.hot {
-            Some(hot) => hot
-                .snapshot(METRICS_TABLE, table.version().map(|v| v as i64))
-                .iter()
-                .map(|batch| conform(batch, &schema))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| QueryError::Lake(format!("hot buffer rows: {e}")))?,
-            None => Vec::new(),
-        };
-        ctx.register_table(
-            METRICS_TABLE,
-            Arc::new(crate::table::LakeWithHot::new(lake, hot)),
-        )
-        .map_err(|e| QueryError::Sql(Box::new(e)))?;
+        let mut registered = 0;
+        for table in Table::ALL {
+            let Some(delta) = self.latest(table).await? else {
+                continue;
+            };
+            delta
+                .update_datafusion_session(&ctx.state())
+                .map_err(|e| QueryError::Lake(e.to_string()))?;
+            let lake = delta
+                .table_provider()
+                .await
+                .map_err(|e| QueryError::Lake(e.to_string()))?;
+            let schema = lake.schema();
+            let hot = match &self.hot {
+                Some(hot) => hot
+                    .snapshot(table, delta.version().map(|v| v as i64))
+                    .iter()
+                    .map(|batch| conform(batch, &schema))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| QueryError::Lake(format!("hot buffer rows of {table}: {e}")))?,
+                None => Vec::new(),
+            };
+            ctx.register_table(
+                table.name(),
+                Arc::new(crate::table::LakeWithHot::new(lake, hot)),
+            )
+            .map_err(|e| QueryError::Sql(Box::new(e)))?;
+            registered += 1;
+        }
+        if registered == 0 {
+            return Err(QueryError::NoTable(self.lake_dir.display().to_string()));
+        }
         Ok(ctx)
     }
 

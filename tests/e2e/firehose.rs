@@ -104,7 +104,7 @@ fn malformed_and_oversized_bodies_get_the_protocol_errors() {
 }
 
 #[test]
-fn bad_lines_are_counted_and_the_good_lines_around_them_kept() {
+fn bad_lines_are_dead_lettered_and_the_good_lines_around_them_kept() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let good = datapoint("111122223333", "api", "Errors", 0, 5.0);
@@ -114,20 +114,20 @@ fn bad_lines_are_counted_and_the_good_lines_around_them_kept() {
     ];
     let (status, body) = server.post(&FirehoseRequest::new("mixed-1", records));
     assert_eq!(status, 200, "{body}");
-    server.wait_for_log("skipping undecodable datapoint");
+    server.wait_for_log("kept undecodable input as a dead letter");
     let rows = server.sql("SELECT count(*) AS n, sum(sum) AS s FROM metrics");
     assert_eq!(rows[0]["n"], 2);
     assert_eq!(rows[0]["s"].as_f64().unwrap(), 11.0);
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = server.metrics_text();
     let bad = metrics
         .lines()
-        .find(|l| l.starts_with("fleetlake_ingest_bad_lines_total"))
-        .unwrap_or_else(|| panic!("no bad line counter in:\n{metrics}"));
+        .find(|l| l.starts_with("fleetlake_ingest_dead_letters_total"))
+        .unwrap_or_else(|| panic!("no dead letter counter in:\n{metrics}"));
     assert!(bad.ends_with(" 2"), "{bad}");
-    assert!(metrics.contains("fleetlake_ingest_datapoints_total{source=\"firehose_metrics\"} 2"));
+    assert!(bad.contains("source=\"firehose/metrics\""), "{bad}");
+    assert!(metrics.contains("fleetlake_ingest_datapoints_total{source=\"firehose/metrics\"} 2"));
+    let dead = server.sql("SELECT position FROM dead_letters ORDER BY position");
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["position"], "request mixed-1 record 0 line 2");
+    assert_eq!(dead[1]["position"], "request mixed-1 record 1 line 1");
 }

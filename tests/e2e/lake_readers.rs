@@ -1,7 +1,5 @@
 //! The lake as other engines see it: the Python `deltalake` package reads it.
 
-use std::process::Command;
-
 use crate::support::*;
 
 #[test]
@@ -44,19 +42,7 @@ print(json.dumps({
     "time_type": str(t.schema.field("time").type),
 }))
 "#;
-    let table = dir.path().join("lake/metrics");
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .arg(&table)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let py = python_json(script, &[&dir.path().join("lake/metrics")]);
     assert_eq!(py["n"], sql[0]["n"]);
     assert_eq!(py["n"], 10 * 4 * 5);
     assert_eq!(py["s"].as_f64(), sql[0]["s"].as_f64());

@@ -6,6 +6,7 @@
 
 mod durability;
 mod firehose;
+mod formats;
 mod lake_readers;
 mod sql;
 mod support;

@@ -83,7 +83,7 @@ fn config_file_env_and_flags_layer() {
     let config = dir.path().join("fleetlake.toml");
     std::fs::write(
         &config,
-        "http_addr = \"127.0.0.1:1\"\n[firehose]\npath = \"/ingest/cw\"\naccess_key = \"from-file\"\n",
+        "http_addr = \"127.0.0.1:1\"\n[firehose]\naccess_key = \"from-file\"\n[sources.cw]\npath = \"/ingest/cw\"\nformat = \"json\"\n",
     )
     .unwrap();
     // The file sets path and key; the environment overrides the key; the flag the address.

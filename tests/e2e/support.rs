@@ -121,6 +121,16 @@ impl Server {
     }
 
     /// Posts a Firehose request; returns status and parsed JSON body.
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        client()
+            .get(self.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
     pub fn post(&self, request: &FirehoseRequest) -> (u16, serde_json::Value) {
         post_firehose(&self.url("/firehose/metrics"), request)
     }
@@ -329,4 +339,66 @@ pub fn lake_query(data_dir: &Path, format: &str, sql: &str) -> String {
     let (ok, out, err) = cli(&["query", "--data-dir", dir, "--format", format, sql]);
     assert!(ok, "{sql}: {err}");
     out
+}
+
+/// A producer-made fixture from `tests/fixtures/formats/`.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/formats")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A Firehose request body whose records hold `records` (any bytes).
+pub fn firehose_body(request_id: &str, records: &[Vec<u8>]) -> Vec<u8> {
+    let records: Vec<_> = records
+        .iter()
+        .map(|r| serde_json::json!({"data": base64::engine::general_purpose::STANDARD.encode(r)}))
+        .collect();
+    serde_json::json!({
+        "requestId": request_id,
+        "timestamp": 1_700_000_000_000i64,
+        "records": records,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Posts `records` (any bytes) to the endpoint at `path`.
+pub fn post_records(
+    server: &Server,
+    path: &str,
+    request_id: &str,
+    records: &[Vec<u8>],
+) -> (u16, serde_json::Value) {
+    post_raw(
+        &server.url(path),
+        request_id,
+        firehose_body(request_id, records),
+        false,
+        None,
+    )
+}
+
+/// Runs a Python script with the test venv's interpreter (which has `deltalake`);
+/// its stdout parsed as JSON.
+///
+/// The script ends with `os._exit(0)` once its output is flushed: deltalake 1.6 with
+/// pyarrow 26 aborts at interpreter shutdown ("terminate called without an active
+/// exception") after the work is done, in about half of the runs here.
+pub fn python_json(script: &str, args: &[&Path]) -> serde_json::Value {
+    let script =
+        format!("{script}\nimport os as _os, sys as _sys\n_sys.stdout.flush()\n_os._exit(0)\n");
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
