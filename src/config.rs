@@ -100,9 +100,10 @@ pub(crate) struct BufferConfig {
     /// Longest time data waits in the hot buffer before a lake commit.
     #[serde(with = "humantime_serde")]
     pub(crate) flush_interval: Duration,
-    /// A flush starts early once this many datapoints are buffered.
+    /// A flush starts early once this many rows (datapoints, log events, dead letters)
+    /// are buffered.
     pub(crate) flush_rows: usize,
-    /// Above this many buffered datapoints, Firehose requests get 503 and are retried.
+    /// Above this many buffered rows, Firehose requests get 503 and are retried.
     pub(crate) max_rows: usize,
 }
 
