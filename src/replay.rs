@@ -6,7 +6,8 @@
 //! - `json` (default): newline-separated Metric Streams JSON, read in chunks of lines;
 //! - `otel1` / `otel07`: length-delimited `ExportMetricsServiceRequest` messages, read
 //!   in chunks of whole messages;
-//! - `cwlogs`: CloudWatch Logs subscription objects, back to back;
+//! - `cwlogs`: CloudWatch Logs subscription objects, back to back, read in chunks of
+//!   whole objects;
 //! - a saved Firehose request body (`{"requestId":…,"records":[…]}`) in any of those
 //!   formats, recognised by its first key.
 //!
@@ -32,6 +33,8 @@ use crate::config::Config;
 
 /// Bytes of input decoded into one write.
 const CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// Largest piece waited for when no whole line, message or object has ended yet.
+const MAX_PIECE_BYTES: usize = 64 * 1024 * 1024;
 /// Decoded writes waiting for the write-ahead log.
 const PIPELINE: usize = 4;
 
@@ -266,46 +269,40 @@ fn decode_file(
         .map_err(|_| anyhow::anyhow!("the writer stopped"))?;
         return Ok(stats);
     }
-    match format {
-        Format::MetricsJson | Format::Otel1 | Format::Otel07 => {
-            // Pieces of whole lines, or of whole length-delimited messages; at the end
-            // of the input, a broken tail goes to the decoder, which dead-letters it.
-            let whole: fn(&[u8]) -> usize = if format == Format::MetricsJson {
-                |buf| buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
-            } else {
-                fleetlake_ingest::otel::whole_messages_len
-            };
-            let (mut lines_before, mut bytes_before) = (0, 0);
-            loop {
-                if !ended {
-                    ended = fill(&mut input.reader, &mut buf, CHUNK_BYTES)?;
-                }
-                let cut = if ended { buf.len() } else { whole(&buf) };
-                if cut == 0 && !ended {
-                    // One line or message longer than a chunk: read on.
-                    let want = buf.len() + CHUNK_BYTES;
-                    ended = fill(&mut input.reader, &mut buf, want)?;
-                    continue;
-                }
-                let piece: Vec<u8> = buf.drain(..cut).collect();
-                if piece.is_empty() {
-                    break;
-                }
-                decoder.set_offsets(lines_before, bytes_before);
-                decoder.push_record(&piece, &name, time_ms);
-                lines_before += piece.iter().filter(|b| **b == b'\n').count();
-                bytes_before += piece.len();
-                send(&mut decoder, input.read_so_far())?;
-                if ended && buf.is_empty() {
-                    break;
-                }
-            }
+    // Pieces of whole lines, messages or objects; at the end of the input, a broken
+    // tail goes to the decoder, which dead-letters it.
+    let whole: fn(&[u8]) -> usize = match format {
+        Format::MetricsJson => |buf| buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1),
+        Format::Otel1 | Format::Otel07 => fleetlake_ingest::otel::whole_messages_len,
+        Format::CloudWatchLogs => fleetlake_ingest::cwlogs::whole_objects_len,
+    };
+    let (mut lines_before, mut bytes_before) = (0, 0);
+    loop {
+        if !ended {
+            ended = fill(&mut input.reader, &mut buf, CHUNK_BYTES)?;
         }
-        Format::CloudWatchLogs => {
-            // Objects back to back, decompressed already: decoded whole.
-            input.reader.read_to_end(&mut buf)?;
-            decoder.push_record(&buf, &name, time_ms);
-            send(&mut decoder, input.read_so_far())?;
+        let mut cut = if ended { buf.len() } else { whole(&buf) };
+        if cut == 0 {
+            if buf.len() < MAX_PIECE_BYTES {
+                // One line, message or object longer than a chunk: read on.
+                let want = buf.len() + CHUNK_BYTES;
+                ended = fill(&mut input.reader, &mut buf, want)?;
+                continue;
+            }
+            // Longer than any record can be: kept (as a dead letter) in pieces.
+            cut = buf.len();
+        }
+        let piece: Vec<u8> = buf.drain(..cut).collect();
+        if piece.is_empty() {
+            break;
+        }
+        decoder.set_offsets(lines_before, bytes_before);
+        decoder.push_record(&piece, &name, time_ms);
+        lines_before += piece.iter().filter(|b| **b == b'\n').count();
+        bytes_before += piece.len();
+        send(&mut decoder, input.read_so_far())?;
+        if ended && buf.is_empty() {
+            break;
         }
     }
     Ok(decoder.stats())

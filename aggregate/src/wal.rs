@@ -103,8 +103,18 @@ pub fn encode_rows(rows: &[(Table, RecordBatch)]) -> Result<Vec<u8>, arrow::erro
         let at = out.len();
         out.extend_from_slice(&[0; 4]);
         write_ipc(&mut out, batch)?;
-        let len = (out.len() - at - 4) as u32;
+        let len = u32::try_from(out.len() - at - 4).map_err(|_| {
+            arrow::error::ArrowError::InvalidArgumentError(format!(
+                "{} rows of {table} encode to over 4 GiB, more than one write can hold",
+                batch.num_rows()
+            ))
+        })?;
         out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+    if u32::try_from(out.len()).is_err() {
+        return Err(arrow::error::ArrowError::InvalidArgumentError(
+            "one write encodes to over 4 GiB, more than a write-ahead log record holds".into(),
+        ));
     }
     Ok(out)
 }

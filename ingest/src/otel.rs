@@ -345,8 +345,16 @@ impl Emitter<'_> {
             return self.fail("resource has no cloud.region attribute".into());
         };
         let split = split_metric_name(metric);
-        let namespace = p.namespace.as_deref().or(split.map(|s| s.0));
-        let metric_name = p.metric_name.as_deref().or(split.map(|s| s.1));
+        let namespace = p
+            .namespace
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .or(split.map(|s| s.0));
+        let metric_name = p
+            .metric_name
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .or(split.map(|s| s.1));
         let (Some(namespace), Some(metric_name)) = (namespace, metric_name) else {
             return self.fail(format!(
                 "metric {metric:?} has no namespace and metric name"
@@ -477,16 +485,29 @@ fn emit_v07(request: &v07::ExportMetricsServiceRequest, emitter: &mut Emitter<'_
     }
 }
 
+/// Largest length prefix [`whole_messages_len`] waits for: a metric stream record is at
+/// most 1 MiB, so a larger declared length is corruption, not a long message.
+pub const MAX_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The length of the longest prefix of `buf` made of whole length-delimited messages
-/// (for reading a long input in pieces).
+/// (for reading a long input in pieces). When the framing is broken (an invalid length
+/// prefix, or one over [`MAX_MESSAGE_BYTES`]) nothing after it can be framed again, so
+/// the whole of `buf` is returned for the decoder to keep as a dead letter instead of
+/// waiting for more input.
 pub fn whole_messages_len(buf: &[u8]) -> usize {
     let mut cut = 0;
     loop {
         let mut rest = &buf[cut..];
         let before = rest.len();
-        let Ok(len) = prost::encoding::decode_varint(&mut rest) else {
-            return cut;
+        let len = match prost::encoding::decode_varint(&mut rest) {
+            Ok(len) => len,
+            // A varint cut by the end of the buffer: wait for the rest.
+            Err(_) if before < 10 && buf[cut..].iter().all(|b| b & 0x80 != 0) => return cut,
+            Err(_) => return buf.len(),
         };
+        if len > MAX_MESSAGE_BYTES {
+            return buf.len();
+        }
         if len > rest.len() as u64 {
             return cut;
         }
@@ -616,6 +637,13 @@ mod tests {
         assert_eq!(whole_messages_len(&[2, 0, 0]), 3);
         assert_eq!(whole_messages_len(&[]), 0);
         assert_eq!(whole_messages_len(&[0x80]), 0);
+        // Broken framing hands everything over at once instead of waiting for more.
+        let garbage = [0xffu8; 12];
+        assert_eq!(whole_messages_len(&garbage), 12);
+        let mut huge = vec![2, 0, 0];
+        prost::encoding::encode_varint(MAX_MESSAGE_BYTES + 1, &mut huge);
+        huge.push(0);
+        assert_eq!(whole_messages_len(&huge), huge.len());
     }
 
     #[test]

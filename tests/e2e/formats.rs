@@ -382,3 +382,48 @@ fn replay_ingests_files_once_with_dead_letters_and_a_summary() {
     assert!(!ok);
     assert!(err.contains("unknown format"), "{err}");
 }
+
+#[test]
+fn named_sources_choose_path_format_key_and_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleetlake.toml");
+    std::fs::write(
+        &config,
+        "[sources.prod-logs]\npath = \"/in/prod-logs\"\nformat = \"cwlogs\"\n\
+         access_key = \"prod-key\"\nregion = \"eu-north-1\"\n\n[sources.otel]\nenabled = false\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_with_args(&data, &[], &["--config", config.to_str().unwrap()]);
+    let url = server.url("/in/prod-logs");
+    let records = [fixture("cwlogs_data.json.gz"), b"\x1f\x8bnot gzip".to_vec()];
+    let body = firehose_body("named-1", &records);
+    for key in [None, Some("other-key")] {
+        let (status, reply) = post_raw(&url, "named-1", body.clone(), false, key);
+        assert_eq!(status, 401, "{reply}");
+        assert_eq!(reply["requestId"], "named-1");
+    }
+    let (status, reply) = post_raw(&url, "named-1", body, false, Some("prod-key"));
+    assert_eq!(status, 200, "{reply}");
+    // The source's region wins over the delivery stream's (us-east-1 in the ARN).
+    let rows = server.sql("SELECT region, count(*) AS n FROM logs GROUP BY region");
+    assert_eq!(rows, [serde_json::json!({"region": "eu-north-1", "n": 3})]);
+    let rows = server.sql("SELECT source, format, position FROM dead_letters");
+    assert_eq!(
+        rows,
+        [
+            serde_json::json!({"source": "firehose/prod-logs", "format": "cwlogs",
+                            "position": "request named-1 record 1"})
+        ]
+    );
+    // Built-in endpoints stay unless disabled.
+    let (status, _) = post_records(&server, "/firehose/logs", "b-1", &records[..1]);
+    assert_eq!(status, 200);
+    let disabled = client()
+        .post(server.url("/firehose/otel"))
+        .body(firehose_body("o-1", &[fixture("otel10.bin")]))
+        .send()
+        .unwrap();
+    assert_eq!(disabled.status().as_u16(), 404);
+    server.stop();
+}
