@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh machine: installs what the tests need
-# (cargo-nextest if missing, a Python venv with the deltalake reader as an independent
-# reader of the lake), then runs formatting and lint checks and every workspace test.
+# (cargo-nextest if missing; a Python venv with the deltalake reader as an independent
+# reader of the lake, and moto as the AWS stand-in), then runs formatting and lint
+# checks and every workspace test.
 # Linking needs nothing extra: rustc links with its bundled LLD on x86_64 Linux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,11 +12,16 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
-if ! .venv/bin/python -c 'import deltalake, pyarrow' >/dev/null 2>&1; then
-    echo "== creating .venv with deltalake and pyarrow (independent lake reader)"
+# deltalake + pyarrow: the independent reader of the lake. moto: Kinesis (and later
+# S3, DynamoDB) on loopback. aws-kinesis-agg: KPL aggregates made by the real
+# library (it imports six without declaring it).
+if ! .venv/bin/python -c 'import deltalake, pyarrow, moto, aws_kinesis_agg, six' >/dev/null 2>&1 \
+    || [ ! -x .venv/bin/moto_server ]; then
+    echo "== creating .venv: deltalake, pyarrow, moto server, aws-kinesis-agg"
     python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
-    .venv/bin/pip install --quiet 'deltalake>=1.0' 'pyarrow>=15'
+    .venv/bin/pip install --quiet 'deltalake>=1.0' 'pyarrow>=15' 'moto[server]>=5,<6' \
+        'aws-kinesis-agg>=1.2' six
 fi
 export DELTALAKE_PYTHON="$PWD/.venv/bin/python"
 

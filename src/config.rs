@@ -33,6 +33,132 @@ pub(crate) struct Config {
     pub(crate) wal: WalConfig,
     /// The lake.
     pub(crate) lake: LakeConfig,
+    /// Kinesis Data Streams to consume (`[[kinesis]]`, one table per stream).
+    pub(crate) kinesis: Vec<KinesisConfig>,
+}
+
+/// `[[kinesis]]`: one stream to consume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KinesisConfig {
+    /// Stream name, or ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`).
+    pub(crate) stream: String,
+    /// Region of the stream; the AWS configuration's (or the ARN's) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) region: Option<String>,
+    /// Role to assume for reading (a stream in another account); the standard
+    /// credential chain's identity when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) role_arn: Option<String>,
+    /// Endpoint URL override (VPC endpoints, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) endpoint_url: Option<String>,
+    /// Record format: `json`, `otel1`, `otel07` or `cwlogs` (KPL aggregates are always
+    /// de-aggregated).
+    #[serde(default = "default_kinesis_format")]
+    pub(crate) format: Format,
+    /// Where shards without a committed position start: `TRIM_HORIZON`, `LATEST` or
+    /// `AT_TIMESTAMP` (with `start_timestamp`).
+    #[serde(default = "default_start_position")]
+    pub(crate) start_position: String,
+    /// RFC 3339 time for `AT_TIMESTAMP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) start_timestamp: Option<String>,
+    /// Wait after a GetRecords call that returned nothing.
+    #[serde(default = "default_idle_wait", with = "humantime_serde")]
+    pub(crate) idle_wait: Duration,
+    /// How often shards are listed again (to find new shards after resharding).
+    #[serde(default = "default_discovery_interval", with = "humantime_serde")]
+    pub(crate) discovery_interval: Duration,
+    /// Most records per GetRecords call (1-10000).
+    #[serde(default = "default_max_records")]
+    pub(crate) max_records: i32,
+}
+
+fn default_kinesis_format() -> Format {
+    Format::MetricsJson
+}
+
+fn default_start_position() -> String {
+    "TRIM_HORIZON".into()
+}
+
+fn default_idle_wait() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_records() -> i32 {
+    10_000
+}
+
+impl KinesisConfig {
+    /// The consumer's settings, checked; `index` names the entry in errors.
+    pub(crate) fn stream_config(
+        &self,
+        index: usize,
+    ) -> anyhow::Result<fleetlake_ingest::kinesis::StreamConfig> {
+        use fleetlake_ingest::kinesis::{StartPosition, StreamConfig};
+        let at = |key: &str| format!("kinesis[{index}].{key}");
+        let (name, arn) = StreamConfig::parse_stream(&self.stream)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", at("stream")))?;
+        let start = match (self.start_position.as_str(), &self.start_timestamp) {
+            ("TRIM_HORIZON", None) => StartPosition::TrimHorizon,
+            ("LATEST", None) => StartPosition::Latest,
+            ("AT_TIMESTAMP", Some(time)) => {
+                let t = humantime::parse_rfc3339_weak(time)
+                    .map_err(|e| anyhow::anyhow!("{}: {time:?}: {e}", at("start_timestamp")))?;
+                let ms = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|_| anyhow::anyhow!("{}: before 1970", at("start_timestamp")))?
+                    .as_millis() as i64;
+                StartPosition::AtTimestamp(ms)
+            }
+            ("AT_TIMESTAMP", None) => {
+                bail!("{} is required with AT_TIMESTAMP", at("start_timestamp"))
+            }
+            ("TRIM_HORIZON" | "LATEST", Some(_)) => bail!(
+                "{} is only used with start_position = \"AT_TIMESTAMP\"",
+                at("start_timestamp")
+            ),
+            (other, _) => bail!(
+                "{}: {other:?} is not one of TRIM_HORIZON, LATEST, AT_TIMESTAMP",
+                at("start_position")
+            ),
+        };
+        if !(1..=10_000).contains(&self.max_records) {
+            bail!("{} must be between 1 and 10000", at("max_records"));
+        }
+        if self.discovery_interval.is_zero() {
+            bail!("{} must be positive", at("discovery_interval"));
+        }
+        Ok(StreamConfig {
+            name,
+            arn,
+            format: self.format,
+            region: self.region.clone(),
+            start,
+            idle_wait: self.idle_wait,
+            // GetRecords allows 5 calls per second per shard.
+            min_call_interval: Duration::from_millis(200),
+            discovery_interval: self.discovery_interval,
+            max_records: self.max_records,
+        })
+    }
+
+    /// The stream's region: configured, else the ARN's.
+    pub(crate) fn region(&self) -> Option<String> {
+        self.region.clone().or_else(|| {
+            self.stream
+                .starts_with("arn:")
+                .then(|| self.stream.split(':').nth(3).map(str::to_string))
+                .flatten()
+                .filter(|r| !r.is_empty())
+        })
+    }
 }
 
 /// `[firehose]`
@@ -139,6 +265,7 @@ impl Default for Config {
             buffer: BufferConfig::default(),
             wal: WalConfig::default(),
             lake: LakeConfig::default(),
+            kinesis: Vec::new(),
         }
     }
 }
@@ -274,6 +401,16 @@ impl Config {
         }
         if self.access_key_is_empty() {
             bail!("firehose.access_key is set but empty");
+        }
+        let mut streams = BTreeMap::new();
+        for (index, kinesis) in self.kinesis.iter().enumerate() {
+            let stream = kinesis.stream_config(index)?;
+            if let Some(other) = streams.insert(stream.name.clone(), index) {
+                bail!(
+                    "kinesis[{other}] and kinesis[{index}] both read stream {:?}",
+                    stream.name
+                );
+            }
         }
         Ok(())
     }

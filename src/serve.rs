@@ -12,12 +12,13 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use fleetlake_aggregate::Aggregator;
 use fleetlake_ingest::firehose::{self, EndpointConfig};
+use fleetlake_ingest::kinesis::{self, SdkKinesis};
 use fleetlake_query::{HotData, QueryEngine};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
+use crate::config::{Config, KinesisConfig};
 
 /// The aggregate stage's hot buffer, as the query stage sees it.
 struct HotBuffer(Aggregator);
@@ -60,6 +61,8 @@ pub(crate) fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Before anything is announced: a SIGTERM from then on shuts down gracefully.
+    let shutdown = shutdown_signal().context("installing signal handlers")?;
     config.prepare_dirs()?;
     let prometheus = PrometheusBuilder::new()
         .install_recorder()
@@ -113,6 +116,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ));
     }
 
+    let (stop_consumers, consumers_stop) = tokio::sync::watch::channel(false);
+    let mut consumers = tokio::task::JoinSet::new();
+    let stream_sink: Arc<dyn fleetlake_ingest::sink::StreamSink> = Arc::new(aggregator.clone());
+    for (index, kinesis) in config.kinesis.iter().enumerate() {
+        let stream = kinesis.stream_config(index)?;
+        info!(
+            stream = %stream.name,
+            format = %stream.format,
+            region = ?kinesis.region(),
+            role = ?kinesis.role_arn,
+            endpoint = ?kinesis.endpoint_url,
+            "kinesis stream"
+        );
+        let api = Arc::new(SdkKinesis::new(kinesis_client(kinesis).await));
+        consumers.spawn(kinesis::run_stream(
+            stream,
+            api,
+            Arc::clone(&stream_sink),
+            consumers_stop.clone(),
+        ));
+    }
+
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
@@ -123,14 +148,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "http listening"
     );
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await
         .context("serving http")?;
+    let _ = stop_consumers.send(true);
+    while consumers.join_next().await.is_some() {}
     info!("shutting down: committing buffered data to the lake");
     if let Err(error) = aggregator.flush().await {
         warn!(%error, "final flush failed; the write-ahead log keeps the data for the next start");
     }
     Ok(())
+}
+
+/// An SDK client for one stream: the standard AWS configuration chain, then the
+/// stream's region and endpoint, then its role if it names one.
+async fn kinesis_client(kinesis: &KinesisConfig) -> aws_sdk_kinesis::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = kinesis.region() {
+        loader = loader.region(aws_config::Region::new(region));
+    }
+    if let Some(url) = &kinesis.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let base = loader.load().await;
+    let mut builder = aws_sdk_kinesis::config::Builder::from(&base);
+    if let Some(role) = &kinesis.role_arn {
+        let provider = aws_config::sts::AssumeRoleProvider::builder(role)
+            .session_name("fleetlake")
+            .configure(&base)
+            .build()
+            .await;
+        builder = builder.credentials_provider(provider);
+    }
+    aws_sdk_kinesis::Client::from_conf(builder.build())
 }
 
 async fn health() -> impl IntoResponse {
@@ -147,12 +197,15 @@ async fn render_metrics(handle: PrometheusHandle) -> impl IntoResponse {
     )
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
+/// Resolves at SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }

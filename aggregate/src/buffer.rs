@@ -90,6 +90,9 @@ pub struct HotBuffer {
     table: Table,
     open: Generation,
     flushing: Option<Generation>,
+    /// The lake version the flushing generation's commit builds on, once the commit may
+    /// have been made: a query reading a later version finds those rows in the lake.
+    flushing_base: Option<i64>,
     recent: VecDeque<(i64, Instant, Vec<RecordBatch>)>,
     watermarks: HashMap<u64, i64>,
     default_watermark: i64,
@@ -105,6 +108,7 @@ impl HotBuffer {
             table,
             open: Generation::default(),
             flushing: None,
+            flushing_base: None,
             recent: VecDeque::new(),
             watermarks: HashMap::new(),
             default_watermark: max,
@@ -207,6 +211,7 @@ impl HotBuffer {
     /// Moves the open generation into the flushing one (merging with a flush that
     /// failed before) and returns what to write, or `None` if there is nothing.
     pub fn begin_flush(&mut self) -> Option<FlushJob> {
+        self.flushing_base = None;
         let open = std::mem::take(&mut self.open);
         let flushing = match self.flushing.take() {
             Some(mut previous) => {
@@ -235,9 +240,17 @@ impl HotBuffer {
         Some(job)
     }
 
+    /// Records that the flushing generation is about to be committed on top of lake
+    /// version `base`: from then on, a query reading a version after `base` finds its
+    /// rows in the lake, not here (the only writer of the table is this process).
+    pub fn committing_on(&mut self, base: Option<i64>) {
+        self.flushing_base = Some(base.unwrap_or(-1));
+    }
+
     /// Records that the flushing generation is committed as lake `version`, with
     /// `written` the rows that went in.
     pub fn complete_flush(&mut self, version: i64, written: Vec<RecordBatch>) {
+        self.flushing_base = None;
         let Some(done) = self.flushing.take() else {
             return;
         };
@@ -266,7 +279,11 @@ impl HotBuffer {
     /// after that version.
     pub fn snapshot(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
         let mut out: Vec<RecordBatch> = self.open.batches.clone();
-        if let Some(flushing) = &self.flushing {
+        let committed = matches!(
+            (self.flushing_base, lake_version),
+            (Some(base), Some(v)) if v > base
+        );
+        if let Some(flushing) = self.flushing.as_ref().filter(|_| !committed) {
             out.extend(flushing.batches.iter().cloned());
         }
         for (version, _, batches) in &self.recent {
@@ -337,6 +354,27 @@ mod tests {
         // A query on lake version 5 already sees the flushed row there.
         assert_eq!(rows(&buf.snapshot(Some(5))), 1);
         assert_eq!(rows(&buf.snapshot(Some(4))), 2);
+    }
+
+    #[test]
+    fn a_query_sees_flushing_rows_once_whichever_lake_version_it_reads() {
+        let mut buf = HotBuffer::new(Table::Metrics, None);
+        buf.insert(1, &batch(&[("a", 1), ("b", 1)]));
+        let job = buf.begin_flush().unwrap();
+        buf.committing_on(Some(3));
+        // The commit may or may not have landed: version 3 lacks the rows, 4 has them.
+        assert_eq!(rows(&buf.snapshot(Some(3))), 2);
+        assert_eq!(rows(&buf.snapshot(Some(4))), 0);
+        buf.complete_flush(4, job.batches);
+        assert_eq!(rows(&buf.snapshot(Some(3))), 2);
+        assert_eq!(rows(&buf.snapshot(Some(4))), 0);
+        // A failed commit leaves the rows flushing; the retry builds on a new base.
+        buf.insert(2, &batch(&[("c", 2)]));
+        let _failed = buf.begin_flush().unwrap();
+        buf.committing_on(Some(4));
+        assert_eq!(rows(&buf.snapshot(Some(4))), 1);
+        buf.begin_flush().unwrap();
+        assert_eq!(rows(&buf.snapshot(Some(5))), 1, "not committing yet");
     }
 
     #[test]

@@ -6,8 +6,13 @@
 //! and the latest row time in the table ([`max_time_app_id`]). On restart the WAL is
 //! replayed, per table, after that table's committed sequence, so a crash between
 //! commits or before WAL truncation neither loses nor doubles a row.
+//!
+//! Commits also carry, in their commit info ([`STREAM_POSITIONS_KEY`]), the positions
+//! of replayable streams (Kinesis shards) that the table holds every row up to. A
+//! Kinesis sequence number has up to 56 digits and does not fit a transaction's
+//! version, so the commit info is where it goes; it is the same atomic commit.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU64;
 use std::path::Path;
 
@@ -34,6 +39,10 @@ pub const WAL_APP_ID: &str = "fleetlake.wal";
 pub fn max_time_app_id(table: Table) -> String {
     format!("fleetlake.{}.max_time_us", table.name())
 }
+
+/// Commit-info key of the stream positions a commit covers: a JSON object of shard key
+/// to sequence number (or `SHARD_END`), complete as of that commit.
+pub const STREAM_POSITIONS_KEY: &str = "fleetlake.streamPositions";
 
 /// Errors of the lake.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +181,21 @@ impl TableLake {
         self.app_version(&max_time_app_id(self.kind)).await
     }
 
+    /// The stream positions of the latest commit that carries any (empty if none).
+    pub async fn stream_positions(&self) -> Result<BTreeMap<String, String>, LakeError> {
+        use futures::TryStreamExt;
+        let mut history = self.table.history(None);
+        while let Some(info) = history.try_next().await.map_err(|e| self.delta_err(e))? {
+            if let Some(serde_json::Value::Object(map)) = info.info.get(STREAM_POSITIONS_KEY) {
+                return Ok(map
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect());
+            }
+        }
+        Ok(BTreeMap::new())
+    }
+
     /// Which table this is.
     pub fn kind(&self) -> Table {
         self.kind
@@ -256,13 +280,15 @@ impl TableLake {
         Ok(existing)
     }
 
-    /// Commits `batches` (sorted as the lake keeps them) together with the WAL
-    /// sequence they cover and the table's new latest time; returns the new version.
+    /// Commits `batches` (sorted as the lake keeps them) together with what they
+    /// cover: the WAL sequence, the table's new latest time and the stream positions
+    /// (each left as committed before when `None`); returns the new version.
     pub async fn append(
         &mut self,
         batches: Vec<RecordBatch>,
-        wal_seq: u64,
-        max_time: i64,
+        wal_seq: Option<u64>,
+        max_time: Option<i64>,
+        positions: Option<&BTreeMap<String, String>>,
     ) -> Result<i64, LakeError> {
         let arrow_err = |source| LakeError::Arrow {
             table: self.location.clone(),
@@ -274,10 +300,24 @@ impl TableLake {
             .set_compression(Compression::ZSTD(level))
             .set_dictionary_enabled(true)
             .build();
-        let commit = CommitProperties::default().with_application_transactions(vec![
-            Transaction::new(WAL_APP_ID, wal_seq as i64),
-            Transaction::new(max_time_app_id(self.kind), max_time),
-        ]);
+        let mut transactions = Vec::new();
+        if let Some(seq) = wal_seq {
+            transactions.push(Transaction::new(WAL_APP_ID, seq as i64));
+        }
+        if let Some(time) = max_time {
+            transactions.push(Transaction::new(max_time_app_id(self.kind), time));
+        }
+        let mut commit = CommitProperties::default().with_application_transactions(transactions);
+        if let Some(positions) = positions {
+            let map: serde_json::Map<String, serde_json::Value> = positions
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            commit = commit.with_metadata([(
+                STREAM_POSITIONS_KEY.to_string(),
+                serde_json::Value::Object(map),
+            )]);
+        }
         let table = self
             .table
             .clone()

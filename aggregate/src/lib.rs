@@ -13,12 +13,18 @@
 //! buffers, so they are both durable and visible to SQL. Flushes move each table's
 //! buffer into its Delta table, then delete the WAL segments no table still needs. On
 //! start the WAL is replayed, per table, after the sequence recorded in that table.
+//!
+//! Rows of replayable streams (Kinesis) take the other door, [`StreamSink`]: no WAL,
+//! since the stream keeps them, but the shard positions they reach are recorded with
+//! them, and a flush takes every table's rows and the positions at one instant, so
+//! each table's commit carries exactly the positions its rows cover.
 pub mod buffer;
 pub mod keys;
 pub mod lake;
 pub mod metrics;
 pub mod wal;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,9 +36,10 @@ use tracing::{error, info, warn};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use fleetlake_ingest::sink::{StreamSink, sequence_le};
 use fleetlake_ingest::{RowSink, SinkError, Table};
 
-use crate::buffer::HotBuffer;
+use crate::buffer::{FlushJob, HotBuffer};
 use crate::lake::{LakeError, LakeOptions, TableLake, sort_for_lake, without_points};
 use crate::metrics as m;
 use crate::wal::{Wal, WalError, encode_rows};
@@ -113,6 +120,10 @@ struct TableState {
     table: Table,
     buffer: Mutex<HotBuffer>,
     lake: tokio::sync::Mutex<TableLake>,
+    /// Stream positions the table's lake holds every row up to.
+    committed_positions: Mutex<BTreeMap<String, String>>,
+    /// The same, as found when the aggregator opened.
+    opened_positions: BTreeMap<String, String>,
 }
 
 struct Shared {
@@ -121,6 +132,11 @@ struct Shared {
     applied_seq: AtomicU64,
     wal_tx: mpsc::Sender<WalJob>,
     flush_now: Notify,
+    /// Stream positions reached by the rows in the buffers (and before). Its lock is
+    /// also the gate that keeps a flush from splitting a positioned write.
+    positions: Mutex<BTreeMap<String, String>>,
+    /// One flush at a time.
+    flushing: tokio::sync::Mutex<()>,
     config: AggregateConfig,
     _lock: std::fs::File,
 }
@@ -177,11 +193,27 @@ impl Aggregator {
                 TableLake::open_or_create(&config.lake_dir, table, config.lake.clone()).await?;
             committed.push(lake.committed_seq().await?);
             let buffer = HotBuffer::new(table, lake.max_time().await?);
+            let positions = lake.stream_positions().await?;
             tables.push(TableState {
                 table,
                 buffer: Mutex::new(buffer),
                 lake: tokio::sync::Mutex::new(lake),
+                committed_positions: Mutex::new(positions.clone()),
+                opened_positions: positions,
             });
+        }
+        // Streams resume from the least position any table committed; a table that
+        // holds more keeps its own (see `merge_positions`).
+        let mut positions: BTreeMap<String, String> = BTreeMap::new();
+        for state in &tables {
+            for (key, seq) in &state.opened_positions {
+                match positions.get(key) {
+                    Some(least) if sequence_le(least, seq) => {}
+                    _ => {
+                        positions.insert(key.clone(), seq.clone());
+                    }
+                }
+            }
         }
         let least = committed.iter().copied().min().unwrap_or(0);
         let greatest = committed.iter().copied().max().unwrap_or(0);
@@ -221,6 +253,8 @@ impl Aggregator {
             applied_seq: AtomicU64::new(applied),
             wal_tx,
             flush_now: Notify::new(),
+            positions: Mutex::new(positions),
+            flushing: tokio::sync::Mutex::new(()),
             config,
             _lock: lock,
         });
@@ -265,15 +299,7 @@ impl RowSink for Aggregator {
             if rows.is_empty() {
                 return Ok(());
             }
-            let buffered = self.shared.buffered_rows();
-            if buffered >= self.shared.config.max_buffered_rows {
-                ::metrics::counter!(m::REJECTED_FULL).increment(1);
-                self.shared.flush_now.notify_one();
-                return Err(SinkError::Overloaded(format!(
-                    "hot buffer holds {buffered} rows, the limit is {}; retry later",
-                    self.shared.config.max_buffered_rows
-                )));
-            }
+            self.shared.check_room()?;
             let payload = encode_rows(&rows)
                 .map_err(|e| SinkError::Unavailable(format!("encoding rows: {e}")))?;
             let (done, acked) = oneshot::channel();
@@ -295,6 +321,104 @@ impl RowSink for Aggregator {
 }
 
 /// The WAL writer thread: group commit, then apply to the buffer, then acknowledge.
+impl Shared {
+    /// Refuses a write while the hot buffer is full, asking for a flush.
+    fn check_room(&self) -> Result<(), SinkError> {
+        let buffered = self.buffered_rows();
+        if buffered >= self.config.max_buffered_rows {
+            ::metrics::counter!(m::REJECTED_FULL).increment(1);
+            self.flush_now.notify_one();
+            return Err(SinkError::Overloaded(format!(
+                "hot buffer holds {buffered} rows, the limit is {}; retry later",
+                self.config.max_buffered_rows
+            )));
+        }
+        Ok(())
+    }
+
+    /// Inserts rows of a replayable stream and records the positions they reach, with
+    /// the gate held so a flush sees both or neither.
+    fn apply_positioned(&self, rows: &[(Table, RecordBatch)], positions: Vec<(String, String)>) {
+        let mut reached = self.positions.lock().expect("positions lock");
+        // No WAL record: the rows ride with the last applied one, which keeps the
+        // table's committed WAL sequence and truncation correct.
+        let seq = self.applied_seq.load(Ordering::Acquire);
+        let mut open_rows = 0;
+        for state in &self.tables {
+            let mut buffer = state.buffer.lock().expect("buffer lock");
+            let mut duplicates = 0;
+            for (table, batch) in rows {
+                if *table == state.table {
+                    duplicates += buffer.insert(seq, batch).duplicates;
+                }
+            }
+            if duplicates > 0 {
+                ::metrics::counter!(m::DUPLICATES, "table" => state.table.name(), "stage" => "buffer")
+                    .increment(duplicates as u64);
+            }
+            open_rows += buffer.open_rows();
+            ::metrics::gauge!(m::BUFFER_ROWS, "table" => state.table.name())
+                .set(buffer.rows() as f64);
+            ::metrics::gauge!(m::BUFFER_BYTES, "table" => state.table.name())
+                .set(buffer.bytes() as f64);
+        }
+        for (key, seq) in positions {
+            reached.insert(key, seq);
+        }
+        drop(reached);
+        if open_rows >= self.config.flush_rows {
+            self.flush_now.notify_one();
+        }
+    }
+}
+
+impl StreamSink for Aggregator {
+    fn write_positioned(
+        &self,
+        rows: Vec<(Table, RecordBatch)>,
+        positions: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let rows: Vec<_> = rows.into_iter().filter(|(_, b)| b.num_rows() > 0).collect();
+            if !rows.is_empty() {
+                self.shared.check_room()?;
+            }
+            let shared = Arc::clone(&self.shared);
+            // Key hashing is CPU work: off the async workers.
+            tokio::task::spawn_blocking(move || shared.apply_positioned(&rows, positions))
+                .await
+                .map_err(|e| SinkError::Unavailable(format!("buffer insert failed: {e}")))
+        })
+    }
+
+    fn committed_positions(&self) -> Vec<(Table, BTreeMap<String, String>)> {
+        self.shared
+            .tables
+            .iter()
+            .map(|t| (t.table, t.opened_positions.clone()))
+            .collect()
+    }
+}
+
+/// The positions a table commits: what it committed before, advanced to what the
+/// flush covers. A table never moves back, so after a restart (when streams resume
+/// from the least position of all tables) a table that held more keeps its own.
+fn merge_positions(
+    committed: &BTreeMap<String, String>,
+    reached: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut merged = committed.clone();
+    for (key, seq) in reached {
+        match merged.get(key) {
+            Some(old) if sequence_le(seq, old) => {}
+            _ => {
+                merged.insert(key.clone(), seq.clone());
+            }
+        }
+    }
+    merged
+}
+
 fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>) {
     let mut jobs = Vec::new();
     while let Some(first) = rx.blocking_recv() {
@@ -408,9 +532,20 @@ async fn flush_loop(shared: Arc<Shared>) {
 
 /// Flushes every table, then truncates the WAL as far as all tables allow.
 async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
+    let _one_at_a_time = shared.flushing.lock().await;
+    // Every table's rows and the stream positions, taken at one instant.
+    let (jobs, reached) = {
+        let reached = shared.positions.lock().expect("positions lock");
+        let jobs: Vec<_> = shared
+            .tables
+            .iter()
+            .map(|t| t.buffer.lock().expect("buffer lock").begin_flush())
+            .collect();
+        (jobs, reached.clone())
+    };
     let mut first_error = None;
-    for state in &shared.tables {
-        if let Err(error) = flush_table(state).await {
+    for (state, job) in shared.tables.iter().zip(jobs) {
+        if let Err(error) = flush_table(state, job, &reached).await {
             error!(table = %state.table, %error, "lake flush failed");
             first_error.get_or_insert(error);
         }
@@ -428,11 +563,26 @@ async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
     first_error.map_or(Ok(()), Err)
 }
 
-async fn flush_table(state: &TableState) -> Result<(), LakeError> {
+async fn flush_table(
+    state: &TableState,
+    job: Option<FlushJob>,
+    reached: &BTreeMap<String, String>,
+) -> Result<(), LakeError> {
     let table = state.table;
-    // One flush at a time: the lake lock is held from taking the rows to the commit.
     let mut lake = state.lake.lock().await;
-    let Some(job) = state.buffer.lock().expect("buffer lock").begin_flush() else {
+    let positions = {
+        let committed = state.committed_positions.lock().expect("positions lock");
+        let merged = merge_positions(&committed, reached);
+        (merged != *committed).then_some(merged)
+    };
+    let Some(job) = job else {
+        if let Some(positions) = positions {
+            // No rows, but the streams moved on (records for other tables, control
+            // messages): the table commits that it holds everything up to there.
+            let empty = vec![RecordBatch::new_empty(table.schema())];
+            lake.append(empty, None, None, Some(&positions)).await?;
+            *state.committed_positions.lock().expect("positions lock") = positions;
+        }
         return Ok(());
     };
     let started = Instant::now();
@@ -465,7 +615,22 @@ async fn flush_table(state: &TableState) -> Result<(), LakeError> {
             })?,
         ]
     };
-    let version = lake.append(sorted.clone(), job.seq, job.max_time).await?;
+    state
+        .buffer
+        .lock()
+        .expect("buffer lock")
+        .committing_on(lake.version());
+    let version = lake
+        .append(
+            sorted.clone(),
+            Some(job.seq),
+            Some(job.max_time),
+            positions.as_ref(),
+        )
+        .await?;
+    if let Some(positions) = positions {
+        *state.committed_positions.lock().expect("positions lock") = positions;
+    }
     state
         .buffer
         .lock()

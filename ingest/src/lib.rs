@@ -6,18 +6,24 @@
 //!   envelope, base64        limits, request      otel (OpenTelemetry 1.0/0.7)  WAL, hot buffer,
 //!   records)                id echoed)           cwlogs (CloudWatch Logs)      lake)
 //!  Kinesis records ──> kpl (de-aggregation) ──┘  dead letters (the rest, raw)
+//!  (kinesis: shards,                                  └───────────────────> StreamSink
+//!   GetRecords loops)                                   (rows + shard positions,
+//!                                                        committed together in the lake)
 //! ```
 //!
 //! Decoders emit Arrow record batches of the [`schema`] tables (`metrics`, `logs`,
 //! `dead_letters`), each metric and log row tagged with its account id. Data goes next
 //! to a [`sink::RowSink`], which the aggregate stage implements; a source acknowledges
 //! its sender only after the sink's `write` returned `Ok`, i.e. once the data is
-//! durable. Whatever a decoder cannot read goes to `dead_letters` with its raw bytes,
+//! durable. Kinesis rows go to a [`sink::StreamSink`] with the shard positions they
+//! reach: the stream keeps them, so they need no write-ahead log, and the positions are
+//! committed with the rows. Whatever a decoder cannot read goes to `dead_letters` with its raw bytes,
 //! never dropped silently.
 
 pub mod cwlogs;
 pub mod decode;
 pub mod firehose;
+pub mod kinesis;
 pub mod kpl;
 pub mod metric_stream;
 pub mod metrics;

@@ -17,6 +17,21 @@ pub const CONTROL_MESSAGES: &str = "fleetlake_ingest_control_messages_total";
 pub const DEAD_LETTERS: &str = "fleetlake_ingest_dead_letters_total";
 /// Seconds spent handling one Firehose request, by `source`.
 pub const REQUEST_SECONDS: &str = "fleetlake_ingest_request_duration_seconds";
+/// Kinesis records read, by `stream` and `shard`.
+pub const KINESIS_RECORDS: &str = "fleetlake_kinesis_records_total";
+/// Bytes of Kinesis record data read, by `stream` and `shard`.
+pub const KINESIS_BYTES: &str = "fleetlake_kinesis_bytes_total";
+/// How far behind the tip of its shard the last GetRecords answer was, by `stream` and
+/// `shard` (MillisBehindLatest).
+pub const KINESIS_MILLIS_BEHIND: &str = "fleetlake_kinesis_millis_behind_latest";
+/// GetRecords calls throttled (ProvisionedThroughputExceeded), by `stream` and `shard`.
+pub const KINESIS_THROTTLED: &str = "fleetlake_kinesis_throttled_total";
+/// Expired shard iterators renewed, by `stream` and `shard`.
+pub const KINESIS_ITERATOR_RENEWALS: &str = "fleetlake_kinesis_iterator_renewals_total";
+/// Failed Kinesis calls other than throttling, by `stream` and `call`.
+pub const KINESIS_ERRORS: &str = "fleetlake_kinesis_errors_total";
+/// Shards known (listed) per `stream`.
+pub const KINESIS_SHARDS: &str = "fleetlake_kinesis_shards";
 
 /// Registers descriptions for the ingest metrics.
 pub fn describe() {
@@ -34,6 +49,19 @@ pub fn describe() {
         "Records (or parts) that could not be decoded, kept in the dead_letters table"
     );
     metrics::describe_histogram!(REQUEST_SECONDS, "Seconds to handle one Firehose request");
+    metrics::describe_counter!(KINESIS_RECORDS, "Kinesis records read, by stream and shard");
+    metrics::describe_counter!(
+        KINESIS_BYTES,
+        "Kinesis record bytes read, by stream and shard"
+    );
+    metrics::describe_gauge!(
+        KINESIS_MILLIS_BEHIND,
+        "MillisBehindLatest of the last GetRecords answer, by stream and shard"
+    );
+    metrics::describe_counter!(KINESIS_THROTTLED, "GetRecords calls throttled");
+    metrics::describe_counter!(KINESIS_ITERATOR_RENEWALS, "Expired shard iterators renewed");
+    metrics::describe_counter!(KINESIS_ERRORS, "Failed Kinesis calls, by stream and call");
+    metrics::describe_gauge!(KINESIS_SHARDS, "Shards listed per stream");
 }
 
 /// Counts what a decoder read from `source`.

@@ -24,3 +24,36 @@ pub enum SinkError {
     #[error("unavailable: {0}")]
     Unavailable(String),
 }
+
+/// Position of a stream shard that has been read to its end (closed by resharding):
+/// its children may be read.
+pub const SHARD_END: &str = "SHARD_END";
+
+/// Where rows read from a replayable stream (Kinesis) go. The stream itself is the
+/// durable log, so nothing is written ahead: the rows go to the hot buffer together
+/// with the shard positions they reach, and every lake commit carries the positions
+/// its rows cover. After a crash a consumer resumes after the committed positions.
+pub trait StreamSink: Send + Sync + 'static {
+    /// Buffers `rows` and records `positions` (`(shard key, sequence number or
+    /// [`SHARD_END`])`) as reached, atomically with respect to flushes.
+    fn write_positioned(
+        &self,
+        rows: Vec<(Table, RecordBatch)>,
+        positions: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<(), SinkError>>;
+
+    /// Each table's committed positions, as the lake held them when the sink opened,
+    /// keyed by shard key.
+    fn committed_positions(&self) -> Vec<(Table, std::collections::BTreeMap<String, String>)>;
+}
+
+/// Whether Kinesis sequence number `a` comes before or is `b`. Sequence numbers are
+/// decimal strings of up to 128 bits' worth of digits without leading zeros, so they
+/// order by length, then text; [`SHARD_END`] comes after every number.
+pub fn sequence_le(a: &str, b: &str) -> bool {
+    match (a == SHARD_END, b == SHARD_END) {
+        (_, true) => true,
+        (true, false) => false,
+        _ => (a.len(), a) <= (b.len(), b),
+    }
+}

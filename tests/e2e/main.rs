@@ -7,6 +7,7 @@
 mod durability;
 mod firehose;
 mod formats;
+mod kinesis;
 mod lake_readers;
 mod sql;
 mod support;

@@ -402,3 +402,90 @@ pub fn python_json(script: &str, args: &[&Path]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// A moto server (the AWS stand-in, from the test venv) on a free loopback port,
+/// killed when dropped.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = python().with_file_name("moto_server");
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (scripts/test.sh installs moto)", bin.display()));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + WAIT;
+        while client()
+            .get(format!("{endpoint}/moto-api/"))
+            .send()
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, endpoint }
+    }
+
+    /// Environment for a process that talks to moto: fixed credentials, no instance
+    /// metadata, no profile files.
+    pub fn aws_env(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ]
+    }
+
+    /// Runs a Python script (boto3, against this moto as `ENDPOINT`) with `args`;
+    /// its stdout parsed as JSON.
+    pub fn python(&self, script: &str, args: &[&str]) -> serde_json::Value {
+        let script = format!(
+            "import boto3, os\nENDPOINT = os.environ['MOTO_ENDPOINT']\n\
+             def client(name):\n    return boto3.client(name, endpoint_url=ENDPOINT, region_name='us-east-1')\n\
+             {script}\nimport sys as _sys\n_sys.stdout.flush()\nos._exit(0)\n"
+        );
+        let out = Command::new(python())
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .envs(self.aws_env())
+            .env("MOTO_ENDPOINT", &self.endpoint)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `probe` until it returns true (bounded by the tests' wait).
+pub fn wait_until(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !probe() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,696 @@
+//! Kinesis Data Streams consumer (`formats.md` §5–§6): polling GetRecords per shard,
+//! every record through KPL de-aggregation and the stream's [`Format`] decoder, rows
+//! and positions into a [`StreamSink`].
+//!
+//! ```text
+//!  ListShards (paged, every discovery interval)
+//!     └─> a task per shard whose parents are read to their end
+//!            GetShardIterator (AFTER_SEQUENCE_NUMBER of the committed position,
+//!                              or the configured start for a new shard)
+//!            GetRecords loop ──> Decoder ──> StreamSink::write_positioned(rows,
+//!            (backoff on throttling,                      [(stream/shard, last seq)])
+//!             renewal of expired iterators)
+//!            NextShardIterator = null ──> position SHARD_END: the children start
+//! ```
+//!
+//! Exactly once: nothing is acknowledged to Kinesis; the sink commits each shard's
+//! position in the same lake commit as the rows it covers, and on start every shard
+//! resumes after its committed position. A table whose lake already holds more than
+//! the least committed position (a crash between two tables' commits) is given no
+//! rows of the records it holds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::types::ShardIteratorType;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::decode::{DecodeStats, Decoder, Format};
+use crate::metrics as m;
+use crate::schema::Table;
+use crate::sink::{SHARD_END, SinkError, StreamSink, sequence_le};
+
+/// Where a shard with no committed position starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest record the stream keeps.
+    TrimHorizon,
+    /// Records put after the consumer starts.
+    Latest,
+    /// Records put at or after this time (epoch milliseconds).
+    AtTimestamp(i64),
+}
+
+/// One stream to consume.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Stream name (shard keys and metric labels use it).
+    pub name: String,
+    /// Stream ARN, when configured by ARN (cross-account streams).
+    pub arn: Option<String>,
+    /// Record format (KPL aggregates are always de-aggregated first).
+    pub format: Format,
+    /// Region of log events that do not name theirs.
+    pub region: Option<String>,
+    /// Start of shards without a committed position.
+    pub start: StartPosition,
+    /// Wait after a GetRecords call that returned nothing (Kinesis asks for ≥ 1 s).
+    pub idle_wait: Duration,
+    /// Least time between two GetRecords calls on one shard (5 calls/s/shard allowed).
+    pub min_call_interval: Duration,
+    /// How often shards are listed again (new shards after resharding).
+    pub discovery_interval: Duration,
+    /// Most records per GetRecords call (at most 10,000).
+    pub max_records: i32,
+}
+
+impl StreamConfig {
+    /// The stream's name from `name_or_arn` (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`
+    /// or `NAME`), and the ARN if it was one.
+    pub fn parse_stream(name_or_arn: &str) -> Result<(String, Option<String>), String> {
+        if !name_or_arn.starts_with("arn:") {
+            if name_or_arn.is_empty() {
+                return Err("the stream name is empty".into());
+            }
+            return Ok((name_or_arn.to_string(), None));
+        }
+        let resource = name_or_arn.splitn(6, ':').nth(5).unwrap_or_default();
+        match resource.strip_prefix("stream/") {
+            Some(name) if !name.is_empty() && !name.contains('/') => {
+                Ok((name.to_string(), Some(name_or_arn.to_string())))
+            }
+            _ => Err(format!(
+                "{name_or_arn:?} is not a Kinesis stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)"
+            )),
+        }
+    }
+
+    fn shard_key(&self, shard_id: &str) -> String {
+        format!("{}/{shard_id}", self.name)
+    }
+
+    fn source(&self) -> String {
+        format!("kinesis/{}", self.name)
+    }
+}
+
+/// A shard as ListShards describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// Shard id.
+    pub id: String,
+    /// The shard it was split from, or one of the two it was merged from.
+    pub parent: Option<String>,
+    /// The other shard of a merge.
+    pub adjacent_parent: Option<String>,
+}
+
+impl Shard {
+    fn parents(&self) -> impl Iterator<Item = &str> {
+        self.parent
+            .iter()
+            .chain(&self.adjacent_parent)
+            .map(String::as_str)
+    }
+}
+
+/// One record of GetRecords.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Sequence number (decimal).
+    pub sequence_number: String,
+    /// The record's data.
+    pub data: Vec<u8>,
+    /// When Kinesis received it, epoch milliseconds.
+    pub arrival_ms: i64,
+}
+
+/// One GetRecords answer.
+#[derive(Debug, Clone, Default)]
+pub struct RecordsPage {
+    /// The records, in order.
+    pub records: Vec<Record>,
+    /// The iterator for the next call; `None` once a closed shard is read to its end.
+    pub next_iterator: Option<String>,
+    /// How far behind the tip of the stream the answer is.
+    pub millis_behind: Option<i64>,
+}
+
+/// Where to take an iterator from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IteratorFrom {
+    /// Right after this sequence number.
+    After(String),
+    /// The configured start for new shards.
+    Start(StartPosition),
+}
+
+/// Kinesis API errors, by what the consumer does about them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// Throttled (ProvisionedThroughputExceeded, KMS throttling): back off, retry.
+    #[error("throttled: {0}")]
+    Throttled(String),
+    /// The iterator is older than 5 minutes: take a new one.
+    #[error("shard iterator expired: {0}")]
+    ExpiredIterator(String),
+    /// Anything else (network, permissions, missing stream): back off, retry.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The Kinesis calls the consumer makes; [`SdkKinesis`] makes them with the AWS SDK.
+pub trait KinesisApi: Send + Sync + 'static {
+    /// One page of ListShards: the shards and the token of the next page.
+    fn list_shards<'a>(
+        &'a self,
+        stream: &'a StreamConfig,
+        next_token: Option<String>,
+    ) -> BoxFuture<'a, Result<(Vec<Shard>, Option<String>), ApiError>>;
+
+    /// GetShardIterator.
+    fn shard_iterator<'a>(
+        &'a self,
+        stream: &'a StreamConfig,
+        shard_id: &'a str,
+        from: IteratorFrom,
+    ) -> BoxFuture<'a, Result<String, ApiError>>;
+
+    /// GetRecords.
+    fn get_records<'a>(
+        &'a self,
+        stream: &'a StreamConfig,
+        iterator: &'a str,
+        limit: i32,
+    ) -> BoxFuture<'a, Result<RecordsPage, ApiError>>;
+}
+
+/// [`KinesisApi`] over `aws-sdk-kinesis`.
+#[derive(Debug, Clone)]
+pub struct SdkKinesis {
+    client: aws_sdk_kinesis::Client,
+}
+
+impl SdkKinesis {
+    /// A consumer client over an SDK client (region, credentials and endpoint set).
+    pub fn new(client: aws_sdk_kinesis::Client) -> Self {
+        Self { client }
+    }
+}
+
+fn api_error<E, R>(e: aws_sdk_kinesis::error::SdkError<E, R>) -> ApiError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let message = DisplayErrorContext(&e).to_string();
+    match e.code() {
+        Some(
+            "ProvisionedThroughputExceededException"
+            | "KMSThrottlingException"
+            | "LimitExceededException",
+        ) => ApiError::Throttled(message),
+        Some("ExpiredIteratorException") => ApiError::ExpiredIterator(message),
+        _ => ApiError::Other(message),
+    }
+}
+
+impl KinesisApi for SdkKinesis {
+    fn list_shards<'a>(
+        &'a self,
+        stream: &'a StreamConfig,
+        next_token: Option<String>,
+    ) -> BoxFuture<'a, Result<(Vec<Shard>, Option<String>), ApiError>> {
+        Box::pin(async move {
+            let mut request = self.client.list_shards();
+            // With a NextToken, the stream must not be named again.
+            request = match (next_token, &stream.arn) {
+                (Some(token), _) => request.next_token(token),
+                (None, Some(arn)) => request.stream_arn(arn),
+                (None, None) => request.stream_name(&stream.name),
+            };
+            let out = request.send().await.map_err(api_error)?;
+            let shards = out
+                .shards()
+                .iter()
+                .map(|s| Shard {
+                    id: s.shard_id().to_string(),
+                    parent: s.parent_shard_id().map(str::to_string),
+                    adjacent_parent: s.adjacent_parent_shard_id().map(str::to_string),
+                })
+                .collect();
+            Ok((shards, out.next_token().map(str::to_string)))
+        })
+    }
+
+    fn shard_iterator<'a>(
+        &'a self,
+        stream: &'a StreamConfig,
+        shard_id: &'a str,
+        from: IteratorFrom,
+    ) -> BoxFuture<'a, Result<String, ApiError>> {
+        Box::pin(async move {
+            let mut request = self.client.get_shard_iterator().shard_id(shard_id);
+            request = match &stream.arn {
+                Some(arn) => request.stream_arn(arn),
+                None => request.stream_name(&stream.name),
+            };
+            request = match from {
+                IteratorFrom::After(seq) => request
+                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                    .starting_sequence_number(seq),
+                IteratorFrom::Start(StartPosition::TrimHorizon) => {
+                    request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+                }
+                IteratorFrom::Start(StartPosition::Latest) => {
+                    request.shard_iterator_type(ShardIteratorType::Latest)
+                }
+                IteratorFrom::Start(StartPosition::AtTimestamp(ms)) => request
+                    .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                    .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(ms)),
+            };
+            let out = request.send().await.map_err(api_error)?;
+            out.shard_iterator()
+                .map(str::to_string)
+                .ok_or_else(|| ApiError::Other(format!("no iterator returned for {shard_id}")))
+        })
+    }
+
+    fn get_records<'a>(
+        &'a self,
+        stream: &'a StreamConfig,
+        iterator: &'a str,
+        limit: i32,
+    ) -> BoxFuture<'a, Result<RecordsPage, ApiError>> {
+        Box::pin(async move {
+            let mut request = self
+                .client
+                .get_records()
+                .shard_iterator(iterator)
+                .limit(limit);
+            if let Some(arn) = &stream.arn {
+                request = request.stream_arn(arn);
+            }
+            let out = request.send().await.map_err(api_error)?;
+            let records = out
+                .records()
+                .iter()
+                .map(|r| Record {
+                    sequence_number: r.sequence_number().to_string(),
+                    data: r.data().as_ref().to_vec(),
+                    arrival_ms: r
+                        .approximate_arrival_timestamp()
+                        .and_then(|t| t.to_millis().ok())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            Ok(RecordsPage {
+                records,
+                next_iterator: out.next_shard_iterator().map(str::to_string),
+                millis_behind: out.millis_behind_latest(),
+            })
+        })
+    }
+}
+
+/// Exponential backoff with a ceiling.
+#[derive(Debug)]
+struct Backoff {
+    first: Duration,
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            next: first,
+            max,
+        }
+    }
+
+    fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// Where a shard resumes, from the positions every table committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resume {
+    /// No table committed a position: the configured start.
+    Start,
+    /// After this sequence number (the least any table committed); `skip` lists the
+    /// tables that hold more, with their positions: records up to there give them no
+    /// rows.
+    After {
+        seq: String,
+        skip: Vec<(Table, String)>,
+    },
+    /// Read to its end before.
+    Ended,
+}
+
+fn resume_of(committed: &[(Table, BTreeMap<String, String>)], key: &str) -> Resume {
+    let held: Vec<(Table, &String)> = committed
+        .iter()
+        .filter_map(|(t, positions)| Some((*t, positions.get(key)?)))
+        .collect();
+    let Some(least) = held
+        .iter()
+        .map(|(_, seq)| *seq)
+        .reduce(|a, b| if sequence_le(a, b) { a } else { b })
+    else {
+        return Resume::Start;
+    };
+    if least == SHARD_END {
+        return Resume::Ended;
+    }
+    let skip = held
+        .iter()
+        .filter(|(_, seq)| !sequence_le(seq, least))
+        .map(|(t, seq)| (*t, (*seq).clone()))
+        .collect();
+    Resume::After {
+        seq: least.clone(),
+        skip,
+    }
+}
+
+/// Consumes `stream` until `shutdown` turns true.
+pub async fn run_stream(
+    stream: StreamConfig,
+    api: Arc<dyn KinesisApi>,
+    sink: Arc<dyn StreamSink>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stream = Arc::new(stream);
+    let committed = sink.committed_positions();
+    info!(stream = %stream.name, format = %stream.format, "kinesis consumer starting");
+    #[derive(Debug, PartialEq, Eq)]
+    enum State {
+        Waiting,
+        Reading,
+        Done,
+    }
+    let mut shards: HashMap<String, (Shard, State)> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<String>(64);
+    let mut tasks = JoinSet::new();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut relist = true;
+    loop {
+        if relist {
+            match list_all_shards(api.as_ref(), &stream).await {
+                Ok(listed) => {
+                    backoff.reset();
+                    for shard in listed {
+                        shards
+                            .entry(shard.id.clone())
+                            .or_insert((shard, State::Waiting));
+                    }
+                    metrics::gauge!(m::KINESIS_SHARDS, "stream" => stream.name.clone())
+                        .set(shards.len() as f64);
+                }
+                Err(error) => {
+                    metrics::counter!(m::KINESIS_ERRORS, "stream" => stream.name.clone(), "call" => "ListShards")
+                        .increment(1);
+                    let wait = backoff.next_wait();
+                    warn!(stream = %stream.name, %error, retry_in = ?wait, "listing shards failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+        }
+        // Start every shard whose parents are read to their end (or gone from the
+        // stream, past its retention).
+        let ids: Vec<String> = shards.keys().cloned().collect();
+        for id in ids {
+            let (shard, state) = &shards[&id];
+            if *state != State::Waiting {
+                continue;
+            }
+            let parents_done = shard
+                .parents()
+                .all(|p| shards.get(p).is_none_or(|(_, s)| *s == State::Done));
+            if !parents_done {
+                continue;
+            }
+            let shard = shard.clone();
+            match resume_of(&committed, &stream.shard_key(&shard.id)) {
+                Resume::Ended => {
+                    debug!(stream = %stream.name, shard = %shard.id, "shard was read to its end before");
+                    shards.get_mut(&id).expect("listed").1 = State::Done;
+                    // Its children may be ready now: look again at once.
+                    let _ = done_tx.try_send(String::new());
+                }
+                resume => {
+                    shards.get_mut(&id).expect("listed").1 = State::Reading;
+                    tasks.spawn(read_shard(
+                        Arc::clone(&stream),
+                        Arc::clone(&api),
+                        Arc::clone(&sink),
+                        shard,
+                        resume,
+                        done_tx.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(stream.discovery_interval) => relist = true,
+            Some(id) = done_rx.recv() => {
+                if let Some((_, state)) = shards.get_mut(&id) {
+                    *state = State::Done;
+                }
+                relist = false;
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    tasks.shutdown().await;
+    info!(stream = %stream.name, "kinesis consumer stopped");
+}
+
+async fn list_all_shards(
+    api: &dyn KinesisApi,
+    stream: &StreamConfig,
+) -> Result<Vec<Shard>, ApiError> {
+    let mut all = Vec::new();
+    let mut token = None;
+    loop {
+        let (shards, next) = api.list_shards(stream, token).await?;
+        all.extend(shards);
+        match next {
+            Some(next) if !next.is_empty() => token = Some(next),
+            _ => return Ok(all),
+        }
+    }
+}
+
+/// Reads one shard from `resume` to its end (or until shutdown).
+async fn read_shard(
+    stream: Arc<StreamConfig>,
+    api: Arc<dyn KinesisApi>,
+    sink: Arc<dyn StreamSink>,
+    shard: Shard,
+    resume: Resume,
+    done: mpsc::Sender<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let key = stream.shard_key(&shard.id);
+    let source = stream.source();
+    let labels = [("stream", stream.name.clone()), ("shard", shard.id.clone())];
+    let (mut last_seq, mut skip) = match resume {
+        Resume::After { seq, skip } => (Some(seq), skip),
+        _ => (None, Vec::new()),
+    };
+    info!(stream = %stream.name, shard = %shard.id, after = ?last_seq, "reading shard");
+    let mut iterator: Option<String> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let it = match iterator.take() {
+            Some(it) => it,
+            None => {
+                let from = match &last_seq {
+                    Some(seq) => IteratorFrom::After(seq.clone()),
+                    None => IteratorFrom::Start(stream.start),
+                };
+                match api.shard_iterator(&stream, &shard.id, from).await {
+                    Ok(it) => it,
+                    Err(error) => {
+                        metrics::counter!(m::KINESIS_ERRORS, "stream" => stream.name.clone(), "call" => "GetShardIterator")
+                            .increment(1);
+                        let wait = backoff.next_wait();
+                        warn!(stream = %stream.name, shard = %shard.id, %error, retry_in = ?wait, "getting a shard iterator failed");
+                        if sleep_or_shutdown(wait, &mut shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let page = match api.get_records(&stream, &it, stream.max_records).await {
+            Ok(page) => page,
+            Err(ApiError::Throttled(error)) => {
+                metrics::counter!(m::KINESIS_THROTTLED, &labels).increment(1);
+                let wait = backoff.next_wait();
+                debug!(stream = %stream.name, shard = %shard.id, %error, retry_in = ?wait, "throttled");
+                iterator = Some(it);
+                if sleep_or_shutdown(wait, &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+            Err(ApiError::ExpiredIterator(error)) => {
+                metrics::counter!(m::KINESIS_ITERATOR_RENEWALS, &labels).increment(1);
+                debug!(stream = %stream.name, shard = %shard.id, %error, "renewing an expired iterator");
+                continue;
+            }
+            Err(ApiError::Other(error)) => {
+                metrics::counter!(m::KINESIS_ERRORS, "stream" => stream.name.clone(), "call" => "GetRecords")
+                    .increment(1);
+                let wait = backoff.next_wait();
+                warn!(stream = %stream.name, shard = %shard.id, %error, retry_in = ?wait, "GetRecords failed");
+                if sleep_or_shutdown(wait, &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        if let Some(behind) = page.millis_behind {
+            metrics::gauge!(m::KINESIS_MILLIS_BEHIND, &labels).set(behind as f64);
+        }
+        let ended = page.next_iterator.is_none();
+        let reached = if ended {
+            Some(SHARD_END.to_string())
+        } else {
+            page.records.last().map(|r| r.sequence_number.clone())
+        };
+        if let Some(reached) = reached {
+            let (rows, stats, bytes) = decode_page(&stream, &source, &shard.id, &page, &mut skip);
+            if !write(
+                sink.as_ref(),
+                rows,
+                vec![(key.clone(), reached)],
+                &mut shutdown,
+            )
+            .await
+            {
+                return;
+            }
+            m::record_decoded(&source, stream.format.name(), stats);
+            metrics::counter!(m::KINESIS_RECORDS, &labels).increment(page.records.len() as u64);
+            metrics::counter!(m::KINESIS_BYTES, &labels).increment(bytes as u64);
+            if let Some(last) = page.records.last() {
+                last_seq = Some(last.sequence_number.clone());
+            }
+        }
+        if ended {
+            info!(stream = %stream.name, shard = %shard.id, "shard read to its end");
+            let _ = done.send(shard.id.clone()).await;
+            return;
+        }
+        iterator = page.next_iterator;
+        let wait = if page.records.is_empty() {
+            stream.idle_wait
+        } else {
+            stream.min_call_interval
+        };
+        if sleep_or_shutdown(wait, &mut shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Decodes a page; records up to a `skip` position give that table no rows.
+fn decode_page(
+    stream: &StreamConfig,
+    source: &str,
+    shard_id: &str,
+    page: &RecordsPage,
+    skip: &mut Vec<(Table, String)>,
+) -> (Vec<(Table, arrow::array::RecordBatch)>, DecodeStats, usize) {
+    let mut decoder = Decoder::new(source, stream.format, stream.region.as_deref());
+    let mut held_back = Vec::new();
+    let mut stats = DecodeStats::default();
+    let mut bytes = 0;
+    for record in &page.records {
+        bytes += record.data.len();
+        let position = format!("{shard_id} {}", record.sequence_number);
+        // A table drops out of `skip` once past the position it holds.
+        skip.retain(|(_, held)| sequence_le(&record.sequence_number, held));
+        if skip.is_empty() {
+            decoder.push_kinesis_record(&record.data, &position, record.arrival_ms);
+            continue;
+        }
+        // Some tables already hold this record's rows (committed before a crash).
+        let mut own = Decoder::new(source, stream.format, stream.region.as_deref());
+        own.push_kinesis_record(&record.data, &position, record.arrival_ms);
+        stats += own.stats();
+        held_back.extend(
+            own.finish()
+                .into_iter()
+                .filter(|(table, _)| !skip.iter().any(|(t, _)| t == table)),
+        );
+    }
+    stats += decoder.stats();
+    let mut rows = decoder.finish();
+    rows.extend(held_back);
+    (rows, stats, bytes)
+}
+
+/// Writes until the sink takes it; `false` on shutdown.
+async fn write(
+    sink: &dyn StreamSink,
+    rows: Vec<(Table, arrow::array::RecordBatch)>,
+    positions: Vec<(String, String)>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match sink.write_positioned(rows.clone(), positions.clone()).await {
+            Ok(()) => return true,
+            Err(SinkError::Overloaded(_)) => {}
+            Err(SinkError::Unavailable(error)) => {
+                warn!(%error, "could not buffer kinesis records; retrying");
+            }
+        }
+        if sleep_or_shutdown(backoff.next_wait(), shutdown).await {
+            return false;
+        }
+    }
+}
+
+/// Sleeps for `wait`; `true` if shutdown came first.
+async fn sleep_or_shutdown(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+#[cfg(test)]
+#[path = "kinesis_tests.rs"]
+mod tests;

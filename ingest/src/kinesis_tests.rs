@@ -1,0 +1,418 @@
+//! The consumer against an in-memory Kinesis that injects what no stand-in returns:
+//! throttling, expired iterators, failed calls, and exact resharding.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use arrow::array::{AsArray, RecordBatch};
+
+use super::*;
+use crate::schema::col;
+
+fn datapoint(account: &str, minute: i64) -> Vec<u8> {
+    format!(
+        r#"{{"account_id":"{account}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{{}},"timestamp":{},"value":{{"count":1,"sum":1,"min":1,"max":1}},"unit":"Count"}}"#,
+        minute * 60_000
+    )
+    .into_bytes()
+}
+
+struct FakeShard {
+    shard: Shard,
+    records: Vec<Record>,
+    closed: bool,
+}
+
+/// Records of shard `s` are datapoints of account `s` at minutes 0.., sequence numbers
+/// `s * 1000 + i` (padded to 21 digits, like the real ones).
+fn fake_shard(id: &str, parents: &[&str], n: usize, closed: bool) -> FakeShard {
+    let index: u64 = id.trim_start_matches("shardId-").parse().unwrap();
+    FakeShard {
+        shard: Shard {
+            id: id.to_string(),
+            parent: parents.first().map(|p| p.to_string()),
+            adjacent_parent: parents.get(1).map(|p| p.to_string()),
+        },
+        records: (0..n)
+            .map(|i| Record {
+                sequence_number: format!("{}{:020}", 4, index * 1000 + i as u64),
+                data: datapoint(&format!("{index:012}"), i as i64),
+                arrival_ms: 1_700_000_000_000 + i as i64,
+            })
+            .collect(),
+        closed,
+    }
+}
+
+#[derive(Default)]
+struct FakeKinesis {
+    shards: Vec<FakeShard>,
+    /// Errors GetRecords returns instead of answering, one every third call.
+    faults: Mutex<VecDeque<ApiError>>,
+    get_records_calls: Mutex<usize>,
+    page: usize,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeKinesis {
+    fn shard(&self, id: &str) -> &FakeShard {
+        self.shards.iter().find(|s| s.shard.id == id).unwrap()
+    }
+}
+
+impl KinesisApi for FakeKinesis {
+    fn list_shards<'a>(
+        &'a self,
+        _stream: &'a StreamConfig,
+        next_token: Option<String>,
+    ) -> BoxFuture<'a, Result<(Vec<Shard>, Option<String>), ApiError>> {
+        // Pages of one shard, to exercise NextToken.
+        let at: usize = next_token.map_or(0, |t| t.parse().unwrap());
+        let shard = self.shards[at].shard.clone();
+        let next = (at + 1 < self.shards.len()).then(|| (at + 1).to_string());
+        Box::pin(async move { Ok((vec![shard], next)) })
+    }
+
+    fn shard_iterator<'a>(
+        &'a self,
+        _stream: &'a StreamConfig,
+        shard_id: &'a str,
+        from: IteratorFrom,
+    ) -> BoxFuture<'a, Result<String, ApiError>> {
+        let shard = self.shard(shard_id);
+        let index = match from {
+            IteratorFrom::After(seq) => {
+                shard
+                    .records
+                    .iter()
+                    .position(|r| r.sequence_number == seq)
+                    .expect("a sequence number of the shard")
+                    + 1
+            }
+            IteratorFrom::Start(StartPosition::Latest) => shard.records.len(),
+            IteratorFrom::Start(_) => 0,
+        };
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("iterator {shard_id} {index}"));
+        Box::pin(async move { Ok(format!("{shard_id}:{index}")) })
+    }
+
+    fn get_records<'a>(
+        &'a self,
+        _stream: &'a StreamConfig,
+        iterator: &'a str,
+        limit: i32,
+    ) -> BoxFuture<'a, Result<RecordsPage, ApiError>> {
+        let fault = {
+            let mut calls = self.get_records_calls.lock().unwrap();
+            *calls += 1;
+            if *calls % 3 == 0 {
+                self.faults.lock().unwrap().pop_front()
+            } else {
+                None
+            }
+        };
+        let (id, index) = iterator.split_once(':').unwrap();
+        let index: usize = index.parse().unwrap();
+        let shard = self.shard(id);
+        let end = (index + self.page.min(limit as usize)).min(shard.records.len());
+        let page = RecordsPage {
+            records: shard.records[index..end].to_vec(),
+            next_iterator: (!(shard.closed && end == shard.records.len()))
+                .then(|| format!("{id}:{end}")),
+            millis_behind: Some((shard.records.len() - end) as i64 * 1000),
+        };
+        Box::pin(async move { fault.map_or(Ok(page), Err) })
+    }
+}
+
+#[derive(Default)]
+struct FakeSink {
+    committed: Vec<(Table, BTreeMap<String, String>)>,
+    writes: Mutex<Vec<(Vec<(Table, RecordBatch)>, Vec<(String, String)>)>>,
+    /// Writes refused as overloaded before the first is taken.
+    overloaded: Mutex<usize>,
+}
+
+impl StreamSink for FakeSink {
+    fn write_positioned(
+        &self,
+        rows: Vec<(Table, RecordBatch)>,
+        positions: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let mut overloaded = self.overloaded.lock().unwrap();
+            if *overloaded > 0 {
+                *overloaded -= 1;
+                return Err(SinkError::Overloaded("full".into()));
+            }
+            self.writes.lock().unwrap().push((rows, positions));
+            Ok(())
+        })
+    }
+
+    fn committed_positions(&self) -> Vec<(Table, BTreeMap<String, String>)> {
+        self.committed.clone()
+    }
+}
+
+impl FakeSink {
+    /// (account, minute) of every metrics row written, in write order.
+    fn points(&self) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        for (rows, _) in self.writes.lock().unwrap().iter() {
+            for (table, batch) in rows {
+                if *table != Table::Metrics {
+                    continue;
+                }
+                let account = batch.column(col::ACCOUNT_ID).as_string::<i32>();
+                let time = batch
+                    .column(col::TIME)
+                    .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+                for i in 0..batch.num_rows() {
+                    out.push((account.value(i).to_string(), time.value(i) / 60_000_000));
+                }
+            }
+        }
+        out
+    }
+
+    fn last_position(&self, key: &str) -> Option<String> {
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, p)| p.iter())
+            .filter(|(k, _)| k == key)
+            .map(|(_, s)| s.clone())
+            .last()
+    }
+}
+
+fn stream_config() -> StreamConfig {
+    StreamConfig {
+        name: "fleet".into(),
+        arn: None,
+        format: Format::MetricsJson,
+        region: None,
+        start: StartPosition::TrimHorizon,
+        idle_wait: Duration::from_millis(5),
+        min_call_interval: Duration::ZERO,
+        discovery_interval: Duration::from_millis(20),
+        max_records: 10_000,
+    }
+}
+
+/// Runs the consumer until `sink` holds `expected` metrics rows (or 20 s pass), then
+/// stops it.
+async fn consume(api: Arc<FakeKinesis>, sink: Arc<FakeSink>, expected: usize) {
+    let (stop, shutdown) = watch::channel(false);
+    let consumer = tokio::spawn(run_stream(
+        stream_config(),
+        api,
+        Arc::clone(&sink) as Arc<dyn StreamSink>,
+        shutdown,
+    ));
+    for _ in 0..2000 {
+        if sink.points().len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A little longer, to see that nothing more arrives.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.send(true).unwrap();
+    consumer.await.unwrap();
+}
+
+#[tokio::test]
+async fn reads_every_shard_once_through_throttling_expiry_and_failures() {
+    let api = Arc::new(FakeKinesis {
+        shards: vec![
+            fake_shard("shardId-000000000001", &[], 25, false),
+            fake_shard("shardId-000000000002", &[], 25, false),
+        ],
+        faults: Mutex::new(VecDeque::from([
+            ApiError::Throttled("ProvisionedThroughputExceededException".into()),
+            ApiError::ExpiredIterator("ExpiredIteratorException".into()),
+            ApiError::Other("connection reset".into()),
+            ApiError::Throttled("ProvisionedThroughputExceededException".into()),
+            ApiError::ExpiredIterator("ExpiredIteratorException".into()),
+        ])),
+        page: 4,
+        ..Default::default()
+    });
+    let sink = Arc::new(FakeSink {
+        overloaded: Mutex::new(3),
+        ..Default::default()
+    });
+    consume(Arc::clone(&api), Arc::clone(&sink), 50).await;
+    let mut points = sink.points();
+    assert_eq!(points.len(), 50, "{points:?}");
+    points.sort();
+    points.dedup();
+    assert_eq!(points.len(), 50, "no record twice");
+    assert_eq!(
+        sink.last_position("fleet/shardId-000000000001").as_deref(),
+        Some("400000000000000001024")
+    );
+    // Iterators were renewed after the last record read, not from the start.
+    assert!(
+        api.faults.lock().unwrap().is_empty(),
+        "every fault was injected"
+    );
+    let calls = api.calls.lock().unwrap();
+    let renewals: Vec<_> = calls.iter().filter(|c| !c.ends_with(" 0")).collect();
+    assert!(renewals.len() >= 2, "{calls:?}");
+}
+
+#[tokio::test]
+async fn parents_are_read_to_their_end_before_their_children() {
+    // 1 splits into 3 and 4; 3 and 2 merge into 5.
+    let api = Arc::new(FakeKinesis {
+        shards: vec![
+            fake_shard("shardId-000000000001", &[], 30, true),
+            fake_shard("shardId-000000000002", &[], 10, true),
+            fake_shard("shardId-000000000003", &["shardId-000000000001"], 10, true),
+            fake_shard("shardId-000000000004", &["shardId-000000000001"], 10, false),
+            fake_shard(
+                "shardId-000000000005",
+                &["shardId-000000000003", "shardId-000000000002"],
+                10,
+                false,
+            ),
+        ],
+        page: 7,
+        ..Default::default()
+    });
+    let sink = Arc::new(FakeSink::default());
+    consume(Arc::clone(&api), Arc::clone(&sink), 70).await;
+    let points = sink.points();
+    assert_eq!(points.len(), 70);
+    let first = |account: &str| points.iter().position(|(a, _)| a == account).unwrap();
+    let last = |account: &str| points.iter().rposition(|(a, _)| a == account).unwrap();
+    assert!(last("000000000001") < first("000000000003"));
+    assert!(last("000000000001") < first("000000000004"));
+    assert!(last("000000000003") < first("000000000005"));
+    assert!(last("000000000002") < first("000000000005"));
+    // Order within a shard (a partition key lives in one shard) is kept.
+    for account in ["000000000001", "000000000004"] {
+        let minutes: Vec<_> = points
+            .iter()
+            .filter(|(a, _)| a == account)
+            .map(|(_, m)| *m)
+            .collect();
+        assert!(minutes.windows(2).all(|w| w[0] < w[1]), "{minutes:?}");
+    }
+    for closed in ["1", "2", "3"] {
+        let key = format!("fleet/shardId-00000000000{closed}");
+        assert_eq!(sink.last_position(&key).as_deref(), Some(SHARD_END));
+    }
+}
+
+#[tokio::test]
+async fn resumes_after_committed_positions_and_skips_what_a_table_holds() {
+    let api = Arc::new(FakeKinesis {
+        shards: vec![
+            fake_shard("shardId-000000000001", &[], 20, true),
+            fake_shard("shardId-000000000002", &["shardId-000000000001"], 20, false),
+        ],
+        page: 6,
+        ..Default::default()
+    });
+    let seq = |i: u64| format!("4{:020}", 2000 + i);
+    // metrics committed shard 2 through record 9, dead_letters only through record 4;
+    // shard 1 was read to its end.
+    let metrics = BTreeMap::from([
+        (
+            "fleet/shardId-000000000001".to_string(),
+            SHARD_END.to_string(),
+        ),
+        ("fleet/shardId-000000000002".to_string(), seq(9)),
+    ]);
+    let dead = BTreeMap::from([
+        (
+            "fleet/shardId-000000000001".to_string(),
+            SHARD_END.to_string(),
+        ),
+        ("fleet/shardId-000000000002".to_string(), seq(4)),
+    ]);
+    let sink = Arc::new(FakeSink {
+        committed: vec![(Table::Metrics, metrics), (Table::DeadLetters, dead)],
+        ..Default::default()
+    });
+    consume(Arc::clone(&api), Arc::clone(&sink), 10).await;
+    let minutes: Vec<i64> = sink.points().iter().map(|(_, m)| *m).collect();
+    assert_eq!(minutes, (10..20).collect::<Vec<_>>());
+    let calls = api.calls.lock().unwrap();
+    assert_eq!(*calls, ["iterator shardId-000000000002 5"]);
+    assert_eq!(
+        sink.last_position("fleet/shardId-000000000002"),
+        Some(seq(19))
+    );
+}
+
+#[test]
+fn resume_is_the_least_committed_position() {
+    let key = "s/shardId-1";
+    let at = |seq: &str| BTreeMap::from([(key.to_string(), seq.to_string())]);
+    assert_eq!(resume_of(&[], key), Resume::Start);
+    assert_eq!(
+        resume_of(&[(Table::Metrics, at("99")), (Table::Logs, at("100"))], key),
+        Resume::After {
+            seq: "99".into(),
+            skip: vec![(Table::Logs, "100".into())]
+        }
+    );
+    assert_eq!(
+        resume_of(
+            &[
+                (Table::Metrics, at(SHARD_END)),
+                (Table::Logs, at(SHARD_END))
+            ],
+            key
+        ),
+        Resume::Ended
+    );
+    assert_eq!(
+        resume_of(
+            &[(Table::Metrics, at(SHARD_END)), (Table::Logs, at("7"))],
+            key
+        ),
+        Resume::After {
+            seq: "7".into(),
+            skip: vec![(Table::Metrics, SHARD_END.into())]
+        }
+    );
+}
+
+#[test]
+fn sequence_numbers_order_numerically() {
+    assert!(sequence_le("9", "10"));
+    assert!(!sequence_le("10", "9"));
+    assert!(sequence_le(
+        "49590338271490256608559692538361571095921575989136588898",
+        SHARD_END
+    ));
+    assert!(!sequence_le(SHARD_END, "1"));
+}
+
+#[test]
+fn stream_names_and_arns() {
+    assert_eq!(
+        StreamConfig::parse_stream("arn:aws:kinesis:eu-west-1:123456789012:stream/fleet-metrics")
+            .unwrap(),
+        (
+            "fleet-metrics".to_string(),
+            Some("arn:aws:kinesis:eu-west-1:123456789012:stream/fleet-metrics".to_string())
+        )
+    );
+    assert_eq!(
+        StreamConfig::parse_stream("fleet").unwrap(),
+        ("fleet".to_string(), None)
+    );
+    assert!(StreamConfig::parse_stream("arn:aws:s3:::bucket").is_err());
+    assert!(StreamConfig::parse_stream("").is_err());
+}
