@@ -25,6 +25,12 @@ if ! .venv/bin/python -c 'import deltalake, pyarrow, moto, aws_kinesis_agg, six'
 fi
 export DELTALAKE_PYTHON="$PWD/.venv/bin/python"
 
+# kinesis-local: faithful Kinesis resharding (moto's is wrong), from the npm registry.
+if [ ! -f tests/kinesis-local/node_modules/kinesis-local/main.js ]; then
+    echo "== installing kinesis-local (npm)"
+    npm ci --prefix tests/kinesis-local --no-audit --no-fund --loglevel=error
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -119,6 +119,15 @@ impl Shard {
     }
 }
 
+/// One page of ListShards.
+#[derive(Debug, Clone, Default)]
+pub struct ShardsPage {
+    /// The shards of this page.
+    pub shards: Vec<Shard>,
+    /// The token of the next page, if any.
+    pub next_token: Option<String>,
+}
+
 /// One record of GetRecords.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -166,12 +175,12 @@ pub enum ApiError {
 
 /// The Kinesis calls the consumer makes; [`SdkKinesis`] makes them with the AWS SDK.
 pub trait KinesisApi: Send + Sync + 'static {
-    /// One page of ListShards: the shards and the token of the next page.
+    /// One page of ListShards.
     fn list_shards<'a>(
         &'a self,
         stream: &'a StreamConfig,
         next_token: Option<String>,
-    ) -> BoxFuture<'a, Result<(Vec<Shard>, Option<String>), ApiError>>;
+    ) -> BoxFuture<'a, Result<ShardsPage, ApiError>>;
 
     /// GetShardIterator.
     fn shard_iterator<'a>(
@@ -225,7 +234,7 @@ impl KinesisApi for SdkKinesis {
         &'a self,
         stream: &'a StreamConfig,
         next_token: Option<String>,
-    ) -> BoxFuture<'a, Result<(Vec<Shard>, Option<String>), ApiError>> {
+    ) -> BoxFuture<'a, Result<ShardsPage, ApiError>> {
         Box::pin(async move {
             let mut request = self.client.list_shards();
             // With a NextToken, the stream must not be named again.
@@ -244,7 +253,10 @@ impl KinesisApi for SdkKinesis {
                     adjacent_parent: s.adjacent_parent_shard_id().map(str::to_string),
                 })
                 .collect();
-            Ok((shards, out.next_token().map(str::to_string)))
+            Ok(ShardsPage {
+                shards,
+                next_token: out.next_token().map(str::to_string),
+            })
         })
     }
 
@@ -492,9 +504,9 @@ async fn list_all_shards(
     let mut all = Vec::new();
     let mut token = None;
     loop {
-        let (shards, next) = api.list_shards(stream, token).await?;
-        all.extend(shards);
-        match next {
+        let page = api.list_shards(stream, token).await?;
+        all.extend(page.shards);
+        match page.next_token {
             Some(next) if !next.is_empty() => token = Some(next),
             _ => return Ok(all),
         }

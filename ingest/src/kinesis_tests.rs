@@ -65,12 +65,17 @@ impl KinesisApi for FakeKinesis {
         &'a self,
         _stream: &'a StreamConfig,
         next_token: Option<String>,
-    ) -> BoxFuture<'a, Result<(Vec<Shard>, Option<String>), ApiError>> {
+    ) -> BoxFuture<'a, Result<ShardsPage, ApiError>> {
         // Pages of one shard, to exercise NextToken.
         let at: usize = next_token.map_or(0, |t| t.parse().unwrap());
         let shard = self.shards[at].shard.clone();
         let next = (at + 1 < self.shards.len()).then(|| (at + 1).to_string());
-        Box::pin(async move { Ok((vec![shard], next)) })
+        Box::pin(async move {
+            Ok(ShardsPage {
+                shards: vec![shard],
+                next_token: next,
+            })
+        })
     }
 
     fn shard_iterator<'a>(
@@ -108,7 +113,7 @@ impl KinesisApi for FakeKinesis {
         let fault = {
             let mut calls = self.get_records_calls.lock().unwrap();
             *calls += 1;
-            if *calls % 3 == 0 {
+            if calls.is_multiple_of(3) {
                 self.faults.lock().unwrap().pop_front()
             } else {
                 None
@@ -128,10 +133,13 @@ impl KinesisApi for FakeKinesis {
     }
 }
 
+/// One write: rows and the positions they reach.
+type Write = (Vec<(Table, RecordBatch)>, Vec<(String, String)>);
+
 #[derive(Default)]
 struct FakeSink {
     committed: Vec<(Table, BTreeMap<String, String>)>,
-    writes: Mutex<Vec<(Vec<(Table, RecordBatch)>, Vec<(String, String)>)>>,
+    writes: Mutex<Vec<Write>>,
     /// Writes refused as overloaded before the first is taken.
     overloaded: Mutex<usize>,
 }
@@ -187,7 +195,7 @@ impl FakeSink {
             .flat_map(|(_, p)| p.iter())
             .filter(|(k, _)| k == key)
             .map(|(_, s)| s.clone())
-            .last()
+            .next_back()
     }
 }
 

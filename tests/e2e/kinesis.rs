@@ -219,3 +219,100 @@ fn kinesis_config_errors_name_the_entry() {
         "{err}"
     );
 }
+
+/// Puts datapoints on `reshard` while splitting shard 0 and then merging its two
+/// children. Each partition key (an account) gets a probe datapoint before each
+/// reshard and the same datapoint with another value after it, on a child shard: the
+/// first delivery is kept, so the lake keeps value 1 only if every parent was read
+/// before its children.
+const RESHARDER: &str = r#"
+import json, sys, time
+P, M = int(sys.argv[1]), int(sys.argv[2])
+k = client("kinesis")
+def wait_active():
+    for _ in range(600):
+        if k.describe_stream_summary(StreamName="reshard")["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE":
+            return
+        time.sleep(0.1)
+    raise SystemExit("stream not active")
+def dp(a, m, v):
+    return json.dumps({"account_id": "%012d" % a, "region": "us-east-1", "namespace": "AWS/Lambda",
+        "metric_name": "Invocations", "dimensions": {}, "timestamp": 1700000040000 + m * 60000,
+        "value": {"count": 1.0, "sum": v, "min": v, "max": v}, "unit": "Count"}).encode()
+def put(minutes, probe):
+    recs = []
+    for a in range(P):
+        recs += [{"Data": dp(a, m, 1.0), "PartitionKey": "%012d" % a} for m in minutes]
+        recs.append({"Data": dp(a, probe[0], probe[1]), "PartitionKey": "%012d" % a})
+    for i in range(0, len(recs), 100):
+        k.put_records(StreamName="reshard", Records=recs[i:i + 100])
+if sys.argv[3] == "create":
+    k.create_stream(StreamName="reshard", ShardCount=2)
+    wait_active()
+    print(json.dumps({}))
+    raise SystemExit
+put(range(0, M), (1000, 1.0))
+hash_range = k.list_shards(StreamName="reshard")["Shards"][0]["HashKeyRange"]
+middle = (int(hash_range["StartingHashKey"]) + int(hash_range["EndingHashKey"])) // 2
+k.split_shard(StreamName="reshard", ShardToSplit="shardId-000000000000", NewStartingHashKey=str(middle))
+wait_active()
+put(range(M, 2 * M), (1000, 2.0))
+put([], (1001, 1.0))
+k.merge_shards(StreamName="reshard", ShardToMerge="shardId-000000000002", AdjacentShardToMerge="shardId-000000000003")
+wait_active()
+put(range(2 * M, 3 * M), (1001, 2.0))
+shards = k.list_shards(StreamName="reshard")["Shards"]
+print(json.dumps({"datapoints": P * (3 * M + 2), "shards": [s["ShardId"] for s in shards]}))
+"#;
+
+#[test]
+fn resharding_while_producing_keeps_order_per_key_and_loses_nothing() {
+    let kinesis = KinesisLocal::start();
+    boto3(&kinesis.endpoint, RESHARDER, &["0", "0", "create"]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("fleetlake.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[buffer]\nflush_interval = \"300ms\"\n\n[[kinesis]]\nstream = \"reshard\"\n\
+             region = \"us-east-1\"\nendpoint_url = \"{}\"\nidle_wait = \"100ms\"\n\
+             discovery_interval = \"500ms\"\nmax_records = 25\n",
+            kinesis.endpoint
+        ),
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let server = Server::start_with_args(&data, &aws_env(), &args);
+    let endpoint = kinesis.endpoint.clone();
+    let producer =
+        std::thread::spawn(move || boto3(&endpoint, RESHARDER, &["20", "10", "produce"]));
+    // Killed once something is committed, while records and reshards keep coming.
+    wait_for_commit_after(&data, 1);
+    server.kill9();
+    let server = Server::start_with_args(&data, &aws_env(), &args);
+    let produced = producer.join().unwrap();
+    let points = produced["datapoints"].as_i64().unwrap();
+    assert_eq!(points, 640);
+    assert_eq!(
+        produced["shards"].as_array().unwrap().len(),
+        5,
+        "{produced}"
+    );
+    wait_until("every record", || count(&server, "metrics") >= points);
+    assert_eq!(count(&server, "metrics"), points);
+    let late_probes = server
+        .sql("SELECT account_id, CAST(time AS VARCHAR) AS t, sum FROM metrics WHERE sum <> 1.0");
+    assert!(
+        late_probes.is_empty(),
+        "a child shard was read before its parent: {late_probes:?}"
+    );
+    server.stop();
+    let out = lake_query(
+        &data,
+        "csv",
+        "SELECT count(*) AS n, count(DISTINCT (account_id, time)) AS k, \
+         count(DISTINCT account_id) AS a FROM metrics",
+    );
+    assert_eq!(out.lines().nth(1), Some("640,640,20"), "{out}");
+}

@@ -412,11 +412,7 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let bin = python().with_file_name("moto_server");
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -425,52 +421,114 @@ impl Moto {
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e} (scripts/test.sh installs moto)", bin.display()));
         let endpoint = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + WAIT;
-        while client()
-            .get(format!("{endpoint}/moto-api/"))
-            .send()
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "moto did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_http(&format!("{endpoint}/moto-api/"), "moto");
         Self { child, endpoint }
     }
 
-    /// Environment for a process that talks to moto: fixed credentials, no instance
-    /// metadata, no profile files.
     pub fn aws_env(&self) -> Vec<(&'static str, &'static str)> {
-        vec![
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("AWS_CONFIG_FILE", "/dev/null"),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
-        ]
+        aws_env()
     }
 
     /// Runs a Python script (boto3, against this moto as `ENDPOINT`) with `args`;
     /// its stdout parsed as JSON.
     pub fn python(&self, script: &str, args: &[&str]) -> serde_json::Value {
-        let script = format!(
-            "import boto3, os\nENDPOINT = os.environ['MOTO_ENDPOINT']\n\
-             def client(name):\n    return boto3.client(name, endpoint_url=ENDPOINT, region_name='us-east-1')\n\
-             {script}\nimport sys as _sys\n_sys.stdout.flush()\nos._exit(0)\n"
-        );
-        let out = Command::new(python())
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .envs(self.aws_env())
-            .env("MOTO_ENDPOINT", &self.endpoint)
-            .output()
-            .unwrap();
+        boto3(&self.endpoint, script, args)
+    }
+}
+
+/// Environment for a process that talks to a local AWS stand-in: fixed credentials, no
+/// instance metadata, no profile files.
+pub fn aws_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ]
+}
+
+/// Runs a Python script with boto3 against `endpoint` (as `ENDPOINT`, and `client(name)`
+/// making a client for it) with `args`; its stdout parsed as JSON.
+pub fn boto3(endpoint: &str, script: &str, args: &[&str]) -> serde_json::Value {
+    let script = format!(
+        "import boto3, os\nENDPOINT = os.environ['AWS_STAND_IN']\n\
+         def client(name):\n    return boto3.client(name, endpoint_url=ENDPOINT, region_name='us-east-1')\n\
+         {script}\nimport sys as _sys\n_sys.stdout.flush()\nos._exit(0)\n"
+    );
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .envs(aws_env())
+        .env("AWS_STAND_IN", endpoint)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (bounded) until `url` answers HTTP at all.
+fn wait_for_http(url: &str, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while client().get(url).send().is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// kinesis-local (faithful resharding), from `tests/kinesis-local` (installed by
+/// scripts/test.sh), bound to loopback by `loopback.js`; killed when dropped.
+pub struct KinesisLocal {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl KinesisLocal {
+    pub fn start() -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kinesis-local");
+        let package = dir.join("node_modules/kinesis-local");
         assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            package.join("main.js").exists(),
+            "{} is missing: run scripts/test.sh, which installs it",
+            package.display()
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let (plain, tls) = (free_port(), free_port());
+        let child = Command::new("node")
+            .arg("-r")
+            .arg(dir.join("loopback.js"))
+            .arg(package.join("main.js"))
+            .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
+            .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
+            .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
+            .env("CREATE_STREAM_DURATION", "100ms")
+            .env("LOG_LEVEL", "WARN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kinesis-local with node");
+        let endpoint = format!("http://127.0.0.1:{plain}");
+        wait_for_http(&endpoint, "kinesis-local");
+        Self { child, endpoint }
+    }
+}
+
+impl Drop for KinesisLocal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
