@@ -73,6 +73,20 @@ pub(crate) struct KinesisConfig {
     /// Most records per GetRecords call (1-10000).
     #[serde(default = "default_max_records")]
     pub(crate) max_records: i32,
+    /// DynamoDB table of shard leases, for several instances sharing the stream (each
+    /// reads the shards it holds a lease for). Unset: this instance reads every shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) lease_table: Option<String>,
+    /// A lease not renewed for this long is taken over by another instance.
+    #[serde(default = "default_lease_duration", with = "humantime_serde")]
+    pub(crate) lease_duration: Duration,
+    /// Endpoint URL override for the lease table's DynamoDB (VPC endpoints, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) lease_endpoint_url: Option<String>,
+}
+
+fn default_lease_duration() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_kinesis_format() -> Format {
@@ -134,6 +148,12 @@ impl KinesisConfig {
         }
         if self.discovery_interval.is_zero() {
             bail!("{} must be positive", at("discovery_interval"));
+        }
+        if self.lease_duration < Duration::from_secs(1) {
+            bail!("{} must be at least 1s", at("lease_duration"));
+        }
+        if self.lease_table.as_deref().is_some_and(str::is_empty) {
+            bail!("{} is set but empty", at("lease_table"));
         }
         Ok(StreamConfig {
             name,
@@ -510,6 +530,57 @@ mod tests {
         assert_eq!(config.buffer.flush_interval, Duration::from_secs(30));
         assert_eq!(config.lake_dir(), PathBuf::from("/var/lib/fleetlake/lake"));
         assert_eq!(config.wal_dir(), PathBuf::from("/var/lib/fleetlake/wal"));
+        assert_eq!(config.kinesis.len(), 2);
+        let logs = config.kinesis[1].stream_config(1).unwrap();
+        assert_eq!(logs.name, "fleet-logs");
+        assert_eq!(logs.format, Format::CloudWatchLogs);
+        assert_eq!(config.kinesis[1].region().as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            config.kinesis[0].stream_config(0).unwrap().max_records,
+            10_000
+        );
+        assert_eq!(
+            config.kinesis[0].lease_table.as_deref(),
+            Some("fleetlake-leases")
+        );
+        assert_eq!(config.kinesis[1].lease_table, None);
+    }
+
+    #[test]
+    fn kinesis_streams_are_checked() {
+        use fleetlake_ingest::kinesis::StartPosition;
+        let parse = |extra: &str| {
+            Config::from_toml(&format!("[[kinesis]]\nstream = \"s\"\n{extra}"))
+                .map_err(|e| e.to_string())
+        };
+        let config =
+            parse("start_position = \"AT_TIMESTAMP\"\nstart_timestamp = \"2026-11-01T00:00:00Z\"")
+                .unwrap();
+        let stream = config.kinesis[0].stream_config(0).unwrap();
+        assert_eq!(stream.start, StartPosition::AtTimestamp(1_793_491_200_000));
+        assert_eq!(stream.format, Format::MetricsJson);
+        assert_eq!(stream.idle_wait, Duration::from_secs(1));
+        for (extra, message) in [
+            ("start_position = \"EARLIEST\"", "kinesis[0].start_position"),
+            (
+                "start_position = \"AT_TIMESTAMP\"",
+                "kinesis[0].start_timestamp is required",
+            ),
+            (
+                "start_timestamp = \"2026-11-01T00:00:00Z\"",
+                "only used with",
+            ),
+            ("max_records = 0", "kinesis[0].max_records"),
+            ("format = \"xml\"", "unknown format"),
+            ("[[kinesis]]\nstream = \"s\"", "both read stream \"s\""),
+        ] {
+            let err = parse(extra).unwrap_err();
+            assert!(err.contains(message), "{extra}: {err}");
+        }
+        let err = Config::from_toml("[[kinesis]]\nstream = \"arn:aws:sqs:x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kinesis[0].stream"), "{err}");
     }
 
     #[test]

@@ -13,9 +13,10 @@ use axum::routing::get;
 use fleetlake_aggregate::Aggregator;
 use fleetlake_ingest::firehose::{self, EndpointConfig};
 use fleetlake_ingest::kinesis::{self, SdkKinesis};
+use fleetlake_ingest::lease::{DynamoLeases, LeaseSettings};
 use fleetlake_query::{HotData, QueryEngine};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, KinesisConfig};
@@ -129,13 +130,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             endpoint = ?kinesis.endpoint_url,
             "kinesis stream"
         );
-        let api = Arc::new(SdkKinesis::new(kinesis_client(kinesis).await));
-        consumers.spawn(kinesis::run_stream(
-            stream,
-            api,
-            Arc::clone(&stream_sink),
-            consumers_stop.clone(),
-        ));
+        let base = aws_config_for(kinesis, kinesis.endpoint_url.as_deref()).await;
+        let api = Arc::new(SdkKinesis::new(aws_sdk_kinesis::Client::new(&base)));
+        let leases = match &kinesis.lease_table {
+            Some(table) => {
+                let dynamo = aws_config_for(kinesis, kinesis.lease_endpoint_url.as_deref()).await;
+                let owner = instance_id();
+                info!(stream = %stream.name, table, %owner, "sharing the stream through leases");
+                Some(LeaseSettings {
+                    store: Arc::new(DynamoLeases::new(
+                        aws_sdk_dynamodb::Client::new(&dynamo),
+                        table,
+                    )),
+                    owner,
+                    duration: kinesis.lease_duration,
+                })
+            }
+            None => None,
+        };
+        let sink = Arc::clone(&stream_sink);
+        let stop = consumers_stop.clone();
+        consumers.spawn(async move {
+            if let Err(lost) = kinesis::run_stream(stream, api, sink, leases, stop).await {
+                // Fencing: what this instance buffered of that shard must not be
+                // committed, since its new owner reads it again. Firehose data is safe
+                // in the write-ahead log.
+                error!(%lost, "exiting without a final commit");
+                std::process::exit(3);
+            }
+        });
     }
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -160,27 +183,47 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An SDK client for one stream: the standard AWS configuration chain, then the
-/// stream's region and endpoint, then its role if it names one.
-async fn kinesis_client(kinesis: &KinesisConfig) -> aws_sdk_kinesis::Client {
+/// The AWS configuration for one stream's clients: the standard chain, then the
+/// stream's region and `endpoint`, then its role if it names one.
+async fn aws_config_for(kinesis: &KinesisConfig, endpoint: Option<&str>) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(region) = kinesis.region() {
         loader = loader.region(aws_config::Region::new(region));
     }
-    if let Some(url) = &kinesis.endpoint_url {
+    if let Some(url) = endpoint {
         loader = loader.endpoint_url(url);
     }
     let base = loader.load().await;
-    let mut builder = aws_sdk_kinesis::config::Builder::from(&base);
-    if let Some(role) = &kinesis.role_arn {
-        let provider = aws_config::sts::AssumeRoleProvider::builder(role)
-            .session_name("fleetlake")
-            .configure(&base)
-            .build()
-            .await;
-        builder = builder.credentials_provider(provider);
+    match &kinesis.role_arn {
+        Some(role) => {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(role)
+                .session_name("fleetlake")
+                .configure(&base)
+                .build()
+                .await;
+            base.into_builder()
+                .credentials_provider(aws_sdk_kinesis::config::SharedCredentialsProvider::new(
+                    provider,
+                ))
+                .build()
+        }
+        None => base,
     }
-    aws_sdk_kinesis::Client::from_conf(builder.build())
+}
+
+/// This instance's name in lease tables: host, process and start time, so that a
+/// restarted instance is a new owner and its old leases simply expire.
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "fleetlake".into());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!("{host}-{}-{started}", std::process::id())
 }
 
 async fn health() -> impl IntoResponse {

@@ -2,8 +2,10 @@
 //! commits, and de-duplication checks.
 //!
 //! Each flush of a table is one Delta commit that also records, as application
-//! transactions, the last write-ahead-log sequence number it covers ([`WAL_APP_ID`])
-//! and the latest row time in the table ([`max_time_app_id`]). On restart the WAL is
+//! transactions, the last write-ahead-log sequence number it covers ([`wal_app_id`])
+//! and the latest row time in the table ([`max_time_app_id`]), both named after the
+//! writer (the WAL directory's id), so that several instances, each with its own WAL,
+//! commit to one lake without their transactions conflicting. On restart the WAL is
 //! replayed, per table, after that table's committed sequence, so a crash between
 //! commits or before WAL truncation neither loses nor doubles a row.
 //!
@@ -33,11 +35,15 @@ use url::Url;
 
 use crate::keys::{row_keys, scan_column};
 
-/// Application id of the transaction action carrying the last committed WAL sequence.
-pub const WAL_APP_ID: &str = "fleetlake.wal";
-/// Application id of the transaction action carrying a table's latest time (µs).
-pub fn max_time_app_id(table: Table) -> String {
-    format!("fleetlake.{}.max_time_us", table.name())
+/// Application id of the transaction action carrying the last WAL sequence `writer`
+/// committed.
+pub fn wal_app_id(writer: &str) -> String {
+    format!("fleetlake.wal.{writer}")
+}
+/// Application id of the transaction action carrying the latest time (µs) `writer`
+/// committed to a table.
+pub fn max_time_app_id(table: Table, writer: &str) -> String {
+    format!("fleetlake.{}.max_time_us.{writer}", table.name())
 }
 
 /// Commit-info key of the stream positions a commit covers: a JSON object of shard key
@@ -110,14 +116,17 @@ pub struct TableLake {
     table: DeltaTable,
     location: String,
     options: LakeOptions,
+    writer: String,
 }
 
 impl TableLake {
-    /// Opens table `kind` under `lake_dir`, creating it if it does not exist.
+    /// Opens table `kind` under `lake_dir` for `writer` (the id of the WAL whose
+    /// sequence its commits record), creating it if it does not exist.
     pub async fn open_or_create(
         lake_dir: &Path,
         kind: Table,
         options: LakeOptions,
+        writer: &str,
     ) -> Result<Self, LakeError> {
         let location = lake_dir.join(kind.name()).display().to_string();
         let delta = |source| LakeError::Delta {
@@ -153,6 +162,7 @@ impl TableLake {
             table,
             location,
             options,
+            writer: writer.to_string(),
         })
     }
 
@@ -173,12 +183,17 @@ impl TableLake {
 
     /// The last WAL sequence number committed to the table (0 if none).
     pub async fn committed_seq(&self) -> Result<u64, LakeError> {
-        Ok(self.app_version(WAL_APP_ID).await?.unwrap_or(0).max(0) as u64)
+        Ok(self
+            .app_version(&wal_app_id(&self.writer))
+            .await?
+            .unwrap_or(0)
+            .max(0) as u64)
     }
 
     /// The latest row time in the table, epoch µs.
     pub async fn max_time(&self) -> Result<Option<i64>, LakeError> {
-        self.app_version(&max_time_app_id(self.kind)).await
+        self.app_version(&max_time_app_id(self.kind, &self.writer))
+            .await
     }
 
     /// The stream positions of the latest commit that carries any (empty if none).
@@ -194,6 +209,32 @@ impl TableLake {
             }
         }
         Ok(BTreeMap::new())
+    }
+
+    /// The newest committed position of each of `keys` (read from the lake's history
+    /// now, so commits of other instances count); keys never committed are left out.
+    pub async fn stream_positions_of(
+        &self,
+        keys: &[String],
+    ) -> Result<BTreeMap<String, String>, LakeError> {
+        use futures::TryStreamExt;
+        let mut found = BTreeMap::new();
+        let mut history = self.table.history(None);
+        while found.len() < keys.len()
+            && let Some(info) = history.try_next().await.map_err(|e| self.delta_err(e))?
+        {
+            if let Some(serde_json::Value::Object(map)) = info.info.get(STREAM_POSITIONS_KEY) {
+                for key in keys {
+                    if let (false, Some(seq)) = (
+                        found.contains_key(key),
+                        map.get(key).and_then(|v| v.as_str()),
+                    ) {
+                        found.insert(key.clone(), seq.to_string());
+                    }
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Which table this is.
@@ -302,10 +343,13 @@ impl TableLake {
             .build();
         let mut transactions = Vec::new();
         if let Some(seq) = wal_seq {
-            transactions.push(Transaction::new(WAL_APP_ID, seq as i64));
+            transactions.push(Transaction::new(wal_app_id(&self.writer), seq as i64));
         }
         if let Some(time) = max_time {
-            transactions.push(Transaction::new(max_time_app_id(self.kind), time));
+            transactions.push(Transaction::new(
+                max_time_app_id(self.kind, &self.writer),
+                time,
+            ));
         }
         let mut commit = CommitProperties::default().with_application_transactions(transactions);
         if let Some(positions) = positions {

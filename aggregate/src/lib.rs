@@ -102,6 +102,35 @@ fn lock_wal_dir(wal_dir: &std::path::Path) -> Result<std::fs::File, AggregateErr
     }
 }
 
+/// The id of the writer whose WAL this is (`<wal_dir>/WRITER_ID`, made once): lake
+/// commits name their WAL sequence after it, so writers sharing a lake never conflict.
+fn writer_id(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
+    let path = wal_dir.join("WRITER_ID");
+    let io = |source| WalError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e).into()),
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let seed = format!("{now}/{}/{}", std::process::id(), wal_dir.display());
+    let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()));
+    let tmp = wal_dir.join("WRITER_ID.tmp");
+    std::fs::write(&tmp, &id).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(id)
+}
+
 enum WalJob {
     Append {
         payload: Vec<u8>,
@@ -186,11 +215,13 @@ impl Aggregator {
     pub async fn open(config: AggregateConfig) -> Result<Self, AggregateError> {
         m::describe();
         let lock = lock_wal_dir(&config.wal_dir)?;
+        let writer = writer_id(&config.wal_dir)?;
         let mut tables = Vec::new();
         let mut committed = Vec::new();
         for table in Table::ALL {
             let lake =
-                TableLake::open_or_create(&config.lake_dir, table, config.lake.clone()).await?;
+                TableLake::open_or_create(&config.lake_dir, table, config.lake.clone(), &writer)
+                    .await?;
             committed.push(lake.committed_seq().await?);
             let buffer = HotBuffer::new(table, lake.max_time().await?);
             let positions = lake.stream_positions().await?;
@@ -397,6 +428,54 @@ impl StreamSink for Aggregator {
             .iter()
             .map(|t| (t.table, t.opened_positions.clone()))
             .collect()
+    }
+
+    fn read_positions(
+        &self,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, fleetlake_ingest::sink::PositionsResult> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for state in &self.shared.tables {
+                let lake = state.lake.lock().await;
+                let found = lake
+                    .stream_positions_of(&keys)
+                    .await
+                    .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+                out.push((state.table, found));
+            }
+            Ok(out)
+        })
+    }
+
+    fn hold_positions(&self, positions: Vec<(Table, BTreeMap<String, String>)>) {
+        let mut reached = self.shared.positions.lock().expect("positions lock");
+        for (table, found) in &positions {
+            let state = self.shared.state(*table);
+            let mut committed = state.committed_positions.lock().expect("positions lock");
+            for (key, seq) in found {
+                committed.insert(key.clone(), seq.clone());
+                match reached.get(key) {
+                    Some(least) if sequence_le(least, seq) => {}
+                    _ => {
+                        reached.insert(key.clone(), seq.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn drop_positions(&self, keys: Vec<String>) {
+        let mut reached = self.shared.positions.lock().expect("positions lock");
+        for key in &keys {
+            reached.remove(key);
+        }
+        for state in &self.shared.tables {
+            let mut committed = state.committed_positions.lock().expect("positions lock");
+            for key in &keys {
+                committed.remove(key);
+            }
+        }
     }
 }
 

@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::decode::{DecodeStats, Decoder, Format};
+use crate::lease::{Lease, LeaseLost, LeaseSettings, LeaseWatch};
 use crate::metrics as m;
 use crate::schema::Table;
 use crate::sink::{SHARD_END, SinkError, StreamSink, sequence_le};
@@ -400,29 +401,51 @@ fn resume_of(committed: &[(Table, BTreeMap<String, String>)], key: &str) -> Resu
     }
 }
 
-/// Consumes `stream` until `shutdown` turns true.
+/// Consumes `stream` until `shutdown` turns true. With `leases`, only the shards this
+/// instance holds a lease for are read (see [`crate::lease`]); a lease taken away ends
+/// the consumer with [`LeaseLost`].
 pub async fn run_stream(
     stream: StreamConfig,
     api: Arc<dyn KinesisApi>,
     sink: Arc<dyn StreamSink>,
+    leases: Option<LeaseSettings>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Result<(), LeaseLost> {
     let stream = Arc::new(stream);
-    let committed = sink.committed_positions();
-    info!(stream = %stream.name, format = %stream.format, "kinesis consumer starting");
-    #[derive(Debug, PartialEq, Eq)]
-    enum State {
-        Waiting,
-        Reading,
-        Done,
-    }
+    let mut committed = sink.committed_positions();
+    info!(stream = %stream.name, format = %stream.format, leases = leases.is_some(), "kinesis consumer starting");
+    let mut coordinator = match leases {
+        Some(settings) => {
+            // Only shards held by this instance are carried in its commits.
+            let prefix = format!("{}/", stream.name);
+            let ours: Vec<String> = committed
+                .iter()
+                .flat_map(|(_, p)| p.keys())
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            sink.drop_positions(ours);
+            match Coordinator::start(settings, &stream, &mut shutdown).await {
+                Some(c) => Some(c),
+                None => return Ok(()),
+            }
+        }
+        None => None,
+    };
     let mut shards: HashMap<String, (Shard, State)> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::channel::<String>(64);
     let mut tasks = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut relist = true;
-    loop {
-        if relist {
+    let mut next_list = tokio::time::Instant::now();
+    // The first leases are taken a renewal interval after joining, so that instances
+    // started together see each other's heartbeats and split the shards.
+    let mut lease_tick = tokio::time::Instant::now()
+        + coordinator
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.settings.duration / 3);
+    let outcome = loop {
+        if tokio::time::Instant::now() >= next_list {
+            next_list = tokio::time::Instant::now() + stream.discovery_interval;
             match list_all_shards(api.as_ref(), &stream).await {
                 Ok(listed) => {
                     backoff.reset();
@@ -441,17 +464,50 @@ pub async fn run_stream(
                     warn!(stream = %stream.name, %error, retry_in = ?wait, "listing shards failed");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
-                        _ = shutdown.changed() => break,
+                        _ = shutdown.changed() => break Ok(()),
                     }
                 }
             }
         }
+        let mut allowed: Option<Vec<String>> = None;
+        if let Some(c) = coordinator.as_mut()
+            && tokio::time::Instant::now() >= lease_tick
+        {
+            lease_tick = tokio::time::Instant::now() + c.settings.duration / 3;
+            match c.tick(&stream, sink.as_ref(), &mut shards).await {
+                Ok(taken) => {
+                    if !taken.is_empty() {
+                        // Positions of the shards just taken, as their last owner left them.
+                        match sink.read_positions(taken.clone()).await {
+                            Ok(found) => {
+                                sink.hold_positions(found.clone());
+                                for (table, positions) in found {
+                                    match committed.iter_mut().find(|(t, _)| *t == table) {
+                                        Some((_, known)) => known.extend(positions),
+                                        None => committed.push((table, positions)),
+                                    }
+                                }
+                            }
+                            Err(error) => {
+                                warn!(stream = %stream.name, %error, "could not read positions of taken leases; retrying");
+                                c.release_unstarted(&taken);
+                            }
+                        }
+                    }
+                }
+                Err(lost) => break Err(lost),
+            }
+            allowed = Some(c.held_shards());
+        } else if let Some(c) = coordinator.as_ref() {
+            allowed = Some(c.held_shards());
+        }
         // Start every shard whose parents are read to their end (or gone from the
-        // stream, past its retention).
+        // stream, past its retention), and that this instance may read.
         let ids: Vec<String> = shards.keys().cloned().collect();
         for id in ids {
             let (shard, state) = &shards[&id];
-            if *state != State::Waiting {
+            if *state != State::Waiting || allowed.as_ref().is_some_and(|held| !held.contains(&id))
+            {
                 continue;
             }
             let parents_done = shard
@@ -482,19 +538,212 @@ pub async fn run_stream(
                 }
             }
         }
+        let until = match &coordinator {
+            Some(_) => next_list.min(lease_tick),
+            None => next_list,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(stream.discovery_interval) => relist = true,
+            _ = tokio::time::sleep_until(until) => {}
             Some(id) = done_rx.recv() => {
                 if let Some((_, state)) = shards.get_mut(&id) {
                     *state = State::Done;
                 }
-                relist = false;
+                if let Some(c) = coordinator.as_mut() {
+                    c.finished(&stream.shard_key(&id));
+                }
             }
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => break Ok(()),
         }
-    }
+    };
     tasks.shutdown().await;
     info!(stream = %stream.name, "kinesis consumer stopped");
+    outcome
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Reading,
+    Done,
+}
+
+/// This instance's part in the lease table of one stream.
+struct Coordinator {
+    settings: LeaseSettings,
+    heartbeat: (String, i64),
+    /// Shard leases held: key → counter.
+    held: HashMap<String, i64>,
+    watch: LeaseWatch,
+}
+
+impl Coordinator {
+    /// Makes the table and this instance's heartbeat; `None` on shutdown.
+    async fn start(
+        settings: LeaseSettings,
+        stream: &StreamConfig,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Self> {
+        let key = crate::lease::heartbeat_key(&settings.owner);
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let attempt = async {
+                settings.store.ensure_table().await?;
+                let seen = settings
+                    .store
+                    .list()
+                    .await?
+                    .into_iter()
+                    .find(|l| l.key == key)
+                    .map(|l| l.counter);
+                settings
+                    .store
+                    .take(&key, &settings.owner, seen)
+                    .await?
+                    .ok_or_else(|| ApiError::Other(format!("heartbeat {key} is in use")))
+            };
+            match attempt.await {
+                Ok(counter) => {
+                    info!(stream = %stream.name, owner = %settings.owner, "joined the lease table");
+                    return Some(Self {
+                        heartbeat: (key, counter),
+                        held: HashMap::new(),
+                        watch: LeaseWatch::default(),
+                        settings,
+                    });
+                }
+                Err(error) => {
+                    let wait = backoff.next_wait();
+                    warn!(stream = %stream.name, %error, retry_in = ?wait, "joining the lease table failed");
+                    if sleep_or_shutdown(wait, shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn held_shards(&self) -> Vec<String> {
+        self.held
+            .keys()
+            .filter_map(|k| k.rsplit_once('/').map(|(_, id)| id.to_string()))
+            .collect()
+    }
+
+    /// A shard read to its end: its lease is no longer renewed (whoever takes it later
+    /// finds its end committed).
+    fn finished(&mut self, key: &str) {
+        self.held.remove(key);
+    }
+
+    fn release_unstarted(&mut self, keys: &[String]) {
+        for key in keys {
+            self.held.remove(key);
+        }
+    }
+
+    /// Renews what is held, then takes unowned or expired leases of readable shards up
+    /// to this instance's share; returns the keys taken.
+    async fn tick(
+        &mut self,
+        stream: &StreamConfig,
+        sink: &dyn StreamSink,
+        shards: &mut HashMap<String, (Shard, State)>,
+    ) -> Result<Vec<String>, LeaseLost> {
+        let store = Arc::clone(&self.settings.store);
+        let owner = self.settings.owner.clone();
+        let mut renew = vec![self.heartbeat.clone()];
+        renew.extend(self.held.iter().map(|(k, c)| (k.clone(), *c)));
+        for (key, counter) in renew {
+            match store.renew(&key, &owner, counter).await {
+                Ok(Some(next)) => {
+                    if key == self.heartbeat.0 {
+                        self.heartbeat.1 = next;
+                    } else {
+                        self.held.insert(key, next);
+                    }
+                }
+                Ok(None) => return Err(LeaseLost { key }),
+                // Not lost yet: renewed at the next tick, within the duration.
+                Err(error) => warn!(%key, %error, "renewing a lease failed"),
+            }
+        }
+        let leases = match store.list().await {
+            Ok(leases) => leases,
+            Err(error) => {
+                warn!(stream = %stream.name, %error, "listing leases failed");
+                return Ok(Vec::new());
+            }
+        };
+        let now = std::time::Instant::now();
+        self.watch.observe(&leases, now);
+        let duration = self.settings.duration;
+        let live_instances = leases
+            .iter()
+            .filter(|l| l.key.starts_with("instance/") && self.watch.is_live(l, duration, now))
+            .count()
+            .max(1);
+        // Parents read by other instances: done once every table committed their end.
+        let unknown_parents: Vec<String> = shards
+            .values()
+            .filter(|(_, s)| *s == State::Waiting)
+            .flat_map(|(shard, _)| shard.parents().map(str::to_string).collect::<Vec<_>>())
+            .filter(|p| shards.get(p).is_some_and(|(_, s)| *s != State::Done))
+            .filter(|p| !self.held.contains_key(&stream.shard_key(p)))
+            .collect();
+        if !unknown_parents.is_empty() {
+            let keys: Vec<String> = unknown_parents
+                .iter()
+                .map(|p| stream.shard_key(p))
+                .collect();
+            if let Ok(found) = sink.read_positions(keys).await {
+                for parent in &unknown_parents {
+                    if resume_of(&found, &stream.shard_key(parent)) == Resume::Ended
+                        && let Some((_, state)) = shards.get_mut(parent)
+                    {
+                        *state = State::Done;
+                    }
+                }
+            }
+        }
+        let open = shards.values().filter(|(_, s)| *s != State::Done).count();
+        let share = open.div_ceil(live_instances);
+        let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+        let mut taken = Vec::new();
+        let mut ready: Vec<&Shard> = shards
+            .values()
+            .filter(|(_, s)| *s == State::Waiting)
+            .map(|(shard, _)| shard)
+            .filter(|shard| {
+                shard
+                    .parents()
+                    .all(|p| shards.get(p).is_none_or(|(_, s)| *s == State::Done))
+            })
+            .collect();
+        ready.sort_by(|a, b| a.id.cmp(&b.id));
+        for shard in ready {
+            if self.held.len() >= share {
+                break;
+            }
+            let key = stream.shard_key(&shard.id);
+            if self.held.contains_key(&key) {
+                continue;
+            }
+            let lease = by_key.get(key.as_str());
+            if lease.is_some_and(|l| self.watch.is_live(l, duration, now)) {
+                continue;
+            }
+            match store.take(&key, &owner, lease.map(|l| l.counter)).await {
+                Ok(Some(counter)) => {
+                    info!(stream = %stream.name, shard = %shard.id, previous = ?lease.and_then(|l| l.owner.clone()), "took lease");
+                    self.held.insert(key.clone(), counter);
+                    taken.push(key);
+                }
+                Ok(None) => debug!(%key, "another instance took the lease first"),
+                Err(error) => warn!(%key, %error, "taking a lease failed"),
+            }
+        }
+        Ok(taken)
+    }
 }
 
 async fn list_all_shards(

@@ -221,6 +221,7 @@ async fn consume(api: Arc<FakeKinesis>, sink: Arc<FakeSink>, expected: usize) {
         stream_config(),
         api,
         Arc::clone(&sink) as Arc<dyn StreamSink>,
+        None,
         shutdown,
     ));
     for _ in 0..2000 {
@@ -232,7 +233,7 @@ async fn consume(api: Arc<FakeKinesis>, sink: Arc<FakeSink>, expected: usize) {
     // A little longer, to see that nothing more arrives.
     tokio::time::sleep(Duration::from_millis(50)).await;
     stop.send(true).unwrap();
-    consumer.await.unwrap();
+    consumer.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -423,4 +424,168 @@ fn stream_names_and_arns() {
     );
     assert!(StreamConfig::parse_stream("arn:aws:s3:::bucket").is_err());
     assert!(StreamConfig::parse_stream("").is_err());
+}
+
+/// A lease table in memory, with the conditional semantics of the DynamoDB one.
+#[derive(Default)]
+struct MemoryLeases {
+    items: Mutex<HashMap<String, (Option<String>, i64)>>,
+}
+
+impl crate::lease::LeaseStore for MemoryLeases {
+    fn ensure_table(&self) -> BoxFuture<'_, Result<(), ApiError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<crate::lease::Lease>, ApiError>> {
+        let leases = self
+            .items
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(key, (owner, counter))| crate::lease::Lease {
+                key: key.clone(),
+                owner: owner.clone(),
+                counter: *counter,
+            })
+            .collect();
+        Box::pin(async move { Ok(leases) })
+    }
+
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        seen: Option<i64>,
+    ) -> BoxFuture<'a, Result<Option<i64>, ApiError>> {
+        let mut items = self.items.lock().unwrap();
+        let current = items.get(key).map(|(_, c)| *c);
+        let out = (current == seen).then(|| {
+            let next = current.unwrap_or(0) + 1;
+            items.insert(key.to_string(), (Some(owner.to_string()), next));
+            next
+        });
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        counter: i64,
+    ) -> BoxFuture<'a, Result<Option<i64>, ApiError>> {
+        let mut items = self.items.lock().unwrap();
+        let out = match items.get_mut(key) {
+            Some((Some(o), c)) if o == owner && *c == counter => {
+                *c += 1;
+                Some(*c)
+            }
+            _ => None,
+        };
+        Box::pin(async move { Ok(out) })
+    }
+}
+
+fn leases(store: &Arc<MemoryLeases>, owner: &str) -> Option<LeaseSettings> {
+    Some(LeaseSettings {
+        store: Arc::clone(store) as Arc<dyn crate::lease::LeaseStore>,
+        owner: owner.into(),
+        duration: Duration::from_millis(300),
+    })
+}
+
+fn four_open_shards() -> Arc<FakeKinesis> {
+    Arc::new(FakeKinesis {
+        shards: (1..=4)
+            .map(|i| fake_shard(&format!("shardId-00000000000{i}"), &[], 10, false))
+            .collect(),
+        page: 5,
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn two_consumers_split_the_shards_through_the_lease_table() {
+    let api = four_open_shards();
+    let store = Arc::new(MemoryLeases::default());
+    let (stop, shutdown) = watch::channel(false);
+    let sinks = [Arc::new(FakeSink::default()), Arc::new(FakeSink::default())];
+    let consumers: Vec<_> = ["a", "b"]
+        .iter()
+        .zip(&sinks)
+        .map(|(owner, sink)| {
+            tokio::spawn(run_stream(
+                stream_config(),
+                Arc::clone(&api) as Arc<dyn KinesisApi>,
+                Arc::clone(sink) as Arc<dyn StreamSink>,
+                leases(&store, owner),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
+    for _ in 0..500 {
+        if sinks.iter().map(|s| s.points().len()).sum::<usize>() >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(true).unwrap();
+    for consumer in consumers {
+        consumer.await.unwrap().unwrap();
+    }
+    let mut all: Vec<_> = sinks.iter().flat_map(|s| s.points()).collect();
+    assert_eq!(all.len(), 40);
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 40, "a shard was read by both");
+    // Each took its share: two shards each.
+    for sink in &sinks {
+        let accounts: std::collections::BTreeSet<_> =
+            sink.points().into_iter().map(|(a, _)| a).collect();
+        assert_eq!(accounts.len(), 2, "{accounts:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_lease_taken_away_ends_the_consumer() {
+    let api = four_open_shards();
+    let store = Arc::new(MemoryLeases::default());
+    let sink = Arc::new(FakeSink::default());
+    let (_stop, shutdown) = watch::channel(false);
+    let consumer = tokio::spawn(run_stream(
+        stream_config(),
+        api,
+        Arc::clone(&sink) as Arc<dyn StreamSink>,
+        leases(&store, "a"),
+        shutdown,
+    ));
+    let key = "fleet/shardId-000000000001";
+    for _ in 0..500 {
+        if store.items.lock().unwrap().contains_key(key) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Another instance takes it (as if "a" had missed its renewals).
+    use crate::lease::LeaseStore;
+    let mut stolen = false;
+    for _ in 0..100 {
+        let seen = store.items.lock().unwrap()[key].1;
+        if store
+            .take(key, "thief", Some(seen))
+            .await
+            .unwrap()
+            .is_some()
+        {
+            stolen = true;
+            break;
+        }
+    }
+    assert!(stolen, "renewed in between every time");
+    let outcome = tokio::time::timeout(Duration::from_secs(20), consumer)
+        .await
+        .expect("the consumer ends")
+        .unwrap();
+    assert_eq!(outcome.unwrap_err().key, key);
 }

@@ -25,6 +25,7 @@ pub mod decode;
 pub mod firehose;
 pub mod kinesis;
 pub mod kpl;
+pub mod lease;
 pub mod metric_stream;
 pub mod metrics;
 pub mod otel;

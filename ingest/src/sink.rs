@@ -45,7 +45,33 @@ pub trait StreamSink: Send + Sync + 'static {
     /// Each table's committed positions, as the lake held them when the sink opened,
     /// keyed by shard key.
     fn committed_positions(&self) -> Vec<(Table, std::collections::BTreeMap<String, String>)>;
+
+    /// Each table's committed position of each of `keys`, read from the lake now (the
+    /// newest commit that names it: another instance may have committed it).
+    fn read_positions(&self, keys: Vec<String>) -> BoxFuture<'_, PositionsResult> {
+        let found = self
+            .committed_positions()
+            .into_iter()
+            .map(|(table, mut positions)| {
+                positions.retain(|k, _| keys.contains(k));
+                (table, positions)
+            })
+            .collect();
+        Box::pin(async move { Ok(found) })
+    }
+
+    /// Carries `positions` (as [`StreamSink::read_positions`] found them) in the
+    /// commits from now on: this instance reads those shards now.
+    fn hold_positions(&self, _positions: Vec<(Table, std::collections::BTreeMap<String, String>)>) {
+    }
+
+    /// Stops carrying `keys` in commits: another instance reads those shards now.
+    fn drop_positions(&self, _keys: Vec<String>) {}
 }
+
+/// Positions per table, keyed by shard key.
+pub type PositionsResult =
+    Result<Vec<(Table, std::collections::BTreeMap<String, String>)>, SinkError>;
 
 /// Whether Kinesis sequence number `a` comes before or is `b`. Sequence numbers are
 /// decimal strings of up to 128 bits' worth of digits without leading zeros, so they

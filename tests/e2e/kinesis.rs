@@ -316,3 +316,55 @@ fn resharding_while_producing_keeps_order_per_key_and_loses_nothing() {
     );
     assert_eq!(out.lines().nth(1), Some("640,640,20"), "{out}");
 }
+
+#[test]
+fn two_instances_share_a_stream_through_dynamodb_leases_and_survive_a_kill() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let points = moto.python(
+        PRODUCER.replace("fleet-metrics", "shared").as_str(),
+        &["shared", "40", "30", "0", "create", "none"],
+    )["datapoints"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(points, 1200);
+    let config = dir.path().join("fleetlake.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[buffer]\nflush_interval = \"250ms\"\n\n[lake]\ndir = \"{}\"\n\n[[kinesis]]\n\
+             stream = \"shared\"\nregion = \"us-east-1\"\nendpoint_url = \"{1}\"\n\
+             idle_wait = \"100ms\"\ndiscovery_interval = \"1s\"\nmax_records = 5\n\
+             lease_table = \"fleetlake-leases\"\nlease_endpoint_url = \"{1}\"\n\
+             lease_duration = \"3s\"\n",
+            lake.display(),
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let first = Server::start_with_args(&dir.path().join("a"), &aws_env(), &args);
+    first.wait_for_log("joined the lease table");
+    let second = Server::start_with_args(&dir.path().join("b"), &aws_env(), &args);
+    second.wait_for_log("joined the lease table");
+    first.wait_for_log("took lease");
+    // The first instance dies while reading; the second takes its shards over once
+    // their leases expire, and reads them on from what the first committed.
+    wait_until("a commit by the first instance", || {
+        count(&second, "metrics") > 0
+    });
+    first.kill9();
+    second.wait_for_log("took lease");
+    wait_until("every record", || count(&second, "metrics") >= points);
+    assert_eq!(count(&second, "metrics"), points);
+    assert_eq!(duplicates(&second), 0.0, "records read twice");
+    second.stop();
+    // The shared lake is `<dir>/lake`, the lake of data directory `<dir>`.
+    let out = lake_query(
+        dir.path(),
+        "csv",
+        "SELECT count(*) AS n, count(DISTINCT (account_id, time)) AS k FROM metrics",
+    );
+    assert_eq!(out.lines().nth(1), Some("1200,1200"), "{out}");
+}
