@@ -353,6 +353,34 @@ impl RowSink for Aggregator {
 
 /// The WAL writer thread: group commit, then apply to the buffer, then acknowledge.
 impl Shared {
+    /// Inserts the rows of `writes` (WAL sequence, rows of any tables) into the tables'
+    /// hot buffers, counting duplicates and updating the buffer gauges; returns the rows
+    /// the next flush takes.
+    fn insert_into_buffers(&self, writes: &[(u64, &[(Table, RecordBatch)])]) -> usize {
+        let mut open_rows = 0;
+        for state in &self.tables {
+            let mut buffer = state.buffer.lock().expect("buffer lock");
+            let mut duplicates = 0;
+            for (seq, rows) in writes {
+                for (table, batch) in *rows {
+                    if *table == state.table {
+                        duplicates += buffer.insert(*seq, batch).duplicates;
+                    }
+                }
+            }
+            if duplicates > 0 {
+                ::metrics::counter!(m::DUPLICATES, "table" => state.table.name(), "stage" => "buffer")
+                    .increment(duplicates as u64);
+            }
+            open_rows += buffer.open_rows();
+            ::metrics::gauge!(m::BUFFER_ROWS, "table" => state.table.name())
+                .set(buffer.rows() as f64);
+            ::metrics::gauge!(m::BUFFER_BYTES, "table" => state.table.name())
+                .set(buffer.bytes() as f64);
+        }
+        open_rows
+    }
+
     /// Refuses a write while the hot buffer is full, asking for a flush.
     fn check_room(&self) -> Result<(), SinkError> {
         let buffered = self.buffered_rows();
@@ -374,25 +402,7 @@ impl Shared {
         // No WAL record: the rows ride with the last applied one, which keeps the
         // table's committed WAL sequence and truncation correct.
         let seq = self.applied_seq.load(Ordering::Acquire);
-        let mut open_rows = 0;
-        for state in &self.tables {
-            let mut buffer = state.buffer.lock().expect("buffer lock");
-            let mut duplicates = 0;
-            for (table, batch) in rows {
-                if *table == state.table {
-                    duplicates += buffer.insert(seq, batch).duplicates;
-                }
-            }
-            if duplicates > 0 {
-                ::metrics::counter!(m::DUPLICATES, "table" => state.table.name(), "stage" => "buffer")
-                    .increment(duplicates as u64);
-            }
-            open_rows += buffer.open_rows();
-            ::metrics::gauge!(m::BUFFER_ROWS, "table" => state.table.name())
-                .set(buffer.rows() as f64);
-            ::metrics::gauge!(m::BUFFER_BYTES, "table" => state.table.name())
-                .set(buffer.bytes() as f64);
-        }
+        let open_rows = self.insert_into_buffers(&[(seq, rows)]);
         for (key, seq) in positions {
             reached.insert(key, seq);
         }
@@ -557,27 +567,11 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
         ::metrics::histogram!(m::WAL_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
         ::metrics::histogram!(m::WAL_GROUP_SIZE).record(appended.len() as f64);
         ::metrics::counter!(m::WAL_RECORDS).increment(appended.len() as u64);
-        let mut open_rows = 0;
-        for state in &shared.tables {
-            let mut buffer = state.buffer.lock().expect("buffer lock");
-            let mut duplicates = 0;
-            for (seq, rows, _) in &appended {
-                for (table, batch) in rows {
-                    if *table == state.table {
-                        duplicates += buffer.insert(*seq, batch).duplicates;
-                    }
-                }
-            }
-            if duplicates > 0 {
-                ::metrics::counter!(m::DUPLICATES, "table" => state.table.name(), "stage" => "buffer")
-                    .increment(duplicates as u64);
-            }
-            open_rows += buffer.open_rows();
-            ::metrics::gauge!(m::BUFFER_ROWS, "table" => state.table.name())
-                .set(buffer.rows() as f64);
-            ::metrics::gauge!(m::BUFFER_BYTES, "table" => state.table.name())
-                .set(buffer.bytes() as f64);
-        }
+        let writes: Vec<(u64, &[(Table, RecordBatch)])> = appended
+            .iter()
+            .map(|(seq, rows, _)| (*seq, rows.as_slice()))
+            .collect();
+        let open_rows = shared.insert_into_buffers(&writes);
         if let Some((last, _, _)) = appended.last() {
             shared.applied_seq.store(*last, Ordering::Release);
         }

@@ -126,13 +126,13 @@ fn kinesis_records_land_exactly_once_through_kill_9_and_restarts() {
 
     // Killed after its first commits, long before the shards are read (5 records a
     // call, 5 calls a second per shard).
-    let server = Server::start_with_args(&data, &moto.aws_env(), &args);
+    let server = Server::start_with_args(&data, &aws_env(), &args);
     wait_for_commit_after(&data, 1);
     let before = count(&server, "metrics");
     assert!(before < points, "read everything before the kill: {before}");
     server.kill9();
 
-    let server = Server::start_with_args(&data, &moto.aws_env(), &args);
+    let server = Server::start_with_args(&data, &aws_env(), &args);
     wait_until("every record", || {
         count(&server, "metrics") >= points && count(&server, "logs") >= 300
     });
@@ -167,7 +167,7 @@ fn kinesis_records_land_exactly_once_through_kill_9_and_restarts() {
 
     // More records while it is stopped: a restart reads just those.
     let more = produce(&moto, 40, 4, 30, false);
-    let server = Server::start_with_args(&data, &moto.aws_env(), &args);
+    let server = Server::start_with_args(&data, &aws_env(), &args);
     wait_until("the new records", || {
         count(&server, "metrics") >= points + more
     });

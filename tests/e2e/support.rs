@@ -387,12 +387,20 @@ pub fn post_records(
 /// pyarrow 26 aborts at interpreter shutdown ("terminate called without an active
 /// exception") after the work is done, in about half of the runs here.
 pub fn python_json(script: &str, args: &[&Path]) -> serde_json::Value {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    run_python(script, &args, &[])
+}
+
+/// Runs `script` with the venv's Python, ending with `os._exit(0)` (see
+/// [`python_json`]); its stdout parsed as JSON.
+fn run_python(script: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> serde_json::Value {
     let script =
         format!("{script}\nimport os as _os, sys as _sys\n_sys.stdout.flush()\n_os._exit(0)\n");
     let out = Command::new(python())
         .arg("-c")
         .arg(script)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
@@ -425,10 +433,6 @@ impl Moto {
         Self { child, endpoint }
     }
 
-    pub fn aws_env(&self) -> Vec<(&'static str, &'static str)> {
-        aws_env()
-    }
-
     /// Runs a Python script (boto3, against this moto as `ENDPOINT`) with `args`;
     /// its stdout parsed as JSON.
     pub fn python(&self, script: &str, args: &[&str]) -> serde_json::Value {
@@ -454,22 +458,12 @@ pub fn boto3(endpoint: &str, script: &str, args: &[&str]) -> serde_json::Value {
     let script = format!(
         "import boto3, os\nENDPOINT = os.environ['AWS_STAND_IN']\n\
          def client(name):\n    return boto3.client(name, endpoint_url=ENDPOINT, region_name='us-east-1')\n\
-         {script}\nimport sys as _sys\n_sys.stdout.flush()\nos._exit(0)\n"
+         {script}"
     );
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .envs(aws_env())
-        .env("AWS_STAND_IN", endpoint)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let mut env: Vec<(&str, &str)> = aws_env();
+    env.push(("AWS_STAND_IN", endpoint));
+    run_python(&script, &args, &env)
 }
 
 fn free_port() -> u16 {
