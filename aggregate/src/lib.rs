@@ -475,6 +475,14 @@ impl StreamSink for Aggregator {
         }
     }
 
+    fn commit(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.flush()
+                .await
+                .map_err(|e| SinkError::Unavailable(e.to_string()))
+        })
+    }
+
     fn drop_positions(&self, keys: Vec<String>) {
         let mut reached = self.shared.positions.lock().expect("positions lock");
         for key in &keys {

@@ -26,7 +26,7 @@ use std::time::Duration;
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_kinesis::types::ShardIteratorType;
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -435,6 +435,9 @@ pub async fn run_stream(
     let mut shards: HashMap<String, (Shard, State)> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::channel::<String>(64);
     let mut tasks = JoinSet::new();
+    // Per reader: its own stop signal, and word that it has stopped (after its last
+    // write), for handing a shard to another instance.
+    let mut readers: HashMap<String, (watch::Sender<bool>, oneshot::Receiver<()>)> = HashMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut next_list = tokio::time::Instant::now();
     // The first leases are taken a renewal interval after joining, so that instances
@@ -475,7 +478,17 @@ pub async fn run_stream(
         {
             lease_tick = tokio::time::Instant::now() + c.settings.duration / 3;
             match c.tick(&stream, sink.as_ref(), &mut shards).await {
-                Ok(taken) => {
+                Ok((taken, give_up)) => {
+                    if let Some(id) = give_up
+                        && let Some((stop, stopped)) = readers.remove(&id)
+                    {
+                        let _ = stop.send(true);
+                        let _ = stopped.await;
+                        if let Some((_, state)) = shards.get_mut(&id) {
+                            *state = State::Waiting;
+                        }
+                        c.hand_over(&stream, sink.as_ref(), &id).await;
+                    }
                     if !taken.is_empty() {
                         // Positions of the shards just taken, as their last owner left them.
                         match sink.read_positions(taken.clone()).await {
@@ -526,15 +539,22 @@ pub async fn run_stream(
                 }
                 resume => {
                     shards.get_mut(&id).expect("listed").1 = State::Reading;
-                    tasks.spawn(read_shard(
+                    let (stop, stop_rx) = watch::channel(false);
+                    let (stopped_tx, stopped) = oneshot::channel();
+                    readers.insert(id.clone(), (stop, stopped));
+                    let reader = read_shard(
                         Arc::clone(&stream),
                         Arc::clone(&api),
                         Arc::clone(&sink),
                         shard,
                         resume,
                         done_tx.clone(),
-                        shutdown.clone(),
-                    ));
+                        stop_rx,
+                    );
+                    tasks.spawn(async move {
+                        reader.await;
+                        let _ = stopped_tx.send(());
+                    });
                 }
             }
         }
@@ -548,6 +568,7 @@ pub async fn run_stream(
                 if let Some((_, state)) = shards.get_mut(&id) {
                     *state = State::Done;
                 }
+                readers.remove(&id);
                 if let Some(c) = coordinator.as_mut() {
                     c.finished(&stream.shard_key(&id));
                 }
@@ -555,7 +576,10 @@ pub async fn run_stream(
             _ = shutdown.changed() => break Ok(()),
         }
     };
-    tasks.shutdown().await;
+    for (stop, _) in readers.values() {
+        let _ = stop.send(true);
+    }
+    while tasks.join_next().await.is_some() {}
     info!(stream = %stream.name, "kinesis consumer stopped");
     outcome
 }
@@ -641,14 +665,42 @@ impl Coordinator {
         }
     }
 
+    /// Hands shard `id` (its reader stopped) to another instance: commits what was read
+    /// of it, stops carrying its position, and releases its lease.
+    async fn hand_over(&mut self, stream: &StreamConfig, sink: &dyn StreamSink, id: &str) {
+        let key = stream.shard_key(id);
+        let Some(counter) = self.held.remove(&key) else {
+            return;
+        };
+        if let Err(error) = sink.commit().await {
+            // Keep it: the next flush commits it; the lease stays ours meanwhile.
+            warn!(%key, %error, "could not commit before handing a shard over");
+            self.held.insert(key, counter);
+            return;
+        }
+        sink.drop_positions(vec![key.clone()]);
+        match self
+            .settings
+            .store
+            .release(&key, &self.settings.owner, counter)
+            .await
+        {
+            Ok(true) => info!(stream = %stream.name, shard = %id, "released lease for balance"),
+            Ok(false) => warn!(%key, "lease changed before its release"),
+            // Not released: it expires, and its position is committed.
+            Err(error) => warn!(%key, %error, "releasing a lease failed"),
+        }
+    }
+
     /// Renews what is held, then takes unowned or expired leases of readable shards up
-    /// to this instance's share; returns the keys taken.
+    /// to this instance's share; returns the keys taken, and a shard being read to give
+    /// up when this instance holds more than its share.
     async fn tick(
         &mut self,
         stream: &StreamConfig,
         sink: &dyn StreamSink,
         shards: &mut HashMap<String, (Shard, State)>,
-    ) -> Result<Vec<String>, LeaseLost> {
+    ) -> Result<(Vec<String>, Option<String>), LeaseLost> {
         let store = Arc::clone(&self.settings.store);
         let owner = self.settings.owner.clone();
         let mut renew = vec![self.heartbeat.clone()];
@@ -671,7 +723,7 @@ impl Coordinator {
             Ok(leases) => leases,
             Err(error) => {
                 warn!(stream = %stream.name, %error, "listing leases failed");
-                return Ok(Vec::new());
+                return Ok((Vec::new(), None));
             }
         };
         let now = std::time::Instant::now();
@@ -742,7 +794,21 @@ impl Coordinator {
                 Err(error) => warn!(%key, %error, "taking a lease failed"),
             }
         }
-        Ok(taken)
+        // Over its share (another instance joined): give one shard up per tick.
+        let give_up = (self.held.len() > share)
+            .then(|| {
+                let mut reading: Vec<&String> = shards
+                    .iter()
+                    .filter(|(id, (_, s))| {
+                        *s == State::Reading && self.held.contains_key(&stream.shard_key(id))
+                    })
+                    .map(|(id, _)| id)
+                    .collect();
+                reading.sort();
+                reading.last().map(|id| (*id).clone())
+            })
+            .flatten();
+        Ok((taken, give_up))
     }
 }
 

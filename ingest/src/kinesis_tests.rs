@@ -142,6 +142,10 @@ struct FakeSink {
     writes: Mutex<Vec<Write>>,
     /// Writes refused as overloaded before the first is taken.
     overloaded: Mutex<usize>,
+    /// Positions reached and carried (see `StreamSink::hold_positions`).
+    reached: Mutex<BTreeMap<String, String>>,
+    /// A lake shared with other sinks: `commit` publishes the positions reached.
+    lake: Option<Arc<Mutex<BTreeMap<String, String>>>>,
 }
 
 impl StreamSink for FakeSink {
@@ -156,6 +160,10 @@ impl StreamSink for FakeSink {
                 *overloaded -= 1;
                 return Err(SinkError::Overloaded("full".into()));
             }
+            self.reached
+                .lock()
+                .unwrap()
+                .extend(positions.iter().cloned());
             self.writes.lock().unwrap().push((rows, positions));
             Ok(())
         })
@@ -163,6 +171,39 @@ impl StreamSink for FakeSink {
 
     fn committed_positions(&self) -> Vec<(Table, BTreeMap<String, String>)> {
         self.committed.clone()
+    }
+
+    fn read_positions(&self, keys: Vec<String>) -> BoxFuture<'_, crate::sink::PositionsResult> {
+        let found = match &self.lake {
+            Some(lake) => {
+                let mut positions = lake.lock().unwrap().clone();
+                positions.retain(|k, _| keys.contains(k));
+                vec![(Table::Metrics, positions)]
+            }
+            None => Vec::new(),
+        };
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn hold_positions(&self, positions: Vec<(Table, BTreeMap<String, String>)>) {
+        for (_, found) in positions {
+            self.reached.lock().unwrap().extend(found);
+        }
+    }
+
+    fn drop_positions(&self, keys: Vec<String>) {
+        self.reached
+            .lock()
+            .unwrap()
+            .retain(|k, _| !keys.contains(k));
+    }
+
+    fn commit(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        if let Some(lake) = &self.lake {
+            let reached = self.reached.lock().unwrap().clone();
+            lake.lock().unwrap().extend(reached);
+        }
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -484,6 +525,35 @@ impl crate::lease::LeaseStore for MemoryLeases {
         };
         Box::pin(async move { Ok(out) })
     }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        counter: i64,
+    ) -> BoxFuture<'a, Result<bool, ApiError>> {
+        let mut items = self.items.lock().unwrap();
+        let out = match items.get_mut(key) {
+            Some((o, c)) if o.as_deref() == Some(owner) && *c == counter => {
+                *o = None;
+                *c += 1;
+                true
+            }
+            _ => false,
+        };
+        Box::pin(async move { Ok(out) })
+    }
+}
+
+impl MemoryLeases {
+    fn owned_by(&self, owner: &str) -> usize {
+        self.items
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, (o, _))| !k.starts_with("instance/") && o.as_deref() == Some(owner))
+            .count()
+    }
 }
 
 fn leases(store: &Arc<MemoryLeases>, owner: &str) -> Option<LeaseSettings> {
@@ -588,4 +658,51 @@ async fn a_lease_taken_away_ends_the_consumer() {
         .expect("the consumer ends")
         .unwrap();
     assert_eq!(outcome.unwrap_err().key, key);
+}
+
+#[tokio::test]
+async fn a_late_instance_gets_its_share_handed_over_without_a_record_read_twice() {
+    let api = four_open_shards();
+    let store = Arc::new(MemoryLeases::default());
+    let lake = Arc::new(Mutex::new(BTreeMap::new()));
+    let sink = |_| {
+        Arc::new(FakeSink {
+            lake: Some(Arc::clone(&lake)),
+            ..Default::default()
+        })
+    };
+    let sinks = [sink(0), sink(1)];
+    let (stop, shutdown) = watch::channel(false);
+    let start = |owner: &str, sink: &Arc<FakeSink>| {
+        tokio::spawn(run_stream(
+            stream_config(),
+            Arc::clone(&api) as Arc<dyn KinesisApi>,
+            Arc::clone(sink) as Arc<dyn StreamSink>,
+            leases(&store, owner),
+            shutdown.clone(),
+        ))
+    };
+    let first = start("a", &sinks[0]);
+    for _ in 0..500 {
+        if sinks[0].points().len() >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.owned_by("a"), 4);
+    let second = start("b", &sinks[1]);
+    for _ in 0..500 {
+        if store.owned_by("b") == 2 && store.owned_by("a") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((store.owned_by("a"), store.owned_by("b")), (2, 2));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    // "b" went on from what "a" committed before handing over: nothing read twice.
+    assert_eq!(sinks[0].points().len(), 40);
+    assert_eq!(sinks[1].points().len(), 0);
 }

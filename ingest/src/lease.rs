@@ -62,6 +62,15 @@ pub trait LeaseStore: Send + Sync + 'static {
         owner: &'a str,
         counter: i64,
     ) -> BoxFuture<'a, Result<Option<i64>, ApiError>>;
+
+    /// Gives `key` up (no owner, counter + 1) if `owner` still holds it at `counter`;
+    /// whether it did.
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        counter: i64,
+    ) -> BoxFuture<'a, Result<bool, ApiError>>;
 }
 
 /// A lease this instance held was taken by another: see the module docs.
@@ -321,6 +330,33 @@ impl LeaseStore for DynamoLeases {
             match out {
                 Ok(out) => Ok(counter_of(out.attributes())),
                 Err(e) if is_condition_failure(&e) => Ok(None),
+                Err(e) => Err(dynamo_error(e)),
+            }
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        counter: i64,
+    ) -> BoxFuture<'a, Result<bool, ApiError>> {
+        Box::pin(async move {
+            let out = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("leaseKey", AttributeValue::S(key.to_string()))
+                .update_expression("REMOVE leaseOwner SET leaseCounter = leaseCounter + :one")
+                .condition_expression("leaseOwner = :owner AND leaseCounter = :seen")
+                .expression_attribute_values(":owner", AttributeValue::S(owner.to_string()))
+                .expression_attribute_values(":seen", AttributeValue::N(counter.to_string()))
+                .expression_attribute_values(":one", AttributeValue::N("1".into()))
+                .send()
+                .await;
+            match out {
+                Ok(_) => Ok(true),
+                Err(e) if is_condition_failure(&e) => Ok(false),
                 Err(e) => Err(dynamo_error(e)),
             }
         })

@@ -67,6 +67,12 @@ pub trait StreamSink: Send + Sync + 'static {
 
     /// Stops carrying `keys` in commits: another instance reads those shards now.
     fn drop_positions(&self, _keys: Vec<String>) {}
+
+    /// Commits what is buffered now, positions included (before a shard is handed to
+    /// another instance).
+    fn commit(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Positions per table, keyed by shard key.

@@ -318,7 +318,7 @@ fn resharding_while_producing_keeps_order_per_key_and_loses_nothing() {
 }
 
 #[test]
-fn two_instances_share_a_stream_through_dynamodb_leases_and_survive_a_kill() {
+fn instances_share_a_stream_through_dynamodb_leases_hand_over_and_survive_a_kill() {
     let moto = Moto::start();
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
@@ -344,18 +344,21 @@ fn two_instances_share_a_stream_through_dynamodb_leases_and_survive_a_kill() {
     )
     .unwrap();
     let args = ["--config", config.to_str().unwrap()];
+    // The first instance reads alone, then a second joins: the first hands half of
+    // the shards over (commits, then releases their leases).
     let first = Server::start_with_args(&dir.path().join("a"), &aws_env(), &args);
     first.wait_for_log("joined the lease table");
+    wait_until("a commit by the first instance", || {
+        count(&first, "metrics") > 0
+    });
     let second = Server::start_with_args(&dir.path().join("b"), &aws_env(), &args);
     second.wait_for_log("joined the lease table");
-    first.wait_for_log("took lease");
+    first.wait_for_log("released lease for balance");
+    second.wait_for_log("took lease");
     // The first instance dies while reading; the second takes its shards over once
     // their leases expire, and reads them on from what the first committed.
-    wait_until("a commit by the first instance", || {
-        count(&second, "metrics") > 0
-    });
     first.kill9();
-    second.wait_for_log("took lease");
+    second.wait_for_log("previous=Some(");
     wait_until("every record", || count(&second, "metrics") >= points);
     assert_eq!(count(&second, "metrics"), points);
     assert_eq!(duplicates(&second), 0.0, "records read twice");
