@@ -235,17 +235,11 @@ impl Aggregator {
         }
         // Streams resume from the least position any table committed; a table that
         // holds more keeps its own (see `merge_positions`).
-        let mut positions: BTreeMap<String, String> = BTreeMap::new();
-        for state in &tables {
-            for (key, seq) in &state.opened_positions {
-                match positions.get(key) {
-                    Some(least) if sequence_le(least, seq) => {}
-                    _ => {
-                        positions.insert(key.clone(), seq.clone());
-                    }
-                }
-            }
-        }
+        let opened: Vec<_> = tables
+            .iter()
+            .map(|t| (t.table, t.opened_positions.clone()))
+            .collect();
+        let positions = least_positions(tables.len(), &opened);
         let least = committed.iter().copied().min().unwrap_or(0);
         let greatest = committed.iter().copied().max().unwrap_or(0);
         let dir = config.wal_dir.clone();
@@ -404,7 +398,14 @@ impl Shared {
         let seq = self.applied_seq.load(Ordering::Acquire);
         let open_rows = self.insert_into_buffers(&[(seq, rows)]);
         for (key, seq) in positions {
-            reached.insert(key, seq);
+            // Only forward: a shard read again from an older position (after a failed
+            // hand-over) must not move the reached position back.
+            match reached.get(&key) {
+                Some(old) if sequence_le(&seq, old) => {}
+                _ => {
+                    reached.insert(key, seq);
+                }
+            }
         }
         drop(reached);
         if open_rows >= self.config.flush_rows {
@@ -458,43 +459,80 @@ impl StreamSink for Aggregator {
         })
     }
 
-    fn hold_positions(&self, positions: Vec<(Table, BTreeMap<String, String>)>) {
-        let mut reached = self.shared.positions.lock().expect("positions lock");
-        for (table, found) in &positions {
-            let state = self.shared.state(*table);
-            let mut committed = state.committed_positions.lock().expect("positions lock");
-            for (key, seq) in found {
-                committed.insert(key.clone(), seq.clone());
-                match reached.get(key) {
-                    Some(least) if sequence_le(least, seq) => {}
-                    _ => {
-                        reached.insert(key.clone(), seq.clone());
-                    }
-                }
-            }
-        }
-    }
-
-    fn commit(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+    fn hold_positions(
+        &self,
+        positions: Vec<(Table, BTreeMap<String, String>)>,
+    ) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.flush()
-                .await
-                .map_err(|e| SinkError::Unavailable(e.to_string()))
+            let _no_flush = self.shared.flushing.lock().await;
+            self.shared.hold_positions(&positions);
         })
     }
 
-    fn drop_positions(&self, keys: Vec<String>) {
-        let mut reached = self.shared.positions.lock().expect("positions lock");
-        for key in &keys {
+    fn commit_without(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let _no_other_flush = self.shared.flushing.lock().await;
+            flush_locked(&self.shared)
+                .await
+                .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+            self.shared.drop_positions(&keys);
+            Ok(())
+        })
+    }
+}
+
+impl Shared {
+    /// See [`StreamSink::hold_positions`]; the caller holds the flush lock.
+    fn hold_positions(&self, positions: &[(Table, BTreeMap<String, String>)]) {
+        let mut reached = self.positions.lock().expect("positions lock");
+        for (table, found) in positions {
+            let state = self.state(*table);
+            let mut committed = state.committed_positions.lock().expect("positions lock");
+            for (key, seq) in found {
+                committed.insert(key.clone(), seq.clone());
+            }
+        }
+        reached.extend(least_positions(self.tables.len(), positions));
+    }
+
+    /// See [`StreamSink::commit_without`]; the caller holds the flush lock.
+    fn drop_positions(&self, keys: &[String]) {
+        let mut reached = self.positions.lock().expect("positions lock");
+        for key in keys {
             reached.remove(key);
         }
-        for state in &self.shared.tables {
+        for state in &self.tables {
             let mut committed = state.committed_positions.lock().expect("positions lock");
-            for key in &keys {
+            for key in keys {
                 committed.remove(key);
             }
         }
     }
+}
+
+/// Per shard key, the least position of all `tables` tables, for the keys every table
+/// committed. A key some table lacks (its first commit failed before a crash) is left
+/// out: that table holds nothing of the shard, and the position reached is set only
+/// by the records read again.
+fn least_positions(
+    tables: usize,
+    positions: &[(Table, BTreeMap<String, String>)],
+) -> BTreeMap<String, String> {
+    let mut least: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for (_, found) in positions {
+        for (key, seq) in found {
+            let entry = least.entry(key.clone()).or_insert((0, seq.clone()));
+            entry.0 += 1;
+            if sequence_le(seq, &entry.1) {
+                entry.1.clone_from(seq);
+            }
+        }
+    }
+    least
+        .into_iter()
+        .filter(|(_, (n, _))| *n == tables)
+        .map(|(key, (_, seq))| (key, seq))
+        .collect()
 }
 
 /// The positions a table commits: what it committed before, advanced to what the
@@ -614,6 +652,11 @@ async fn flush_loop(shared: Arc<Shared>) {
 /// Flushes every table, then truncates the WAL as far as all tables allow.
 async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
     let _one_at_a_time = shared.flushing.lock().await;
+    flush_locked(shared).await
+}
+
+/// One flush of every table; the caller holds the flush lock.
+async fn flush_locked(shared: &Shared) -> Result<(), LakeError> {
     // Every table's rows and the stream positions, taken at one instant.
     let (jobs, reached) = {
         let reached = shared.positions.lock().expect("positions lock");

@@ -362,8 +362,10 @@ impl Backoff {
 /// Where a shard resumes, from the positions every table committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Resume {
-    /// No table committed a position: the configured start.
-    Start,
+    /// Not committed by every table: from the start (the oldest record when some
+    /// table committed it, as a table whose first commit failed before a crash needs
+    /// every record); `skip` lists the tables that hold records, with their positions.
+    Start { skip: Vec<(Table, String)> },
     /// After this sequence number (the least any table committed); `skip` lists the
     /// tables that hold more, with their positions: records up to there give them no
     /// rows.
@@ -371,33 +373,43 @@ enum Resume {
         seq: String,
         skip: Vec<(Table, String)>,
     },
-    /// Read to its end before.
+    /// Read to its end before, by every table.
     Ended,
 }
 
 fn resume_of(committed: &[(Table, BTreeMap<String, String>)], key: &str) -> Resume {
-    let held: Vec<(Table, &String)> = committed
+    let held: Vec<(Table, Option<&String>)> = committed
         .iter()
-        .filter_map(|(t, positions)| Some((*t, positions.get(key)?)))
+        .map(|(t, positions)| (*t, positions.get(key)))
         .collect();
+    let skip_past = |least: Option<&String>| -> Vec<(Table, String)> {
+        held.iter()
+            .filter_map(|(t, seq)| {
+                let seq = (*seq)?;
+                least
+                    .is_none_or(|least| !sequence_le(seq, least))
+                    .then(|| (*t, seq.clone()))
+            })
+            .collect()
+    };
+    if held.iter().any(|(_, seq)| seq.is_none()) {
+        return Resume::Start {
+            skip: skip_past(None),
+        };
+    }
     let Some(least) = held
         .iter()
-        .map(|(_, seq)| *seq)
+        .filter_map(|(_, seq)| *seq)
         .reduce(|a, b| if sequence_le(a, b) { a } else { b })
     else {
-        return Resume::Start;
+        return Resume::Start { skip: Vec::new() };
     };
     if least == SHARD_END {
         return Resume::Ended;
     }
-    let skip = held
-        .iter()
-        .filter(|(_, seq)| !sequence_le(seq, least))
-        .map(|(t, seq)| (*t, (*seq).clone()))
-        .collect();
     Resume::After {
         seq: least.clone(),
-        skip,
+        skip: skip_past(Some(least)),
     }
 }
 
@@ -424,7 +436,12 @@ pub async fn run_stream(
                 .filter(|k| k.starts_with(&prefix))
                 .cloned()
                 .collect();
-            sink.drop_positions(ours);
+            while let Err(error) = sink.commit_without(ours.clone()).await {
+                warn!(stream = %stream.name, %error, "could not commit before joining the lease table; retrying");
+                if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
+                    return Ok(());
+                }
+            }
             match Coordinator::start(settings, &stream, &mut shutdown).await {
                 Some(c) => Some(c),
                 None => return Ok(()),
@@ -487,13 +504,13 @@ pub async fn run_stream(
                         if let Some((_, state)) = shards.get_mut(&id) {
                             *state = State::Waiting;
                         }
-                        c.hand_over(&stream, sink.as_ref(), &id).await;
+                        c.give_back(&stream, sink.as_ref(), &id, "balance").await;
                     }
                     if !taken.is_empty() {
                         // Positions of the shards just taken, as their last owner left them.
                         match sink.read_positions(taken.clone()).await {
                             Ok(found) => {
-                                sink.hold_positions(found.clone());
+                                sink.hold_positions(found.clone()).await;
                                 for (table, positions) in found {
                                     match committed.iter_mut().find(|(t, _)| *t == table) {
                                         Some((_, known)) => known.extend(positions),
@@ -534,6 +551,10 @@ pub async fn run_stream(
                 Resume::Ended => {
                     debug!(stream = %stream.name, shard = %shard.id, "shard was read to its end before");
                     shards.get_mut(&id).expect("listed").1 = State::Done;
+                    if let Some(c) = coordinator.as_mut() {
+                        c.give_back(&stream, sink.as_ref(), &id, "ended before")
+                            .await;
+                    }
                     // Its children may be ready now: look again at once.
                     let _ = done_tx.try_send(String::new());
                 }
@@ -570,7 +591,9 @@ pub async fn run_stream(
                 }
                 readers.remove(&id);
                 if let Some(c) = coordinator.as_mut() {
-                    c.finished(&stream.shard_key(&id));
+                    // Released once its end is committed (by this commit), so no one
+                    // takes it over to read its tail again.
+                    c.give_back(&stream, sink.as_ref(), &id, "read to its end").await;
                 }
             }
             _ = shutdown.changed() => break Ok(()),
@@ -597,6 +620,8 @@ struct Coordinator {
     heartbeat: (String, i64),
     /// Shard leases held: key → counter.
     held: HashMap<String, i64>,
+    /// When each held lease was last taken or renewed.
+    renewed: HashMap<String, std::time::Instant>,
     watch: LeaseWatch,
 }
 
@@ -631,6 +656,7 @@ impl Coordinator {
                     return Some(Self {
                         heartbeat: (key, counter),
                         held: HashMap::new(),
+                        renewed: HashMap::new(),
                         watch: LeaseWatch::default(),
                         settings,
                     });
@@ -653,39 +679,40 @@ impl Coordinator {
             .collect()
     }
 
-    /// A shard read to its end: its lease is no longer renewed (whoever takes it later
-    /// finds its end committed).
-    fn finished(&mut self, key: &str) {
-        self.held.remove(key);
-    }
-
     fn release_unstarted(&mut self, keys: &[String]) {
         for key in keys {
             self.held.remove(key);
         }
     }
 
-    /// Hands shard `id` (its reader stopped) to another instance: commits what was read
-    /// of it, stops carrying its position, and releases its lease.
-    async fn hand_over(&mut self, stream: &StreamConfig, sink: &dyn StreamSink, id: &str) {
+    /// Gives shard `id` (no reader running) back to the lease table: commits what was
+    /// read of it and stops carrying its position (one step, see
+    /// [`StreamSink::commit_without`]), then releases its lease.
+    async fn give_back(
+        &mut self,
+        stream: &StreamConfig,
+        sink: &dyn StreamSink,
+        id: &str,
+        why: &str,
+    ) {
         let key = stream.shard_key(id);
         let Some(counter) = self.held.remove(&key) else {
             return;
         };
-        if let Err(error) = sink.commit().await {
+        if let Err(error) = sink.commit_without(vec![key.clone()]).await {
             // Keep it: the next flush commits it; the lease stays ours meanwhile.
-            warn!(%key, %error, "could not commit before handing a shard over");
+            warn!(%key, %error, "could not commit before giving a shard's lease back");
             self.held.insert(key, counter);
             return;
         }
-        sink.drop_positions(vec![key.clone()]);
+        self.renewed.remove(&key);
         match self
             .settings
             .store
             .release(&key, &self.settings.owner, counter)
             .await
         {
-            Ok(true) => info!(stream = %stream.name, shard = %id, "released lease for balance"),
+            Ok(true) => info!(stream = %stream.name, shard = %id, why, "released lease"),
             Ok(false) => warn!(%key, "lease changed before its release"),
             // Not released: it expires, and its position is committed.
             Err(error) => warn!(%key, %error, "releasing a lease failed"),
@@ -711,6 +738,7 @@ impl Coordinator {
                     if key == self.heartbeat.0 {
                         self.heartbeat.1 = next;
                     } else {
+                        self.renewed.insert(key.clone(), std::time::Instant::now());
                         self.held.insert(key, next);
                     }
                 }
@@ -718,6 +746,16 @@ impl Coordinator {
                 // Not lost yet: renewed at the next tick, within the duration.
                 Err(error) => warn!(%key, %error, "renewing a lease failed"),
             }
+        }
+        // Not renewed for two thirds of the duration (failed calls, or this loop held
+        // up): another instance may take it before we notice, so stop here.
+        let limit = self.settings.duration * 2 / 3;
+        if let Some(key) = self
+            .held
+            .keys()
+            .find(|k| self.renewed.get(*k).is_none_or(|at| at.elapsed() > limit))
+        {
+            return Err(LeaseLost { key: key.clone() });
         }
         let leases = match store.list().await {
             Ok(leases) => leases,
@@ -787,6 +825,7 @@ impl Coordinator {
             match store.take(&key, &owner, lease.map(|l| l.counter)).await {
                 Ok(Some(counter)) => {
                     info!(stream = %stream.name, shard = %shard.id, previous = ?lease.and_then(|l| l.owner.clone()), "took lease");
+                    self.renewed.insert(key.clone(), std::time::Instant::now());
                     self.held.insert(key.clone(), counter);
                     taken.push(key);
                 }
@@ -841,11 +880,29 @@ async fn read_shard(
     let key = stream.shard_key(&shard.id);
     let source = stream.source();
     let labels = [("stream", stream.name.clone()), ("shard", shard.id.clone())];
-    let (mut last_seq, mut skip) = match resume {
-        Resume::After { seq, skip } => (Some(seq), skip),
-        _ => (None, Vec::new()),
+    let (mut last_seq, mut skip, from_oldest) = match resume {
+        Resume::After { seq, skip } => (Some(seq), skip, false),
+        Resume::Start { skip } => {
+            let some_table_has_it = !skip.is_empty();
+            (None, skip, some_table_has_it)
+        }
+        Resume::Ended => (None, Vec::new(), false),
+    };
+    // Children of a split or merge start at their first record, whatever the stream's
+    // start (as the KCL does): their records follow the parents'. LATEST is pinned to
+    // a time, so that renewing the iterator before a record arrives skips nothing.
+    let start = match stream.start {
+        _ if from_oldest || shard.parents().next().is_some() => StartPosition::TrimHorizon,
+        StartPosition::Latest => StartPosition::AtTimestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_default(),
+        ),
+        start => start,
     };
     info!(stream = %stream.name, shard = %shard.id, after = ?last_seq, "reading shard");
+    let mut failures = 0;
     let mut iterator: Option<String> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
@@ -857,7 +914,7 @@ async fn read_shard(
             None => {
                 let from = match &last_seq {
                     Some(seq) => IteratorFrom::After(seq.clone()),
-                    None => IteratorFrom::Start(stream.start),
+                    None => IteratorFrom::Start(start),
                 };
                 match api.shard_iterator(&stream, &shard.id, from).await {
                     Ok(it) => it,
@@ -896,12 +953,19 @@ async fn read_shard(
                     .increment(1);
                 let wait = backoff.next_wait();
                 warn!(stream = %stream.name, shard = %shard.id, %error, retry_in = ?wait, "GetRecords failed");
+                // The iterator stays valid for 5 minutes: retry it, and take a new one
+                // only after repeated failures (it may be what is wrong).
+                failures += 1;
+                if failures < 3 {
+                    iterator = Some(it);
+                }
                 if sleep_or_shutdown(wait, &mut shutdown).await {
                     return;
                 }
                 continue;
             }
         };
+        failures = 0;
         backoff.reset();
         if let Some(behind) = page.millis_behind {
             metrics::gauge!(m::KINESIS_MILLIS_BEHIND, &labels).set(behind as f64);

@@ -95,7 +95,12 @@ impl KinesisApi for FakeKinesis {
                     + 1
             }
             IteratorFrom::Start(StartPosition::Latest) => shard.records.len(),
-            IteratorFrom::Start(_) => 0,
+            IteratorFrom::Start(StartPosition::AtTimestamp(ms)) => shard
+                .records
+                .iter()
+                .position(|r| r.arrival_ms >= ms)
+                .unwrap_or(shard.records.len()),
+            IteratorFrom::Start(StartPosition::TrimHorizon) => 0,
         };
         self.calls
             .lock()
@@ -185,24 +190,25 @@ impl StreamSink for FakeSink {
         Box::pin(async move { Ok(found) })
     }
 
-    fn hold_positions(&self, positions: Vec<(Table, BTreeMap<String, String>)>) {
+    fn hold_positions(
+        &self,
+        positions: Vec<(Table, BTreeMap<String, String>)>,
+    ) -> BoxFuture<'_, ()> {
         for (_, found) in positions {
             self.reached.lock().unwrap().extend(found);
         }
+        Box::pin(async {})
     }
 
-    fn drop_positions(&self, keys: Vec<String>) {
-        self.reached
-            .lock()
-            .unwrap()
-            .retain(|k, _| !keys.contains(k));
-    }
-
-    fn commit(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+    fn commit_without(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), SinkError>> {
         if let Some(lake) = &self.lake {
             let reached = self.reached.lock().unwrap().clone();
             lake.lock().unwrap().extend(reached);
         }
+        self.reached
+            .lock()
+            .unwrap()
+            .retain(|k, _| !keys.contains(k));
         Box::pin(async { Ok(()) })
     }
 }
@@ -408,7 +414,17 @@ async fn resumes_after_committed_positions_and_skips_what_a_table_holds() {
 fn resume_is_the_least_committed_position() {
     let key = "s/shardId-1";
     let at = |seq: &str| BTreeMap::from([(key.to_string(), seq.to_string())]);
-    assert_eq!(resume_of(&[], key), Resume::Start);
+    assert_eq!(resume_of(&[], key), Resume::Start { skip: vec![] });
+    // A table whose first commit of the shard failed needs it from the start.
+    assert_eq!(
+        resume_of(
+            &[(Table::Metrics, at("99")), (Table::Logs, BTreeMap::new())],
+            key
+        ),
+        Resume::Start {
+            skip: vec![(Table::Metrics, "99".into())]
+        }
+    );
     assert_eq!(
         resume_of(&[(Table::Metrics, at("99")), (Table::Logs, at("100"))], key),
         Resume::After {
@@ -705,4 +721,44 @@ async fn a_late_instance_gets_its_share_handed_over_without_a_record_read_twice(
     // "b" went on from what "a" committed before handing over: nothing read twice.
     assert_eq!(sinks[0].points().len(), 40);
     assert_eq!(sinks[1].points().len(), 0);
+}
+
+#[tokio::test]
+async fn children_start_at_their_first_record_and_ended_leases_are_released() {
+    // LATEST skips what the parent held before the start, never the child's records.
+    let api = Arc::new(FakeKinesis {
+        shards: vec![
+            fake_shard("shardId-000000000001", &[], 5, true),
+            fake_shard("shardId-000000000002", &["shardId-000000000001"], 5, false),
+        ],
+        page: 2,
+        ..Default::default()
+    });
+    let store = Arc::new(MemoryLeases::default());
+    let sink = Arc::new(FakeSink::default());
+    let (stop, shutdown) = watch::channel(false);
+    let mut config = stream_config();
+    config.start = StartPosition::Latest;
+    let consumer = tokio::spawn(run_stream(
+        config,
+        api,
+        Arc::clone(&sink) as Arc<dyn StreamSink>,
+        leases(&store, "a"),
+        shutdown,
+    ));
+    for _ in 0..500 {
+        if sink.points().len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.send(true).unwrap();
+    consumer.await.unwrap().unwrap();
+    let accounts: Vec<_> = sink.points().into_iter().map(|(a, _)| a).collect();
+    assert_eq!(accounts, vec!["000000000002".to_string(); 5]);
+    // The parent's lease went back once its end was committed.
+    let items = store.items.lock().unwrap();
+    assert_eq!(items["fleet/shardId-000000000001"].0, None);
+    assert_eq!(items["fleet/shardId-000000000002"].0.as_deref(), Some("a"));
 }

@@ -61,16 +61,19 @@ pub trait StreamSink: Send + Sync + 'static {
     }
 
     /// Carries `positions` (as [`StreamSink::read_positions`] found them) in the
-    /// commits from now on: this instance reads those shards now.
-    fn hold_positions(&self, _positions: Vec<(Table, std::collections::BTreeMap<String, String>)>) {
+    /// commits from now on: this instance reads those shards now. Never in the middle
+    /// of a commit.
+    fn hold_positions(
+        &self,
+        _positions: Vec<(Table, std::collections::BTreeMap<String, String>)>,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 
-    /// Stops carrying `keys` in commits: another instance reads those shards now.
-    fn drop_positions(&self, _keys: Vec<String>) {}
-
-    /// Commits what is buffered now, positions included (before a shard is handed to
-    /// another instance).
-    fn commit(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+    /// Commits what is buffered now, positions included, then stops carrying the
+    /// positions of `keys`, with no other commit in between: their shards go to another
+    /// instance, which resumes from what this commit holds.
+    fn commit_without(&self, _keys: Vec<String>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async { Ok(()) })
     }
 }

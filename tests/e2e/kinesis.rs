@@ -353,7 +353,7 @@ fn instances_share_a_stream_through_dynamodb_leases_hand_over_and_survive_a_kill
     });
     let second = Server::start_with_args(&dir.path().join("b"), &aws_env(), &args);
     second.wait_for_log("joined the lease table");
-    first.wait_for_log("released lease for balance");
+    first.wait_for_log("released lease");
     second.wait_for_log("took lease");
     // The first instance dies while reading; the second takes its shards over once
     // their leases expire, and reads them on from what the first committed.
