@@ -17,8 +17,9 @@
 //! its sender only after the sink's `write` returned `Ok`, i.e. once the data is
 //! durable. Kinesis rows go to a [`sink::StreamSink`] with the shard positions they
 //! reach: the stream keeps them, so they need no write-ahead log, and the positions are
-//! committed with the rows. Whatever a decoder cannot read goes to `dead_letters` with its raw bytes,
-//! never dropped silently.
+//! committed with the rows. Several instances share a stream's shards through a
+//! DynamoDB lease table ([`lease`]). Whatever a decoder cannot read goes to
+//! `dead_letters` with its raw bytes, never dropped silently.
 
 pub mod cwlogs;
 pub mod decode;
