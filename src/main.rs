@@ -9,6 +9,7 @@
 //! The binary only parses flags, loads [`config::Config`], and joins the crates:
 //! `fleetlake-ingest` → `fleetlake-aggregate` → lake ← `fleetlake-query`.
 
+mod compact_cmd;
 mod config;
 mod query_cmd;
 mod replay;
@@ -76,6 +77,20 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Rewrite each day partition of the lake with many files into few large ones,
+    /// sorted for pruning, then remove files no version within the grace period uses.
+    /// Safe beside a running service (a partition it appends to meanwhile is left for
+    /// the next run).
+    Compact {
+        #[command(flatten)]
+        common: Common,
+        /// Rewrite a partition once it has this many data files.
+        #[arg(long, default_value_t = 2)]
+        min_files: usize,
+        /// Keep replaced files this long for readers of older versions.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        vacuum_grace: std::time::Duration,
+    },
 }
 
 fn load(common: &Common, http_addr: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
@@ -104,6 +119,12 @@ fn main() -> std::process::ExitCode {
             format,
             files,
         } => load(&common, None).and_then(|config| replay::run(&config, format, &files)),
+        Command::Compact {
+            common,
+            min_files,
+            vacuum_grace,
+        } => load(&common, None)
+            .and_then(|config| compact_cmd::run(&config, min_files, vacuum_grace)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -50,6 +50,21 @@ pub fn max_time_app_id(table: Table, writer: &str) -> String {
 /// to sequence number (or `SHARD_END`), complete as of that commit.
 pub const STREAM_POSITIONS_KEY: &str = "fleetlake.streamPositions";
 
+/// What one compaction of a table did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactStats {
+    /// Day partitions rewritten.
+    pub partitions: usize,
+    /// Data files of those partitions before.
+    pub files_before: usize,
+    /// Data files of those partitions after.
+    pub files_after: usize,
+    /// Rows rewritten.
+    pub rows: usize,
+    /// Files deleted by the vacuum that followed.
+    pub vacuumed: usize,
+}
+
 /// Errors of the lake.
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -321,6 +336,128 @@ impl TableLake {
         Ok(existing)
     }
 
+    fn writer_properties(&self) -> Result<WriterProperties, arrow::error::ArrowError> {
+        let level = ZstdLevel::try_new(self.options.zstd_level)
+            .map_err(|e| arrow::error::ArrowError::ParquetError(e.to_string()))?;
+        Ok(WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_dictionary_enabled(true)
+            .build())
+    }
+
+    /// Data files per day partition (`day=YYYY-MM-DD`), from the current snapshot.
+    fn files_per_day(&self) -> Result<std::collections::BTreeMap<String, usize>, LakeError> {
+        let mut days = std::collections::BTreeMap::new();
+        for uri in self.table.get_file_uris().map_err(|e| self.delta_err(e))? {
+            if let Some(day) = uri
+                .split('/')
+                .find_map(|part| part.strip_prefix(&format!("{DAY_COLUMN}=")))
+            {
+                *days.entry(day.to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(days)
+    }
+
+    /// Rewrites every day partition with at least `min_files` data files into files
+    /// near the target size, rows sorted as the lake keeps them (so row-group
+    /// statistics prune again), one Delta commit per partition that replaces exactly
+    /// that partition. Then deletes files unreferenced for longer than `grace` (vacuum;
+    /// readers of older versions within `grace` keep working). A partition that another
+    /// writer appended to meanwhile fails its commit and is left for the next run.
+    pub async fn compact(
+        &mut self,
+        min_files: usize,
+        grace: std::time::Duration,
+    ) -> Result<CompactStats, LakeError> {
+        let query_err = |source| LakeError::Query {
+            table: self.location.clone(),
+            source: Box::new(source),
+        };
+        let mut stats = CompactStats::default();
+        for (day, files) in self.files_per_day()? {
+            if files < min_files.max(2) {
+                continue;
+            }
+            let date = chrono_day(&day).ok_or_else(|| LakeError::Arrow {
+                table: self.location.clone(),
+                source: arrow::error::ArrowError::ParseError(format!(
+                    "partition {DAY_COLUMN}={day} is not a date"
+                )),
+            })?;
+            let ctx = SessionContext::new();
+            self.table
+                .update_datafusion_session(&ctx.state())
+                .map_err(|e| self.delta_err(e))?;
+            let provider = self.table.table_provider().await.map_err(query_err)?;
+            let in_day = col(DAY_COLUMN).eq(lit(ScalarValue::Date32(Some(date))));
+            let batches = ctx
+                .read_table(provider)
+                .and_then(|df| df.filter(in_day.clone()))
+                .map_err(query_err)?
+                .collect()
+                .await
+                .map_err(query_err)?;
+            let schema = self.kind.schema();
+            let batches = batches
+                .iter()
+                .map(|b| conform(b, &schema))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| LakeError::Arrow {
+                    table: self.location.clone(),
+                    source,
+                })?;
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            if rows == 0 {
+                continue;
+            }
+            let sorted = sort_for_lake(self.kind, &batches).map_err(|source| LakeError::Arrow {
+                table: self.location.clone(),
+                source,
+            })?;
+            let properties = self
+                .writer_properties()
+                .map_err(|source| LakeError::Arrow {
+                    table: self.location.clone(),
+                    source,
+                })?;
+            let table = self
+                .table
+                .clone()
+                .write(vec![sorted])
+                .with_save_mode(SaveMode::Overwrite)
+                .with_replace_where(in_day)
+                .with_partition_columns([DAY_COLUMN])
+                .with_writer_properties(properties)
+                .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
+                .with_commit_properties(
+                    CommitProperties::default()
+                        .with_metadata([("fleetlake.operation".to_string(), "compact".into())]),
+                )
+                .await
+                .map_err(|e| self.delta_err(e))?;
+            self.table = table;
+            stats.partitions += 1;
+            stats.files_before += files;
+            stats.files_after += self.files_per_day()?.get(&day).copied().unwrap_or(0);
+            stats.rows += rows;
+            tracing::info!(table = %self.location, %day, files, rows, "compacted partition");
+        }
+        let (table, metrics) = self
+            .table
+            .clone()
+            .vacuum()
+            .with_retention_period(
+                chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX),
+            )
+            .with_enforce_retention_duration(false)
+            .await
+            .map_err(|e| self.delta_err(e))?;
+        self.table = table;
+        stats.vacuumed = metrics.files_deleted.len();
+        Ok(stats)
+    }
+
     /// Commits `batches` (sorted as the lake keeps them) together with what they
     /// cover: the WAL sequence, the table's new latest time and the stream positions
     /// (each left as committed before when `None`); returns the new version.
@@ -335,12 +472,7 @@ impl TableLake {
             table: self.location.clone(),
             source,
         };
-        let level = ZstdLevel::try_new(self.options.zstd_level)
-            .map_err(|e| arrow_err(arrow::error::ArrowError::ParquetError(e.to_string())))?;
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(level))
-            .set_dictionary_enabled(true)
-            .build();
+        let properties = self.writer_properties().map_err(arrow_err)?;
         let mut transactions = Vec::new();
         if let Some(seq) = wal_seq {
             transactions.push(Transaction::new(wal_app_id(&self.writer), seq as i64));
@@ -376,6 +508,13 @@ impl TableLake {
         self.table = table;
         Ok(self.version().unwrap_or_default())
     }
+}
+
+/// Days since the epoch of `YYYY-MM-DD`.
+fn chrono_day(day: &str) -> Option<i32> {
+    let date = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").ok()?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    i32::try_from((date - epoch).num_days()).ok()
 }
 
 /// Concatenates rows and sorts them as the lake keeps them, so that row-group

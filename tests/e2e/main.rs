@@ -4,6 +4,7 @@
 
 #![allow(unreachable_pub)]
 
+mod compaction;
 mod durability;
 mod firehose;
 mod formats;
