@@ -273,6 +273,16 @@ pub(crate) struct LakeConfig {
     pub(crate) target_file_bytes: u64,
     /// zstd compression level of the Parquet files (1-22).
     pub(crate) zstd_level: i32,
+    /// How often the service compacts the lake (rewrites day partitions of many small
+    /// files into few sorted ones); 0s turns it off (`fleetlake compact` still works).
+    #[serde(with = "humantime_serde")]
+    pub(crate) compact_interval: Duration,
+    /// A day partition is rewritten once it has this many data files.
+    pub(crate) compact_min_files: usize,
+    /// Files replaced by compaction are deleted once unreferenced for this long
+    /// (readers of older versions keep working meanwhile).
+    #[serde(with = "humantime_serde")]
+    pub(crate) vacuum_grace: Duration,
 }
 
 impl Default for Config {
@@ -324,6 +334,9 @@ impl Default for LakeConfig {
             dir: None,
             target_file_bytes: 256 * 1024 * 1024,
             zstd_level: 3,
+            compact_interval: Duration::from_secs(600),
+            compact_min_files: 8,
+            vacuum_grace: Duration::from_secs(3600),
         }
     }
 }
@@ -413,6 +426,12 @@ impl Config {
                 self.buffer.max_rows
             );
         }
+        if self.lake.compact_min_files < 2 {
+            bail!(
+                "lake.compact_min_files must be at least 2, got {}",
+                self.lake.compact_min_files
+            );
+        }
         if !(1..=22).contains(&self.lake.zstd_level) {
             bail!(
                 "lake.zstd_level must be between 1 and 22, got {}",
@@ -463,6 +482,13 @@ impl Config {
                 target_file_bytes: self.lake.target_file_bytes,
                 zstd_level: self.lake.zstd_level,
             },
+            compaction: (!self.lake.compact_interval.is_zero()).then_some({
+                fleetlake_aggregate::CompactionConfig {
+                    interval: self.lake.compact_interval,
+                    min_files: self.lake.compact_min_files,
+                    vacuum_grace: self.lake.vacuum_grace,
+                }
+            }),
         }
     }
 

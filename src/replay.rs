@@ -62,8 +62,10 @@ struct Piece {
 
 async fn replay(config: &Config, format: Format, files: &[PathBuf]) -> anyhow::Result<String> {
     let aggregator = Aggregator::open(AggregateConfig {
-        // Commits come from the row limit and the final flush, not a timer.
+        // Commits come from the row limit and the final flush, not a timer; a replay
+        // does not compact (`fleetlake compact` does, afterwards).
         flush_interval: Duration::from_secs(3600),
+        compaction: None,
         ..config.aggregate_config()
     })
     .await

@@ -61,6 +61,19 @@ pub struct AggregateConfig {
     pub wal_segment_bytes: u64,
     /// Parquet writing options.
     pub lake: LakeOptions,
+    /// Compaction in the background; `None` for none.
+    pub compaction: Option<CompactionConfig>,
+}
+
+/// How the service compacts the lake by itself (see [`lake::TableLake::compact`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionConfig {
+    /// Time between compaction runs.
+    pub interval: Duration,
+    /// A day partition is rewritten once it has this many data files.
+    pub min_files: usize,
+    /// Replaced files are deleted once unreferenced for this long.
+    pub vacuum_grace: Duration,
 }
 
 /// Errors starting the aggregate stage.
@@ -290,6 +303,9 @@ impl Aggregator {
             .expect("spawn wal writer thread");
         let flusher = Arc::clone(&shared);
         tokio::spawn(flush_loop(flusher));
+        if let Some(compaction) = shared.config.compaction.clone() {
+            tokio::spawn(compaction_loop(Arc::downgrade(&shared), compaction));
+        }
         let aggregator = Self { shared };
         if !replayed.is_empty() {
             // Commit what the WAL held before taking new data, so it is not replayed again.
@@ -650,6 +666,37 @@ async fn flush_loop(shared: Arc<Shared>) {
 }
 
 /// Flushes every table, then truncates the WAL as far as all tables allow.
+/// Compacts every table each interval, holding the table's lake lock (so a flush of
+/// that table waits and never interleaves with the rewrite), until the aggregator is
+/// gone.
+async fn compaction_loop(shared: std::sync::Weak<Shared>, config: CompactionConfig) {
+    loop {
+        tokio::time::sleep(config.interval).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for state in &shared.tables {
+            let table = state.table;
+            let mut lake = state.lake.lock().await;
+            match lake.compact(config.min_files, config.vacuum_grace).await {
+                Ok(stats) => {
+                    if stats.partitions > 0 {
+                        ::metrics::counter!(m::COMPACTED_PARTITIONS, "table" => table.name())
+                            .increment(stats.partitions as u64);
+                        info!(%table, partitions = stats.partitions, files_before = stats.files_before,
+                              files_after = stats.files_after, vacuumed = stats.vacuumed, "compacted lake table");
+                    }
+                }
+                Err(error) => {
+                    ::metrics::counter!(m::COMPACTION_FAILURES, "table" => table.name())
+                        .increment(1);
+                    warn!(%table, %error, "compaction failed; retrying at the next interval");
+                }
+            }
+        }
+    }
+}
+
 async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
     let _one_at_a_time = shared.flushing.lock().await;
     flush_locked(shared).await

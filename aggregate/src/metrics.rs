@@ -20,11 +20,20 @@ pub const FLUSHED_ROWS: &str = "fleetlake_lake_rows_committed_total";
 pub const FLUSH_SECONDS: &str = "fleetlake_lake_flush_duration_seconds";
 /// Flushes that failed and will be retried.
 pub const FLUSH_FAILURES: &str = "fleetlake_lake_flush_failures_total";
+/// Day partitions rewritten by compaction, by `table`.
+pub const COMPACTED_PARTITIONS: &str = "fleetlake_lake_compacted_partitions_total";
+/// Compaction runs that failed (retried at the next interval), by `table`.
+pub const COMPACTION_FAILURES: &str = "fleetlake_lake_compaction_failures_total";
 /// Writes refused because the hot buffer is full.
 pub const REJECTED_FULL: &str = "fleetlake_aggregate_rejected_full_total";
 
 /// Registers descriptions for the aggregate metrics.
 pub fn describe() {
+    metrics::describe_counter!(
+        COMPACTED_PARTITIONS,
+        "Day partitions rewritten by compaction"
+    );
+    metrics::describe_counter!(COMPACTION_FAILURES, "Compaction runs that failed");
     metrics::describe_counter!(WAL_RECORDS, "Records appended to the write-ahead log");
     metrics::describe_counter!(WAL_BYTES, "Bytes appended to the write-ahead log");
     metrics::describe_histogram!(WAL_SYNC_SECONDS, "Seconds per WAL group commit");

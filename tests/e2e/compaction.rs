@@ -91,3 +91,49 @@ print(json.dumps({"n": t.num_rows, "sorted": accounts == sorted(accounts)}))
     assert!(!ok);
     assert!(err.contains("no lake here"), "{err}");
 }
+
+#[test]
+fn the_service_compacts_while_requests_keep_coming() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("FLEETLAKE_BUFFER__FLUSH_INTERVAL", "100ms"),
+        ("FLEETLAKE_LAKE__COMPACT_INTERVAL", "700ms"),
+        ("FLEETLAKE_LAKE__COMPACT_MIN_FILES", "3"),
+        ("FLEETLAKE_LAKE__VACUUM_GRACE", "0s"),
+    ];
+    let server = Server::start(dir.path(), &env);
+    // Requests keep coming before, during and after compaction runs; every answer
+    // must count each datapoint once.
+    for minute in 0..12 {
+        let versions = lake_versions(dir.path());
+        let request = FirehoseRequest::new(
+            &format!("svc-{minute}"),
+            fleet_records(10, minute..minute + 1, 10),
+        );
+        assert_eq!(server.post(&request).0, 200);
+        let rows = server.sql("SELECT count(*) AS n, sum(sum) AS s FROM metrics");
+        assert_eq!(rows[0]["n"], 40 * (minute + 1), "after minute {minute}");
+        wait_for_commit_after(dir.path(), versions);
+    }
+    server.wait_for_log("compacted lake table");
+    let metrics = server.metrics_text();
+    assert!(
+        metrics.contains("fleetlake_lake_compacted_partitions_total{table=\"metrics\"}"),
+        "{metrics}"
+    );
+    server.stop();
+    let out = lake_query(
+        dir.path(),
+        "csv",
+        "SELECT count(*) AS n, \
+         count(DISTINCT (account_id, time, metric_name, dimensions['FunctionName'])) AS k, \
+         sum(sum) AS s FROM metrics",
+    );
+    assert_eq!(
+        out.lines().nth(1),
+        Some(format!("480,480,{:.1}", fleet_sum(10, 0..12)).as_str()),
+        "{out}"
+    );
+    // Fewer files than the twelve flushes made.
+    assert!(parquet_files(dir.path(), "metrics").len() < 12);
+}
