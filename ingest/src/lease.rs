@@ -314,24 +314,15 @@ impl LeaseStore for DynamoLeases {
         counter: i64,
     ) -> BoxFuture<'a, Result<Option<i64>, ApiError>> {
         Box::pin(async move {
-            let out = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("leaseKey", AttributeValue::S(key.to_string()))
-                .update_expression("SET leaseCounter = leaseCounter + :one")
-                .condition_expression("leaseOwner = :owner AND leaseCounter = :seen")
-                .expression_attribute_values(":owner", AttributeValue::S(owner.to_string()))
-                .expression_attribute_values(":seen", AttributeValue::N(counter.to_string()))
-                .expression_attribute_values(":one", AttributeValue::N("1".into()))
-                .return_values(ReturnValue::UpdatedNew)
-                .send()
-                .await;
-            match out {
-                Ok(out) => Ok(counter_of(out.attributes())),
-                Err(e) if is_condition_failure(&e) => Ok(None),
-                Err(e) => Err(dynamo_error(e)),
-            }
+            let updated = self
+                .update_held(
+                    key,
+                    owner,
+                    counter,
+                    "SET leaseCounter = leaseCounter + :one",
+                )
+                .await?;
+            Ok(updated.and_then(|attributes| counter_of(Some(&attributes))))
         })
     }
 
@@ -342,24 +333,43 @@ impl LeaseStore for DynamoLeases {
         counter: i64,
     ) -> BoxFuture<'a, Result<bool, ApiError>> {
         Box::pin(async move {
-            let out = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("leaseKey", AttributeValue::S(key.to_string()))
-                .update_expression("REMOVE leaseOwner SET leaseCounter = leaseCounter + :one")
-                .condition_expression("leaseOwner = :owner AND leaseCounter = :seen")
-                .expression_attribute_values(":owner", AttributeValue::S(owner.to_string()))
-                .expression_attribute_values(":seen", AttributeValue::N(counter.to_string()))
-                .expression_attribute_values(":one", AttributeValue::N("1".into()))
-                .send()
-                .await;
-            match out {
-                Ok(_) => Ok(true),
-                Err(e) if is_condition_failure(&e) => Ok(false),
-                Err(e) => Err(dynamo_error(e)),
-            }
+            let update = "REMOVE leaseOwner SET leaseCounter = leaseCounter + :one";
+            Ok(self
+                .update_held(key, owner, counter, update)
+                .await?
+                .is_some())
         })
+    }
+}
+
+impl DynamoLeases {
+    /// Applies `update` to `key` if `owner` holds it at `counter`; the attributes it
+    /// set, or `None` if the lease changed hands first.
+    async fn update_held(
+        &self,
+        key: &str,
+        owner: &str,
+        counter: i64,
+        update: &str,
+    ) -> Result<Option<HashMap<String, AttributeValue>>, ApiError> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("leaseKey", AttributeValue::S(key.to_string()))
+            .update_expression(update)
+            .condition_expression("leaseOwner = :owner AND leaseCounter = :seen")
+            .expression_attribute_values(":owner", AttributeValue::S(owner.to_string()))
+            .expression_attribute_values(":seen", AttributeValue::N(counter.to_string()))
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .return_values(ReturnValue::UpdatedNew)
+            .send()
+            .await;
+        match out {
+            Ok(out) => Ok(Some(out.attributes().cloned().unwrap_or_default())),
+            Err(e) if is_condition_failure(&e) => Ok(None),
+            Err(e) => Err(dynamo_error(e)),
+        }
     }
 }
 
