@@ -213,21 +213,37 @@ impl SdkKinesis {
     }
 }
 
-fn api_error<E, R>(e: aws_sdk_kinesis::error::SdkError<E, R>) -> ApiError
+/// Error codes of Kinesis that mean "slow down".
+const KINESIS_THROTTLING: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "KMSThrottlingException",
+    "LimitExceededException",
+];
+
+/// An AWS SDK error (any service: they share the smithy error type) by what the
+/// consumer does about it; `throttling` lists the service's "slow down" codes.
+pub(crate) fn sdk_error<E, R>(
+    e: aws_sdk_kinesis::error::SdkError<E, R>,
+    throttling: &[&str],
+) -> ApiError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     let message = DisplayErrorContext(&e).to_string();
     match e.code() {
-        Some(
-            "ProvisionedThroughputExceededException"
-            | "KMSThrottlingException"
-            | "LimitExceededException",
-        ) => ApiError::Throttled(message),
+        Some(code) if throttling.contains(&code) => ApiError::Throttled(message),
         Some("ExpiredIteratorException") => ApiError::ExpiredIterator(message),
         _ => ApiError::Other(message),
     }
+}
+
+fn api_error<E, R>(e: aws_sdk_kinesis::error::SdkError<E, R>) -> ApiError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    sdk_error(e, KINESIS_THROTTLING)
 }
 
 impl KinesisApi for SdkKinesis {

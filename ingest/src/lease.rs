@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ScalarAttributeType, TableStatus,
@@ -157,13 +157,13 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let message = DisplayErrorContext(&e).to_string();
-    match e.code() {
-        Some("ProvisionedThroughputExceededException" | "ThrottlingException") => {
-            ApiError::Throttled(message)
-        }
-        _ => ApiError::Other(message),
-    }
+    crate::kinesis::sdk_error(
+        e,
+        &[
+            "ProvisionedThroughputExceededException",
+            "ThrottlingException",
+        ],
+    )
 }
 
 fn is_condition_failure<E: ProvideErrorMetadata, R>(
