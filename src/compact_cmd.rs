@@ -11,9 +11,9 @@ use crate::config::Config;
 
 pub(crate) fn run(config: &Config, min_files: usize, grace: Duration) -> anyhow::Result<()> {
     crate::serve::init_tracing("warn,buoyant_kernel=off,deltalake_core=warn");
-    let lake_dir = config.lake_dir();
-    if !lake_dir.is_dir() {
-        anyhow::bail!("{}: no lake here", lake_dir.display());
+    let lake = config.lake_location()?;
+    if lake.local_dir().is_some_and(|dir| !dir.is_dir()) {
+        anyhow::bail!("{lake}: no lake here");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -21,10 +21,10 @@ pub(crate) fn run(config: &Config, min_files: usize, grace: Duration) -> anyhow:
         .context("starting the async runtime")?;
     runtime.block_on(async {
         for table in Table::ALL {
-            let options = config.aggregate_config().lake;
+            let options = config.aggregate_config()?.lake;
             // Compaction writes no WAL sequence: the writer id only names transactions
             // it never commits.
-            let mut lake = TableLake::open_or_create(&lake_dir, table, options, "compact")
+            let mut lake = TableLake::open_or_create(&lake, table, options, "compact")
                 .await
                 .with_context(|| format!("opening table {table}"))?;
             let stats = lake

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
+use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_ingest::Format;
 use serde::{Deserialize, Serialize};
 
@@ -269,6 +270,15 @@ pub(crate) struct WalConfig {
 pub(crate) struct LakeConfig {
     /// Directory holding the Delta tables; defaults to `<data_dir>/lake`.
     pub(crate) dir: Option<PathBuf>,
+    /// Where the lake lives when not in a local directory: `s3://bucket/prefix`.
+    /// Wins over `dir`.
+    pub(crate) location: Option<String>,
+    /// S3 endpoint override (tests, S3-compatible stores).
+    pub(crate) endpoint_url: Option<String>,
+    /// Region of the bucket (else the AWS configuration's).
+    pub(crate) region: Option<String>,
+    /// Further object_store / delta-rs storage options (`AWS_PROFILE`, ...).
+    pub(crate) storage_options: BTreeMap<String, String>,
     /// Parquet files are cut near this size, in bytes.
     pub(crate) target_file_bytes: u64,
     /// zstd compression level of the Parquet files (1-22).
@@ -332,6 +342,10 @@ impl Default for LakeConfig {
     fn default() -> Self {
         Self {
             dir: None,
+            location: None,
+            endpoint_url: None,
+            region: None,
+            storage_options: BTreeMap::new(),
             target_file_bytes: 256 * 1024 * 1024,
             zstd_level: 3,
             compact_interval: Duration::from_secs(600),
@@ -470,10 +484,10 @@ impl Config {
     }
 
     /// Settings of the aggregate stage (WAL, hot buffer, lake).
-    pub(crate) fn aggregate_config(&self) -> fleetlake_aggregate::AggregateConfig {
-        fleetlake_aggregate::AggregateConfig {
+    pub(crate) fn aggregate_config(&self) -> anyhow::Result<fleetlake_aggregate::AggregateConfig> {
+        Ok(fleetlake_aggregate::AggregateConfig {
             wal_dir: self.wal_dir(),
-            lake_dir: self.lake_dir(),
+            lake_location: self.lake_location()?,
             flush_interval: self.buffer.flush_interval,
             flush_rows: self.buffer.flush_rows,
             max_buffered_rows: self.buffer.max_rows,
@@ -489,10 +503,40 @@ impl Config {
                     vacuum_grace: self.lake.vacuum_grace,
                 }
             }),
+        })
+    }
+
+    /// Where the lake's Delta tables live.
+    pub(crate) fn lake_location(&self) -> anyhow::Result<LakeLocation> {
+        let mut options: std::collections::HashMap<String, String> = self
+            .lake
+            .storage_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(endpoint) = &self.lake.endpoint_url {
+            options.insert("AWS_ENDPOINT_URL".into(), endpoint.clone());
+            if endpoint.starts_with("http://") {
+                options
+                    .entry("AWS_ALLOW_HTTP".into())
+                    .or_insert_with(|| "true".into());
+            }
+        }
+        if let Some(region) = &self.lake.region {
+            options.insert("AWS_REGION".into(), region.clone());
+        }
+        match &self.lake.location {
+            Some(location) => LakeLocation::parse(location, options)
+                .map_err(|e| anyhow::anyhow!("lake.location: {e}")),
+            None => {
+                let dir = self.lake_dir();
+                LakeLocation::local(&dir)
+                    .with_context(|| format!("lake directory {}", dir.display()))
+            }
         }
     }
 
-    /// Directory of the lake's Delta tables.
+    /// Directory of the lake's Delta tables, when the lake is local.
     pub(crate) fn lake_dir(&self) -> PathBuf {
         self.lake
             .dir
@@ -510,7 +554,8 @@ impl Config {
 
     /// Makes sure the data directories exist.
     pub(crate) fn prepare_dirs(&self) -> anyhow::Result<()> {
-        for dir in [self.lake_dir(), self.wal_dir()] {
+        let lake_dir = self.lake.location.is_none().then(|| self.lake_dir());
+        for dir in lake_dir.into_iter().chain([self.wal_dir()]) {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         Ok(())

@@ -22,7 +22,7 @@ pub(crate) fn run(
         match server {
             Some(url) => ask_server(url, format, sql).await,
             None => {
-                let engine = QueryEngine::new(&config.lake_dir(), None);
+                let engine = QueryEngine::new(config.lake_location()?, None);
                 let output = engine.sql(sql).await?;
                 Ok(render(format, &output.schema, &output.batches)?)
             }

@@ -78,13 +78,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let lake_dir = config.lake_dir();
-    let aggregator = Aggregator::open(config.aggregate_config())
+    let lake = config.lake_location()?;
+    let aggregator = Aggregator::open(config.aggregate_config()?)
         .await
         .context("opening the write-ahead log and the lake")?;
 
     let engine = Arc::new(QueryEngine::new(
-        &lake_dir,
+        lake,
         Some(Arc::new(HotBuffer(aggregator.clone()))),
     ));
     let mut app = Router::new()

@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU64;
-use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
@@ -31,9 +30,9 @@ use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
 use fleetlake_ingest::schema::{DAY_COLUMN, Table, col as c, conform, dead_col, logs_col};
-use url::Url;
 
 use crate::keys::{row_keys, scan_column};
+use crate::location::LakeLocation;
 
 /// Application id of the transaction action carrying the last WAL sequence `writer`
 /// committed.
@@ -63,6 +62,23 @@ pub struct CompactStats {
     pub rows: usize,
     /// Files deleted by the vacuum that followed.
     pub vacuumed: usize,
+    /// Partitions left for the next run because another writer changed them meanwhile.
+    pub conflicts: usize,
+}
+
+/// Commit-info key naming what a fleetlake commit did when it is not a flush
+/// (`compact`, `retention`): such commits add or remove no datapoints.
+pub const OPERATION_KEY: &str = "fleetlake.operation";
+
+/// Whether `error` is a commit that lost to a concurrent one it conflicts with.
+pub fn is_conflict(error: &deltalake::DeltaTableError) -> bool {
+    use deltalake::kernel::transaction::TransactionError;
+    matches!(
+        error,
+        deltalake::DeltaTableError::Transaction {
+            source: TransactionError::CommitConflict(_) | TransactionError::MaxCommitAttempts(_)
+        }
+    )
 }
 
 /// Errors of the lake.
@@ -115,15 +131,6 @@ impl Default for LakeOptions {
     }
 }
 
-/// The URL of the Delta table `name` under a local lake directory.
-pub fn table_url(lake_dir: &Path, name: &str) -> Result<Url, std::io::Error> {
-    let dir = lake_dir.join(name);
-    std::fs::create_dir_all(&dir)?;
-    let abs = dir.canonicalize()?;
-    Url::from_directory_path(&abs)
-        .map_err(|()| std::io::Error::other(format!("{} is not an absolute path", abs.display())))
-}
-
 /// One lake table, open for writing.
 #[derive(Debug)]
 pub struct TableLake {
@@ -135,22 +142,20 @@ pub struct TableLake {
 }
 
 impl TableLake {
-    /// Opens table `kind` under `lake_dir` for `writer` (the id of the WAL whose
+    /// Opens table `kind` of `lake` for `writer` (the id of the WAL whose
     /// sequence its commits record), creating it if it does not exist.
     pub async fn open_or_create(
-        lake_dir: &Path,
+        lake: &LakeLocation,
         kind: Table,
         options: LakeOptions,
         writer: &str,
     ) -> Result<Self, LakeError> {
-        let location = lake_dir.join(kind.name()).display().to_string();
+        let location = lake.table_url(kind.name()).to_string();
         let delta = |source| LakeError::Delta {
             table: location.clone(),
             source: Box::new(source),
         };
-        let url = table_url(lake_dir, kind.name())
-            .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
-        let mut table = DeltaTable::try_from_url(url).await.map_err(delta)?;
+        let mut table = lake.open_or_new(kind.name()).await.map_err(delta)?;
         if table.version().is_none() {
             let schema: StructType = kind
                 .schema()
@@ -252,6 +257,14 @@ impl TableLake {
         Ok(found)
     }
 
+    /// Loads the table's latest version (commits of other writers included).
+    pub async fn refresh(&mut self) -> Result<(), LakeError> {
+        self.table
+            .update_incremental(None)
+            .await
+            .map_err(|e| self.delta_err(e))
+    }
+
     /// Which table this is.
     pub fn kind(&self) -> Table {
         self.kind
@@ -264,9 +277,11 @@ impl TableLake {
 
     /// The de-duplication keys of those `candidates` rows that the table already holds.
     pub async fn existing_points(
-        &self,
+        &mut self,
         candidates: &[RecordBatch],
     ) -> Result<HashSet<u128>, LakeError> {
+        // Other writers' commits count: read the table as of now.
+        self.refresh().await?;
         let query_err = |source| LakeError::Query {
             table: self.location.clone(),
             source: Box::new(source),
@@ -370,11 +385,15 @@ impl TableLake {
         min_files: usize,
         grace: std::time::Duration,
     ) -> Result<CompactStats, LakeError> {
+        let location = self.location.clone();
         let query_err = |source| LakeError::Query {
-            table: self.location.clone(),
+            table: location.clone(),
             source: Box::new(source),
         };
         let mut stats = CompactStats::default();
+        // Rewrite what the table holds now, not what this writer last saw: a rewrite
+        // based on an old version would conflict with every append since.
+        self.refresh().await?;
         for (day, files) in self.files_per_day()? {
             if files < min_files.max(2) {
                 continue;
@@ -421,7 +440,7 @@ impl TableLake {
                     table: self.location.clone(),
                     source,
                 })?;
-            let table = self
+            let written = self
                 .table
                 .clone()
                 .write(vec![sorted])
@@ -432,10 +451,21 @@ impl TableLake {
                 .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
                 .with_commit_properties(
                     CommitProperties::default()
-                        .with_metadata([("fleetlake.operation".to_string(), "compact".into())]),
+                        .with_metadata([(OPERATION_KEY.to_string(), "compact".into())]),
                 )
-                .await
-                .map_err(|e| self.delta_err(e))?;
+                .await;
+            let table = match written {
+                Ok(table) => table,
+                Err(e) if is_conflict(&e) => {
+                    // Another writer appended to this day meanwhile: its rows are not in
+                    // the rewrite, so the rewrite must not win. Next run tries again.
+                    tracing::info!(table = %self.location, %day, "partition changed during compaction; left for the next run");
+                    stats.conflicts += 1;
+                    self.refresh().await?;
+                    continue;
+                }
+                Err(e) => return Err(self.delta_err(e)),
+            };
             self.table = table;
             stats.partitions += 1;
             stats.files_before += files;

@@ -21,6 +21,7 @@
 pub mod buffer;
 pub mod keys;
 pub mod lake;
+pub mod location;
 pub mod metrics;
 pub mod wal;
 
@@ -49,8 +50,8 @@ use crate::wal::{Wal, WalError, encode_rows};
 pub struct AggregateConfig {
     /// Directory of the write-ahead log.
     pub wal_dir: PathBuf,
-    /// Directory holding the lake's Delta tables.
-    pub lake_dir: PathBuf,
+    /// Where the lake's Delta tables live.
+    pub lake_location: location::LakeLocation,
     /// Longest time between flushes of the hot buffer to the lake.
     pub flush_interval: Duration,
     /// A flush starts early once this many rows are buffered.
@@ -232,9 +233,13 @@ impl Aggregator {
         let mut tables = Vec::new();
         let mut committed = Vec::new();
         for table in Table::ALL {
-            let lake =
-                TableLake::open_or_create(&config.lake_dir, table, config.lake.clone(), &writer)
-                    .await?;
+            let lake = TableLake::open_or_create(
+                &config.lake_location,
+                table,
+                config.lake.clone(),
+                &writer,
+            )
+            .await?;
             committed.push(lake.committed_seq().await?);
             let buffer = HotBuffer::new(table, lake.max_time().await?);
             let positions = lake.stream_positions().await?;

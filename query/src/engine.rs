@@ -1,7 +1,6 @@
 //! One DataFusion session per query over the lake's tables plus the hot buffer.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -10,6 +9,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
+use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_ingest::schema::{Table, conform};
 
 /// Rows held in memory by the aggregate stage, not yet in the lake.
@@ -39,7 +39,9 @@ impl QueryError {
         match self {
             Self::Sql(e) => !matches!(
                 e.as_ref(),
-                DataFusionError::IoError(_) | DataFusionError::ObjectStore(_)
+                DataFusionError::IoError(_)
+                    | DataFusionError::ObjectStore(_)
+                    | DataFusionError::ParquetError(_)
             ),
             Self::NoTable(_) => false,
             Self::Lake(_) => false,
@@ -58,7 +60,7 @@ pub struct QueryOutput {
 
 /// Runs read-only SQL over the lake under a directory, plus hot rows if given.
 pub struct QueryEngine {
-    lake_dir: PathBuf,
+    lake: LakeLocation,
     hot: Option<Arc<dyn HotData>>,
     tables: tokio::sync::Mutex<HashMap<Table, DeltaTable>>,
 }
@@ -66,17 +68,17 @@ pub struct QueryEngine {
 impl std::fmt::Debug for QueryEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueryEngine")
-            .field("lake_dir", &self.lake_dir)
+            .field("lake", &self.lake.to_string())
             .field("hot", &self.hot.is_some())
             .finish()
     }
 }
 
 impl QueryEngine {
-    /// An engine over the lake in `lake_dir`; `hot` adds rows not yet committed.
-    pub fn new(lake_dir: &Path, hot: Option<Arc<dyn HotData>>) -> Self {
+    /// An engine over `lake`; `hot` adds rows not yet committed.
+    pub fn new(lake: LakeLocation, hot: Option<Arc<dyn HotData>>) -> Self {
         Self {
-            lake_dir: lake_dir.to_path_buf(),
+            lake,
             hot,
             tables: tokio::sync::Mutex::new(HashMap::new()),
         }
@@ -92,18 +94,14 @@ impl QueryEngine {
                 .map_err(|e| QueryError::Lake(e.to_string()))?;
             return Ok(Some(delta.clone()));
         }
-        let location = self.lake_dir.join(table.name());
-        if !location.join("_delta_log").is_dir() {
-            return Ok(None);
-        }
-        let abs = location
-            .canonicalize()
-            .map_err(|e| QueryError::Lake(format!("{}: {e}", location.display())))?;
-        let url = url::Url::from_directory_path(&abs)
-            .map_err(|()| QueryError::Lake(format!("{} is not a directory path", abs.display())))?;
-        let delta = deltalake::open_table(url)
+        let Some(delta) = self
+            .lake
+            .open(table.name())
             .await
-            .map_err(|e| QueryError::Lake(e.to_string()))?;
+            .map_err(|e| QueryError::Lake(e.to_string()))?
+        else {
+            return Ok(None);
+        };
         cached.insert(table, delta.clone());
         Ok(Some(delta))
     }
@@ -144,7 +142,7 @@ impl QueryEngine {
             registered += 1;
         }
         if registered == 0 {
-            return Err(QueryError::NoTable(self.lake_dir.display().to_string()));
+            return Err(QueryError::NoTable(self.lake.to_string()));
         }
         Ok(ctx)
     }

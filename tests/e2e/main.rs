@@ -10,5 +10,6 @@ mod firehose;
 mod formats;
 mod kinesis;
 mod lake_readers;
+mod s3;
 mod sql;
 mod support;

@@ -393,7 +393,11 @@ pub fn python_json(script: &str, args: &[&Path]) -> serde_json::Value {
 
 /// Runs `script` with the venv's Python, ending with `os._exit(0)` (see
 /// [`python_json`]); its stdout parsed as JSON.
-fn run_python(script: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> serde_json::Value {
+pub fn run_python(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> serde_json::Value {
     let script =
         format!("{script}\nimport os as _os, sys as _sys\n_sys.stdout.flush()\n_os._exit(0)\n");
     let out = Command::new(python())
