@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) wal: WalConfig,
     /// The lake.
     pub(crate) lake: LakeConfig,
+    /// How long each table keeps its data.
+    pub(crate) retention: RetentionConfig,
     /// Kinesis Data Streams to consume (`[[kinesis]]`, one table per stream).
     pub(crate) kinesis: Vec<KinesisConfig>,
 }
@@ -293,6 +295,56 @@ pub(crate) struct LakeConfig {
     /// (readers of older versions keep working meanwhile).
     #[serde(with = "humantime_serde")]
     pub(crate) vacuum_grace: Duration,
+    /// How often `metrics_5m` and `metrics_1h` roll up new `metrics` commits; 0s turns
+    /// roll-ups off.
+    #[serde(with = "humantime_serde")]
+    pub(crate) rollup_interval: Duration,
+}
+
+/// `[retention]`: how long each table keeps its data ("0s": forever). Applied at each
+/// compaction run, by whole day partitions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RetentionConfig {
+    #[serde(with = "humantime_serde")]
+    pub(crate) metrics: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) metrics_5m: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) metrics_1h: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) logs: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) dead_letters: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let cloudwatch = fleetlake_aggregate::CompactionConfig::cloudwatch_retention();
+        Self {
+            metrics: cloudwatch["metrics"],
+            metrics_5m: cloudwatch["metrics_5m"],
+            metrics_1h: cloudwatch["metrics_1h"],
+            logs: cloudwatch["logs"],
+            dead_letters: cloudwatch["dead_letters"],
+        }
+    }
+}
+
+impl RetentionConfig {
+    fn by_table(&self) -> BTreeMap<String, Duration> {
+        [
+            ("metrics", self.metrics),
+            ("metrics_5m", self.metrics_5m),
+            ("metrics_1h", self.metrics_1h),
+            ("logs", self.logs),
+            ("dead_letters", self.dead_letters),
+        ]
+        .into_iter()
+        .filter(|(_, keep)| !keep.is_zero())
+        .map(|(name, keep)| (name.to_string(), keep))
+        .collect()
+    }
 }
 
 impl Default for Config {
@@ -305,6 +357,7 @@ impl Default for Config {
             buffer: BufferConfig::default(),
             wal: WalConfig::default(),
             lake: LakeConfig::default(),
+            retention: RetentionConfig::default(),
             kinesis: Vec::new(),
         }
     }
@@ -351,6 +404,7 @@ impl Default for LakeConfig {
             compact_interval: Duration::from_secs(600),
             compact_min_files: 8,
             vacuum_grace: Duration::from_secs(3600),
+            rollup_interval: Duration::from_secs(60),
         }
     }
 }
@@ -501,8 +555,11 @@ impl Config {
                     interval: self.lake.compact_interval,
                     min_files: self.lake.compact_min_files,
                     vacuum_grace: self.lake.vacuum_grace,
+                    retention: self.retention.by_table(),
                 }
             }),
+            rollup_interval: (!self.lake.rollup_interval.is_zero())
+                .then_some(self.lake.rollup_interval),
         })
     }
 

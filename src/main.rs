@@ -77,8 +77,9 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
-    /// Rewrite each day partition of the lake with many files into few large ones,
-    /// sorted for pruning, then remove files no version within the grace period uses.
+    /// Roll new metrics up into metrics_5m and metrics_1h, rewrite each day partition
+    /// of the lake with many files into few large ones, sorted for pruning (merging the
+    /// roll-ups' partial rows), then remove files no version within the grace period uses.
     /// Safe beside a running service (a partition it appends to meanwhile is left for
     /// the next run).
     Compact {

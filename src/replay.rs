@@ -66,6 +66,7 @@ async fn replay(config: &Config, format: Format, files: &[PathBuf]) -> anyhow::R
         // does not compact (`fleetlake compact` does, afterwards).
         flush_interval: Duration::from_secs(3600),
         compaction: None,
+        rollup_interval: None,
         ..config.aggregate_config()?
     })
     .await

@@ -33,6 +33,7 @@ use fleetlake_ingest::schema::{DAY_COLUMN, Table, col as c, conform, dead_col, l
 
 use crate::keys::{row_keys, scan_column};
 use crate::location::LakeLocation;
+use crate::rollup::Rollup;
 
 /// Application id of the transaction action carrying the last WAL sequence `writer`
 /// committed.
@@ -139,6 +140,8 @@ pub struct TableLake {
     location: String,
     options: LakeOptions,
     writer: String,
+    /// Set for a roll-up table (rows of the metrics schema, partial per bucket).
+    rollup: Option<Rollup>,
 }
 
 impl TableLake {
@@ -150,12 +153,48 @@ impl TableLake {
         options: LakeOptions,
         writer: &str,
     ) -> Result<Self, LakeError> {
-        let location = lake.table_url(kind.name()).to_string();
+        let comment = match kind {
+            Table::Metrics => "fleetlake: one row per CloudWatch datapoint",
+            Table::Logs => "fleetlake: one row per CloudWatch Logs event",
+            Table::DeadLetters => "fleetlake: input that could not be decoded, raw",
+        };
+        Self::open_named(lake, kind.name(), kind, comment, options, writer, None).await
+    }
+
+    /// Opens the roll-up table `rollup` of `lake`, creating it if it does not exist.
+    pub async fn open_rollup(
+        lake: &LakeLocation,
+        rollup: Rollup,
+        options: LakeOptions,
+    ) -> Result<Self, LakeError> {
+        let (name, comment) = (rollup.name(), rollup.comment());
+        Self::open_named(
+            lake,
+            name,
+            Table::Metrics,
+            comment,
+            options,
+            "rollup",
+            Some(rollup),
+        )
+        .await
+    }
+
+    async fn open_named(
+        lake: &LakeLocation,
+        name: &str,
+        kind: Table,
+        comment: &str,
+        options: LakeOptions,
+        writer: &str,
+        rollup: Option<Rollup>,
+    ) -> Result<Self, LakeError> {
+        let location = lake.table_url(name).to_string();
         let delta = |source| LakeError::Delta {
             table: location.clone(),
             source: Box::new(source),
         };
-        let mut table = lake.open_or_new(kind.name()).await.map_err(delta)?;
+        let mut table = lake.open_or_new(name).await.map_err(delta)?;
         if table.version().is_none() {
             let schema: StructType = kind
                 .schema()
@@ -164,12 +203,8 @@ impl TableLake {
                 .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
             table = table
                 .create()
-                .with_table_name(kind.name())
-                .with_comment(match kind {
-                    Table::Metrics => "fleetlake: one row per CloudWatch datapoint",
-                    Table::Logs => "fleetlake: one row per CloudWatch Logs event",
-                    Table::DeadLetters => "fleetlake: input that could not be decoded, raw",
-                })
+                .with_table_name(name)
+                .with_comment(comment)
                 .with_columns(schema.fields().cloned())
                 .with_partition_columns([DAY_COLUMN])
                 .with_save_mode(SaveMode::Ignore)
@@ -183,7 +218,13 @@ impl TableLake {
             location,
             options,
             writer: writer.to_string(),
+            rollup,
         })
+    }
+
+    /// The table's URL.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     fn delta_err(&self, source: deltalake::DeltaTableError) -> LakeError {
@@ -193,7 +234,7 @@ impl TableLake {
         }
     }
 
-    async fn app_version(&self, app_id: &str) -> Result<Option<i64>, LakeError> {
+    pub(crate) async fn app_version(&self, app_id: &str) -> Result<Option<i64>, LakeError> {
         let state = self.table.snapshot().map_err(|e| self.delta_err(e))?;
         state
             .transaction_version(self.table.log_store().as_ref(), app_id)
@@ -374,104 +415,75 @@ impl TableLake {
         Ok(days)
     }
 
-    /// Rewrites every day partition with at least `min_files` data files into files
-    /// near the target size, rows sorted as the lake keeps them (so row-group
-    /// statistics prune again), one Delta commit per partition that replaces exactly
-    /// that partition. Then deletes files unreferenced for longer than `grace` (vacuum;
-    /// readers of older versions within `grace` keep working). A partition that another
-    /// writer appended to meanwhile fails its commit and is left for the next run.
+    /// Merges the small data files of each day partition (smaller than half the
+    /// target size) into files near the target size, once a partition has at least
+    /// `min_files` of them; rows sorted as the lake keeps them, so row-group statistics
+    /// prune again, and a roll-up table's partial rows of one bucket merged into one.
+    /// Large files are left as they are, so the open day is compacted incrementally:
+    /// each run merges only what was flushed since. Each group of files merged is one
+    /// Delta commit that removes exactly those files and adds their rewrite, both
+    /// marked as no data change, so appends of any writer meanwhile never conflict and
+    /// are never lost; a group another compaction got first is left alone. Then
+    /// deletes files unreferenced for longer than `grace` (vacuum; readers of older
+    /// versions within `grace` keep working).
     pub async fn compact(
         &mut self,
         min_files: usize,
         grace: std::time::Duration,
     ) -> Result<CompactStats, LakeError> {
-        let location = self.location.clone();
-        let query_err = |source| LakeError::Query {
-            table: location.clone(),
-            source: Box::new(source),
-        };
         let mut stats = CompactStats::default();
-        // Rewrite what the table holds now, not what this writer last saw: a rewrite
-        // based on an old version would conflict with every append since.
+        // Merge what the table holds now, not what this writer last saw.
         self.refresh().await?;
-        for (day, files) in self.files_per_day()? {
-            if files < min_files.max(2) {
-                continue;
-            }
-            let date = chrono_day(&day).ok_or_else(|| LakeError::Arrow {
-                table: self.location.clone(),
-                source: arrow::error::ArrowError::ParseError(format!(
-                    "partition {DAY_COLUMN}={day} is not a date"
-                )),
-            })?;
-            let ctx = SessionContext::new();
-            self.table
-                .update_datafusion_session(&ctx.state())
-                .map_err(|e| self.delta_err(e))?;
-            let provider = self.table.table_provider().await.map_err(query_err)?;
-            let in_day = col(DAY_COLUMN).eq(lit(ScalarValue::Date32(Some(date))));
-            let batches = ctx
-                .read_table(provider)
-                .and_then(|df| df.filter(in_day.clone()))
-                .map_err(query_err)?
-                .collect()
-                .await
-                .map_err(query_err)?;
-            let schema = self.kind.schema();
-            let batches = batches
-                .iter()
-                .map(|b| conform(b, &schema))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| LakeError::Arrow {
-                    table: self.location.clone(),
-                    source,
-                })?;
-            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            if rows == 0 {
-                continue;
-            }
-            let sorted = sort_for_lake(self.kind, &batches).map_err(|source| LakeError::Arrow {
-                table: self.location.clone(),
-                source,
-            })?;
-            let properties = self
-                .writer_properties()
-                .map_err(|source| LakeError::Arrow {
-                    table: self.location.clone(),
-                    source,
-                })?;
-            let written = self
-                .table
-                .clone()
-                .write(vec![sorted])
-                .with_save_mode(SaveMode::Overwrite)
-                .with_replace_where(in_day)
-                .with_partition_columns([DAY_COLUMN])
-                .with_writer_properties(properties)
-                .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
-                .with_commit_properties(
-                    CommitProperties::default()
-                        .with_metadata([(OPERATION_KEY.to_string(), "compact".into())]),
-                )
-                .await;
-            let table = match written {
-                Ok(table) => table,
-                Err(e) if is_conflict(&e) => {
-                    // Another writer appended to this day meanwhile: its rows are not in
-                    // the rewrite, so the rewrite must not win. Next run tries again.
-                    tracing::info!(table = %self.location, %day, "partition changed during compaction; left for the next run");
-                    stats.conflicts += 1;
-                    self.refresh().await?;
+        let target = self.options.target_file_bytes.max(1);
+        let mut small: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+        {
+            let snapshot = self.table.snapshot().map_err(|e| self.delta_err(e))?;
+            for file in snapshot.log_data() {
+                let path = file.path().to_string();
+                let Some(day) = path
+                    .split('/')
+                    .find_map(|part| part.strip_prefix(&format!("{DAY_COLUMN}=")))
+                else {
                     continue;
+                };
+                if (file.size() as u64) < target / 2 {
+                    small
+                        .entry(day.to_string())
+                        .or_default()
+                        .push((path, file.size()));
                 }
-                Err(e) => return Err(self.delta_err(e)),
-            };
-            self.table = table;
-            stats.partitions += 1;
-            stats.files_before += files;
-            stats.files_after += self.files_per_day()?.get(&day).copied().unwrap_or(0);
-            stats.rows += rows;
-            tracing::info!(table = %self.location, %day, files, rows, "compacted partition");
+            }
+        }
+        for (day, files) in small {
+            if files.len() < min_files.max(2) {
+                continue;
+            }
+            // Groups of files near the target size, oldest names first.
+            let mut groups: Vec<Vec<(String, i64)>> = vec![Vec::new()];
+            let mut bytes = 0u64;
+            for file in files {
+                if bytes + file.1 as u64 > target && groups.last().is_some_and(|g| g.len() > 1) {
+                    groups.push(Vec::new());
+                    bytes = 0;
+                }
+                bytes += file.1 as u64;
+                groups.last_mut().expect("one group").push(file);
+            }
+            for group in groups.into_iter().filter(|g| g.len() > 1) {
+                match self.merge_files(&group).await? {
+                    Some(rows) => {
+                        stats.partitions += 1;
+                        stats.files_before += group.len();
+                        stats.rows += rows.0;
+                        stats.files_after += rows.1;
+                        tracing::info!(table = %self.location, %day, files = group.len(), rows = rows.0, "compacted files");
+                    }
+                    None => {
+                        tracing::info!(table = %self.location, %day, "files compacted by another writer meanwhile; left alone");
+                        stats.conflicts += 1;
+                    }
+                }
+            }
         }
         let (table, metrics) = self
             .table
@@ -486,6 +498,187 @@ impl TableLake {
         self.table = table;
         stats.vacuumed = metrics.files_deleted.len();
         Ok(stats)
+    }
+
+    /// Rewrites `files` (paths relative to the table, one day partition) as sorted
+    /// files near the target size, in one no-data-change commit; returns the rows and
+    /// files written, or `None` if another commit removed some of `files` first.
+    async fn merge_files(
+        &mut self,
+        files: &[(String, i64)],
+    ) -> Result<Option<(usize, usize)>, LakeError> {
+        use deltalake::kernel::Action;
+        use deltalake::kernel::transaction::CommitBuilder;
+        use deltalake::protocol::DeltaOperation;
+        use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+        let location = self.location.clone();
+        let query_err = |source| LakeError::Query {
+            table: location.clone(),
+            source: Box::new(source),
+        };
+        let arrow_err = |source| LakeError::Arrow {
+            table: location.clone(),
+            source,
+        };
+        let root = self.table.table_url().clone();
+        let uris = files
+            .iter()
+            .map(|(path, _)| {
+                root.join(path).map(String::from).map_err(|e| {
+                    self.delta_err(deltalake::DeltaTableError::Generic(format!("{path}: {e}")))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ctx = SessionContext::new();
+        self.table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| self.delta_err(e))?;
+        let mut frame = read_data_files(&ctx, self.kind, uris)
+            .await
+            .map_err(query_err)?;
+        if let Some(rollup) = self.rollup {
+            // Partial rows of a bucket become one.
+            frame = crate::rollup::aggregate(&ctx, frame, rollup)
+                .await
+                .map_err(query_err)?;
+        }
+        let schema = self.kind.schema();
+        let batches = frame
+            .collect()
+            .await
+            .map_err(query_err)?
+            .iter()
+            .map(|b| conform(b, &schema))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(arrow_err)?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let mut actions: Vec<Action> = Vec::new();
+        if rows > 0 {
+            let sorted = sort_for_lake(self.kind, &batches).map_err(arrow_err)?;
+            let mut writer = RecordBatchWriter::for_table(&self.table)
+                .map_err(|e| self.delta_err(e))?
+                .with_writer_properties(self.writer_properties().map_err(arrow_err)?)
+                .with_target_file_size(self.options.target_file_bytes);
+            writer.write(sorted).await.map_err(|e| self.delta_err(e))?;
+            for mut add in writer.flush().await.map_err(|e| self.delta_err(e))? {
+                add.data_change = false;
+                actions.push(Action::Add(add));
+            }
+        }
+        let written = actions.len();
+        {
+            let snapshot = self.table.snapshot().map_err(|e| self.delta_err(e))?;
+            let wanted: HashSet<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+            for file in snapshot.log_data() {
+                if wanted.contains(file.path().as_ref()) {
+                    actions.push(Action::Remove(file.remove_action(false)));
+                }
+            }
+        }
+        let commit = CommitBuilder::from(
+            CommitProperties::default()
+                .with_metadata([(OPERATION_KEY.to_string(), "compact".into())]),
+        )
+        .with_actions(actions)
+        .build(
+            Some(self.table.snapshot().map_err(|e| self.delta_err(e))?),
+            self.table.log_store(),
+            DeltaOperation::Optimize {
+                predicate: None,
+                target_size: self.options.target_file_bytes as i64,
+            },
+        )
+        .await;
+        match commit {
+            Ok(_) => {
+                self.refresh().await?;
+                Ok(Some((rows, written)))
+            }
+            Err(e) => {
+                if is_conflict(&e) {
+                    self.refresh().await?;
+                    Ok(None)
+                } else {
+                    Err(self.delta_err(e))
+                }
+            }
+        }
+    }
+
+    /// Removes the day partitions older than `keep` before `now` (whole days: a day is
+    /// removed once all of it is older); returns the data files removed. They stay on
+    /// storage, for readers of older versions, until a vacuum past the grace period.
+    pub async fn apply_retention(
+        &mut self,
+        keep: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<usize, LakeError> {
+        let cutoff = now
+            .checked_sub(keep)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| (d.as_secs() / 86_400) as i32)
+            .unwrap_or(0);
+        self.refresh().await?;
+        let expired = self
+            .files_per_day()?
+            .keys()
+            .any(|day| chrono_day(day).is_some_and(|d| d < cutoff));
+        if !expired {
+            return Ok(0);
+        }
+        let before = col(DAY_COLUMN).lt(lit(ScalarValue::Date32(Some(cutoff))));
+        let (table, metrics) = self
+            .table
+            .clone()
+            .delete()
+            .with_predicate(before)
+            .with_commit_properties(
+                CommitProperties::default()
+                    .with_metadata([(OPERATION_KEY.to_string(), "retention".into())]),
+            )
+            .await
+            .map_err(|e| self.delta_err(e))?;
+        self.table = table;
+        tracing::info!(table = %self.location, files = metrics.num_removed_files, ?keep, "removed expired day partitions");
+        Ok(metrics.num_removed_files)
+    }
+
+    /// Commits `batches` (sorted as the lake keeps them) with `transactions`, in one
+    /// commit; returns the new version.
+    pub async fn append_with(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        transactions: Vec<Transaction>,
+    ) -> Result<i64, LakeError> {
+        let properties = self
+            .writer_properties()
+            .map_err(|source| LakeError::Arrow {
+                table: self.location.clone(),
+                source,
+            })?;
+        let table = self
+            .table
+            .clone()
+            .write(batches)
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns([DAY_COLUMN])
+            .with_writer_properties(properties)
+            .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
+            .with_commit_properties(
+                CommitProperties::default().with_application_transactions(transactions),
+            )
+            .await;
+        let table = match table {
+            Ok(table) => table,
+            Err(e) => {
+                if is_conflict(&e) {
+                    self.refresh().await?;
+                }
+                return Err(self.delta_err(e));
+            }
+        };
+        self.table = table;
+        Ok(self.version().unwrap_or_default())
     }
 
     /// Commits `batches` (sorted as the lake keeps them) together with what they
@@ -533,8 +726,18 @@ impl TableLake {
             .with_writer_properties(properties)
             .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
             .with_commit_properties(commit)
-            .await
-            .map_err(|e| self.delta_err(e))?;
+            .await;
+        let table = match table {
+            Ok(table) => table,
+            Err(e) => {
+                if is_conflict(&e) {
+                    // A commit of another writer removed rows this one's snapshot had
+                    // (retention): the retry must start from the table as it is now.
+                    self.refresh().await?;
+                }
+                return Err(self.delta_err(e));
+            }
+        };
         self.table = table;
         Ok(self.version().unwrap_or_default())
     }
@@ -641,4 +844,32 @@ pub fn without_points(
             (kept.num_rows() > 0).then_some(kept)
         })
         .collect()
+}
+
+/// The rows of data files `uris` of a `kind` table, with the partition column `day`
+/// (not in the files) computed from `time`.
+pub(crate) async fn read_data_files(
+    ctx: &SessionContext,
+    kind: Table,
+    uris: Vec<String>,
+) -> datafusion::error::Result<datafusion::dataframe::DataFrame> {
+    let schema = kind.schema();
+    let file_schema = arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != DAY_COLUMN)
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    let frame = ctx
+        .read_parquet(
+            uris,
+            datafusion::prelude::ParquetReadOptions::default().schema(&file_schema),
+        )
+        .await?;
+    frame.with_column(
+        DAY_COLUMN,
+        datafusion::prelude::cast(col("time"), arrow::datatypes::DataType::Date32),
+    )
 }

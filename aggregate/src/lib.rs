@@ -23,6 +23,7 @@ pub mod keys;
 pub mod lake;
 pub mod location;
 pub mod metrics;
+pub mod rollup;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -43,6 +44,7 @@ use fleetlake_ingest::{RowSink, SinkError, Table};
 use crate::buffer::{FlushJob, HotBuffer};
 use crate::lake::{LakeError, LakeOptions, TableLake, sort_for_lake, without_points};
 use crate::metrics as m;
+use crate::rollup::{Roller, Rollup};
 use crate::wal::{Wal, WalError, encode_rows};
 
 /// Settings of the aggregate stage.
@@ -62,8 +64,11 @@ pub struct AggregateConfig {
     pub wal_segment_bytes: u64,
     /// Parquet writing options.
     pub lake: LakeOptions,
-    /// Compaction in the background; `None` for none.
+    /// Compaction (and retention) in the background; `None` for none.
     pub compaction: Option<CompactionConfig>,
+    /// How often `metrics_5m` and `metrics_1h` catch up with `metrics`; `None` for
+    /// never (no roll-up tables are made).
+    pub rollup_interval: Option<Duration>,
 }
 
 /// How the service compacts the lake by itself (see [`lake::TableLake::compact`]).
@@ -75,6 +80,24 @@ pub struct CompactionConfig {
     pub min_files: usize,
     /// Replaced files are deleted once unreferenced for this long.
     pub vacuum_grace: Duration,
+    /// How long each table keeps its data, by table name (`metrics`, `metrics_5m`,
+    /// `metrics_1h`, `logs`, `dead_letters`); a table not named keeps it forever.
+    pub retention: BTreeMap<String, Duration>,
+}
+
+impl CompactionConfig {
+    /// CloudWatch's own schedule: 1-minute data 15 days, 5-minute 63 days, 1-hour 455
+    /// days; logs and dead letters 30 days.
+    pub fn cloudwatch_retention() -> BTreeMap<String, Duration> {
+        let days = |n: u64| Duration::from_secs(n * 86_400);
+        BTreeMap::from([
+            ("metrics".to_string(), days(15)),
+            ("metrics_5m".to_string(), days(63)),
+            ("metrics_1h".to_string(), days(455)),
+            ("logs".to_string(), days(30)),
+            ("dead_letters".to_string(), days(30)),
+        ])
+    }
 }
 
 /// Errors starting the aggregate stage.
@@ -310,6 +333,15 @@ impl Aggregator {
         tokio::spawn(flush_loop(flusher));
         if let Some(compaction) = shared.config.compaction.clone() {
             tokio::spawn(compaction_loop(Arc::downgrade(&shared), compaction));
+        }
+        if let Some(interval) = shared.config.rollup_interval {
+            // The roll-up tables exist from the start, so SQL always has them.
+            let roller = Roller::open(
+                shared.config.lake_location.clone(),
+                shared.config.lake.clone(),
+            )
+            .await?;
+            tokio::spawn(rollup_loop(Arc::downgrade(&shared), interval, roller));
         }
         let aggregator = Self { shared };
         if !replayed.is_empty() {
@@ -670,38 +702,109 @@ async fn flush_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Flushes every table, then truncates the WAL as far as all tables allow.
-/// Compacts every table each interval, holding the table's lake lock (so a flush of
-/// that table waits and never interleaves with the rewrite), until the aggregator is
-/// gone.
+/// Applies retention to and compacts every table each interval (the lake's tables
+/// holding their lake lock, so a flush of that table waits and never interleaves with
+/// the rewrite; the roll-up tables through their own handles, a roll-up commit
+/// meanwhile making that partition wait for the next run), until the aggregator is gone.
 async fn compaction_loop(shared: std::sync::Weak<Shared>, config: CompactionConfig) {
+    let mut rollups: Vec<TableLake> = Vec::new();
     loop {
         tokio::time::sleep(config.interval).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
         for state in &shared.tables {
-            let table = state.table;
             let mut lake = state.lake.lock().await;
-            match lake.compact(config.min_files, config.vacuum_grace).await {
-                Ok(stats) => {
-                    if stats.partitions > 0 {
-                        ::metrics::counter!(m::COMPACTED_PARTITIONS, "table" => table.name())
-                            .increment(stats.partitions as u64);
-                        info!(%table, partitions = stats.partitions, files_before = stats.files_before,
-                              files_after = stats.files_after, vacuumed = stats.vacuumed, "compacted lake table");
+            maintain(&mut lake, state.table.name(), &config).await;
+        }
+        if shared.config.rollup_interval.is_some() && rollups.is_empty() {
+            for rollup in Rollup::ALL {
+                match TableLake::open_rollup(
+                    &shared.config.lake_location,
+                    rollup,
+                    shared.config.lake.clone(),
+                )
+                .await
+                {
+                    Ok(lake) => rollups.push(lake),
+                    Err(error) => {
+                        warn!(%error, "cannot open roll-up table; retrying at the next interval");
+                        rollups.clear();
+                        break;
                     }
                 }
-                Err(error) => {
-                    ::metrics::counter!(m::COMPACTION_FAILURES, "table" => table.name())
-                        .increment(1);
-                    warn!(%table, %error, "compaction failed; retrying at the next interval");
+            }
+        }
+        for (lake, rollup) in rollups.iter_mut().zip(Rollup::ALL) {
+            maintain(lake, rollup.name(), &config).await;
+        }
+    }
+}
+
+/// Retention, then compaction (and vacuum) of one table.
+async fn maintain(lake: &mut TableLake, name: &'static str, config: &CompactionConfig) {
+    if let Some(keep) = config.retention.get(name) {
+        match lake
+            .apply_retention(*keep, std::time::SystemTime::now())
+            .await
+        {
+            Ok(files) => {
+                ::metrics::counter!(m::RETENTION_FILES, "table" => name).increment(files as u64)
+            }
+            Err(error) => {
+                ::metrics::counter!(m::COMPACTION_FAILURES, "table" => name).increment(1);
+                warn!(table = name, %error, "retention failed; retrying at the next interval");
+            }
+        }
+    }
+    match lake.compact(config.min_files, config.vacuum_grace).await {
+        Ok(stats) => {
+            if stats.partitions > 0 {
+                ::metrics::counter!(m::COMPACTED_PARTITIONS, "table" => name)
+                    .increment(stats.partitions as u64);
+                info!(
+                    table = name,
+                    partitions = stats.partitions,
+                    files_before = stats.files_before,
+                    files_after = stats.files_after,
+                    vacuumed = stats.vacuumed,
+                    "compacted lake table"
+                );
+            }
+        }
+        Err(error) => {
+            ::metrics::counter!(m::COMPACTION_FAILURES, "table" => name).increment(1);
+            warn!(table = name, %error, "compaction failed; retrying at the next interval");
+        }
+    }
+}
+
+/// Rolls new `metrics` commits up into `metrics_5m` and `metrics_1h` each interval,
+/// until the aggregator is gone.
+async fn rollup_loop(shared: std::sync::Weak<Shared>, interval: Duration, mut roller: Roller) {
+    loop {
+        tokio::time::sleep(interval).await;
+        if shared.strong_count() == 0 {
+            return;
+        }
+        match roller.roll().await {
+            Ok(stats) => {
+                for (table, rows) in &stats.rows {
+                    ::metrics::counter!(m::ROLLUP_ROWS, "table" => *table).increment(*rows as u64);
                 }
+                if !stats.versions.is_empty() {
+                    info!(rows = ?stats.rows, versions = ?stats.versions, "rolled up metrics");
+                }
+            }
+            Err(error) => {
+                ::metrics::counter!(m::ROLLUP_FAILURES).increment(1);
+                warn!(%error, "roll-up failed; retrying at the next interval");
             }
         }
     }
 }
 
+/// Flushes every table, then truncates the WAL as far as all tables allow.
 async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
     let _one_at_a_time = shared.flushing.lock().await;
     flush_locked(shared).await

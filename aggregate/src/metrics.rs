@@ -24,6 +24,12 @@ pub const FLUSH_FAILURES: &str = "fleetlake_lake_flush_failures_total";
 pub const COMPACTED_PARTITIONS: &str = "fleetlake_lake_compacted_partitions_total";
 /// Compaction runs that failed (retried at the next interval), by `table`.
 pub const COMPACTION_FAILURES: &str = "fleetlake_lake_compaction_failures_total";
+/// Partial roll-up rows appended, by `table` (`metrics_5m`, `metrics_1h`).
+pub const ROLLUP_ROWS: &str = "fleetlake_rollup_rows_total";
+/// Roll-up runs that failed (retried at the next interval).
+pub const ROLLUP_FAILURES: &str = "fleetlake_rollup_failures_total";
+/// Data files removed by retention, by `table`.
+pub const RETENTION_FILES: &str = "fleetlake_retention_removed_files_total";
 /// Writes refused because the hot buffer is full.
 pub const REJECTED_FULL: &str = "fleetlake_aggregate_rejected_full_total";
 
@@ -34,6 +40,9 @@ pub fn describe() {
         "Day partitions rewritten by compaction"
     );
     metrics::describe_counter!(COMPACTION_FAILURES, "Compaction runs that failed");
+    metrics::describe_counter!(ROLLUP_ROWS, "Partial roll-up rows appended");
+    metrics::describe_counter!(ROLLUP_FAILURES, "Roll-up runs that failed");
+    metrics::describe_counter!(RETENTION_FILES, "Data files removed by retention");
     metrics::describe_counter!(WAL_RECORDS, "Records appended to the write-ahead log");
     metrics::describe_counter!(WAL_BYTES, "Bytes appended to the write-ahead log");
     metrics::describe_histogram!(WAL_SYNC_SECONDS, "Seconds per WAL group commit");

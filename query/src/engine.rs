@@ -10,6 +10,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use fleetlake_aggregate::location::LakeLocation;
+use fleetlake_aggregate::rollup::{Rollup, rollup_sql};
 use fleetlake_ingest::schema::{Table, conform};
 
 /// Rows held in memory by the aggregate stage, not yet in the lake.
@@ -62,7 +63,7 @@ pub struct QueryOutput {
 pub struct QueryEngine {
     lake: LakeLocation,
     hot: Option<Arc<dyn HotData>>,
-    tables: tokio::sync::Mutex<HashMap<Table, DeltaTable>>,
+    tables: tokio::sync::Mutex<HashMap<&'static str, DeltaTable>>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -85,9 +86,9 @@ impl QueryEngine {
     }
 
     /// Table `table` at its latest version, or `None` if the lake does not have it.
-    async fn latest(&self, table: Table) -> Result<Option<DeltaTable>, QueryError> {
+    async fn latest(&self, table: &'static str) -> Result<Option<DeltaTable>, QueryError> {
         let mut cached = self.tables.lock().await;
-        if let Some(delta) = cached.get_mut(&table) {
+        if let Some(delta) = cached.get_mut(table) {
             delta
                 .load()
                 .await
@@ -96,7 +97,7 @@ impl QueryEngine {
         }
         let Some(delta) = self
             .lake
-            .open(table.name())
+            .open(table)
             .await
             .map_err(|e| QueryError::Lake(e.to_string()))?
         else {
@@ -114,7 +115,7 @@ impl QueryEngine {
         let ctx = SessionContext::new_with_config(config);
         let mut registered = 0;
         for table in Table::ALL {
-            let Some(delta) = self.latest(table).await? else {
+            let Some(delta) = self.latest(table.name()).await? else {
                 continue;
             };
             delta
@@ -140,6 +141,31 @@ impl QueryEngine {
             )
             .map_err(|e| QueryError::Sql(Box::new(e)))?;
             registered += 1;
+        }
+        fleetlake_aggregate::rollup::register(&ctx);
+        for rollup in Rollup::ALL {
+            let Some(delta) = self.latest(rollup.name()).await? else {
+                continue;
+            };
+            delta
+                .update_datafusion_session(&ctx.state())
+                .map_err(|e| QueryError::Lake(e.to_string()))?;
+            let partials = delta
+                .table_provider()
+                .await
+                .map_err(|e| QueryError::Lake(e.to_string()))?;
+            // The Delta table holds partial rows per bucket until compacted; SQL's
+            // table merges them.
+            let partials_name = format!("{}_partials", rollup.name());
+            let sql_err = |e| QueryError::Sql(Box::new(e));
+            ctx.register_table(partials_name.as_str(), partials)
+                .map_err(sql_err)?;
+            let merged = ctx
+                .sql(&rollup_sql(&partials_name, rollup))
+                .await
+                .map_err(sql_err)?;
+            ctx.register_table(rollup.name(), merged.into_view())
+                .map_err(sql_err)?;
         }
         if registered == 0 {
             return Err(QueryError::NoTable(self.lake.to_string()));

@@ -14,6 +14,8 @@ fn s3_env<'a>(moto: &'a Moto, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a
         ("FLEETLAKE_LAKE__ENDPOINT_URL", moto.endpoint.as_str()),
         ("FLEETLAKE_LAKE__REGION", "us-east-1"),
         ("FLEETLAKE_BUFFER__FLUSH_INTERVAL", "100ms"),
+        // The test data is from 2023: kept forever, not the default 15 days.
+        ("FLEETLAKE_RETENTION__METRICS", "0s"),
     ]);
     env.extend_from_slice(extra);
     env
