@@ -23,6 +23,8 @@ pub mod keys;
 pub mod lake;
 pub mod location;
 pub mod metrics;
+#[cfg(test)]
+mod model_tests;
 pub mod rollup;
 pub mod wal;
 

@@ -1,0 +1,233 @@
+//! Property test of de-duplication and roll-ups against a simple model: datapoints
+//! delivered in any order, redelivered any number of times, with flushes, roll-up runs
+//! and compactions in between, end as one row per datapoint in `metrics` (the first
+//! delivery) and as exact count/sum/min/max (max for percentiles) per series and
+//! bucket in `metrics_5m` and `metrics_1h`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use datafusion::prelude::SessionContext;
+use fleetlake_ingest::{Decoder, Format, RowSink, Table};
+use proptest::prelude::*;
+
+use crate::lake::{LakeOptions, TableLake};
+use crate::location::LakeLocation;
+use crate::rollup::{Roller, Rollup, rollup_sql};
+use crate::{AggregateConfig, Aggregator};
+
+/// One datapoint: account 0..3, metric 0..2, minute 0..150, value.
+type Point = (u8, u8, i64, u32);
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Deliver these points (indexes into the set, modulo its size), as one write.
+    Deliver(Vec<usize>),
+    /// Deliver every point (the last step, so each is delivered at least once).
+    DeliverAll,
+    Flush,
+    Roll,
+    Compact,
+}
+
+const BASE_MS: i64 = 1_764_028_800_000;
+
+fn line(p: &Point) -> String {
+    let v = p.3 as f64;
+    format!(
+        r#"{{"account_id":"{:012}","region":"eu-west-1","namespace":"AWS/Lambda","metric_name":"m{}","dimensions":{{"FunctionName":"f"}},"timestamp":{},"value":{{"count":2.0,"sum":{},"max":{},"min":{},"p99":{}}},"unit":"Count"}}"#,
+        p.0,
+        p.1,
+        BASE_MS + p.2 * 60_000,
+        v * 2.0,
+        v,
+        v / 2.0,
+        v + 1.0
+    )
+}
+
+/// (account, metric, bucket start s) -> (count, sum, min, max, p99).
+type Rolled = BTreeMap<(String, String, i64), (f64, f64, f64, f64, f64)>;
+
+fn model(points: &[Point], width_s: i64) -> Rolled {
+    let mut rolled = Rolled::new();
+    for p in points {
+        let t = (BASE_MS + p.2 * 60_000) / 1000;
+        let v = p.3 as f64;
+        let e = rolled
+            .entry((format!("{:012}", p.0), format!("m{}", p.1), t - t % width_s))
+            .or_insert((0.0, 0.0, f64::MAX, f64::MIN, f64::MIN));
+        e.0 += 2.0;
+        e.1 += v * 2.0;
+        e.2 = e.2.min(v / 2.0);
+        e.3 = e.3.max(v);
+        e.4 = e.4.max(v + 1.0);
+    }
+    rolled
+}
+
+async fn rolled_from(ctx: &SessionContext, sql: &str) -> Rolled {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Float64Type, Int64Type};
+    let frame = ctx
+        .sql(&format!(
+            "SELECT account_id, metric_name, CAST(to_unixtime(time) AS BIGINT) AS t, count, sum, \
+             min, max, stats['p99'] AS p99 FROM ({sql})"
+        ))
+        .await
+        .unwrap();
+    let mut rolled = Rolled::new();
+    for b in frame.collect().await.unwrap() {
+        let text = |i: usize, row: usize| -> String {
+            let c = arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap();
+            c.as_string::<i32>().value(row).to_string()
+        };
+        let f = |i: usize, row: usize| b.column(i).as_primitive::<Float64Type>().value(row);
+        for row in 0..b.num_rows() {
+            let key = (
+                text(0, row),
+                text(1, row),
+                b.column(2).as_primitive::<Int64Type>().value(row),
+            );
+            let old = rolled.insert(key, (f(3, row), f(4, row), f(5, row), f(6, row), f(7, row)));
+            assert!(old.is_none(), "two rows for one series and bucket");
+        }
+    }
+    rolled
+}
+
+async fn run(points: Vec<Point>, steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
+    let options = LakeOptions::default();
+    let aggregator = Aggregator::open(AggregateConfig {
+        wal_dir: dir.path().join("wal"),
+        lake_location: lake.clone(),
+        flush_interval: Duration::from_secs(3600),
+        flush_rows: usize::MAX,
+        max_buffered_rows: usize::MAX,
+        wal_segment_bytes: 1 << 20,
+        lake: options.clone(),
+        compaction: None,
+        rollup_interval: None,
+    })
+    .await
+    .unwrap();
+    let mut roller = Roller::open(lake.clone(), options.clone()).await.unwrap();
+    let deliver = |indexes: Vec<usize>| {
+        let mut decoder = Decoder::new("test", Format::MetricsJson, None);
+        let body: Vec<String> = indexes.iter().map(|&i| line(&points[i])).collect();
+        decoder.push_record(body.join("\n").as_bytes(), "0", 0);
+        decoder.finish()
+    };
+    let all: Vec<usize> = (0..points.len()).collect();
+    for step in steps
+        .into_iter()
+        .chain([Step::DeliverAll, Step::Flush, Step::Roll])
+    {
+        match step {
+            Step::DeliverAll => aggregator.write(deliver(all.clone())).await.unwrap(),
+            Step::Deliver(picks) => {
+                let indexes = picks.iter().map(|i| i % points.len()).collect();
+                aggregator.write(deliver(indexes)).await.unwrap()
+            }
+            Step::Flush => aggregator.flush().await.unwrap(),
+            Step::Roll => {
+                roller.roll().await.unwrap();
+            }
+            Step::Compact => {
+                let mut metrics =
+                    TableLake::open_or_create(&lake, Table::Metrics, options.clone(), "compact")
+                        .await
+                        .unwrap();
+                metrics.compact(2, Duration::from_secs(3600)).await.unwrap();
+                for rollup in Rollup::ALL {
+                    let mut table = TableLake::open_rollup(&lake, rollup, options.clone())
+                        .await
+                        .unwrap();
+                    table.compact(2, Duration::from_secs(3600)).await.unwrap();
+                }
+            }
+        }
+    }
+
+    let ctx = SessionContext::new();
+    crate::rollup::register(&ctx);
+    for name in ["metrics", "metrics_5m", "metrics_1h"] {
+        let table = lake.open(name).await.unwrap().unwrap();
+        table.update_datafusion_session(&ctx.state()).unwrap();
+        ctx.register_table(name, table.table_provider().await.unwrap())
+            .unwrap();
+    }
+    // Every datapoint once, with its own values.
+    prop_assert_eq!(
+        rolled_from(&ctx, "SELECT * FROM metrics").await,
+        model(&points, 60)
+    );
+    prop_assert_eq!(
+        rolled_from(&ctx, &rollup_sql("metrics_5m", Rollup::FiveMinutes)).await,
+        model(&points, 300)
+    );
+    prop_assert_eq!(
+        rolled_from(&ctx, &rollup_sql("metrics_1h", Rollup::OneHour)).await,
+        model(&points, 3600)
+    );
+    Ok(())
+}
+
+fn points() -> impl Strategy<Value = Vec<Point>> {
+    prop::collection::btree_map((0u8..3, 0u8..2, 0i64..150), 0u32..1000, 1..40)
+        .prop_map(|m| m.into_iter().map(|((a, b, c), v)| (a, b, c, v)).collect())
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        prop_oneof![
+            4 => prop::collection::vec(0usize..1000, 1..20).prop_map(Step::Deliver),
+            3 => Just(Step::Flush),
+            2 => Just(Step::Roll),
+            2 => Just(Step::Compact),
+        ],
+        0..16,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn deduplication_and_rollups_match_the_model(points in points(), steps in steps()) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run(points, steps))?;
+    }
+}
+
+/// The sequence where a roll-up could count rows twice: a roll-up, then compaction
+/// rewriting rolled-up files, then another roll-up; and a redelivery after a flush.
+#[test]
+fn compaction_between_rollups_counts_nothing_twice() {
+    let points: Vec<Point> = (0..30)
+        .map(|i| ((i % 3) as u8, (i % 2) as u8, i as i64 * 7, i))
+        .collect();
+    let steps = vec![
+        Step::Deliver((0..15).collect()),
+        Step::Flush,
+        Step::Roll,
+        Step::DeliverAll,
+        Step::Flush,
+        Step::Compact,
+        Step::Roll,
+        Step::Compact,
+        Step::Roll,
+    ];
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(points, steps))
+        .unwrap();
+}
