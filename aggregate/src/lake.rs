@@ -67,6 +67,14 @@ pub struct CompactStats {
     pub conflicts: usize,
 }
 
+/// Commit-info key of the writer (WAL id) that made a flush commit.
+pub const WRITER_KEY: &str = "fleetlake.writer";
+/// Commit-info key of the latest row time (epoch µs) in the table after a flush commit.
+pub const MAX_TIME_KEY: &str = "fleetlake.maxTime";
+
+/// How many commits back a writer looks, when it opens, for other writers' latest times.
+const OTHERS_LOOKBACK: i64 = 256;
+
 /// Commit-info key naming what a fleetlake commit did when it is not a flush
 /// (`compact`, `retention`): such commits add or remove no datapoints.
 pub const OPERATION_KEY: &str = "fleetlake.operation";
@@ -142,6 +150,8 @@ pub struct TableLake {
     writer: String,
     /// Set for a roll-up table (rows of the metrics schema, partial per bucket).
     rollup: Option<Rollup>,
+    /// Commits up to this version were looked at for other writers' latest times.
+    seen_version: i64,
 }
 
 impl TableLake {
@@ -201,16 +211,25 @@ impl TableLake {
                 .as_ref()
                 .try_into_kernel()
                 .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
-            table = table
+            let created = table
                 .create()
                 .with_table_name(name)
                 .with_comment(comment)
                 .with_columns(schema.fields().cloned())
                 .with_partition_columns([DAY_COLUMN])
                 .with_save_mode(SaveMode::Ignore)
-                .await
-                .map_err(delta)?;
-            tracing::info!(table = %location, "created lake table");
+                .await;
+            table = match created {
+                Ok(table) => {
+                    tracing::info!(table = %location, "created lake table");
+                    table
+                }
+                // Another instance created it first: use theirs.
+                Err(e) => match lake.open(name).await {
+                    Ok(Some(table)) => table,
+                    _ => return Err(delta(e)),
+                },
+            };
         }
         Ok(Self {
             kind,
@@ -219,6 +238,7 @@ impl TableLake {
             options,
             writer: writer.to_string(),
             rollup,
+            seen_version: -1,
         })
     }
 
@@ -304,6 +324,47 @@ impl TableLake {
             .update_incremental(None)
             .await
             .map_err(|e| self.delta_err(e))
+    }
+
+    /// The latest row time that other writers committed since this was last asked
+    /// (the first time: within the last commits), from the commit info of their flush
+    /// commits; `None` if they committed nothing. Rows of this writer at or before it
+    /// may be in the lake already, committed by another instance.
+    pub async fn others_max_time(&mut self) -> Result<Option<i64>, LakeError> {
+        use deltalake::kernel::Action;
+        self.refresh().await?;
+        let Some(latest) = self.version() else {
+            return Ok(None);
+        };
+        let from = if self.seen_version < 0 {
+            (latest - OTHERS_LOOKBACK).max(0)
+        } else {
+            self.seen_version + 1
+        };
+        let mut max = None;
+        let log = self.table.log_store();
+        for version in from..=latest {
+            let Some(bytes) = log
+                .read_commit_entry(version as u64)
+                .await
+                .map_err(|e| self.delta_err(e))?
+            else {
+                continue;
+            };
+            let actions = deltalake::logstore::get_actions(version as u64, &bytes)
+                .map_err(|e| self.delta_err(e))?;
+            for action in actions {
+                if let Action::CommitInfo(info) = action
+                    && let Some(writer) = info.info.get(WRITER_KEY).and_then(|w| w.as_str())
+                    && writer != self.writer
+                    && let Some(time) = info.info.get(MAX_TIME_KEY).and_then(|t| t.as_i64())
+                {
+                    max = Some(max.map_or(time, |m: i64| m.max(time)));
+                }
+            }
+        }
+        self.seen_version = latest;
+        Ok(max)
     }
 
     /// Which table this is.
@@ -706,17 +767,24 @@ impl TableLake {
                 time,
             ));
         }
-        let mut commit = CommitProperties::default().with_application_transactions(transactions);
+        // Who committed, and the latest row time: other writers de-duplicate against it.
+        let mut metadata = vec![(WRITER_KEY.to_string(), self.writer.clone().into())];
+        if let Some(time) = max_time {
+            metadata.push((MAX_TIME_KEY.to_string(), time.into()));
+        }
         if let Some(positions) = positions {
             let map: serde_json::Map<String, serde_json::Value> = positions
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
                 .collect();
-            commit = commit.with_metadata([(
+            metadata.push((
                 STREAM_POSITIONS_KEY.to_string(),
                 serde_json::Value::Object(map),
-            )]);
+            ));
         }
+        let commit = CommitProperties::default()
+            .with_application_transactions(transactions)
+            .with_metadata(metadata);
         let table = self
             .table
             .clone()
@@ -872,4 +940,28 @@ pub(crate) async fn read_data_files(
         DAY_COLUMN,
         datafusion::prelude::cast(col("time"), arrow::datatypes::DataType::Date32),
     )
+}
+
+/// Splits `batches` (of `table`) into the rows after `time` (epoch µs) and those at or
+/// before it.
+pub fn split_at_time(
+    table: Table,
+    batches: Vec<RecordBatch>,
+    time: i64,
+) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
+    let (mut after, mut before) = (Vec::new(), Vec::new());
+    for batch in batches {
+        let later: arrow::array::BooleanArray = row_keys(table, &batch)
+            .iter()
+            .map(|k| Some(k.time > time))
+            .collect();
+        let earlier = arrow::compute::not(&later).expect("mask negates");
+        for (mask, out) in [(&later, &mut after), (&earlier, &mut before)] {
+            let kept = arrow::compute::filter_record_batch(&batch, mask).expect("mask fits");
+            if kept.num_rows() > 0 {
+                out.push(kept);
+            }
+        }
+    }
+    (after, before)
 }

@@ -44,7 +44,9 @@ use fleetlake_ingest::sink::{StreamSink, sequence_le};
 use fleetlake_ingest::{RowSink, SinkError, Table};
 
 use crate::buffer::{FlushJob, HotBuffer};
-use crate::lake::{LakeError, LakeOptions, TableLake, sort_for_lake, without_points};
+use crate::lake::{
+    LakeError, LakeOptions, TableLake, sort_for_lake, split_at_time, without_points,
+};
 use crate::metrics as m;
 use crate::rollup::{Roller, Rollup};
 use crate::wal::{Wal, WalError, encode_rows};
@@ -266,7 +268,13 @@ impl Aggregator {
             )
             .await?;
             committed.push(lake.committed_seq().await?);
-            let buffer = HotBuffer::new(table, lake.max_time().await?);
+            let mut lake = lake;
+            // The latest time in the table: this writer's, or another's if later.
+            let latest = match (lake.max_time().await?, lake.others_max_time().await?) {
+                (Some(own), Some(others)) => Some(own.max(others)),
+                (own, others) => own.or(others),
+            };
+            let buffer = HotBuffer::new(table, latest);
             let positions = lake.stream_positions().await?;
             tables.push(TableState {
                 table,
@@ -868,9 +876,17 @@ async fn flush_table(
     };
     let started = Instant::now();
     let mut batches = job.batches;
-    if !job.suspects.is_empty() {
-        let existing = lake.existing_points(&job.suspects).await?;
-        let suspects: usize = job.suspects.iter().map(|b| b.num_rows()).sum();
+    let mut job_suspects = job.suspects;
+    // Rows of this writer at or before the latest time another writer committed since
+    // may be in the lake through it (a retry sent to the other instance): check them too.
+    if let Some(others) = lake.others_max_time().await? {
+        let (after, maybe_there) = split_at_time(table, batches, others);
+        batches = after;
+        job_suspects.extend(maybe_there);
+    }
+    if !job_suspects.is_empty() {
+        let existing = lake.existing_points(&job_suspects).await?;
+        let suspects: usize = job_suspects.iter().map(|b| b.num_rows()).sum();
         if !existing.is_empty() {
             ::metrics::counter!(m::DUPLICATES, "table" => table.name(), "stage" => "lake")
                 .increment(existing.len() as u64);
@@ -881,7 +897,7 @@ async fn flush_table(
             already_in_lake = existing.len(),
             "checked redelivered rows against the lake"
         );
-        batches.extend(without_points(table, job.suspects, &existing));
+        batches.extend(without_points(table, job_suspects, &existing));
     }
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let sorted = if rows == 0 {

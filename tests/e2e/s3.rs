@@ -107,6 +107,36 @@ fn two_instances_share_a_lake_on_s3_with_compaction_and_restart() {
             .lines()
             .any(|l| l.starts_with("fleetlake_lake_compacted_partitions_total"))
     });
+    // A Firehose retry that reaches the other instance: minute 20 committed by a, then
+    // sent again to b, whose own rows of those series end at minute 15. b checks what
+    // another writer committed since, and keeps none of it twice.
+    let minute_20 = fleet_records(30, 20..21, 20);
+    assert_eq!(
+        a.post(&FirehoseRequest::new("a-20", minute_20.clone())).0,
+        200
+    );
+    let expected = (
+        expected.0 + 30 * 4,
+        expected.1 + fleet_sum(30, 20..21),
+        expected.2,
+    );
+    wait_until("b sees a's minute 20 in the lake", || {
+        totals(&b) == expected
+    });
+    assert_eq!(b.post(&FirehoseRequest::new("b-20", minute_20)).0, 200);
+    let flushes = |server: &Server| {
+        server
+            .metrics_text()
+            .lines()
+            .find(|l| {
+                l.starts_with("fleetlake_lake_flush_duration_seconds_count{table=\"metrics\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = flushes(&b);
+    wait_until("b flushed the retry", || flushes(&b) > before);
+    wait_until("b holds each datapoint once", || totals(&b) == expected);
     a.stop();
     b.stop();
 
