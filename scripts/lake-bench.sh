@@ -19,14 +19,13 @@ MINUTES=${MINUTES:-84}
 FLUSH_ROWS=${FLUSH_ROWS:-200000}
 RUNS=${RUNS:-3}
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
-if [[ -z "${FLEETLAKE:-}" ]]; then
-  cargo build --release --locked --bin fleetlake >&2
-  FLEETLAKE=$PWD/target/release/fleetlake
-fi
 mkdir -p "$WORK/input"
 DATA="$WORK/data"
 rm -rf "$DATA"
 
+MARK="$WORK/input/.generated-$ACCOUNTS-$MINUTES"
+if [[ ! -f "$MARK" ]]; then
+rm -f "$WORK"/input/*.ndjson.gz
 echo "generating $ACCOUNTS accounts x 4 functions x 5 metrics x $MINUTES minutes into $WORK/input" >&2
 python3 - "$WORK/input" "$ACCOUNTS" "$MINUTES" <<'EOF'
 import gzip, random, sys
@@ -56,6 +55,13 @@ for start in range(0, minutes, 12):
             f.write("\n".join(lines))
             f.write("\n")
 EOF
+touch "$MARK"
+fi
+[[ -z "${GENERATE_ONLY:-}" ]] || exit 0
+if [[ -z "${FLEETLAKE:-}" ]]; then
+  cargo build --release --locked --bin fleetlake >&2
+  FLEETLAKE=$PWD/target/release/fleetlake
+fi
 POINTS=$((ACCOUNTS * 4 * 5 * MINUTES))
 
 timed() { # prints "seconds peak_rss_kib"; the command's stdout goes to $WORK/last.out
