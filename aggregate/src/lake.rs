@@ -711,35 +711,8 @@ impl TableLake {
         batches: Vec<RecordBatch>,
         transactions: Vec<Transaction>,
     ) -> Result<i64, LakeError> {
-        let properties = self
-            .writer_properties()
-            .map_err(|source| LakeError::Arrow {
-                table: self.location.clone(),
-                source,
-            })?;
-        let table = self
-            .table
-            .clone()
-            .write(batches)
-            .with_save_mode(SaveMode::Append)
-            .with_partition_columns([DAY_COLUMN])
-            .with_writer_properties(properties)
-            .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
-            .with_commit_properties(
-                CommitProperties::default().with_application_transactions(transactions),
-            )
-            .await;
-        let table = match table {
-            Ok(table) => table,
-            Err(e) => {
-                if is_conflict(&e) {
-                    self.refresh().await?;
-                }
-                return Err(self.delta_err(e));
-            }
-        };
-        self.table = table;
-        Ok(self.version().unwrap_or_default())
+        let commit = CommitProperties::default().with_application_transactions(transactions);
+        self.write_commit(batches, commit).await
     }
 
     /// Commits `batches` (sorted as the lake keeps them) together with what they
@@ -752,11 +725,6 @@ impl TableLake {
         max_time: Option<i64>,
         positions: Option<&BTreeMap<String, String>>,
     ) -> Result<i64, LakeError> {
-        let arrow_err = |source| LakeError::Arrow {
-            table: self.location.clone(),
-            source,
-        };
-        let properties = self.writer_properties().map_err(arrow_err)?;
         let mut transactions = Vec::new();
         if let Some(seq) = wal_seq {
             transactions.push(Transaction::new(wal_app_id(&self.writer), seq as i64));
@@ -785,7 +753,22 @@ impl TableLake {
         let commit = CommitProperties::default()
             .with_application_transactions(transactions)
             .with_metadata(metadata);
-        let table = self
+        self.write_commit(batches, commit).await
+    }
+
+    /// Appends `batches` in one commit with `commit`'s transactions and metadata.
+    async fn write_commit(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        commit: CommitProperties,
+    ) -> Result<i64, LakeError> {
+        let properties = self
+            .writer_properties()
+            .map_err(|source| LakeError::Arrow {
+                table: self.location.clone(),
+                source,
+            })?;
+        let written = self
             .table
             .clone()
             .write(batches)
@@ -795,19 +778,21 @@ impl TableLake {
             .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
             .with_commit_properties(commit)
             .await;
-        let table = match table {
-            Ok(table) => table,
+        match written {
+            Ok(table) => {
+                self.table = table;
+                Ok(self.version().unwrap_or_default())
+            }
             Err(e) => {
                 if is_conflict(&e) {
                     // A commit of another writer removed rows this one's snapshot had
-                    // (retention): the retry must start from the table as it is now.
+                    // (retention), or won the same transaction: a retry must start from
+                    // the table as it is now.
                     self.refresh().await?;
                 }
-                return Err(self.delta_err(e));
+                Err(self.delta_err(e))
             }
-        };
-        self.table = table;
-        Ok(self.version().unwrap_or_default())
+        }
     }
 }
 
