@@ -72,6 +72,9 @@ pub const WRITER_KEY: &str = "fleetlake.writer";
 /// Commit-info key of the latest row time (epoch µs) in the table after a flush commit.
 pub const MAX_TIME_KEY: &str = "fleetlake.maxTime";
 
+/// Memory a compaction merge may use before its sorts spill to disk.
+const MERGE_MEMORY_BYTES: usize = 512 * 1024 * 1024;
+
 /// How many commits back a writer looks, when it opens, for other writers' latest times.
 const OTHERS_LOOKBACK: i64 = 256;
 
@@ -590,7 +593,17 @@ impl TableLake {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let ctx = SessionContext::new();
+        // Each input file is sorted already: a merge of sorted streams, one per file,
+        // keeps memory flat; anything DataFusion must sort itself (a roll-up's merged
+        // partials) spills to disk past the memory limit.
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit(MERGE_MEMORY_BYTES, 1.0)
+            .build_arc()
+            .map_err(query_err)?;
+        let config = datafusion::prelude::SessionConfig::new()
+            .with_target_partitions(uris.len().max(1))
+            .with_batch_size(64 * 1024);
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         self.table
             .update_datafusion_session(&ctx.state())
             .map_err(|e| self.delta_err(e))?;
@@ -603,28 +616,27 @@ impl TableLake {
                 .await
                 .map_err(query_err)?;
         }
-        let schema = self.kind.schema();
-        let batches = frame
-            .collect()
-            .await
+        let mut stream = frame
+            .sort(lake_order(self.kind))
             .map_err(query_err)?
-            .iter()
-            .map(|b| conform(b, &schema))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(arrow_err)?;
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            .execute_stream()
+            .await
+            .map_err(query_err)?;
+        let schema = self.kind.schema();
+        let mut writer = RecordBatchWriter::for_table(&self.table)
+            .map_err(|e| self.delta_err(e))?
+            .with_writer_properties(self.writer_properties().map_err(arrow_err)?)
+            .with_target_file_size(self.options.target_file_bytes);
+        let mut rows = 0;
+        while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+            let batch = conform(&batch.map_err(query_err)?, &schema).map_err(arrow_err)?;
+            rows += batch.num_rows();
+            writer.write(batch).await.map_err(|e| self.delta_err(e))?;
+        }
         let mut actions: Vec<Action> = Vec::new();
-        if rows > 0 {
-            let sorted = sort_for_lake(self.kind, &batches).map_err(arrow_err)?;
-            let mut writer = RecordBatchWriter::for_table(&self.table)
-                .map_err(|e| self.delta_err(e))?
-                .with_writer_properties(self.writer_properties().map_err(arrow_err)?)
-                .with_target_file_size(self.options.target_file_bytes);
-            writer.write(sorted).await.map_err(|e| self.delta_err(e))?;
-            for mut add in writer.flush().await.map_err(|e| self.delta_err(e))? {
-                add.data_change = false;
-                actions.push(Action::Add(add));
-            }
+        for mut add in writer.flush().await.map_err(|e| self.delta_err(e))? {
+            add.data_change = false;
+            actions.push(Action::Add(add));
         }
         let written = actions.len();
         {
@@ -915,10 +927,13 @@ pub(crate) async fn read_data_files(
             .cloned()
             .collect::<Vec<_>>(),
     );
+    // Files are written sorted (flushes and compaction both sort them).
     let frame = ctx
         .read_parquet(
             uris,
-            datafusion::prelude::ParquetReadOptions::default().schema(&file_schema),
+            datafusion::prelude::ParquetReadOptions::default()
+                .schema(&file_schema)
+                .file_sort_order(vec![lake_order(kind)]),
         )
         .await?;
     frame.with_column(
@@ -949,4 +964,22 @@ pub fn split_at_time(
         }
     }
     (after, before)
+}
+
+/// The order rows are kept in within each data file (see [`sort_for_lake`]), as sort
+/// expressions.
+pub(crate) fn lake_order(kind: Table) -> Vec<datafusion::logical_expr::SortExpr> {
+    let columns: &[&str] = match kind {
+        Table::Metrics => &[
+            "account_id",
+            "namespace",
+            "metric_name",
+            "dimensions",
+            "region",
+            "time",
+        ],
+        Table::Logs => &["account_id", "log_group", "log_stream", "time", "event_id"],
+        Table::DeadLetters => &["source", "time", "position"],
+    };
+    columns.iter().map(|c| col(*c).sort(true, true)).collect()
 }
