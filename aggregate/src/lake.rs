@@ -72,8 +72,11 @@ pub const WRITER_KEY: &str = "fleetlake.writer";
 /// Commit-info key of the latest row time (epoch µs) in the table after a flush commit.
 pub const MAX_TIME_KEY: &str = "fleetlake.maxTime";
 
-/// Memory a compaction merge may use before its sorts spill to disk.
-const MERGE_MEMORY_BYTES: usize = 512 * 1024 * 1024;
+/// Memory a compaction merge may use before its sorts spill to disk. A merge of sorted
+/// files holds a batch of each file at once: [`MERGE_MAX_FILES`] keeps that in bounds.
+const MERGE_MEMORY_BYTES: usize = 1024 * 1024 * 1024;
+/// Most files merged in one commit.
+const MERGE_MAX_FILES: usize = 128;
 
 /// How many commits back a writer looks, when it opens, for other writers' latest times.
 const OTHERS_LOOKBACK: i64 = 256;
@@ -526,7 +529,10 @@ impl TableLake {
             let mut groups: Vec<Vec<(String, i64)>> = vec![Vec::new()];
             let mut bytes = 0u64;
             for file in files {
-                if bytes + file.1 as u64 > target && groups.last().is_some_and(|g| g.len() > 1) {
+                let full = groups.last().is_some_and(|g| {
+                    g.len() >= MERGE_MAX_FILES || (g.len() > 1 && bytes + file.1 as u64 > target)
+                });
+                if full {
                     groups.push(Vec::new());
                     bytes = 0;
                 }
@@ -602,7 +608,7 @@ impl TableLake {
             .map_err(query_err)?;
         let config = datafusion::prelude::SessionConfig::new()
             .with_target_partitions(uris.len().max(1))
-            .with_batch_size(64 * 1024);
+            .with_batch_size(8192);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         self.table
             .update_datafusion_session(&ctx.state())
