@@ -27,7 +27,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, MapArray, RecordBatch, StringArray, StructArray,
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, MapArray, RecordBatch, StringArray,
+    StructArray,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, FieldRef, Float64Type};
@@ -35,7 +36,7 @@ use datafusion::common::{Result as DfResult, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
 use deltalake::kernel::Transaction;
@@ -161,6 +162,19 @@ impl AggregateUDFImpl for StatsMax {
             max: BTreeMap::new(),
         }))
     }
+    fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
+        true
+    }
+    fn create_groups_accumulator(
+        &self,
+        args: AccumulatorArgs,
+    ) -> DfResult<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(StatsMaxGroups {
+            data_type: args.return_field.data_type().clone(),
+            columns: BTreeMap::new(),
+            groups: 0,
+        }))
+    }
     fn state_fields(&self, args: StateFieldsArgs) -> DfResult<Vec<FieldRef>> {
         Ok(vec![Arc::new(Field::new(
             format!("{}[stats]", args.name),
@@ -242,6 +256,150 @@ impl Accumulator for StatsMaxAccumulator {
     }
     fn size(&self) -> usize {
         std::mem::size_of_val(self) + self.max.keys().map(|k| k.len() + 48).sum::<usize>()
+    }
+}
+
+/// [`STATS_MAX`] for many groups at once: a column of maxima per statistic name
+/// (few: `p99`, `p90`, ...), indexed by group, NaN where a group has none.
+#[derive(Debug)]
+struct StatsMaxGroups {
+    data_type: DataType,
+    columns: BTreeMap<String, Vec<f64>>,
+    groups: usize,
+}
+
+impl StatsMaxGroups {
+    fn add(
+        &mut self,
+        maps: &ArrayRef,
+        group_indices: &[usize],
+        filter: Option<&BooleanArray>,
+        total: usize,
+    ) -> DfResult<()> {
+        let Some(maps) = maps.as_map_opt() else {
+            return datafusion::common::exec_err!("{STATS_MAX} takes a map of text to float");
+        };
+        let keys = maps.keys().as_string::<i32>();
+        let Some(values) = maps.values().as_primitive_opt::<Float64Type>() else {
+            return datafusion::common::exec_err!("{STATS_MAX} takes a map of text to float");
+        };
+        self.groups = self.groups.max(total);
+        for column in self.columns.values_mut() {
+            column.resize(self.groups, f64::NAN);
+        }
+        let offsets = maps.value_offsets();
+        for (row, &group) in group_indices.iter().enumerate() {
+            if maps.is_null(row) || filter.is_some_and(|f| !f.value(row) || f.is_null(row)) {
+                continue;
+            }
+            for i in offsets[row] as usize..offsets[row + 1] as usize {
+                if values.is_null(i) {
+                    continue;
+                }
+                let key = keys.value(i);
+                if !self.columns.contains_key(key) {
+                    self.columns
+                        .insert(key.to_string(), vec![f64::NAN; self.groups]);
+                }
+                let slot = &mut self.columns.get_mut(key).expect("inserted")[group];
+                // NaN.max(v) is v: an absent statistic takes the first value.
+                *slot = slot.max(values.value(i));
+            }
+        }
+        Ok(())
+    }
+
+    /// The maps of the groups `emit_to` takes (they leave the state).
+    fn emit(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
+        let n = match emit_to {
+            EmitTo::All => self.groups,
+            EmitTo::First(n) => n,
+        };
+        let taken: Vec<(String, Vec<f64>)> = self
+            .columns
+            .iter_mut()
+            .map(|(k, column)| (k.clone(), emit_to.take_needed(column)))
+            .collect();
+        self.groups -= n;
+        let DataType::Map(entries, sorted) = &self.data_type else {
+            return datafusion::common::exec_err!("{STATS_MAX} returns a map");
+        };
+        let DataType::Struct(fields) = entries.data_type() else {
+            return datafusion::common::exec_err!("{STATS_MAX} returns a map");
+        };
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut lengths = Vec::with_capacity(n);
+        let mut nulls = Vec::with_capacity(n);
+        for group in 0..n {
+            let before = keys.len();
+            for (k, column) in &taken {
+                if !column[group].is_nan() {
+                    keys.push(k.as_str());
+                    values.push(column[group]);
+                }
+            }
+            lengths.push(keys.len() - before);
+            nulls.push(keys.len() > before);
+        }
+        let entries_array = StructArray::try_new(
+            fields.clone(),
+            vec![
+                Arc::new(StringArray::from(keys)),
+                Arc::new(Float64Array::from(values)),
+            ],
+            None,
+        )?;
+        Ok(Arc::new(MapArray::try_new(
+            entries.clone(),
+            OffsetBuffer::from_lengths(lengths),
+            entries_array,
+            Some(arrow::buffer::NullBuffer::from(nulls)),
+            *sorted,
+        )?))
+    }
+}
+
+impl GroupsAccumulator for StatsMaxGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> DfResult<()> {
+        self.add(&values[0], group_indices, opt_filter, total_num_groups)
+    }
+    fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
+        self.emit(emit_to)
+    }
+    fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
+        Ok(vec![self.emit(emit_to)?])
+    }
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> DfResult<()> {
+        self.add(&values[0], group_indices, None, total_num_groups)
+    }
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> DfResult<Vec<ArrayRef>> {
+        // A row as its own group: its map is its state (filtered-out rows none).
+        let maps = Arc::clone(&values[0]);
+        Ok(vec![match opt_filter {
+            None => maps,
+            Some(filter) => {
+                let keep = arrow::compute::prep_null_mask_filter(filter);
+                arrow::compute::nullif(&maps, &arrow::compute::not(&keep)?)?
+            }
+        }])
+    }
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.columns.len() * self.groups * 8
     }
 }
 
@@ -466,5 +624,43 @@ mod tests {
             acc.evaluate().unwrap().to_array().unwrap().data_type(),
             &data_type
         );
+
+        // The grouped form: the same maxima per group, groups without any a null map.
+        let mut groups = StatsMaxGroups {
+            data_type: data_type.clone(),
+            columns: BTreeMap::new(),
+            groups: 0,
+        };
+        let rows = arrow::compute::concat(&[
+            &one(&[("p99", 5.0), ("p50", 1.0)]),
+            &one(&[("p99", 7.0)]),
+            &one(&[("p90", 2.0)]),
+        ])
+        .unwrap();
+        groups.update_batch(&[rows], &[0, 0, 2], None, 3).unwrap();
+        groups
+            .merge_batch(&[one(&[("p99", 3.0)])], &[1], 3)
+            .unwrap();
+        let out = groups.evaluate(EmitTo::All).unwrap();
+        let out = out.as_map();
+        let entries = |row: usize| -> Vec<(String, f64)> {
+            let m = out.value(row);
+            let k = m.column(0).as_string::<i32>();
+            let v = m.column(1).as_primitive::<Float64Type>();
+            (0..m.len())
+                .map(|i| (k.value(i).to_string(), v.value(i)))
+                .collect()
+        };
+        assert_eq!(entries(0), vec![("p50".into(), 1.0), ("p99".into(), 7.0)]);
+        assert_eq!(entries(1), vec![("p99".into(), 3.0)]);
+        assert_eq!(entries(2), vec![("p90".into(), 2.0)]);
+        assert_eq!(out.data_type(), &data_type);
+        let mut empty = StatsMaxGroups {
+            data_type: data_type.clone(),
+            columns: BTreeMap::new(),
+            groups: 0,
+        };
+        empty.update_batch(&[one(&[])], &[0], None, 1).unwrap();
+        assert!(empty.evaluate(EmitTo::All).unwrap().is_null(0));
     }
 }
