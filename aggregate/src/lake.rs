@@ -53,7 +53,8 @@ pub const STREAM_POSITIONS_KEY: &str = "fleetlake.streamPositions";
 /// What one compaction of a table did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompactStats {
-    /// Day partitions rewritten.
+    /// Groups of files merged, each one commit (one per day partition unless its
+    /// small files add up to more than the target size, or number over 128).
     pub partitions: usize,
     /// Data files of those partitions before.
     pub files_before: usize,

@@ -107,6 +107,26 @@ impl QueryEngine {
         Ok(Some(delta))
     }
 
+    /// Lake table `name` at its latest version and its provider for `ctx` (whose
+    /// object stores it joins), or `None` if the lake does not have it.
+    async fn provider(
+        &self,
+        ctx: &SessionContext,
+        name: &'static str,
+    ) -> Result<Option<(DeltaTable, Arc<dyn datafusion::catalog::TableProvider>)>, QueryError> {
+        let Some(delta) = self.latest(name).await? else {
+            return Ok(None);
+        };
+        delta
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| QueryError::Lake(e.to_string()))?;
+        let provider = delta
+            .table_provider()
+            .await
+            .map_err(|e| QueryError::Lake(e.to_string()))?;
+        Ok(Some((delta, provider)))
+    }
+
     /// A session with every table registered: the lake's as of now, plus hot rows.
     pub async fn session(&self) -> Result<SessionContext, QueryError> {
         let config = SessionConfig::new()
@@ -115,16 +135,9 @@ impl QueryEngine {
         let ctx = SessionContext::new_with_config(config);
         let mut registered = 0;
         for table in Table::ALL {
-            let Some(delta) = self.latest(table.name()).await? else {
+            let Some((delta, lake)) = self.provider(&ctx, table.name()).await? else {
                 continue;
             };
-            delta
-                .update_datafusion_session(&ctx.state())
-                .map_err(|e| QueryError::Lake(e.to_string()))?;
-            let lake = delta
-                .table_provider()
-                .await
-                .map_err(|e| QueryError::Lake(e.to_string()))?;
             let schema = lake.schema();
             let hot = match &self.hot {
                 Some(hot) => hot
@@ -144,16 +157,9 @@ impl QueryEngine {
         }
         fleetlake_aggregate::rollup::register(&ctx);
         for rollup in Rollup::ALL {
-            let Some(delta) = self.latest(rollup.name()).await? else {
+            let Some((_, partials)) = self.provider(&ctx, rollup.name()).await? else {
                 continue;
             };
-            delta
-                .update_datafusion_session(&ctx.state())
-                .map_err(|e| QueryError::Lake(e.to_string()))?;
-            let partials = delta
-                .table_provider()
-                .await
-                .map_err(|e| QueryError::Lake(e.to_string()))?;
             // The Delta table holds partial rows per bucket until compacted; SQL's
             // table merges them.
             let partials_name = format!("{}_partials", rollup.name());
