@@ -15,13 +15,22 @@ fi
 # deltalake + pyarrow: the independent reader of the lake. moto: Kinesis (and later
 # S3, DynamoDB) on loopback. aws-kinesis-agg: KPL aggregates made by the real
 # library (it imports six without declaring it).
-if ! .venv/bin/python -c 'import deltalake, pyarrow, moto, aws_kinesis_agg, six' >/dev/null 2>&1 \
+# psycopg: a real Postgres driver (extended protocol, binary results) for the
+# Postgres endpoint; psql (below) is the other client.
+if ! .venv/bin/python -c 'import deltalake, pyarrow, moto, aws_kinesis_agg, six, psycopg' >/dev/null 2>&1 \
     || [ ! -x .venv/bin/moto_server ]; then
-    echo "== creating .venv: deltalake, pyarrow, moto server, aws-kinesis-agg"
+    echo "== creating .venv: deltalake, pyarrow, moto server, aws-kinesis-agg, psycopg"
     python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet 'deltalake>=1.0' 'pyarrow>=15' 'moto[server]>=5,<6' \
-        'aws-kinesis-agg>=1.2' six
+        'aws-kinesis-agg>=1.2' six 'psycopg[binary]>=3.1'
+fi
+
+# psql, the Postgres command-line client, from Debian.
+if ! command -v psql >/dev/null 2>&1; then
+    echo "== installing postgresql-client (apt)"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
 fi
 export DELTALAKE_PYTHON="$PWD/.venv/bin/python"
 

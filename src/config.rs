@@ -22,6 +22,10 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// Address of the HTTP listener (Firehose, SQL, health, metrics). Port 0 picks one.
     pub(crate) http_addr: SocketAddr,
+    /// Address of the Postgres wire protocol listener. Port 0 picks one.
+    pub(crate) pg_addr: SocketAddr,
+    /// SQL: limits and users, for HTTP and the Postgres protocol.
+    pub(crate) query: QueryConfig,
     /// Settings shared by every Firehose endpoint.
     pub(crate) firehose: FirehoseConfig,
     /// Firehose endpoints by name, one per delivery stream if wanted. Four are built
@@ -301,6 +305,47 @@ pub(crate) struct LakeConfig {
     pub(crate) rollup_interval: Duration,
 }
 
+/// `[query]`: limits of every SQL statement (HTTP and Postgres) and who may query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct QueryConfig {
+    /// Longest a statement may run, sending its results included ("0s": no limit).
+    #[serde(with = "humantime_serde")]
+    pub(crate) timeout: Duration,
+    /// Bytes of memory a statement's operators may hold; past it, sorts and joins spill
+    /// or the statement fails alone (0: no limit).
+    pub(crate) memory_limit: u64,
+    /// Users (`[[query.users]]`: name, password and/or token, optional accounts). None
+    /// configured: open access, for the loopback-only defaults.
+    pub(crate) users: Vec<fleetlake_query::User>,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        let limits = fleetlake_query::QueryLimits::default();
+        Self {
+            timeout: limits.timeout.unwrap_or_default(),
+            memory_limit: limits.memory_limit.unwrap_or_default() as u64,
+            users: Vec::new(),
+        }
+    }
+}
+
+impl QueryConfig {
+    /// The limits as the query engine takes them.
+    pub(crate) fn limits(&self) -> fleetlake_query::QueryLimits {
+        fleetlake_query::QueryLimits {
+            memory_limit: (self.memory_limit > 0).then_some(self.memory_limit as usize),
+            timeout: (!self.timeout.is_zero()).then_some(self.timeout),
+        }
+    }
+
+    /// The users, checked.
+    pub(crate) fn access(&self) -> anyhow::Result<fleetlake_query::Access> {
+        Ok(fleetlake_query::Access::new(self.users.clone())?)
+    }
+}
+
 /// `[retention]`: how long each table keeps its data ("0s": forever). Applied at each
 /// compaction run, by whole day partitions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -352,6 +397,8 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("fleetlake-data"),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8088)),
+            pg_addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            query: QueryConfig::default(),
             firehose: FirehoseConfig::default(),
             sources: builtin_sources(),
             buffer: BufferConfig::default(),
@@ -418,6 +465,9 @@ pub(crate) struct Overrides {
     /// `--http-addr`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) http_addr: Option<SocketAddr>,
+    /// `--pg-addr`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pg_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -455,6 +505,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.query.access()?;
         let mut paths = BTreeMap::new();
         for (name, source) in self.enabled_sources() {
             if !source.path.starts_with('/') {

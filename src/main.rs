@@ -48,6 +48,10 @@ enum Command {
         /// HTTP listen address [default: 127.0.0.1:8088]; port 0 picks a free port.
         #[arg(long, value_name = "HOST:PORT")]
         http_addr: Option<std::net::SocketAddr>,
+        /// Postgres wire protocol listen address [default: 127.0.0.1:5433]; port 0
+        /// picks a free port.
+        #[arg(long, value_name = "HOST:PORT")]
+        pg_addr: Option<std::net::SocketAddr>,
     },
     /// Run SQL over the lake in a data directory, or ask a running server.
     Query {
@@ -57,6 +61,14 @@ enum Command {
         /// sees data not yet committed to the lake.
         #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
         server: Option<String>,
+        /// Token for the server, when it has users configured.
+        #[arg(
+            long,
+            env = "FLEETLAKE_TOKEN",
+            hide_env_values = true,
+            requires = "server"
+        )]
+        token: Option<String>,
         /// Output format.
         #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
         format: String,
@@ -94,10 +106,15 @@ enum Command {
     },
 }
 
-fn load(common: &Common, http_addr: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
+fn load(
+    common: &Common,
+    http_addr: Option<std::net::SocketAddr>,
+    pg_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Config> {
     let overrides = Overrides {
         data_dir: common.data_dir.clone(),
         http_addr,
+        pg_addr,
     };
     Config::load(common.config.as_deref(), &overrides)
 }
@@ -105,26 +122,31 @@ fn load(common: &Common, http_addr: Option<std::net::SocketAddr>) -> anyhow::Res
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { common, http_addr } => load(&common, http_addr).and_then(serve::run),
+        Command::Serve {
+            common,
+            http_addr,
+            pg_addr,
+        } => load(&common, http_addr, pg_addr).and_then(serve::run),
         Command::Query {
             common,
             server,
+            token,
             format,
             sql,
-        } => load(&common, None).and_then(|config| {
+        } => load(&common, None, None).and_then(|config| {
             let format = format.parse().map_err(anyhow::Error::msg)?;
-            query_cmd::run(&config, server.as_deref(), format, &sql)
+            query_cmd::run(&config, server.as_deref(), token.as_deref(), format, &sql)
         }),
         Command::Replay {
             common,
             format,
             files,
-        } => load(&common, None).and_then(|config| replay::run(&config, format, &files)),
+        } => load(&common, None, None).and_then(|config| replay::run(&config, format, &files)),
         Command::Compact {
             common,
             min_files,
             vacuum_grace,
-        } => load(&common, None)
+        } => load(&common, None, None)
             .and_then(|config| compact_cmd::run(&config, min_files, vacuum_grace)),
     };
     match result {

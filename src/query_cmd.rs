@@ -4,13 +4,14 @@
 use std::io::Write;
 
 use anyhow::{Context, bail};
-use fleetlake_query::{OutputFormat, QueryEngine, render};
+use fleetlake_query::{OutputFormat, Principal, QueryEngine, render};
 
 use crate::config::Config;
 
 pub(crate) fn run(
     config: &Config,
     server: Option<&str>,
+    token: Option<&str>,
     format: OutputFormat,
     sql: &str,
 ) -> anyhow::Result<()> {
@@ -20,10 +21,12 @@ pub(crate) fn run(
         .context("starting the async runtime")?;
     let out = runtime.block_on(async {
         match server {
-            Some(url) => ask_server(url, format, sql).await,
+            Some(url) => ask_server(url, token, format, sql).await,
             None => {
-                let engine = QueryEngine::new(config.lake_location()?, None);
-                let output = engine.sql(sql).await?;
+                // Whoever can read the data directory reads all of it.
+                let engine = QueryEngine::new(config.lake_location()?, None)
+                    .with_limits(config.query.limits());
+                let output = engine.sql(sql, &Principal::unrestricted("cli")).await?;
                 Ok(render(format, &output.schema, &output.batches)?)
             }
         }
@@ -32,7 +35,12 @@ pub(crate) fn run(
     Ok(())
 }
 
-async fn ask_server(url: &str, format: OutputFormat, sql: &str) -> anyhow::Result<Vec<u8>> {
+async fn ask_server(
+    url: &str,
+    token: Option<&str>,
+    format: OutputFormat,
+    sql: &str,
+) -> anyhow::Result<Vec<u8>> {
     // A table is drawn locally from the Arrow result; CSV and JSON come as the server
     // writes them.
     let wire = match format {
@@ -45,9 +53,11 @@ async fn ask_server(url: &str, format: OutputFormat, sql: &str) -> anyhow::Resul
         url.trim_end_matches('/'),
         fleetlake_query::http::SQL_PATH
     );
-    let response = reqwest::Client::new()
-        .post(&endpoint)
-        .body(sql.to_string())
+    let mut request = reqwest::Client::new().post(&endpoint).body(sql.to_string());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
         .send()
         .await
         .with_context(|| format!("asking {endpoint}"))?;

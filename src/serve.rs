@@ -83,14 +83,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("opening the write-ahead log and the lake")?;
 
-    let engine = Arc::new(QueryEngine::new(
-        lake,
-        Some(Arc::new(HotBuffer(aggregator.clone()))),
-    ));
+    let engine = Arc::new(
+        QueryEngine::new(lake, Some(Arc::new(HotBuffer(aggregator.clone()))))
+            .with_limits(config.query.limits()),
+    );
+    let access = Arc::new(config.query.access()?);
     let mut app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(move || render_metrics(prometheus.clone())))
-        .merge(fleetlake_query::http::router(engine));
+        .merge(fleetlake_query::http::router(
+            Arc::clone(&engine),
+            Arc::clone(&access),
+        ));
     let sink: Arc<dyn fleetlake_ingest::RowSink> = Arc::new(aggregator.clone());
     for (name, source) in config.enabled_sources() {
         let access_key = source
@@ -161,6 +165,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let pg_listener = tokio::net::TcpListener::bind(config.pg_addr)
+        .await
+        .with_context(|| format!("binding {} (postgres)", config.pg_addr))?;
+    info!(
+        addr = %pg_listener.local_addr()?,
+        users = if access.is_open() { "open access" } else { "configured" },
+        "postgres listening"
+    );
+    let pg = tokio::spawn(fleetlake_query::pg::serve(pg_listener, engine, access));
+
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
@@ -174,6 +188,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving http")?;
+    pg.abort();
     let _ = stop_consumers.send(true);
     while consumers.join_next().await.is_some() {}
     info!("shutting down: committing buffered data to the lake");

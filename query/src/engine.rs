@@ -1,17 +1,42 @@
-//! One DataFusion session per query over the lake's tables plus the hot buffer.
+//! Sessions over the lake's tables plus the hot buffer, per caller and within limits.
+//!
+//! A session's `fleetlake.public` schema resolves each table when a statement is
+//! planned: the latest lake version of it, plus the hot rows not in that version. So
+//! one session (a Postgres connection) always reads fresh data, and every table a
+//! statement reads is one consistent version. A caller limited to some accounts gets
+//! each table through an [`AccountFilter`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{SchemaProvider, TableProvider};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_aggregate::rollup::{Rollup, rollup_sql};
 use fleetlake_ingest::schema::{Table, conform};
+
+use crate::access::Principal;
+use crate::table::{AccountFilter, LakeWithHot};
+
+/// The catalog every session uses by default (also the Postgres database name).
+pub const CATALOG: &str = "fleetlake";
+/// The schema holding the lake's tables.
+pub const SCHEMA: &str = "public";
 
 /// Rows held in memory by the aggregate stage, not yet in the lake.
 pub trait HotData: Send + Sync + 'static {
@@ -20,12 +45,33 @@ pub trait HotData: Send + Sync + 'static {
     fn snapshot(&self, table: Table, lake_version: Option<i64>) -> Vec<RecordBatch>;
 }
 
+/// What one query may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Memory the query's operators may hold (sorts and joins spill or fail past it).
+    pub memory_limit: Option<usize>,
+    /// Longest a query may run, results included.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        Self {
+            memory_limit: Some(2 << 30),
+            timeout: Some(Duration::from_secs(120)),
+        }
+    }
+}
+
 /// Why a query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     /// The SQL is invalid, refused, or failed while running.
     #[error("{0}")]
     Sql(#[source] Box<DataFusionError>),
+    /// The query ran past its time limit.
+    #[error("canceling statement due to statement timeout ({0:?})")]
+    Timeout(Duration),
     /// The lake has no tables (nothing was ever ingested into this data directory).
     #[error("no lake tables under {0}: start `fleetlake serve` with this data directory first")]
     NoTable(String),
@@ -35,18 +81,23 @@ pub enum QueryError {
 }
 
 impl QueryError {
-    /// Whether the failure is the query's fault (HTTP 400) rather than the service's.
+    /// Whether the failure is the query's fault rather than the service's.
     pub fn is_user_error(&self) -> bool {
         match self {
             Self::Sql(e) => !matches!(
-                e.as_ref(),
+                e.find_root(),
                 DataFusionError::IoError(_)
                     | DataFusionError::ObjectStore(_)
                     | DataFusionError::ParquetError(_)
             ),
-            Self::NoTable(_) => false,
-            Self::Lake(_) => false,
+            Self::Timeout(_) => true,
+            Self::NoTable(_) | Self::Lake(_) => false,
         }
+    }
+
+    /// Whether the query went past its memory limit.
+    pub fn is_resources_exhausted(&self) -> bool {
+        matches!(self, Self::Sql(e) if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)))
     }
 }
 
@@ -59,32 +110,31 @@ pub struct QueryOutput {
     pub batches: Vec<RecordBatch>,
 }
 
-/// Runs read-only SQL over the lake under a directory, plus hot rows if given.
+/// Runs read-only SQL over the lake, plus hot rows if given.
+#[derive(Debug)]
 pub struct QueryEngine {
-    lake: LakeLocation,
-    hot: Option<Arc<dyn HotData>>,
-    tables: tokio::sync::Mutex<HashMap<&'static str, DeltaTable>>,
+    lake: Arc<Lake>,
+    limits: QueryLimits,
 }
 
-impl std::fmt::Debug for QueryEngine {
+/// The lake's tables, reloaded as queries need them.
+struct Lake {
+    location: LakeLocation,
+    hot: Option<Arc<dyn HotData>>,
+    tables: tokio::sync::Mutex<HashMap<&'static str, DeltaTable>>,
+    seen: AtomicBool,
+}
+
+impl std::fmt::Debug for Lake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueryEngine")
-            .field("lake", &self.lake.to_string())
+        f.debug_struct("Lake")
+            .field("location", &self.location.to_string())
             .field("hot", &self.hot.is_some())
             .finish()
     }
 }
 
-impl QueryEngine {
-    /// An engine over `lake`; `hot` adds rows not yet committed.
-    pub fn new(lake: LakeLocation, hot: Option<Arc<dyn HotData>>) -> Self {
-        Self {
-            lake,
-            hot,
-            tables: tokio::sync::Mutex::new(HashMap::new()),
-        }
-    }
-
+impl Lake {
     /// Table `table` at its latest version, or `None` if the lake does not have it.
     async fn latest(&self, table: &'static str) -> Result<Option<DeltaTable>, QueryError> {
         let mut cached = self.tables.lock().await;
@@ -96,100 +146,283 @@ impl QueryEngine {
             return Ok(Some(delta.clone()));
         }
         let Some(delta) = self
-            .lake
+            .location
             .open(table)
             .await
             .map_err(|e| QueryError::Lake(e.to_string()))?
         else {
             return Ok(None);
         };
+        self.seen.store(true, Ordering::Relaxed);
         cached.insert(table, delta.clone());
         Ok(Some(delta))
     }
 
-    /// Lake table `name` at its latest version and its provider for `ctx` (whose
-    /// object stores it joins), or `None` if the lake does not have it.
+    /// Lake table `name` at its latest version with the hot rows it lacks, or `None`.
     async fn provider(
         &self,
-        ctx: &SessionContext,
         name: &'static str,
-    ) -> Result<Option<(DeltaTable, Arc<dyn datafusion::catalog::TableProvider>)>, QueryError> {
+        hot_of: Option<Table>,
+    ) -> Result<Option<Arc<dyn TableProvider>>, QueryError> {
         let Some(delta) = self.latest(name).await? else {
             return Ok(None);
         };
-        delta
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| QueryError::Lake(e.to_string()))?;
-        let provider = delta
+        let lake = delta
             .table_provider()
             .await
             .map_err(|e| QueryError::Lake(e.to_string()))?;
-        Ok(Some((delta, provider)))
+        let schema = lake.schema();
+        let hot = match (&self.hot, hot_of) {
+            (Some(hot), Some(table)) => hot
+                .snapshot(table, delta.version().map(|v| v as i64))
+                .iter()
+                .map(|batch| conform(batch, &schema))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| QueryError::Lake(format!("hot buffer rows of {table}: {e}")))?,
+            _ => Vec::new(),
+        };
+        Ok(Some(Arc::new(LakeWithHot::new(Some(delta), lake, hot))))
+    }
+}
+
+/// Makes joins (and unnest) yield to the runtime between output batches.
+///
+/// A join can make millions of batches out of one input batch without ever returning
+/// `Pending`; a cross join under a filter that keeps nothing then spins in one poll.
+/// Such a query could not be timed out or canceled, and it would hold the runtime's
+/// threads, so even a cancel request could not be accepted. Wrapped in
+/// `CooperativeExec`, each output batch spends Tokio's task budget instead.
+#[derive(Debug)]
+struct YieldingJoins;
+
+impl PhysicalOptimizerRule for YieldingJoins {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| {
+            let name = node.name();
+            if name.contains("Join") || name == "UnnestExec" {
+                Ok(Transformed::yes(
+                    Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>
+                ))
+            } else {
+                Ok(Transformed::no(node))
+            }
+        })
+        .map(|t| t.data)
     }
 
-    /// A session with every table registered: the lake's as of now, plus hot rows.
-    pub async fn session(&self) -> Result<SessionContext, QueryError> {
+    fn name(&self) -> &str {
+        "fleetlake_yielding_joins"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// What a table name in `fleetlake.public` stands for.
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Table(Table),
+    Partials(Rollup),
+    Rollup(Rollup),
+}
+
+impl Entry {
+    fn all() -> Vec<(String, Entry)> {
+        let mut all: Vec<(String, Entry)> = Table::ALL
+            .iter()
+            .map(|t| (t.name().to_string(), Entry::Table(*t)))
+            .collect();
+        for rollup in Rollup::ALL {
+            all.push((rollup.name().to_string(), Entry::Rollup(rollup)));
+            all.push((partials_name(rollup), Entry::Partials(rollup)));
+        }
+        all
+    }
+
+    fn has_accounts(self) -> bool {
+        !matches!(self, Entry::Table(Table::DeadLetters))
+    }
+}
+
+fn partials_name(rollup: Rollup) -> String {
+    format!("{}_partials", rollup.name())
+}
+
+/// `fleetlake.public` as one caller sees it.
+#[derive(Debug)]
+struct LakeSchema {
+    lake: Arc<Lake>,
+    principal: Principal,
+}
+
+impl LakeSchema {
+    fn entries(&self) -> Vec<(String, Entry)> {
+        Entry::all()
+            .into_iter()
+            .filter(|(_, e)| self.principal.accounts.is_none() || e.has_accounts())
+            .collect()
+    }
+
+    /// `provider` as this caller may see it.
+    fn scoped(&self, provider: Arc<dyn TableProvider>) -> Option<Arc<dyn TableProvider>> {
+        match &self.principal.accounts {
+            None => Some(provider),
+            Some(accounts) => AccountFilter::new(provider, Arc::clone(accounts))
+                .map(|f| Arc::new(f) as Arc<dyn TableProvider>),
+        }
+    }
+
+    async fn resolve(&self, entry: Entry) -> Result<Option<Arc<dyn TableProvider>>, QueryError> {
+        let provider = match entry {
+            Entry::Table(table) => self.lake.provider(table.name(), Some(table)).await?,
+            Entry::Partials(rollup) | Entry::Rollup(rollup) => {
+                self.lake.provider(rollup.name(), None).await?
+            }
+        };
+        let Some(provider) = provider.and_then(|p| self.scoped(p)) else {
+            return Ok(None);
+        };
+        let Entry::Rollup(rollup) = entry else {
+            return Ok(Some(provider));
+        };
+        // The Delta table holds partial rows per bucket until compacted; the SQL table
+        // is a view merging them.
+        let sql_err = |e| QueryError::Sql(Box::new(e));
+        let planner = SessionContext::new();
+        fleetlake_aggregate::rollup::register(&planner);
+        let partials = partials_name(rollup);
+        planner
+            .register_table(partials.as_str(), provider)
+            .map_err(sql_err)?;
+        let merged = planner
+            .sql(&rollup_sql(&partials, rollup))
+            .await
+            .map_err(sql_err)?;
+        Ok(Some(merged.into_view()))
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for LakeSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.entries().into_iter().map(|(name, _)| name).collect()
+    }
+
+    async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
+        let Some((_, entry)) = self.entries().into_iter().find(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        self.resolve(entry).await.map_err(|e| match e {
+            QueryError::Sql(e) => *e,
+            other => DataFusionError::External(Box::new(other)),
+        })
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.entries().iter().any(|(n, _)| n == name)
+    }
+}
+
+impl QueryEngine {
+    /// An engine over `lake`; `hot` adds rows not yet committed.
+    pub fn new(lake: LakeLocation, hot: Option<Arc<dyn HotData>>) -> Self {
+        Self {
+            lake: Arc::new(Lake {
+                location: lake,
+                hot,
+                tables: tokio::sync::Mutex::new(HashMap::new()),
+                seen: AtomicBool::new(false),
+            }),
+            limits: QueryLimits::default(),
+        }
+    }
+
+    /// The same engine with `limits` for every query.
+    pub fn with_limits(mut self, limits: QueryLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits every query runs under.
+    pub fn limits(&self) -> QueryLimits {
+        self.limits
+    }
+
+    /// A session for `principal`: the lake's tables as it may see them, and the
+    /// memory limit. Tables resolve to their latest version when a statement is
+    /// planned, so a session can be kept (one per Postgres connection).
+    pub fn session(&self, principal: &Principal) -> Result<SessionContext, QueryError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
-            .with_default_catalog_and_schema("fleetlake", "public");
-        let ctx = SessionContext::new_with_config(config);
-        let mut registered = 0;
-        for table in Table::ALL {
-            let Some((delta, lake)) = self.provider(&ctx, table.name()).await? else {
-                continue;
-            };
-            let schema = lake.schema();
-            let hot = match &self.hot {
-                Some(hot) => hot
-                    .snapshot(table, delta.version().map(|v| v as i64))
-                    .iter()
-                    .map(|batch| conform(batch, &schema))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| QueryError::Lake(format!("hot buffer rows of {table}: {e}")))?,
-                None => Vec::new(),
-            };
-            ctx.register_table(
-                table.name(),
-                Arc::new(crate::table::LakeWithHot::new(lake, hot)),
+            .with_default_catalog_and_schema(CATALOG, SCHEMA);
+        let mut runtime = RuntimeEnvBuilder::new();
+        if let Some(limit) = self.limits.memory_limit {
+            runtime = runtime.with_memory_limit(limit, 1.0);
+        }
+        let runtime = runtime
+            .build_arc()
+            .map_err(|e| QueryError::Sql(Box::new(e)))?;
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(YieldingJoins))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        let catalog = ctx
+            .catalog(CATALOG)
+            .ok_or_else(|| QueryError::Lake(format!("no catalog {CATALOG}")))?;
+        catalog
+            .register_schema(
+                SCHEMA,
+                Arc::new(LakeSchema {
+                    lake: Arc::clone(&self.lake),
+                    principal: principal.clone(),
+                }),
             )
             .map_err(|e| QueryError::Sql(Box::new(e)))?;
-            registered += 1;
-        }
         fleetlake_aggregate::rollup::register(&ctx);
-        for rollup in Rollup::ALL {
-            let Some((_, partials)) = self.provider(&ctx, rollup.name()).await? else {
-                continue;
-            };
-            // The Delta table holds partial rows per bucket until compacted; SQL's
-            // table merges them.
-            let partials_name = format!("{}_partials", rollup.name());
-            let sql_err = |e| QueryError::Sql(Box::new(e));
-            ctx.register_table(partials_name.as_str(), partials)
-                .map_err(sql_err)?;
-            let merged = ctx
-                .sql(&rollup_sql(&partials_name, rollup))
-                .await
-                .map_err(sql_err)?;
-            ctx.register_table(rollup.name(), merged.into_view())
-                .map_err(sql_err)?;
-        }
-        if registered == 0 {
-            return Err(QueryError::NoTable(self.lake.to_string()));
-        }
         Ok(ctx)
     }
 
-    /// Runs one read-only SQL statement.
-    pub async fn sql(&self, sql: &str) -> Result<QueryOutput, QueryError> {
-        let ctx = self.session().await?;
+    /// Fails with [`QueryError::NoTable`] while the lake has no table at all.
+    pub async fn require_lake(&self) -> Result<(), QueryError> {
+        if self.lake.seen.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        for table in Table::ALL {
+            if self.lake.latest(table.name()).await?.is_some() {
+                return Ok(());
+            }
+        }
+        Err(QueryError::NoTable(self.lake.location.to_string()))
+    }
+
+    /// Runs one read-only SQL statement for `principal`, within the limits.
+    pub async fn sql(&self, sql: &str, principal: &Principal) -> Result<QueryOutput, QueryError> {
+        self.require_lake().await?;
+        let ctx = self.session(principal)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
         let sql_err = |e| QueryError::Sql(Box::new(e));
-        let frame = ctx.sql_with_options(sql, options).await.map_err(sql_err)?;
-        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame.collect().await.map_err(sql_err)?;
-        Ok(QueryOutput { schema, batches })
+        let run = async {
+            let frame = ctx.sql_with_options(sql, options).await.map_err(sql_err)?;
+            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+            let batches = frame.collect().await.map_err(sql_err)?;
+            Ok(QueryOutput { schema, batches })
+        };
+        match self.limits.timeout {
+            Some(limit) => tokio::time::timeout(limit, run)
+                .await
+                .map_err(|_| QueryError::Timeout(limit))?,
+            None => run.await,
+        }
     }
 }

@@ -138,7 +138,7 @@ fn flatten_nested(batch: &RecordBatch, flat: &SchemaRef) -> Result<RecordBatch, 
     RecordBatch::try_new(Arc::clone(flat), columns)
 }
 
-fn nested_as_json(field: &Field, column: &ArrayRef) -> Result<ArrayRef, ArrowError> {
+pub(crate) fn nested_as_json(field: &Field, column: &ArrayRef) -> Result<ArrayRef, ArrowError> {
     let single = Arc::new(Schema::new(vec![
         field.clone().with_name("v").with_nullable(true),
     ]));

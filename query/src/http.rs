@@ -1,16 +1,25 @@
-//! `POST /api/v1/sql`: the SQL in the body, results as JSON (default), CSV or Arrow.
+//! `POST /api/v1/sql`: the SQL in the body, results as JSON (default), CSV or an Arrow
+//! IPC stream (`?format=json|csv|arrow`).
+//!
+//! With users configured, a request authenticates with `Authorization: Bearer <token>`
+//! or basic auth (user and password); otherwise 401 with `WWW-Authenticate`. Status
+//! codes follow Prometheus' query API: 400 for invalid SQL or parameters, 422 for a
+//! query that went past its memory limit, 503 for one that timed out or a lake that
+//! cannot be read.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use base64::Engine;
 use serde::Deserialize;
 use tracing::debug;
 
+use crate::access::{Access, Principal};
 use crate::engine::{QueryEngine, QueryError};
 use crate::format::{OutputFormat, render};
 use crate::metrics as m;
@@ -18,11 +27,17 @@ use crate::metrics as m;
 /// Path of the SQL endpoint.
 pub const SQL_PATH: &str = "/api/v1/sql";
 
+#[derive(Clone)]
+struct Sql {
+    engine: Arc<QueryEngine>,
+    access: Arc<Access>,
+}
+
 /// Router serving the SQL endpoint.
-pub fn router(engine: Arc<QueryEngine>) -> Router {
+pub fn router(engine: Arc<QueryEngine>, access: Arc<Access>) -> Router {
     Router::new()
         .route(SQL_PATH, post(run_sql))
-        .with_state(engine)
+        .with_state(Sql { engine, access })
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,12 +50,58 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// The caller of a request, or why it is refused.
+fn authenticate(access: &Access, headers: &HeaderMap) -> Result<Principal, &'static str> {
+    if access.is_open() {
+        return Ok(Principal::unrestricted("http"));
+    }
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err("authentication required: send Authorization: Bearer <token> or basic auth");
+    };
+    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+    let credentials = credentials.trim();
+    let principal = if scheme.eq_ignore_ascii_case("bearer") {
+        access.by_token(credentials)
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        base64::engine::general_purpose::STANDARD
+            .decode(credentials)
+            .ok()
+            .and_then(|raw| String::from_utf8(raw).ok())
+            .and_then(|pair| {
+                let (user, password) = pair.split_once(':')?;
+                access.by_password(user, password)
+            })
+    } else {
+        None
+    };
+    principal.ok_or("invalid credentials")
+}
+
 async fn run_sql(
-    State(engine): State<Arc<QueryEngine>>,
+    State(state): State<Sql>,
     Query(params): Query<Params>,
+    headers: HeaderMap,
     sql: String,
 ) -> Response {
     let started = Instant::now();
+    let principal = match authenticate(&state.access, &headers) {
+        Ok(principal) => principal,
+        Err(message) => {
+            ::metrics::counter!(m::QUERIES, "status" => "unauthenticated", "protocol" => "http")
+                .increment(1);
+            let mut response = error(StatusCode::UNAUTHORIZED, message);
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static(
+                    "Bearer realm=\"fleetlake\", Basic realm=\"fleetlake\"",
+                ),
+            );
+            return response;
+        }
+    };
     let format = match params
         .format
         .as_deref()
@@ -56,11 +117,12 @@ async fn run_sql(
             "empty query: send the SQL as the request body",
         );
     }
-    let result = engine.sql(&sql).await;
+    let result = state.engine.sql(&sql, &principal).await;
     let response = match result {
         Ok(output) => match render(format, &output.schema, &output.batches) {
             Ok(body) => {
-                ::metrics::counter!(m::QUERIES, "status" => "ok").increment(1);
+                ::metrics::counter!(m::QUERIES, "status" => "ok", "protocol" => "http")
+                    .increment(1);
                 (
                     StatusCode::OK,
                     [(header::CONTENT_TYPE, format.content_type())],
@@ -69,7 +131,8 @@ async fn run_sql(
                     .into_response()
             }
             Err(e) => {
-                ::metrics::counter!(m::QUERIES, "status" => "error").increment(1);
+                ::metrics::counter!(m::QUERIES, "status" => "error", "protocol" => "http")
+                    .increment(1);
                 error(
                     StatusCode::BAD_REQUEST,
                     &format!("cannot render result: {e}"),
@@ -77,16 +140,23 @@ async fn run_sql(
             }
         },
         Err(e) => {
-            ::metrics::counter!(m::QUERIES, "status" => "error").increment(1);
-            let status = match &e {
-                e if e.is_user_error() => StatusCode::BAD_REQUEST,
-                QueryError::NoTable(_) | QueryError::Lake(_) => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            let (status, label) = match &e {
+                QueryError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+                e if e.is_resources_exhausted() => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "memory_limit")
+                }
+                e if e.is_user_error() => (StatusCode::BAD_REQUEST, "error"),
+                QueryError::NoTable(_) | QueryError::Lake(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "error")
+                }
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "error"),
             };
-            debug!(error = %e, "query failed");
+            ::metrics::counter!(m::QUERIES, "status" => label, "protocol" => "http").increment(1);
+            debug!(error = %e, user = %principal.name, "query failed");
             error(status, &e.to_string())
         }
     };
-    ::metrics::histogram!(m::QUERY_SECONDS).record(started.elapsed().as_secs_f64());
+    ::metrics::histogram!(m::QUERY_SECONDS, "protocol" => "http")
+        .record(started.elapsed().as_secs_f64());
     response
 }

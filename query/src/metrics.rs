@@ -1,12 +1,19 @@
 //! Names of the metrics the query stage emits.
 
-/// SQL queries run over HTTP, by `status` (`ok`, `error`).
+/// SQL statements run, by `protocol` (`http`, `postgres`) and `status` (`ok`,
+/// `error`, `refused`, `timeout`, `memory_limit`, `canceled`, `unauthenticated`).
 pub const QUERIES: &str = "fleetlake_query_total";
-/// Seconds per SQL query.
+/// Seconds per SQL statement, by `protocol`.
 pub const QUERY_SECONDS: &str = "fleetlake_query_duration_seconds";
+/// Postgres connections accepted, and authentication failures, by `result`.
+pub const PG_CONNECTIONS: &str = "fleetlake_pg_connections_total";
 
 /// Registers descriptions for the query metrics.
 pub fn describe() {
-    metrics::describe_counter!(QUERIES, "SQL queries run, by status");
-    metrics::describe_histogram!(QUERY_SECONDS, "Seconds per SQL query");
+    metrics::describe_counter!(QUERIES, "SQL statements run, by protocol and status");
+    metrics::describe_histogram!(QUERY_SECONDS, "Seconds per SQL statement, by protocol");
+    metrics::describe_counter!(
+        PG_CONNECTIONS,
+        "Postgres connections, by result (accepted, auth_failed)"
+    );
 }

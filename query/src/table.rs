@@ -1,31 +1,47 @@
-//! A table that is the lake's Delta table plus the rows of the hot buffer.
+//! Table providers: the lake's Delta table plus the rows of the hot buffer, and the
+//! account filter that limited credentials read every table through.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{DFSchema, DataFusionError};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType, col, lit};
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
+use deltalake::DeltaTable;
 
-/// The lake's provider for a table, with the hot rows not yet committed to it.
+/// The column limited credentials are filtered on.
+pub const ACCOUNT_COLUMN: &str = "account_id";
+
+/// The lake's provider for a table at one version, with the hot rows not yet
+/// committed to that version.
 ///
 /// Filters are reported `Inexact`: both sides may use them to prune, and DataFusion
 /// still applies them to the union, so hot rows are filtered like lake rows.
 #[derive(Debug)]
 pub struct LakeWithHot {
+    delta: Option<DeltaTable>,
     lake: Arc<dyn TableProvider>,
     hot: Vec<RecordBatch>,
 }
 
 impl LakeWithHot {
-    /// `hot` must already have the lake provider's schema.
-    pub fn new(lake: Arc<dyn TableProvider>, hot: Vec<RecordBatch>) -> Self {
-        Self { lake, hot }
+    /// `hot` must already have the lake provider's schema. `delta`, when given, is the
+    /// table `lake` reads; its object store is registered in the scanning session.
+    pub fn new(
+        delta: Option<DeltaTable>,
+        lake: Arc<dyn TableProvider>,
+        hot: Vec<RecordBatch>,
+    ) -> Self {
+        Self { delta, lake, hot }
     }
 }
 
@@ -53,6 +69,11 @@ impl TableProvider for LakeWithHot {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some(delta) = &self.delta {
+            delta
+                .update_datafusion_session(state)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        }
         // A limit may only be pushed into a side when no filter runs above it.
         let side_limit = if filters.is_empty() { limit } else { None };
         let lake = self
@@ -68,5 +89,105 @@ impl TableProvider for LakeWithHot {
             projection.cloned(),
         )?;
         UnionExec::try_new(vec![lake, hot])
+    }
+}
+
+/// A table as a limited credential sees it: only the rows of its accounts.
+///
+/// The filter is part of the scan's physical plan (not a hint to the inner
+/// provider), so every query that reads the table, however it is written, reads
+/// it filtered.
+#[derive(Debug)]
+pub struct AccountFilter {
+    inner: Arc<dyn TableProvider>,
+    accounts: Arc<BTreeSet<String>>,
+    account_index: usize,
+}
+
+impl AccountFilter {
+    /// `inner` filtered to `accounts`; `None` if it has no `account_id` column.
+    pub fn new(inner: Arc<dyn TableProvider>, accounts: Arc<BTreeSet<String>>) -> Option<Self> {
+        let account_index = inner.schema().index_of(ACCOUNT_COLUMN).ok()?;
+        Some(Self {
+            inner,
+            accounts,
+            account_index,
+        })
+    }
+
+    fn predicate(&self) -> Expr {
+        if self.accounts.is_empty() {
+            return lit(false);
+        }
+        col(ACCOUNT_COLUMN).in_list(
+            self.accounts.iter().map(|a| lit(a.as_str())).collect(),
+            false,
+        )
+    }
+}
+
+#[async_trait]
+impl TableProvider for AccountFilter {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Whatever the inner provider does with them, the filters are applied again
+        // above this scan.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        // Read the account column even when the query does not ask for it.
+        let mut columns: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema().fields().len()).collect(),
+        };
+        let added = !columns.contains(&self.account_index);
+        if added {
+            columns.push(self.account_index);
+        }
+        let predicate = self.predicate();
+        let mut pushed = filters.to_vec();
+        pushed.push(predicate.clone());
+        // No limit below the filter: it could stop before the allowed rows.
+        let scan = self
+            .inner
+            .scan(state, Some(&columns), &pushed, None)
+            .await?;
+        let schema = DFSchema::try_from(scan.schema().as_ref().clone())?;
+        let physical = state.create_physical_expr(predicate, &schema)?;
+        let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(physical, scan)?);
+        if !added {
+            return Ok(filtered);
+        }
+        let keep = columns.len() - 1;
+        let exprs = (0..keep)
+            .map(|i| {
+                let field = filtered.schema().field(i).clone();
+                (
+                    Arc::new(datafusion::physical_expr::expressions::Column::new(
+                        field.name(),
+                        i,
+                    )) as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                    field.name().clone(),
+                )
+            })
+            .collect::<Vec<_>>();
+        Ok(Arc::new(ProjectionExec::try_new(exprs, filtered)?))
     }
 }
