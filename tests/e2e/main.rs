@@ -10,6 +10,7 @@ mod firehose;
 mod formats;
 mod kinesis;
 mod lake_readers;
+mod postgres;
 mod rollups;
 mod s3;
 mod sql;

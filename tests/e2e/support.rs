@@ -16,6 +16,8 @@ const WAIT: Duration = Duration::from_secs(60);
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// The Postgres wire protocol listener.
+    pub pg_addr: String,
     log: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
@@ -32,6 +34,8 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .arg("--pg-addr")
             .arg("127.0.0.1:0")
             .args(args)
             .env("FLEETLAKE_LOG", "info")
@@ -52,21 +56,49 @@ impl Server {
             }
         });
         let deadline = Instant::now() + WAIT;
+        let address = |line: &str| {
+            let rest = line.split("addr=").nth(1)?;
+            Some(rest.split_whitespace().next()?.to_string())
+        };
+        let mut pg_addr = String::new();
         let addr = loop {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("fleetlake exited or did not log its address");
-            if line.contains("http listening")
-                && let Some(rest) = line.split("addr=").nth(1)
+            if line.contains("postgres listening")
+                && let Some(a) = address(&line)
             {
-                break rest.split_whitespace().next().unwrap().to_string();
+                pg_addr = a;
+            }
+            if line.contains("http listening")
+                && let Some(a) = address(&line)
+            {
+                break a;
             }
         };
         Self {
             child,
             addr,
+            pg_addr,
             log: std::sync::Mutex::new(rx),
         }
+    }
+
+    /// The Postgres endpoint's port.
+    pub fn pg_port(&self) -> &str {
+        self.pg_addr.rsplit(':').next().unwrap()
+    }
+
+    /// Runs a Python `script` with the venv's Python (psycopg, pyarrow installed) and
+    /// `FLEETLAKE_PG_PORT` / `FLEETLAKE_HTTP` set; its stdout as JSON.
+    pub fn python(&self, script: &str, env: &[(&str, &str)]) -> serde_json::Value {
+        let http = self.url("");
+        let mut all = vec![
+            ("FLEETLAKE_PG_PORT", self.pg_port()),
+            ("FLEETLAKE_HTTP", http.as_str()),
+        ];
+        all.extend_from_slice(env);
+        run_python(script, &[], &all)
     }
 
     pub fn url(&self, path: &str) -> String {
