@@ -1,7 +1,31 @@
-//! fleetlake's alerting stage (to come): rule files whose `expr` is SQL over the fleet,
-//! evaluated once per interval over the hot buffer and the lake through `query/`, with
-//! Prometheus-style alert states, routed to PagerDuty Events API v2 and
-//! Alertmanager-compatible webhooks.
+//! fleetlake's alerting stage: rules evaluated **once over the whole fleet**.
 //!
-//! Nothing is evaluated yet; this crate holds the place the design gives it so the
-//! workspace reads in the order data flows: ingest → aggregate → query → alert-rules.
+//! ```text
+//!  rule files (YAML, expr = SQL) ─> every group's interval: SQL over lake + hot buffer
+//!    ─> one alert instance per row (value + labels, registry fields added)
+//!    ─> states (pending → firing → resolved, `for`, `keep_firing_for`), silences,
+//!       storm control (one fleet incident instead of hundreds of pages)
+//!    ─> state file + outbox (durable) ─> PagerDuty Events API v2, Alertmanager,
+//!                                        Alertmanager webhooks
+//!    ─> `alerts` table in the lake (every transition; SQL and Grafana annotations)
+//! ```
+//!
+//! The SQL itself runs in the query stage; this crate sees it through [`SqlSource`],
+//! and writes the `alerts` table through [`TransitionLog`]: the binary wires both.
+
+pub mod check;
+pub mod config;
+pub mod engine;
+pub mod matchers;
+pub mod notify;
+pub mod registry;
+pub mod rules;
+pub mod state;
+pub mod table;
+pub mod template;
+pub mod time;
+
+pub use config::AlertingConfig;
+pub use engine::{Alerting, AlertingParts, SqlSource, TransitionLog};
+pub use registry::Registry;
+pub use rules::{RuleError, RuleGroup};

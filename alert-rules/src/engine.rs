@@ -1,0 +1,1172 @@
+//! Evaluation, state, routing and the outbox, wired together.
+//!
+//! Each group runs at its interval; each rule's SQL runs once over the whole fleet.
+//! After every rule evaluation, in one step under one lock: the instances' states
+//! change, notifications are queued in the outbox, the transitions are queued for the
+//! `alerts` table, and all of it is written to the state file (write, fsync, rename)
+//! before anything is sent. Delivery workers (one per receiver) then post the outbox in
+//! order and remove each message once its receiver accepted it, so a restart neither
+//! re-pages nor forgets; transitions are committed to the lake with the evaluation's
+//! sequence number as a Delta application transaction, so none is written twice.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float64Type, SchemaRef};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{AlertingConfig, ReceiverConfig, ReceiverKind};
+use crate::matchers::{Matcher, all_match};
+use crate::notify::{self, FleetIncident, Message, Outcome, RateLimits};
+use crate::registry::{LABEL_FIELDS, Registry, Snapshot};
+use crate::rules::{ALERTNAME, Rule, RuleGroup, VALUE_COLUMN};
+use crate::state::{self, AlertState, Instance, Labels, Sample, Transition, state_name};
+use crate::table::{self, TransitionRow};
+use crate::time::{now_ms, parse_rfc3339, rfc3339};
+
+/// Runs SQL for the evaluator (the query stage, with full access).
+#[async_trait]
+pub trait SqlSource: Send + Sync + 'static {
+    /// Runs `sql`; the result's rows.
+    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, String>;
+    /// Plans `sql` without running it; the result's schema.
+    async fn plan(&self, sql: &str) -> Result<SchemaRef, String>;
+}
+
+/// Where transitions go (the lake's `alerts` table).
+#[async_trait]
+pub trait TransitionLog: Send + Sync + 'static {
+    /// Commits the transitions of evaluation `seq`; does nothing if `seq` was
+    /// committed before.
+    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), String>;
+}
+
+/// A silence: alerts matching it are evaluated and recorded but not notified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Silence {
+    /// Its id.
+    pub id: String,
+    /// Matchers (all must match).
+    pub matchers: Vec<Matcher>,
+    /// Start, epoch ms.
+    pub starts_at: i64,
+    /// End, epoch ms.
+    pub ends_at: i64,
+    /// Why.
+    pub comment: String,
+    /// Who.
+    pub created_by: String,
+}
+
+impl Silence {
+    fn silences(&self, labels: &Labels, now: i64) -> bool {
+        self.starts_at <= now && now < self.ends_at && all_match(&self.matchers, labels)
+    }
+
+    /// As the HTTP API shows it.
+    pub fn to_json(&self, now: i64) -> Value {
+        let state = if now < self.starts_at {
+            "pending"
+        } else if now < self.ends_at {
+            "active"
+        } else {
+            "expired"
+        };
+        json!({
+            "id": self.id,
+            "matchers": self.matchers.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            "startsAt": rfc3339(self.starts_at),
+            "endsAt": rfc3339(self.ends_at),
+            "comment": self.comment,
+            "createdBy": self.created_by,
+            "status": {"state": state},
+        })
+    }
+}
+
+/// A fleet incident in progress for one rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Storm {
+    key: String,
+    since: i64,
+    labels: Labels,
+    receivers: Vec<String>,
+    accounts: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct RuleState {
+    instances: BTreeMap<String, Instance>,
+    storm: Option<Storm>,
+}
+
+/// Everything the state file holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    seq: u64,
+    next_message: u64,
+    rules: BTreeMap<String, RuleState>,
+    outbox: BTreeMap<String, VecDeque<Message>>,
+    unwritten: Vec<(u64, Vec<TransitionRow>)>,
+    silences: Vec<Silence>,
+}
+
+/// The alerting stage.
+#[derive(Clone)]
+pub struct Alerting {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: AlertingConfig,
+    groups: Vec<RuleGroup>,
+    sql: Arc<dyn SqlSource>,
+    log: Arc<dyn TransitionLog>,
+    registry: Registry,
+    state: Mutex<Persisted>,
+    path: PathBuf,
+    wake: tokio::sync::Notify,
+    client: reqwest::Client,
+    limits: RateLimits,
+    external_url: String,
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// A rule's result as the evaluator reads it.
+#[derive(Debug, Clone)]
+pub struct RuleResult {
+    /// The group.
+    pub group: String,
+    /// The rule.
+    pub alert: String,
+    /// Its instances now, or why the evaluation failed.
+    pub samples: Result<Vec<Sample>, String>,
+    /// How long the SQL took.
+    pub took: Duration,
+}
+
+fn rule_key(group: &str, alert: &str) -> String {
+    format!("{group}/{alert}")
+}
+
+/// Reads a rule's result rows into samples: `value` is the value, other columns
+/// labels; registry fields, the alertname and the rule's labels are added, then the
+/// annotations expanded.
+pub fn to_samples(
+    rule: &Rule,
+    batches: &[RecordBatch],
+    registry: &Snapshot,
+) -> Result<Vec<Sample>, String> {
+    let mut samples = Vec::new();
+    let mut seen = BTreeSet::new();
+    for batch in batches {
+        let schema = batch.schema();
+        let value_index = schema
+            .index_of(VALUE_COLUMN)
+            .map_err(|_| format!("the result has no `{VALUE_COLUMN}` column"))?;
+        let values = cast(batch.column(value_index), &DataType::Float64)
+            .map_err(|e| format!("`{VALUE_COLUMN}` is not a number: {e}"))?;
+        let values = values.as_primitive::<Float64Type>();
+        let mut label_columns = Vec::new();
+        for (i, field) in schema.fields().iter().enumerate() {
+            if i == value_index {
+                continue;
+            }
+            check_label_column(field.name(), field.data_type())?;
+            let text = cast(batch.column(i), &DataType::Utf8)
+                .map_err(|e| format!("column {}: {e}", field.name()))?;
+            label_columns.push((field.name().clone(), text));
+        }
+        for row in 0..batch.num_rows() {
+            if values.is_null(row) {
+                continue;
+            }
+            let value = values.value(row);
+            let mut labels = Labels::new();
+            for (name, column) in &label_columns {
+                let column = column.as_string::<i32>();
+                if column.is_valid(row) && !column.value(row).is_empty() {
+                    labels.insert(name.clone(), column.value(row).to_string());
+                }
+            }
+            if let Some(account) = labels.get("account_id").and_then(|a| registry.get(a)) {
+                for field in LABEL_FIELDS {
+                    if !labels.contains_key(field)
+                        && let Some(v) = account.get(field)
+                    {
+                        labels.insert(field.to_string(), v);
+                    }
+                }
+            }
+            labels.insert(ALERTNAME.into(), rule.alert.clone());
+            for (name, template) in &rule.labels {
+                let v = template
+                    .render(&labels, value)
+                    .map_err(|e| format!("label {name}: {e}"))?;
+                labels.insert(name.clone(), v);
+            }
+            let mut annotations = Labels::new();
+            for (name, template) in &rule.annotations {
+                let v = template
+                    .render(&labels, value)
+                    .map_err(|e| format!("annotation {name}: {e}"))?;
+                annotations.insert(name.clone(), v);
+            }
+            let fingerprint = state::fingerprint(&labels);
+            if !seen.insert(fingerprint.clone()) {
+                return Err(format!(
+                    "two rows have the same labels {labels:?}: add the column that tells them apart or aggregate"
+                ));
+            }
+            samples.push(Sample {
+                fingerprint,
+                labels,
+                annotations,
+                value,
+            });
+        }
+    }
+    Ok(samples)
+}
+
+/// Whether a column can be a label.
+pub fn check_label_column(name: &str, data_type: &DataType) -> Result<(), String> {
+    if !crate::rules::is_label_name(name) {
+        return Err(format!(
+            "column {name:?} is not a valid label name (use AS to rename it)"
+        ));
+    }
+    if data_type.is_nested() {
+        return Err(format!(
+            "column {name} is {data_type}: labels must be scalar (e.g. dimensions['FunctionName'])"
+        ));
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn save(&self, state: &Persisted) {
+        let started = Instant::now();
+        let result = serde_json::to_vec(state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomically(&self.path, &bytes));
+        metrics::histogram!("fleetlake_alert_state_save_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            metrics::counter!("fleetlake_alert_state_save_failures_total").increment(1);
+            error!(path = %self.path.display(), error = %e, "cannot save the alert state");
+        }
+    }
+
+    fn receiver(&self, name: &str) -> Option<&ReceiverConfig> {
+        self.config.receivers.iter().find(|r| r.name == name)
+    }
+
+    fn route(&self, labels: &Labels) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for route in &self.config.routes {
+            if all_match(&route.matchers, labels) {
+                if !out.contains(&route.receiver) {
+                    out.push(route.receiver.clone());
+                }
+                if !route.continue_ {
+                    return out;
+                }
+            }
+        }
+        if out.is_empty()
+            && let Some(d) = &self.config.default_receiver
+        {
+            out.push(d.clone());
+        }
+        out
+    }
+
+    fn enqueue(
+        &self,
+        p: &mut Persisted,
+        receiver: &str,
+        kind: &str,
+        body: Value,
+        coalesce: Option<String>,
+        now: i64,
+    ) {
+        let queue = p.outbox.entry(receiver.to_string()).or_default();
+        if let Some(key) = &coalesce {
+            queue.retain(|m| m.coalesce.as_ref() != Some(key));
+        }
+        p.next_message += 1;
+        queue.push_back(Message {
+            id: p.next_message,
+            receiver: receiver.to_string(),
+            kind: kind.to_string(),
+            body,
+            coalesce,
+            created_ms: now,
+            attempts: 0,
+            next_attempt_ms: now,
+        });
+        metrics::gauge!("fleetlake_outbox_messages", "receiver" => receiver.to_string())
+            .set(queue.len() as f64);
+    }
+
+    /// Why an instance must not page now, if it must not.
+    fn muted(
+        &self,
+        p: &Persisted,
+        labels: &Labels,
+        registry: &Snapshot,
+        now: i64,
+    ) -> Option<&'static str> {
+        if p.silences.iter().any(|s| s.silences(labels, now)) {
+            return Some("silenced");
+        }
+        let inactive = labels
+            .get("account_id")
+            .and_then(|a| registry.get(a))
+            .is_some_and(|a| !a.is_active());
+        inactive.then_some("inactive account")
+    }
+
+    fn storm_threshold_exceeded(&self, accounts: usize, registry: &Snapshot) -> bool {
+        let by_number = self.config.storm_accounts.is_some_and(|n| accounts > n);
+        let active = registry.accounts().filter(|a| a.is_active()).count();
+        let by_share = self
+            .config
+            .storm_share
+            .is_some_and(|share| active > 0 && accounts as f64 > share * active as f64);
+        by_number || by_share
+    }
+
+    /// Applies one rule's samples and queues what follows; returns the sequence
+    /// number of the transitions queued for the `alerts` table, if any.
+    fn apply(&self, group: &RuleGroup, rule: &Rule, samples: Vec<Sample>, now: i64) -> Option<u64> {
+        let registry = self.registry.snapshot();
+        let key = rule_key(&group.name, &rule.alert);
+        let mut guard = self.state.lock().expect("alert state lock");
+        let p = &mut *guard;
+        let mut rs = p.rules.remove(&key).unwrap_or_default();
+        let transitions = state::apply(
+            &mut rs.instances,
+            samples,
+            now,
+            rule.for_,
+            rule.keep_firing_for,
+            self.config.resend_resolved_for,
+        );
+        let mut notes: BTreeMap<String, String> = BTreeMap::new();
+        let mut rows = Vec::new();
+
+        // Firing instances that may page.
+        let mut eligible = Vec::new();
+        for (fp, instance) in &rs.instances {
+            if instance.state != AlertState::Firing {
+                continue;
+            }
+            match self.muted(p, &instance.labels, &registry, now) {
+                Some(why) => {
+                    notes.insert(fp.clone(), why.to_string());
+                }
+                None => eligible.push(fp.clone()),
+            }
+        }
+        let accounts: BTreeSet<String> = eligible
+            .iter()
+            .map(|fp| {
+                rs.instances[fp]
+                    .labels
+                    .get("account_id")
+                    .cloned()
+                    .unwrap_or_else(|| fp.clone())
+            })
+            .collect();
+        let storming = self.storm_threshold_exceeded(accounts.len(), &registry);
+        let external = self.external_url.clone();
+
+        // Storm start and end.
+        if storming && rs.storm.is_none() {
+            let mut common: Option<Labels> = None;
+            for fp in &eligible {
+                let l = &rs.instances[fp].labels;
+                common = Some(match common {
+                    None => l.clone(),
+                    Some(c) => c.into_iter().filter(|(k, v)| l.get(k) == Some(v)).collect(),
+                });
+            }
+            let mut labels = common.unwrap_or_default();
+            labels.remove("account_id");
+            labels.remove("account_name");
+            labels.insert(ALERTNAME.into(), rule.alert.clone());
+            labels.insert("fleet".into(), "true".into());
+            let storm_key = notify::dedup_key(
+                &rule.alert,
+                &format!("fleet-{}", state::fingerprint(&labels)),
+            );
+            let receivers = if self.muted(p, &labels, &registry, now).is_some() {
+                Vec::new()
+            } else {
+                self.route(&labels)
+            };
+            let (by_region, by_team) = counts(&rs.instances, &eligible);
+            let account_list: Vec<String> = accounts.iter().cloned().collect();
+            let incident = FleetIncident {
+                labels: &labels,
+                accounts: &account_list,
+                by_region: &by_region,
+                by_team: &by_team,
+                instances: eligible.len(),
+            };
+            for name in &receivers {
+                let Some(receiver) = self.receiver(name) else {
+                    continue;
+                };
+                let body = match receiver.kind {
+                    ReceiverKind::Pagerduty => notify::pagerduty_fleet_event(
+                        receiver, "trigger", &storm_key, &incident, now, &external,
+                    ),
+                    ReceiverKind::Webhook => notify::webhook_payload(
+                        name,
+                        &rule.alert,
+                        vec![fleet_am_alert(
+                            &storm_key, &incident, now, None, &external, true,
+                        )],
+                        &external,
+                    ),
+                    ReceiverKind::Alertmanager => json!([fleet_am_alert(
+                        &storm_key, &incident, now, None, &external, false
+                    )]),
+                };
+                let coalesce =
+                    (receiver.kind == ReceiverKind::Alertmanager).then(|| storm_key.clone());
+                self.enqueue(p, name, "fleet-trigger", body, coalesce, now);
+            }
+            metrics::counter!("fleetlake_fleet_incidents_total", "alertname" => rule.alert.clone())
+                .increment(1);
+            warn!(alert = %rule.alert, accounts = accounts.len(), "fleet incident: one notification instead of a page per account");
+            rows.push(TransitionRow {
+                time: now,
+                rule_group: group.name.clone(),
+                alertname: rule.alert.clone(),
+                state: "firing".into(),
+                previous_state: "inactive".into(),
+                fingerprint: storm_key.clone(),
+                account_id: None,
+                value: accounts.len() as f64,
+                labels: labels.clone(),
+                annotations: Labels::from([(
+                    "summary".to_string(),
+                    format!("{} firing for {} accounts", rule.alert, accounts.len()),
+                )]),
+                active_at: now,
+                notification: describe(&receivers),
+            });
+            rs.storm = Some(Storm {
+                key: storm_key,
+                since: now,
+                labels,
+                receivers,
+                accounts: accounts.len(),
+            });
+        } else if !storming && let Some(storm) = rs.storm.take() {
+            let account_list: Vec<String> = Vec::new();
+            let empty = BTreeMap::new();
+            let incident = FleetIncident {
+                labels: &storm.labels,
+                accounts: &account_list,
+                by_region: &empty,
+                by_team: &empty,
+                instances: 0,
+            };
+            for name in &storm.receivers {
+                let Some(receiver) = self.receiver(name) else {
+                    continue;
+                };
+                let body = match receiver.kind {
+                    ReceiverKind::Pagerduty => notify::pagerduty_fleet_event(
+                        receiver,
+                        "resolve",
+                        &storm.key,
+                        &incident,
+                        storm.since,
+                        &external,
+                    ),
+                    ReceiverKind::Webhook => notify::webhook_payload(
+                        name,
+                        &rule.alert,
+                        vec![fleet_am_alert(
+                            &storm.key,
+                            &incident,
+                            storm.since,
+                            Some(now),
+                            &external,
+                            true,
+                        )],
+                        &external,
+                    ),
+                    ReceiverKind::Alertmanager => json!([fleet_am_alert(
+                        &storm.key,
+                        &incident,
+                        storm.since,
+                        Some(now),
+                        &external,
+                        false
+                    )]),
+                };
+                let coalesce =
+                    (receiver.kind == ReceiverKind::Alertmanager).then(|| storm.key.clone());
+                self.enqueue(p, name, "fleet-resolve", body, coalesce, now);
+            }
+            rows.push(TransitionRow {
+                time: now,
+                rule_group: group.name.clone(),
+                alertname: rule.alert.clone(),
+                state: "resolved".into(),
+                previous_state: "firing".into(),
+                fingerprint: storm.key.clone(),
+                account_id: None,
+                value: accounts.len() as f64,
+                labels: storm.labels.clone(),
+                annotations: Labels::new(),
+                active_at: storm.since,
+                notification: describe(&storm.receivers),
+            });
+        } else if let Some(storm) = &mut rs.storm {
+            storm.accounts = accounts.len();
+        }
+
+        // Per-instance triggers (none while a fleet incident stands for them).
+        let mut changed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for fp in &eligible {
+            if rs.storm.is_some() {
+                notes.insert(fp.clone(), "fleet incident".into());
+                continue;
+            }
+            let instance = rs.instances.get_mut(fp).expect("eligible instances exist");
+            if instance.notified {
+                continue;
+            }
+            instance.receivers = self.route(&instance.labels);
+            instance.notified = true;
+            notes.insert(fp.clone(), describe(&instance.receivers));
+            for name in instance.receivers.clone() {
+                let Some(receiver) = self.receiver(&name) else {
+                    continue;
+                };
+                if receiver.kind == ReceiverKind::Pagerduty {
+                    let body =
+                        notify::pagerduty_event(receiver, "trigger", fp, instance, &external);
+                    self.enqueue(p, &name, "trigger", body, None, now);
+                }
+                changed.entry(name).or_default().push(fp.clone());
+            }
+        }
+        // Resolves go where the triggers went.
+        for t in &transitions {
+            if t.to != Some(AlertState::Resolved) {
+                continue;
+            }
+            let instance = &rs.instances[&t.fingerprint];
+            if !instance.notified {
+                continue;
+            }
+            notes.insert(t.fingerprint.clone(), describe(&instance.receivers));
+            for name in &instance.receivers {
+                let Some(receiver) = self.receiver(name) else {
+                    continue;
+                };
+                if receiver.kind == ReceiverKind::Pagerduty {
+                    let body = notify::pagerduty_event(
+                        receiver,
+                        "resolve",
+                        &t.fingerprint,
+                        instance,
+                        &external,
+                    );
+                    self.enqueue(p, name, "resolve", body, None, now);
+                }
+                changed
+                    .entry(name.clone())
+                    .or_default()
+                    .push(t.fingerprint.clone());
+            }
+        }
+        // Alertmanager receivers get the rule's whole current state each evaluation
+        // (Alertmanager resolves what is not sent again); webhooks get the group when
+        // it changed.
+        let valid_for = 4 * group.interval.max(Duration::from_secs(60)).as_millis() as i64;
+        for receiver in &self.config.receivers {
+            let name = &receiver.name;
+            let mine = |i: &Instance| i.notified && i.receivers.contains(name);
+            let alerts = |for_webhook: bool| -> Vec<Value> {
+                rs.instances
+                    .iter()
+                    .filter(|(_, i)| mine(i))
+                    .map(|(fp, i)| {
+                        let resolved = i.state == AlertState::Resolved;
+                        let ends = match (resolved, for_webhook) {
+                            (true, _) => i.resolved_at,
+                            (false, true) => None,
+                            (false, false) => Some(now + valid_for),
+                        };
+                        notify::AmAlert {
+                            fingerprint: fp,
+                            labels: &i.labels,
+                            annotations: &i.annotations,
+                            starts_ms: i.fired_at.unwrap_or(i.active_at),
+                            ends_ms: ends,
+                            resolved,
+                        }
+                        .to_json(&external, for_webhook)
+                    })
+                    .collect()
+            };
+            match receiver.kind {
+                ReceiverKind::Pagerduty => {}
+                ReceiverKind::Alertmanager => {
+                    let list = alerts(false);
+                    if !list.is_empty() {
+                        self.enqueue(
+                            p,
+                            name,
+                            "alerts",
+                            Value::Array(list),
+                            Some(key.clone()),
+                            now,
+                        );
+                    }
+                    if let Some(storm) = &rs.storm
+                        && storm.receivers.contains(name)
+                    {
+                        let incident = FleetIncident {
+                            labels: &storm.labels,
+                            accounts: &[],
+                            by_region: &BTreeMap::new(),
+                            by_team: &BTreeMap::new(),
+                            instances: storm.accounts,
+                        };
+                        let body = json!([fleet_am_alert(
+                            &storm.key,
+                            &incident,
+                            storm.since,
+                            Some(now + valid_for),
+                            &external,
+                            false
+                        )]);
+                        self.enqueue(p, name, "alerts", body, Some(storm.key.clone()), now);
+                    }
+                }
+                ReceiverKind::Webhook => {
+                    if changed.contains_key(name) {
+                        let list = alerts(true);
+                        let body = notify::webhook_payload(name, &rule.alert, list, &external);
+                        self.enqueue(p, name, "webhook", body, None, now);
+                    }
+                }
+            }
+        }
+
+        for t in &transitions {
+            rows.push(row_of(
+                group,
+                rule,
+                t,
+                notes.get(&t.fingerprint).cloned(),
+                now,
+            ));
+        }
+        p.rules.insert(key, rs);
+        let seq = (!rows.is_empty()).then(|| {
+            p.seq += 1;
+            p.unwritten.push((p.seq, rows));
+            p.seq
+        });
+        let (mut pending, mut firing) = (0, 0);
+        for rs in p.rules.values() {
+            for i in rs.instances.values() {
+                match i.state {
+                    AlertState::Pending => pending += 1,
+                    AlertState::Firing => firing += 1,
+                    AlertState::Resolved => {}
+                }
+            }
+        }
+        metrics::gauge!("fleetlake_alerts", "state" => "pending").set(pending as f64);
+        metrics::gauge!("fleetlake_alerts", "state" => "firing").set(firing as f64);
+        self.save(p);
+        drop(guard);
+        self.wake.notify_waiters();
+        seq
+    }
+
+    /// Commits the queued transitions to the `alerts` table, oldest first.
+    async fn write_transitions(&self) {
+        let _one = self.writing.lock().await;
+        let queued: Vec<(u64, Vec<TransitionRow>)> = self
+            .state
+            .lock()
+            .expect("alert state lock")
+            .unwritten
+            .clone();
+        for (seq, rows) in queued {
+            match self.log.append(table::to_batch(&rows), seq).await {
+                Ok(()) => {
+                    let mut p = self.state.lock().expect("alert state lock");
+                    p.unwritten.retain(|(s, _)| *s > seq);
+                    self.save(&p);
+                }
+                Err(e) => {
+                    metrics::counter!("fleetlake_alert_transition_write_failures_total")
+                        .increment(1);
+                    warn!(error = %e, seq, "alert transitions not committed yet; retrying at the next evaluation");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn deliver(self: Arc<Self>, receiver: ReceiverConfig) {
+        let name = receiver.name.clone();
+        let kind = notify::kind_name(receiver.kind);
+        loop {
+            let next = {
+                let p = self.state.lock().expect("alert state lock");
+                p.outbox.get(&name).and_then(|q| q.front().cloned())
+            };
+            let Some(message) = next else {
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+                continue;
+            };
+            let now = now_ms();
+            if message.next_attempt_ms > now {
+                let wait = Duration::from_millis((message.next_attempt_ms - now) as u64);
+                tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                continue;
+            }
+            if receiver.kind == ReceiverKind::Pagerduty {
+                let key = receiver.routing_key.as_deref().unwrap_or_default();
+                let wait = self.limits.wait(key, receiver.rate_limit_per_minute);
+                if !wait.is_zero() {
+                    metrics::counter!("fleetlake_notifications_rate_limited_total", "receiver" => name.clone())
+                        .increment(1);
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+            let outcome = notify::send(&self.client, &receiver, &message.body).await;
+            let mut guard = self.state.lock().expect("alert state lock");
+            let p = &mut *guard;
+            let queue = p.outbox.entry(name.clone()).or_default();
+            let result = match &outcome {
+                Outcome::Delivered => {
+                    debug!(receiver = %name, kind = %message.kind, "notification delivered");
+                    queue.retain(|m| m.id != message.id);
+                    "sent"
+                }
+                Outcome::Rejected(why) => {
+                    error!(receiver = %name, kind = %message.kind, %why, body = %message.body, "notification refused; not retried");
+                    queue.retain(|m| m.id != message.id);
+                    "failed"
+                }
+                Outcome::Retry(why) => {
+                    let now = now_ms();
+                    if now - message.created_ms > self.config.give_up_after.as_millis() as i64 {
+                        error!(receiver = %name, kind = %message.kind, %why, "notification dropped after retrying for too long");
+                        queue.retain(|m| m.id != message.id);
+                        "expired"
+                    } else {
+                        if let Some(m) = queue.iter_mut().find(|m| m.id == message.id) {
+                            m.attempts += 1;
+                            let wait = notify::backoff(
+                                m.attempts,
+                                self.config.retry_initial,
+                                self.config.retry_max,
+                            );
+                            m.next_attempt_ms = now + wait.as_millis() as i64;
+                            warn!(receiver = %name, kind = %m.kind, %why, attempts = m.attempts, retry_in = ?wait, "notification failed; will retry");
+                        }
+                        "retried"
+                    }
+                }
+            };
+            metrics::gauge!("fleetlake_outbox_messages", "receiver" => name.clone())
+                .set(queue.len() as f64);
+            metrics::counter!("fleetlake_notifications_total", "receiver" => name.clone(), "type" => kind, "result" => result)
+                .increment(1);
+            self.save(p);
+        }
+    }
+}
+
+fn describe(receivers: &[String]) -> String {
+    if receivers.is_empty() {
+        "no receiver".into()
+    } else {
+        receivers.join(",")
+    }
+}
+
+fn counts(
+    instances: &BTreeMap<String, Instance>,
+    fps: &[String],
+) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+    let mut by_region = BTreeMap::new();
+    let mut by_team = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for fp in fps {
+        let labels = &instances[fp].labels;
+        let account = labels
+            .get("account_id")
+            .cloned()
+            .unwrap_or_else(|| fp.clone());
+        if !seen.insert(account) {
+            continue;
+        }
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_else(|| "unknown".into());
+        *by_region.entry(get("region")).or_insert(0) += 1;
+        *by_team.entry(get("owner_team")).or_insert(0) += 1;
+    }
+    (by_region, by_team)
+}
+
+fn fleet_am_alert(
+    key: &str,
+    incident: &FleetIncident<'_>,
+    since: i64,
+    ends: Option<i64>,
+    external: &str,
+    for_webhook: bool,
+) -> Value {
+    let annotations = Labels::from([
+        (
+            "summary".to_string(),
+            format!(
+                "{} firing for {} accounts",
+                incident.labels.get(ALERTNAME).cloned().unwrap_or_default(),
+                incident.accounts.len().max(incident.instances)
+            ),
+        ),
+        ("accounts".to_string(), incident.accounts.join(",")),
+    ]);
+    let resolved = ends.is_some_and(|e| e <= now_ms());
+    notify::AmAlert {
+        fingerprint: key,
+        labels: incident.labels,
+        annotations: &annotations,
+        starts_ms: since,
+        ends_ms: ends,
+        resolved,
+    }
+    .to_json(external, for_webhook)
+}
+
+fn row_of(
+    group: &RuleGroup,
+    rule: &Rule,
+    t: &Transition,
+    note: Option<String>,
+    now: i64,
+) -> TransitionRow {
+    TransitionRow {
+        time: now,
+        rule_group: group.name.clone(),
+        alertname: rule.alert.clone(),
+        state: state_name(t.to).into(),
+        previous_state: state_name(t.from).into(),
+        fingerprint: t.fingerprint.clone(),
+        account_id: t.instance.labels.get("account_id").cloned(),
+        value: t.instance.value,
+        labels: t.instance.labels.clone(),
+        annotations: t.instance.annotations.clone(),
+        active_at: t.instance.active_at,
+        notification: match t.to {
+            Some(AlertState::Firing) | Some(AlertState::Resolved) => note.unwrap_or_default(),
+            _ => String::new(),
+        },
+    }
+}
+
+/// What `Alerting::open` needs.
+pub struct AlertingParts {
+    /// `[alerting]`.
+    pub config: AlertingConfig,
+    /// The rules.
+    pub groups: Vec<RuleGroup>,
+    /// SQL for evaluation.
+    pub sql: Arc<dyn SqlSource>,
+    /// The `alerts` table.
+    pub log: Arc<dyn TransitionLog>,
+    /// The account registry.
+    pub registry: Registry,
+    /// Directory of the state file.
+    pub state_dir: PathBuf,
+    /// Base URL for links.
+    pub external_url: String,
+}
+
+impl Alerting {
+    /// Loads the state file (if any) and prepares evaluation and delivery.
+    pub fn open(parts: AlertingParts) -> Result<Self, String> {
+        parts.config.validate()?;
+        std::fs::create_dir_all(&parts.state_dir)
+            .map_err(|e| format!("{}: {e}", parts.state_dir.display()))?;
+        let path = parts.state_dir.join("alert-state.json");
+        let mut state: Persisted = match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        // Silences from the configuration are replaced at each start.
+        state.silences.retain(|s| !s.id.starts_with("config-"));
+        let now = now_ms();
+        for (i, s) in parts.config.silences.iter().enumerate() {
+            state.silences.push(Silence {
+                id: format!("config-{i}"),
+                matchers: s.matchers.clone(),
+                starts_at: s
+                    .starts_at
+                    .as_deref()
+                    .map(parse_rfc3339)
+                    .transpose()?
+                    .unwrap_or(now),
+                ends_at: parse_rfc3339(&s.ends_at)?,
+                comment: s.comment.clone(),
+                created_by: s.created_by.clone(),
+            });
+        }
+        // Rules no longer configured are forgotten (their alerts no longer exist).
+        let keys: BTreeSet<String> = parts
+            .groups
+            .iter()
+            .flat_map(|g| g.rules.iter().map(|r| rule_key(&g.name, &r.alert)))
+            .collect();
+        state.rules.retain(|k, _| keys.contains(k));
+        for (receiver, queue) in &state.outbox {
+            if !parts.config.receivers.iter().any(|r| &r.name == receiver) && !queue.is_empty() {
+                warn!(%receiver, messages = queue.len(), "queued notifications for a receiver no longer configured are kept but not sent");
+            }
+        }
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("fleetlake/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config: parts.config,
+                groups: parts.groups,
+                sql: parts.sql,
+                log: parts.log,
+                registry: parts.registry,
+                state: Mutex::new(state),
+                path,
+                wake: tokio::sync::Notify::new(),
+                client,
+                limits: RateLimits::default(),
+                external_url: parts.external_url,
+                writing: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The rule groups.
+    pub fn groups(&self) -> &[RuleGroup] {
+        &self.inner.groups
+    }
+
+    /// Starts the evaluation loops and the delivery workers.
+    pub fn start(&self) -> tokio::task::JoinSet<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for receiver in self.inner.config.receivers.clone() {
+            tasks.spawn(Arc::clone(&self.inner).deliver(receiver));
+        }
+        for index in 0..self.inner.groups.len() {
+            let this = self.clone();
+            tasks.spawn(async move {
+                let group = &this.inner.groups[index];
+                info!(group = %group.name, rules = group.rules.len(), interval = ?group.interval, "evaluating rule group");
+                let mut tick = tokio::time::interval(group.interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tick.tick().await;
+                    this.evaluate_group(index).await;
+                }
+            });
+        }
+        let this = self.clone();
+        tasks.spawn(async move { this.inner.write_transitions().await });
+        tasks
+    }
+
+    /// Runs one rule's SQL and reads its instances, without changing any state.
+    pub async fn run_rule(&self, group: &RuleGroup, rule: &Rule) -> RuleResult {
+        let started = Instant::now();
+        let samples = match self.inner.sql.query(&rule.expr).await {
+            Ok(batches) => to_samples(rule, &batches, &self.inner.registry.snapshot()),
+            Err(e) => Err(e),
+        };
+        RuleResult {
+            group: group.name.clone(),
+            alert: rule.alert.clone(),
+            samples,
+            took: started.elapsed(),
+        }
+    }
+
+    /// Evaluates group `index` once, now.
+    pub async fn evaluate_group(&self, index: usize) {
+        let group = &self.inner.groups[index];
+        let started = Instant::now();
+        let mut wrote = false;
+        for rule in &group.rules {
+            let now = now_ms();
+            let result = self.run_rule(group, rule).await;
+            metrics::histogram!("fleetlake_rule_evaluation_seconds", "group" => group.name.clone())
+                .record(result.took.as_secs_f64());
+            match result.samples {
+                Ok(samples) => {
+                    wrote |= self.inner.apply(group, rule, samples, now).is_some();
+                }
+                Err(e) => {
+                    metrics::counter!("fleetlake_rule_evaluation_failures_total", "group" => group.name.clone(), "alert" => rule.alert.clone())
+                        .increment(1);
+                    warn!(group = %group.name, alert = %rule.alert, error = %e, "rule evaluation failed; its alerts stay as they were");
+                }
+            }
+        }
+        metrics::histogram!("fleetlake_rule_group_duration_seconds", "group" => group.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("fleetlake_rule_group_evaluations_total", "group" => group.name.clone())
+            .increment(1);
+        let pending = !self
+            .inner
+            .state
+            .lock()
+            .expect("alert state lock")
+            .unwritten
+            .is_empty();
+        if wrote || pending {
+            self.inner.write_transitions().await;
+        }
+    }
+
+    /// Active and recently resolved instances, as the HTTP API shows them.
+    pub fn alerts(&self, fingerprint: Option<&str>) -> Vec<Value> {
+        let p = self.inner.state.lock().expect("alert state lock");
+        let mut out = Vec::new();
+        for (key, rs) in &p.rules {
+            for (fp, i) in &rs.instances {
+                if fingerprint.is_some_and(|f| f != fp) {
+                    continue;
+                }
+                out.push(json!({
+                    "rule": key,
+                    "fingerprint": fp,
+                    "state": i.state.as_str(),
+                    "labels": i.labels,
+                    "annotations": i.annotations,
+                    "value": i.value,
+                    "activeAt": rfc3339(i.active_at),
+                    "firedAt": i.fired_at.map(rfc3339),
+                    "resolvedAt": i.resolved_at.map(rfc3339),
+                    "receivers": i.receivers,
+                    "notified": i.notified,
+                }));
+            }
+            if let Some(storm) = &rs.storm
+                && fingerprint.is_none_or(|f| f == storm.key)
+            {
+                out.push(json!({
+                    "rule": key,
+                    "fingerprint": storm.key,
+                    "state": "firing",
+                    "fleet": true,
+                    "labels": storm.labels,
+                    "accounts": storm.accounts,
+                    "activeAt": rfc3339(storm.since),
+                    "receivers": storm.receivers,
+                }));
+            }
+        }
+        out
+    }
+
+    /// Every silence.
+    pub fn silences(&self) -> Vec<Value> {
+        let now = now_ms();
+        let p = self.inner.state.lock().expect("alert state lock");
+        p.silences.iter().map(|s| s.to_json(now)).collect()
+    }
+
+    /// Adds a silence; returns its id.
+    pub fn add_silence(
+        &self,
+        matchers: Vec<Matcher>,
+        starts_at: Option<i64>,
+        ends_at: i64,
+        comment: String,
+        created_by: String,
+    ) -> Result<String, String> {
+        if matchers.is_empty() {
+            return Err("a silence needs at least one matcher".into());
+        }
+        let now = now_ms();
+        let starts_at = starts_at.unwrap_or(now);
+        if ends_at <= starts_at || ends_at <= now {
+            return Err("endsAt must be after startsAt and in the future".into());
+        }
+        let mut p = self.inner.state.lock().expect("alert state lock");
+        p.next_message += 1;
+        let id = format!("s{}-{}", now, p.next_message);
+        p.silences.push(Silence {
+            id: id.clone(),
+            matchers,
+            starts_at,
+            ends_at,
+            comment,
+            created_by,
+        });
+        // Expired silences are kept a day for the record, then dropped.
+        p.silences.retain(|s| s.ends_at > now - 86_400_000);
+        self.inner.save(&p);
+        Ok(id)
+    }
+
+    /// Ends silence `id` now; false if there is no such silence.
+    pub fn expire_silence(&self, id: &str) -> bool {
+        let now = now_ms();
+        let mut p = self.inner.state.lock().expect("alert state lock");
+        let Some(s) = p.silences.iter_mut().find(|s| s.id == id) else {
+            return false;
+        };
+        s.ends_at = s.ends_at.min(now);
+        self.inner.save(&p);
+        true
+    }
+
+    /// Messages waiting per receiver.
+    pub fn outbox_len(&self) -> BTreeMap<String, usize> {
+        let p = self.inner.state.lock().expect("alert state lock");
+        p.outbox.iter().map(|(k, q)| (k.clone(), q.len())).collect()
+    }
+}
