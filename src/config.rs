@@ -42,6 +42,31 @@ pub(crate) struct Config {
     pub(crate) retention: RetentionConfig,
     /// Kinesis Data Streams to consume (`[[kinesis]]`, one table per stream).
     pub(crate) kinesis: Vec<KinesisConfig>,
+    /// The account registry.
+    pub(crate) accounts: AccountsConfig,
+    /// Alert rules, receivers, routes, silences, storm control.
+    pub(crate) alerting: fleetlake_alert_rules::AlertingConfig,
+}
+
+/// `[accounts]`: the account registry (one record per AWS account of the fleet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct AccountsConfig {
+    /// A JSON array, or JSON lines, of account records (`account_id`, `account_name`,
+    /// `environment`, `owner_team`, `lifecycle_state`, ...). Unset: no registry.
+    pub(crate) file: Option<PathBuf>,
+    /// How often the file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub(crate) reload_interval: Duration,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            reload_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[[kinesis]]`: one stream to consume.
@@ -406,6 +431,8 @@ impl Default for Config {
             lake: LakeConfig::default(),
             retention: RetentionConfig::default(),
             kinesis: Vec::new(),
+            accounts: AccountsConfig::default(),
+            alerting: fleetlake_alert_rules::AlertingConfig::default(),
         }
     }
 }
@@ -559,6 +586,10 @@ impl Config {
         }
         if self.access_key_is_empty() {
             bail!("firehose.access_key is set but empty");
+        }
+        self.alerting.validate().map_err(anyhow::Error::msg)?;
+        if self.accounts.reload_interval.is_zero() {
+            bail!("accounts.reload_interval must be positive");
         }
         let mut streams = BTreeMap::new();
         for (index, kinesis) in self.kinesis.iter().enumerate() {

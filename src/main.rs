@@ -9,10 +9,12 @@
 //! The binary only parses flags, loads [`config::Config`], and joins the crates:
 //! `fleetlake-ingest` → `fleetlake-aggregate` → lake ← `fleetlake-query`.
 
+mod alerting;
 mod compact_cmd;
 mod config;
 mod query_cmd;
 mod replay;
+mod rules_cmd;
 mod serve;
 
 use std::path::PathBuf;
@@ -104,6 +106,38 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         vacuum_grace: std::time::Duration,
     },
+    /// Alert rules: check rule files, or evaluate them once against the lake.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Validate rule files: YAML, each rule's SQL planned against fleetlake's tables
+    /// (the lake in the data directory, and the account registry), templates. Errors
+    /// name the file and line; the exit status is non-zero if there is any.
+    Check {
+        #[command(flatten)]
+        common: Common,
+        /// Rule files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Evaluate rule files once against the lake in the data directory and print the
+    /// alert instances each rule returns (labels and value); changes no state and
+    /// sends nothing.
+    Eval {
+        #[command(flatten)]
+        common: Common,
+        /// Output format.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// Rule files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn load(
@@ -148,6 +182,17 @@ fn main() -> std::process::ExitCode {
             vacuum_grace,
         } => load(&common, None, None)
             .and_then(|config| compact_cmd::run(&config, min_files, vacuum_grace)),
+        Command::Rules { command } => match command {
+            RulesCommand::Check { common, files } => {
+                load(&common, None, None).and_then(|config| rules_cmd::check(&config, &files))
+            }
+            RulesCommand::Eval {
+                common,
+                format,
+                files,
+            } => load(&common, None, None)
+                .and_then(|config| rules_cmd::eval(&config, &files, &format)),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

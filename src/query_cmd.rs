@@ -24,8 +24,12 @@ pub(crate) fn run(
             Some(url) => ask_server(url, token, format, sql).await,
             None => {
                 // Whoever can read the data directory reads all of it.
-                let engine = QueryEngine::new(config.lake_location()?, None)
-                    .with_limits(config.query.limits());
+                let registry = crate::alerting::registry(config)?;
+                let engine = crate::alerting::with_alert_tables(
+                    QueryEngine::new(config.lake_location()?, None)
+                        .with_limits(config.query.limits()),
+                    &registry,
+                );
                 let output = engine.sql(sql, &Principal::unrestricted("cli")).await?;
                 Ok(render(format, &output.schema, &output.batches)?)
             }

@@ -83,10 +83,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("opening the write-ahead log and the lake")?;
 
-    let engine = Arc::new(
+    let registry = crate::alerting::registry(&config)?;
+    registry.watch(config.accounts.reload_interval);
+    let engine = Arc::new(crate::alerting::with_alert_tables(
         QueryEngine::new(lake, Some(Arc::new(HotBuffer(aggregator.clone()))))
             .with_limits(config.query.limits()),
-    );
+        &registry,
+    ));
     let access = Arc::new(config.query.access()?);
     let mut app = Router::new()
         .route("/health", get(health))
@@ -173,12 +176,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         users = if access.is_open() { "open access" } else { "configured" },
         "postgres listening"
     );
-    let pg = tokio::spawn(fleetlake_query::pg::serve(pg_listener, engine, access));
+    let pg = tokio::spawn(fleetlake_query::pg::serve(
+        pg_listener,
+        Arc::clone(&engine),
+        Arc::clone(&access),
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
     let addr = listener.local_addr()?;
+
+    let external_url = config
+        .alerting
+        .external_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let alerting = crate::alerting::open(&config, Arc::clone(&engine), registry, external_url)?;
+    info!(
+        groups = alerting.groups().len(),
+        rules = alerting
+            .groups()
+            .iter()
+            .map(|g| g.rules.len())
+            .sum::<usize>(),
+        receivers = config.alerting.receivers.len(),
+        "alerting"
+    );
+    let mut alert_tasks = alerting.start();
+    let app = app.merge(crate::alerting::router(alerting, Arc::clone(&access)));
     info!(
         %addr,
         data_dir = %config.data_dir.display(),
@@ -189,6 +215,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving http")?;
     pg.abort();
+    alert_tasks.abort_all();
     let _ = stop_consumers.send(true);
     while consumers.join_next().await.is_some() {}
     info!("shutting down: committing buffered data to the lake");

@@ -14,7 +14,7 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
-use datafusion::catalog::{SchemaProvider, TableProvider};
+use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
@@ -31,12 +31,40 @@ use fleetlake_aggregate::rollup::{Rollup, rollup_sql};
 use fleetlake_ingest::schema::{Table, conform};
 
 use crate::access::Principal;
-use crate::table::{AccountFilter, LakeWithHot};
+use crate::table::{ACCOUNT_COLUMN, AccountFilter, LakeWithHot};
 
 /// The catalog every session uses by default (also the Postgres database name).
 pub const CATALOG: &str = "fleetlake";
 /// The schema holding the lake's tables.
 pub const SCHEMA: &str = "public";
+
+/// A table besides the lake's own (`accounts`, `alerts`), named in
+/// [`QueryEngine::with_table`].
+#[derive(Clone)]
+pub enum SideTable {
+    /// Rows made when a statement is planned (the account registry's current state).
+    Rows(SchemaRef, Arc<dyn Fn() -> RecordBatch + Send + Sync>),
+    /// A Delta table of the lake under this name: empty, with this schema, until it
+    /// exists.
+    Lake(SchemaRef),
+}
+
+impl SideTable {
+    fn schema(&self) -> &SchemaRef {
+        match self {
+            Self::Rows(schema, _) | Self::Lake(schema) => schema,
+        }
+    }
+}
+
+impl std::fmt::Debug for SideTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Rows(schema, _) => write!(f, "Rows({} columns)", schema.fields().len()),
+            Self::Lake(schema) => write!(f, "Lake({} columns)", schema.fields().len()),
+        }
+    }
+}
 
 /// Rows held in memory by the aggregate stage, not yet in the lake.
 pub trait HotData: Send + Sync + 'static {
@@ -114,6 +142,7 @@ pub struct QueryOutput {
 #[derive(Debug)]
 pub struct QueryEngine {
     lake: Arc<Lake>,
+    side: Arc<Vec<(&'static str, SideTable)>>,
     limits: QueryLimits,
 }
 
@@ -158,30 +187,37 @@ impl Lake {
         Ok(Some(delta))
     }
 
-    /// Lake table `name` at its latest version with the hot rows it lacks, or `None`.
+    /// Lake table `name` at its latest version with the hot rows it lacks; while the
+    /// lake does not have it yet, an empty table of `schema` (plus hot rows).
     async fn provider(
         &self,
         name: &'static str,
+        schema: SchemaRef,
         hot_of: Option<Table>,
-    ) -> Result<Option<Arc<dyn TableProvider>>, QueryError> {
-        let Some(delta) = self.latest(name).await? else {
-            return Ok(None);
+    ) -> Result<Arc<dyn TableProvider>, QueryError> {
+        let delta = self.latest(name).await?;
+        let lake: Arc<dyn TableProvider> = match &delta {
+            Some(delta) => delta
+                .table_provider()
+                .await
+                .map_err(|e| QueryError::Lake(e.to_string()))?,
+            None => Arc::new(
+                MemTable::try_new(schema, vec![Vec::new()])
+                    .map_err(|e| QueryError::Sql(Box::new(e)))?,
+            ),
         };
-        let lake = delta
-            .table_provider()
-            .await
-            .map_err(|e| QueryError::Lake(e.to_string()))?;
         let schema = lake.schema();
+        let version = delta.as_ref().and_then(|d| d.version()).map(|v| v as i64);
         let hot = match (&self.hot, hot_of) {
             (Some(hot), Some(table)) => hot
-                .snapshot(table, delta.version().map(|v| v as i64))
+                .snapshot(table, version)
                 .iter()
                 .map(|batch| conform(batch, &schema))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| QueryError::Lake(format!("hot buffer rows of {table}: {e}")))?,
             _ => Vec::new(),
         };
-        Ok(Some(Arc::new(LakeWithHot::new(Some(delta), lake, hot))))
+        Ok(Arc::new(LakeWithHot::new(delta, lake, hot)))
     }
 }
 
@@ -229,10 +265,12 @@ enum Entry {
     Table(Table),
     Partials(Rollup),
     Rollup(Rollup),
+    /// Index into the engine's side tables.
+    Side(usize),
 }
 
 impl Entry {
-    fn all() -> Vec<(String, Entry)> {
+    fn all(side: &[(&'static str, SideTable)]) -> Vec<(String, Entry)> {
         let mut all: Vec<(String, Entry)> = Table::ALL
             .iter()
             .map(|t| (t.name().to_string(), Entry::Table(*t)))
@@ -241,11 +279,22 @@ impl Entry {
             all.push((rollup.name().to_string(), Entry::Rollup(rollup)));
             all.push((partials_name(rollup), Entry::Partials(rollup)));
         }
+        for (i, (name, _)) in side.iter().enumerate() {
+            all.push((name.to_string(), Entry::Side(i)));
+        }
         all
     }
 
-    fn has_accounts(self) -> bool {
-        !matches!(self, Entry::Table(Table::DeadLetters))
+    fn has_accounts(self, side: &[(&'static str, SideTable)]) -> bool {
+        match self {
+            Entry::Table(table) => table.schema().column_with_name(ACCOUNT_COLUMN).is_some(),
+            Entry::Partials(_) | Entry::Rollup(_) => true,
+            Entry::Side(i) => side[i]
+                .1
+                .schema()
+                .column_with_name(ACCOUNT_COLUMN)
+                .is_some(),
+        }
     }
 }
 
@@ -257,14 +306,15 @@ fn partials_name(rollup: Rollup) -> String {
 #[derive(Debug)]
 struct LakeSchema {
     lake: Arc<Lake>,
+    side: Arc<Vec<(&'static str, SideTable)>>,
     principal: Principal,
 }
 
 impl LakeSchema {
     fn entries(&self) -> Vec<(String, Entry)> {
-        Entry::all()
+        Entry::all(&self.side)
             .into_iter()
-            .filter(|(_, e)| self.principal.accounts.is_none() || e.has_accounts())
+            .filter(|(_, e)| self.principal.accounts.is_none() || e.has_accounts(&self.side))
             .collect()
     }
 
@@ -279,10 +329,27 @@ impl LakeSchema {
 
     async fn resolve(&self, entry: Entry) -> Result<Option<Arc<dyn TableProvider>>, QueryError> {
         let provider = match entry {
-            Entry::Table(table) => self.lake.provider(table.name(), Some(table)).await?,
-            Entry::Partials(rollup) | Entry::Rollup(rollup) => {
-                self.lake.provider(rollup.name(), None).await?
-            }
+            Entry::Table(table) => Some(
+                self.lake
+                    .provider(table.name(), table.schema(), Some(table))
+                    .await?,
+            ),
+            Entry::Partials(rollup) | Entry::Rollup(rollup) => Some(
+                self.lake
+                    .provider(rollup.name(), Table::Metrics.schema(), None)
+                    .await?,
+            ),
+            Entry::Side(i) => match &self.side[i] {
+                (name, SideTable::Lake(schema)) => {
+                    Some(self.lake.provider(name, Arc::clone(schema), None).await?)
+                }
+                (_, SideTable::Rows(schema, rows)) => {
+                    let batch = rows();
+                    let table = MemTable::try_new(Arc::clone(schema), vec![vec![batch]])
+                        .map_err(|e| QueryError::Sql(Box::new(e)))?;
+                    Some(Arc::new(table) as Arc<dyn TableProvider>)
+                }
+            },
         };
         let Some(provider) = provider.and_then(|p| self.scoped(p)) else {
             return Ok(None);
@@ -338,8 +405,20 @@ impl QueryEngine {
                 tables: tokio::sync::Mutex::new(HashMap::new()),
                 seen: AtomicBool::new(false),
             }),
+            side: Arc::new(Vec::new()),
             limits: QueryLimits::default(),
         }
+    }
+
+    /// The same engine with one more table, `name`, in every session; a caller limited
+    /// to some accounts sees it filtered on `account_id` (or not at all if it has no
+    /// such column).
+    pub fn with_table(mut self, name: &'static str, table: SideTable) -> Self {
+        let mut side = self.side.as_ref().clone();
+        side.retain(|(n, _)| *n != name);
+        side.push((name, table));
+        self.side = Arc::new(side);
+        self
     }
 
     /// The same engine with `limits` for every query.
@@ -382,6 +461,7 @@ impl QueryEngine {
                 SCHEMA,
                 Arc::new(LakeSchema {
                     lake: Arc::clone(&self.lake),
+                    side: Arc::clone(&self.side),
                     principal: principal.clone(),
                 }),
             )
@@ -403,17 +483,36 @@ impl QueryEngine {
         Err(QueryError::NoTable(self.lake.location.to_string()))
     }
 
-    /// Runs one read-only SQL statement for `principal`, within the limits.
+    /// Plans one read-only SQL statement for `principal` without running it; the
+    /// schema of its result. Tables the lake does not have yet plan as empty tables
+    /// of their schema, so this checks SQL against the real schema on any lake.
+    pub async fn plan(&self, sql: &str, principal: &Principal) -> Result<SchemaRef, QueryError> {
+        let ctx = self.session(principal)?;
+        let frame = ctx
+            .sql_with_options(sql, read_only())
+            .await
+            .map_err(|e| QueryError::Sql(Box::new(e)))?;
+        Ok(Arc::new(frame.schema().as_arrow().clone()))
+    }
+
+    /// Runs one read-only SQL statement for `principal`, within the limits; fails
+    /// with [`QueryError::NoTable`] while the lake has no table at all (a data
+    /// directory nothing was ever ingested into).
     pub async fn sql(&self, sql: &str, principal: &Principal) -> Result<QueryOutput, QueryError> {
         self.require_lake().await?;
+        self.run(sql, principal).await
+    }
+
+    /// Runs one read-only SQL statement for `principal`, within the limits; tables
+    /// the lake does not have yet read as empty.
+    pub async fn run(&self, sql: &str, principal: &Principal) -> Result<QueryOutput, QueryError> {
         let ctx = self.session(principal)?;
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
         let sql_err = |e| QueryError::Sql(Box::new(e));
         let run = async {
-            let frame = ctx.sql_with_options(sql, options).await.map_err(sql_err)?;
+            let frame = ctx
+                .sql_with_options(sql, read_only())
+                .await
+                .map_err(sql_err)?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.collect().await.map_err(sql_err)?;
             Ok(QueryOutput { schema, batches })
@@ -425,4 +524,11 @@ impl QueryEngine {
             None => run.await,
         }
     }
+}
+
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
 }

@@ -51,7 +51,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// The caller of a request, or why it is refused.
-fn authenticate(access: &Access, headers: &HeaderMap) -> Result<Principal, &'static str> {
+pub fn authenticate(access: &Access, headers: &HeaderMap) -> Result<Principal, &'static str> {
     if access.is_open() {
         return Ok(Principal::unrestricted("http"));
     }

@@ -23,5 +23,5 @@ pub mod pg;
 pub mod table;
 
 pub use access::{Access, Principal, User};
-pub use engine::{HotData, QueryEngine, QueryError, QueryLimits, QueryOutput};
+pub use engine::{HotData, QueryEngine, QueryError, QueryLimits, QueryOutput, SideTable};
 pub use format::{OutputFormat, render};

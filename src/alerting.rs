@@ -1,0 +1,431 @@
+//! Alerting wired to the other stages: rules run their SQL through the query engine,
+//! transitions go to the lake's `alerts` table, the account registry becomes the
+//! `accounts` table, and the HTTP API shows alerts and manages silences.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use deltalake::DeltaTable;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{StructType, Transaction};
+use deltalake::protocol::SaveMode;
+use fleetlake_aggregate::location::LakeLocation;
+use fleetlake_alert_rules::matchers::Matcher;
+use fleetlake_alert_rules::{Alerting, Registry, RuleGroup, SqlSource, TransitionLog};
+use fleetlake_query::{Access, Principal, QueryEngine, SideTable};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::Config;
+
+/// The Delta application id whose version is the last evaluation sequence committed
+/// to the `alerts` table.
+const ALERTS_APP_ID: &str = "fleetlake.alerts";
+
+/// The account registry the configuration names (empty if none).
+pub(crate) fn registry(config: &Config) -> anyhow::Result<Registry> {
+    match &config.accounts.file {
+        Some(file) => Registry::load(file).map_err(anyhow::Error::msg),
+        None => Ok(Registry::empty()),
+    }
+}
+
+/// `engine` with the `accounts` table (the registry now) and the `alerts` table.
+pub(crate) fn with_alert_tables(engine: QueryEngine, registry: &Registry) -> QueryEngine {
+    let live = registry.clone();
+    engine
+        .with_table(
+            "accounts",
+            SideTable::Rows(
+                fleetlake_alert_rules::registry::schema(),
+                Arc::new(move || live.snapshot().to_batch()),
+            ),
+        )
+        .with_table(
+            fleetlake_alert_rules::table::TABLE,
+            SideTable::Lake(fleetlake_alert_rules::table::schema()),
+        )
+}
+
+/// Rule files as configured (`rule_files`), parsed; every problem with its place.
+pub(crate) fn load_rules(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<RuleGroup>> {
+    fleetlake_alert_rules::rules::load(paths).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid rule files:\n{}", lines.join("\n"))
+    })
+}
+
+/// Rules' SQL, run by the query engine with full access.
+pub(crate) struct EngineSql(pub(crate) Arc<QueryEngine>);
+
+#[async_trait]
+impl SqlSource for EngineSql {
+    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, String> {
+        self.0
+            .run(sql, &Principal::unrestricted("alerting"))
+            .await
+            .map(|out| out.batches)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn plan(&self, sql: &str) -> Result<SchemaRef, String> {
+        self.0
+            .plan(sql, &Principal::unrestricted("alerting"))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The lake's `alerts` table; each evaluation's transitions are one commit carrying
+/// the evaluation's sequence number, so a retry after a crash commits nothing twice.
+pub(crate) struct LakeAlerts {
+    lake: LakeLocation,
+    table: tokio::sync::Mutex<Option<DeltaTable>>,
+}
+
+impl LakeAlerts {
+    pub(crate) fn new(lake: LakeLocation) -> Self {
+        Self {
+            lake,
+            table: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn open(&self) -> Result<DeltaTable, String> {
+        let name = fleetlake_alert_rules::table::TABLE;
+        let mut table = self
+            .lake
+            .open_or_new(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        if table.version().is_none() {
+            let schema: StructType = fleetlake_alert_rules::table::schema()
+                .as_ref()
+                .try_into_kernel()
+                .map_err(|e| e.to_string())?;
+            table = match table
+                .create()
+                .with_table_name(name)
+                .with_comment("fleetlake alert state transitions")
+                .with_columns(schema.fields().cloned())
+                .with_save_mode(SaveMode::Ignore)
+                .await
+            {
+                Ok(table) => table,
+                Err(e) => match self.lake.open(name).await {
+                    Ok(Some(table)) => table,
+                    _ => return Err(e.to_string()),
+                },
+            };
+        }
+        Ok(table)
+    }
+}
+
+#[async_trait]
+impl TransitionLog for LakeAlerts {
+    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), String> {
+        let mut guard = self.table.lock().await;
+        let table = match guard.take() {
+            Some(mut table) => {
+                table.update_state().await.map_err(|e| e.to_string())?;
+                table
+            }
+            None => self.open().await?,
+        };
+        let done = table
+            .snapshot()
+            .map_err(|e| e.to_string())?
+            .transaction_version(table.log_store().as_ref(), ALERTS_APP_ID)
+            .await
+            .map_err(|e| e.to_string())?;
+        if done.is_some_and(|v| v >= seq as i64) {
+            *guard = Some(table);
+            return Ok(());
+        }
+        let written =
+            table
+                .clone()
+                .write(vec![rows])
+                .with_save_mode(SaveMode::Append)
+                .with_commit_properties(CommitProperties::default().with_application_transactions(
+                    vec![Transaction::new(ALERTS_APP_ID, seq as i64)],
+                ))
+                .await;
+        match written {
+            Ok(table) => {
+                *guard = Some(table);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Builds the alerting stage of `serve`.
+pub(crate) fn open(
+    config: &Config,
+    engine: Arc<QueryEngine>,
+    registry: Registry,
+    external_url: String,
+) -> anyhow::Result<Alerting> {
+    let groups = load_rules(&config.alerting.rule_files)?;
+    let lake = config.lake_location()?;
+    Alerting::open(fleetlake_alert_rules::AlertingParts {
+        config: config.alerting.clone(),
+        groups,
+        sql: Arc::new(EngineSql(engine)),
+        log: Arc::new(LakeAlerts::new(lake)),
+        registry,
+        state_dir: config.data_dir.join("alerting"),
+        external_url,
+    })
+    .map_err(anyhow::Error::msg)
+    .context("starting alerting")
+}
+
+#[derive(Clone)]
+struct Api {
+    alerting: Alerting,
+    access: Arc<Access>,
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    metrics::counter!("fleetlake_alert_api_errors_total", "status" => status.as_u16().to_string())
+        .increment(1);
+    reply(status, json!({"status": "error", "error": message}))
+}
+
+impl Api {
+    fn caller(&self, headers: &HeaderMap) -> Result<Principal, Response> {
+        fleetlake_query::http::authenticate(&self.access, headers).map_err(|why| {
+            let mut response = error(StatusCode::UNAUTHORIZED, why);
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"fleetlake\""),
+            );
+            response
+        })
+    }
+
+    /// Silences act on the whole fleet: only unrestricted callers may change them.
+    fn fleet_caller(&self, headers: &HeaderMap) -> Result<Principal, Response> {
+        let principal = self.caller(headers)?;
+        if principal.accounts.is_some() {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "a credential limited to some accounts cannot change silences",
+            ));
+        }
+        Ok(principal)
+    }
+}
+
+/// `/api/v1/alerts`, `/api/v1/rules`, `/api/v1/silences`.
+pub(crate) fn router(alerting: Alerting, access: Arc<Access>) -> Router {
+    Router::new()
+        .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/rules", get(list_rules))
+        .route("/api/v1/silences", get(list_silences).post(add_silence))
+        .route("/api/v1/silences/{id}", delete(expire_silence))
+        .with_state(Api { alerting, access })
+}
+
+async fn list_alerts(State(api): State<Api>, headers: HeaderMap) -> Response {
+    let principal = match api.caller(&headers) {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    let alerts: Vec<Value> = api
+        .alerting
+        .alerts(None)
+        .into_iter()
+        .filter(|a| match &principal.accounts {
+            None => true,
+            Some(allowed) => a["labels"]["account_id"]
+                .as_str()
+                .is_some_and(|id| allowed.contains(id)),
+        })
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({"status": "success", "data": {"alerts": alerts}}),
+    )
+}
+
+async fn list_rules(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(response) = api.caller(&headers) {
+        return response;
+    }
+    let groups: Vec<Value> = api
+        .alerting
+        .groups()
+        .iter()
+        .map(|g| {
+            json!({
+                "name": g.name,
+                "file": g.file.display().to_string(),
+                "interval": g.interval.as_secs_f64(),
+                "rules": g.rules.iter().map(|r| json!({
+                    "name": r.alert,
+                    "query": r.expr,
+                    "duration": r.for_.as_secs_f64(),
+                    "keepFiringFor": r.keep_firing_for.as_secs_f64(),
+                    "labels": texts(&r.labels),
+                    "annotations": texts(&r.annotations),
+                    "type": "alerting",
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({"status": "success", "data": {"groups": groups}}),
+    )
+}
+
+fn texts(
+    templates: &std::collections::BTreeMap<String, fleetlake_alert_rules::template::Template>,
+) -> Value {
+    templates
+        .iter()
+        .map(|(k, t)| (k.clone(), Value::String(t.text().to_string())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+async fn list_silences(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(response) = api.caller(&headers) {
+        return response;
+    }
+    reply(StatusCode::OK, Value::Array(api.alerting.silences()))
+}
+
+/// A matcher as Alertmanager's API takes it, or as text (`owner_team="payments"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MatcherBody {
+    Text(String),
+    Object {
+        name: String,
+        value: String,
+        #[serde(default, rename = "isRegex")]
+        is_regex: bool,
+        #[serde(default = "yes", rename = "isEqual")]
+        is_equal: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl MatcherBody {
+    fn matcher(&self) -> Result<Matcher, String> {
+        use fleetlake_alert_rules::matchers::Op;
+        match self {
+            Self::Text(text) => Matcher::parse(text),
+            Self::Object {
+                name,
+                value,
+                is_regex,
+                is_equal,
+            } => {
+                let op = match (is_regex, is_equal) {
+                    (false, true) => Op::Equal,
+                    (false, false) => Op::NotEqual,
+                    (true, true) => Op::Regex,
+                    (true, false) => Op::NotRegex,
+                };
+                Matcher::new(name, op, value)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SilenceBody {
+    matchers: Vec<MatcherBody>,
+    #[serde(default)]
+    starts_at: Option<String>,
+    ends_at: String,
+    #[serde(default)]
+    comment: String,
+    #[serde(default)]
+    created_by: String,
+}
+
+async fn add_silence(State(api): State<Api>, headers: HeaderMap, body: String) -> Response {
+    let principal = match api.fleet_caller(&headers) {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    let body: SilenceBody = match serde_json::from_str(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid silence: {e}")),
+    };
+    let parsed = (|| -> Result<_, String> {
+        let matchers = body
+            .matchers
+            .iter()
+            .map(MatcherBody::matcher)
+            .collect::<Result<Vec<_>, _>>()?;
+        let starts = body
+            .starts_at
+            .as_deref()
+            .map(fleetlake_alert_rules::time::parse_rfc3339)
+            .transpose()?;
+        let ends = fleetlake_alert_rules::time::parse_rfc3339(&body.ends_at)?;
+        Ok((matchers, starts, ends))
+    })();
+    let (matchers, starts, ends) = match parsed {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid silence: {e}")),
+    };
+    let created_by = if body.created_by.is_empty() {
+        principal.name
+    } else {
+        body.created_by
+    };
+    match api
+        .alerting
+        .add_silence(matchers, starts, ends, body.comment, created_by)
+    {
+        Ok(id) => reply(StatusCode::OK, json!({"silenceID": id})),
+        Err(e) => error(StatusCode::BAD_REQUEST, &format!("invalid silence: {e}")),
+    }
+}
+
+async fn expire_silence(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(response) = api.fleet_caller(&headers) {
+        return response;
+    }
+    if api.alerting.expire_silence(&id) {
+        reply(StatusCode::OK, json!({"status": "success"}))
+    } else {
+        error(StatusCode::NOT_FOUND, &format!("no silence with id {id:?}"))
+    }
+}
