@@ -32,17 +32,23 @@ fn engine(config: &Config) -> anyhow::Result<(EngineSql, fleetlake_alert_rules::
 
 /// Validates `files`; every problem goes to stderr as `file:line:column: message`.
 pub(crate) fn check(config: &Config, files: &[PathBuf]) -> anyhow::Result<()> {
-    let groups = match fleetlake_alert_rules::rules::load(files) {
-        Ok(groups) => groups,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{e}");
-            }
-            bail!("{} error(s) in rule files", errors.len());
+    // Each file on its own first, so that one file's errors do not hide another's;
+    // then all together (group names are unique over the files).
+    let mut errors = Vec::new();
+    let mut groups = Vec::new();
+    for file in files {
+        match fleetlake_alert_rules::rules::load(std::slice::from_ref(file)) {
+            Ok(loaded) => groups.extend(loaded),
+            Err(found) => errors.extend(found),
         }
-    };
+    }
+    if errors.is_empty()
+        && let Err(found) = fleetlake_alert_rules::rules::load(files)
+    {
+        errors.extend(found);
+    }
     let (sql, _) = engine(config)?;
-    let errors = runtime()?.block_on(fleetlake_alert_rules::check::check(&groups, &sql));
+    errors.extend(runtime()?.block_on(fleetlake_alert_rules::check::check(&groups, &sql)));
     if !errors.is_empty() {
         for e in &errors {
             eprintln!("{e}");

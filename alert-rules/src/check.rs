@@ -116,8 +116,12 @@ pub async fn check(groups: &[RuleGroup], sql: &dyn SqlSource) -> Vec<RuleError> 
                 for (name, template) in map {
                     for used in referenced_labels(template.text()) {
                         if !labels.contains(&used) {
+                            let place = rule
+                                .template_positions
+                                .get(&format!("{kind}:{name}"))
+                                .unwrap_or(&at);
                             err(
-                                at.clone(),
+                                place.clone(),
                                 format!(
                                     "{kind} {name} uses $labels.{used}, which this rule's alerts do not have (they have: {})",
                                     labels.iter().cloned().collect::<Vec<_>>().join(", ")

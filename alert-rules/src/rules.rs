@@ -100,6 +100,8 @@ pub struct Rule {
     pub labels: BTreeMap<String, Template>,
     /// Annotations of every instance (templates).
     pub annotations: BTreeMap<String, Template>,
+    /// Where each label and annotation is, keyed `label:NAME` / `annotation:NAME`.
+    pub template_positions: BTreeMap<String, Position>,
 }
 
 #[derive(Deserialize)]
@@ -295,9 +297,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<RuleGroup>, Vec<RuleError>> 
             };
             let for_ = duration(&rule.for_);
             let keep_firing_for = duration(&rule.keep_firing_for);
+            let mut template_positions = BTreeMap::new();
             let mut templates = |map: &BTreeMap<String, Spanned<String>>, kind: &str| {
                 let mut out = BTreeMap::new();
                 for (key, value) in map {
+                    template_positions.insert(format!("{kind}:{key}"), at(&value.referenced));
                     if kind == "label" && !is_label_name(key) {
                         err(&value.referenced, format!("invalid label name {key:?}"));
                     }
@@ -329,6 +333,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<RuleGroup>, Vec<RuleError>> 
                 keep_firing_for,
                 labels,
                 annotations,
+                template_positions,
             });
         }
         groups.push(RuleGroup {

@@ -4,6 +4,7 @@
 
 #![allow(unreachable_pub)]
 
+mod alerting;
 mod compaction;
 mod durability;
 mod firehose;
