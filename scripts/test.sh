@@ -32,6 +32,12 @@ if ! command -v psql >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
 fi
+# Alertmanager, the real peer alerts are posted to, from Debian.
+if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
+    echo "== installing prometheus-alertmanager (apt)"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null
+fi
 export DELTALAKE_PYTHON="$PWD/.venv/bin/python"
 
 # kinesis-local: faithful Kinesis resharding (moto's is wrong), from the npm registry.

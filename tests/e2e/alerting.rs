@@ -975,3 +975,180 @@ fn rules_check_validates_files_against_the_schema_with_file_and_line() {
     assert!(!ok);
     assert!(stderr.starts_with(&format!("{file}:")), "{stderr}");
 }
+
+/// One metric-stream JSON line at `ms`.
+fn point_at(account: usize, metric: &str, ms: i64, value: &str) -> String {
+    format!(
+        r#"{{"metric_stream_name":"fleet","account_id":"{}","region":"eu-west-1","namespace":"AWS/Lambda","metric_name":"{metric}","dimensions":{{"FunctionName":"checkout"}},"timestamp":{ms},"value":{value},"unit":"Count"}}"#,
+        account_id(account)
+    )
+}
+
+#[test]
+fn the_shipped_example_rules_find_what_they_are_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let registry = dir.path().join("accounts.jsonl");
+    let records: Vec<String> = (0..8)
+        .map(|i| account_record(i, if i == 5 { "suspended" } else { "active" }))
+        .collect();
+    std::fs::write(&registry, records.join("\n")).unwrap();
+    let config = dir.path().join("fleetlake.toml");
+    std::fs::write(&config, format!("[accounts]\nfile = {registry:?}\n")).unwrap();
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let minute = now - 60_000;
+    let plain = |v: f64| format!(r#"{{"count":1.0,"sum":{v:.1},"max":{v:.1},"min":{v:.1}}}"#);
+    let mut lines = Vec::new();
+    // Accounts 0-4 and 7 report now; 6 reported 30 minutes ago only; 5 (suspended) never.
+    for a in [0, 1, 2, 3, 4, 7] {
+        lines.push(point_at(a, "Invocations", minute, &plain(100.0)));
+        let errors = if a == 0 { 20.0 } else { 1.0 };
+        lines.push(point_at(a, "Errors", minute, &plain(errors)));
+        let throttles = if a == 1 { 50.0 } else { 0.0 };
+        lines.push(point_at(a, "Throttles", minute, &plain(throttles)));
+        let p99 = if a == 2 { 15_000.0 } else { 300.0 };
+        lines.push(point_at(
+            a,
+            "Duration",
+            minute,
+            &format!(r#"{{"count":100.0,"sum":20000.0,"max":{p99:.1},"min":10.0,"p99":{p99:.1}}}"#),
+        ));
+    }
+    lines.push(point_at(6, "Invocations", now - 30 * 60_000, &plain(5.0)));
+    let metrics = dir.path().join("metrics.json");
+    std::fs::write(&metrics, lines.join("\n")).unwrap();
+
+    // Account 3 logs 150 error lines (and some noise) in a minute; account 4 only 20.
+    let logs_payload = |account: usize, errors: usize| {
+        let events: Vec<Value> = (0..errors + 30)
+            .map(|i| {
+                json!({
+                    "id": format!("{account}{i:08}"),
+                    "timestamp": minute + i as i64,
+                    "message": if i < errors { format!("ERROR request {i} failed") } else { format!("INFO request {i} ok") },
+                })
+            })
+            .collect();
+        crate::support::gzip(
+            json!({
+                "messageType": "DATA_MESSAGE",
+                "owner": account_id(account),
+                "logGroup": "/aws/lambda/checkout",
+                "logStream": "2026/11/30/[$LATEST]abc",
+                "subscriptionFilters": ["errors"],
+                "logEvents": events,
+            })
+            .to_string()
+            .as_bytes(),
+        )
+    };
+    let logs = dir.path().join("logs.gz");
+    let mut body = logs_payload(3, 150);
+    body.extend(logs_payload(4, 20));
+    std::fs::write(&logs, body).unwrap();
+
+    let d = data.to_str().unwrap();
+    let c = config.to_str().unwrap();
+    let (ok, _, err) = cli(&[
+        "replay",
+        "--config",
+        c,
+        "--data-dir",
+        d,
+        metrics.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&[
+        "replay",
+        "--config",
+        c,
+        "--data-dir",
+        d,
+        "--format",
+        "cwlogs",
+        logs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+
+    let examples = format!("{}/alert-rules/examples", env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) = cli(&[
+        "rules",
+        "eval",
+        "--config",
+        c,
+        "--data-dir",
+        d,
+        "--format",
+        "json",
+        &format!("{examples}/lambda.rules.yml"),
+        &format!("{examples}/fleet.rules.yml"),
+    ]);
+    assert!(ok, "{err}");
+    let found: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut by_rule: Vec<(String, String, f64)> = found
+        .iter()
+        .map(|f| {
+            (
+                f["alert"].as_str().unwrap().to_string(),
+                f["labels"]["account_id"].as_str().unwrap().to_string(),
+                f["value"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    by_rule.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let names: Vec<(&str, String)> = by_rule
+        .iter()
+        .map(|(r, a, _)| (r.as_str(), a.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("AccountStoppedReporting", account_id(6)),
+            ("LambdaDurationP99High", account_id(2)),
+            ("LambdaErrorRateHigh", account_id(0)),
+            ("LambdaThrottled", account_id(1)),
+            ("LogErrorBurst", account_id(3)),
+        ],
+        "{out}"
+    );
+    let value = |rule: &str| by_rule.iter().find(|(r, _, _)| r == rule).unwrap().2;
+    assert!((value("LambdaErrorRateHigh") - 0.2).abs() < 1e-9);
+    assert_eq!(value("LambdaThrottled"), 50.0);
+    assert_eq!(value("LambdaDurationP99High"), 15.0);
+    assert_eq!(value("LogErrorBurst"), 150.0);
+    let stopped = value("AccountStoppedReporting");
+    assert!((1790.0..2400.0).contains(&stopped), "{stopped}");
+    // Labels from the SQL, the registry and the rule; annotations expanded.
+    let error_rate = found
+        .iter()
+        .find(|f| f["alert"] == "LambdaErrorRateHigh")
+        .unwrap();
+    assert_eq!(error_rate["labels"]["function"], "checkout");
+    assert_eq!(error_rate["labels"]["owner_team"], "team-0");
+    assert_eq!(error_rate["labels"]["severity"], "critical");
+    assert_eq!(
+        error_rate["annotations"]["summary"],
+        format!(
+            "Lambda checkout in {} (eu-west-1) fails 20% of invocations",
+            account_id(0)
+        )
+    );
+    let p99 = found
+        .iter()
+        .find(|f| f["alert"] == "LambdaDurationP99High")
+        .unwrap();
+    assert!(
+        p99["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .ends_with("p99 duration 15s"),
+        "{p99}"
+    );
+}
