@@ -214,26 +214,43 @@ fn error(status: StatusCode, message: &str) -> Response {
     reply(status, json!({"status": "error", "error": message}))
 }
 
+/// Why a request is refused.
+enum Refused {
+    /// No or bad credentials.
+    Unauthenticated(&'static str),
+    /// A limited credential asked for a fleet-wide change.
+    Forbidden,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Unauthenticated(why) => {
+                let mut response = error(StatusCode::UNAUTHORIZED, why);
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"fleetlake\""),
+                );
+                response
+            }
+            Self::Forbidden => error(
+                StatusCode::FORBIDDEN,
+                "a credential limited to some accounts cannot change silences",
+            ),
+        }
+    }
+}
+
 impl Api {
-    fn caller(&self, headers: &HeaderMap) -> Result<Principal, Response> {
-        fleetlake_query::http::authenticate(&self.access, headers).map_err(|why| {
-            let mut response = error(StatusCode::UNAUTHORIZED, why);
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"fleetlake\""),
-            );
-            response
-        })
+    fn caller(&self, headers: &HeaderMap) -> Result<Principal, Refused> {
+        fleetlake_query::http::authenticate(&self.access, headers).map_err(Refused::Unauthenticated)
     }
 
     /// Silences act on the whole fleet: only unrestricted callers may change them.
-    fn fleet_caller(&self, headers: &HeaderMap) -> Result<Principal, Response> {
+    fn fleet_caller(&self, headers: &HeaderMap) -> Result<Principal, Refused> {
         let principal = self.caller(headers)?;
         if principal.accounts.is_some() {
-            return Err(error(
-                StatusCode::FORBIDDEN,
-                "a credential limited to some accounts cannot change silences",
-            ));
+            return Err(Refused::Forbidden);
         }
         Ok(principal)
     }
@@ -252,7 +269,7 @@ pub(crate) fn router(alerting: Alerting, access: Arc<Access>) -> Router {
 async fn list_alerts(State(api): State<Api>, headers: HeaderMap) -> Response {
     let principal = match api.caller(&headers) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let alerts: Vec<Value> = api
         .alerting
@@ -272,8 +289,8 @@ async fn list_alerts(State(api): State<Api>, headers: HeaderMap) -> Response {
 }
 
 async fn list_rules(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Err(response) = api.caller(&headers) {
-        return response;
+    if let Err(refused) = api.caller(&headers) {
+        return refused.into_response();
     }
     let groups: Vec<Value> = api
         .alerting
@@ -313,8 +330,8 @@ fn texts(
 }
 
 async fn list_silences(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Err(response) = api.caller(&headers) {
-        return response;
+    if let Err(refused) = api.caller(&headers) {
+        return refused.into_response();
     }
     reply(StatusCode::OK, Value::Array(api.alerting.silences()))
 }
@@ -377,7 +394,7 @@ struct SilenceBody {
 async fn add_silence(State(api): State<Api>, headers: HeaderMap, body: String) -> Response {
     let principal = match api.fleet_caller(&headers) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let body: SilenceBody = match serde_json::from_str(&body) {
         Ok(b) => b,
@@ -420,8 +437,8 @@ async fn expire_silence(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(response) = api.fleet_caller(&headers) {
-        return response;
+    if let Err(refused) = api.fleet_caller(&headers) {
+        return refused.into_response();
     }
     if api.alerting.expire_silence(&id) {
         reply(StatusCode::OK, json!({"status": "success"}))

@@ -119,7 +119,7 @@ pub async fn check(groups: &[RuleGroup], sql: &dyn SqlSource) -> Vec<RuleError> 
                             let place = rule
                                 .template_positions
                                 .get(&format!("{kind}:{name}"))
-                                .unwrap_or(&at);
+                                .unwrap_or(at);
                             err(
                                 place.clone(),
                                 format!(

@@ -279,7 +279,7 @@ fn account_record(index: usize, state: &str) -> String {
     json!({
         "account_id": account_id(index),
         "account_name": format!("tenant-{index}"),
-        "environment": if index % 2 == 0 { "prod" } else { "staging" },
+        "environment": if index.is_multiple_of(2) { "prod" } else { "staging" },
         "workload_type": "saas",
         "owner_team": format!("team-{}", index % 4),
         "cost_center": "cc-1",
@@ -678,7 +678,7 @@ fn a_fleet_of_6000_accounts_pages_3_then_one_fleet_incident_for_2000() {
     let server = setup.start();
 
     // Minute 1: every account reports, 3 breach.
-    let breaching = [17usize, 2024, 5999];
+    let breaching = [18usize, 2025, 5997];
     let values: Vec<(usize, f64)> = (0..6000)
         .map(|a| (a, if breaching.contains(&a) { 40.0 } else { 1.0 }))
         .collect();
@@ -703,11 +703,11 @@ fn a_fleet_of_6000_accounts_pages_3_then_one_fleet_incident_for_2000() {
     );
 
     // Minute 2: 2,000 accounts breach (the 3 among them): one fleet incident.
-    let values: Vec<(usize, f64)> = (0..6000)
+    let values: Vec<(usize, f64)> = (0..6000usize)
         .map(|a| {
             (
                 a,
-                if a % 3 == 0 || breaching.contains(&a) {
+                if a.is_multiple_of(3) || breaching.contains(&a) {
                     40.0
                 } else {
                     1.0
@@ -716,6 +716,7 @@ fn a_fleet_of_6000_accounts_pages_3_then_one_fleet_incident_for_2000() {
         })
         .collect();
     let storm: usize = values.iter().filter(|(_, v)| *v > 10.0).count();
+    assert_eq!(storm, 2000);
     errors(&server, "f2", 2, &values);
     wait_until("the fleet incident", || fake.accepted().len() >= 4);
     std::thread::sleep(std::time::Duration::from_secs(3));
