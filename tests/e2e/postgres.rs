@@ -639,9 +639,45 @@ fn every_grafana_dashboard_query_answers_through_psycopg() {
         String::from_utf8_lossy(&check.stdout)
     );
 
+    // A registry and a rule that fires for every account with errors, so that the
+    // alert panels and annotations have transitions to show.
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[("FLEETLAKE_BUFFER__FLUSH_INTERVAL", "2s")]);
+    let registry = dir.path().join("accounts.jsonl");
+    let records: Vec<String> = (0..6)
+        .map(|a| {
+            serde_json::json!({"account_id": account_id(a), "account_name": format!("tenant-{a}"),
+                "owner_team": format!("team-{}", a % 2), "lifecycle_state": "active"})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&registry, records.join("\n")).unwrap();
+    let rules = dir.path().join("errors.rules.yml");
+    std::fs::write(
+        &rules,
+        "groups:\n  - name: dash\n    interval: 1s\n    rules:\n      - alert: AnyErrors\n        expr: SELECT account_id, sum(sum) AS value FROM metrics WHERE metric_name = 'Errors' GROUP BY account_id HAVING sum(sum) > 0\n",
+    )
+    .unwrap();
+    let config = dir.path().join("fleetlake.toml");
+    std::fs::write(
+        &config,
+        format!("[accounts]\nfile = {registry:?}\n\n[alerting]\nrule_files = [{rules:?}]\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        &[
+            ("FLEETLAKE_BUFFER__FLUSH_INTERVAL", "2s"),
+            ("FLEETLAKE_CONFIG", config.to_str().unwrap()),
+        ],
+    );
     post_fleet(&server, 6, 30);
+    wait_until("alert transitions", || {
+        server
+            .sql("SELECT count(*) AS n FROM alerts")
+            .first()
+            .is_some_and(|r| r["n"] == 6)
+    });
     let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/run_dashboards.py");
     let out = Command::new(python())
         .arg(&runner)
@@ -671,6 +707,7 @@ fn every_grafana_dashboard_query_answers_through_psycopg() {
         "account-drilldown.json",
         "lambda-duration.json",
         "logs-volume.json",
+        "alerts.json",
     ] {
         assert!(
             results.iter().any(|r| r["dashboard"] == dashboard),

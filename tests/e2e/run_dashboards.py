@@ -52,6 +52,25 @@ for path in sys.argv[1:]:
             variables[name] = allv if allv is not None else values
         else:
             variables[name] = values[0] if values else ""
+    # Annotation queries: Grafana reads `time` (and `timeend`), `text` and `tags`.
+    dash = json.loads(Path(path).read_text())
+    for anno in (dash.get("annotations") or {}).get("list") or []:
+        target = anno.get("target") or {}
+        if not target.get("rawSql"):
+            continue
+        expanded = grafana_sql.expand(target["rawSql"], time_from, time_to, timedelta(minutes=1), variables)
+        try:
+            columns, rows = run(expanded)
+        except psycopg.Error as e:
+            results.append({"dashboard": Path(path).name, "panel": f"annotation {anno.get('name')}",
+                            "type": "annotation", "error": f"{e.sqlstate}: {e}", "sql": expanded, "ok": False})
+            continue
+        names = [c[0] for c in columns]
+        ok = (len(rows) > 0 and names[0] == "time" and columns[0][1] in TIME and "text" in names
+              and all(isinstance(r[names.index("text")], str) for r in rows))
+        results.append({"dashboard": Path(path).name, "panel": f"annotation {anno.get('name')}",
+                        "type": "annotation", "format": "table", "columns": columns, "rows": len(rows),
+                        "ok": ok, **({} if ok else {"sql": expanded})})
     for dashboard, panel, ptype, target in grafana_sql.dashboard_targets(path):
         fmt = target.get("format", "time_series")
         for interval in (timedelta(minutes=1), timedelta(minutes=5)):
