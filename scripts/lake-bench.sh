@@ -7,7 +7,8 @@
 #
 #   scripts/lake-bench.sh [WORK_DIR]
 #
-# Environment: ACCOUNTS (6000), MINUTES (84), FLUSH_ROWS (commit size of the replay,
+# Environment: ACCOUNTS (6000), MINUTES (84), BASE_MS (epoch ms of the first minute;
+# 2025-11-25T00:00:00Z, so that every minute falls in one day), FLUSH_ROWS (commit size of the replay,
 # 200000), RUNS (query repetitions, best kept: 3), FLEETLAKE (the binary; built with
 # `cargo build --release` if unset), PYTHON (with the `deltalake` package; the test
 # venv's, made by scripts/test.sh, if unset).
@@ -18,19 +19,19 @@ ACCOUNTS=${ACCOUNTS:-6000}
 MINUTES=${MINUTES:-84}
 FLUSH_ROWS=${FLUSH_ROWS:-200000}
 RUNS=${RUNS:-3}
+BASE_MS=${BASE_MS:-1764028800000}
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 mkdir -p "$WORK/input"
 DATA="$WORK/data"
 rm -rf "$DATA"
 
-MARK="$WORK/input/.generated-$ACCOUNTS-$MINUTES"
+MARK="$WORK/input/.generated-$ACCOUNTS-$MINUTES-$BASE_MS"
 if [[ ! -f "$MARK" ]]; then
-rm -f "$WORK"/input/*.ndjson.gz
+rm -f "$WORK"/input/*.ndjson.gz "$WORK"/input/.generated-*
 echo "generating $ACCOUNTS accounts x 4 functions x 5 metrics x $MINUTES minutes into $WORK/input" >&2
-python3 - "$WORK/input" "$ACCOUNTS" "$MINUTES" <<'EOF'
+python3 - "$WORK/input" "$ACCOUNTS" "$MINUTES" "$BASE_MS" <<'EOF'
 import gzip, random, sys
-out, accounts, minutes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-base = 1_764_028_800_000  # 2025-11-25T00:00:00Z: every minute falls in one day
+out, accounts, minutes, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 metrics = [("Invocations", "Count"), ("Errors", "Count"), ("Throttles", "Count"),
            ("Duration", "Milliseconds"), ("ConcurrentExecutions", "Count")]
 regions = ["us-east-1", "eu-west-1", "ap-southeast-2"]

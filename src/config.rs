@@ -754,6 +754,14 @@ mod tests {
             Some("fleetlake-leases")
         );
         assert_eq!(config.kinesis[1].lease_table, None);
+        assert_eq!(
+            config.accounts.file.as_deref(),
+            Some(Path::new("/etc/fleetlake/accounts.jsonl"))
+        );
+        assert_eq!(config.alerting.receivers.len(), 4);
+        assert_eq!(config.alerting.routes.len(), 3);
+        assert_eq!(config.alerting.storm_accounts, Some(100));
+        assert_eq!(config.alerting.silences.len(), 1);
     }
 
     #[test]
