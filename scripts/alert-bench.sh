@@ -11,7 +11,9 @@
 #   scripts/alert-bench.sh [WORK_DIR]
 #
 # Environment: ACCOUNTS (6000), MINUTES (84), FLEETLAKE (the binary; built with
-# `cargo build --release` if unset), RULE_COUNTS ("100 1000").
+# `cargo build --release` if unset), RULE_COUNTS ("100 1000"), LEAD_MINUTES (8: the
+# data ends this many minutes after generation starts, about when evaluation starts
+# once it is generated, replayed and compacted; the script prints both times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/fleetlake-alert-bench.XXXXXX)}
@@ -21,9 +23,9 @@ if [[ -z "${FLEETLAKE:-}" ]]; then
     cargo build --release --bin fleetlake >&2
     FLEETLAKE=$PWD/target/release/fleetlake
 fi
-# The data ends at the current minute.
-NOW_MS=$(( $(date +%s) / 60 * 60000 ))
-export BASE_MS=$(( NOW_MS - (MINUTES - 1) * 60000 ))
+LEAD_MINUTES=${LEAD_MINUTES:-8}
+END_MS=$(( ($(date +%s) / 60 + LEAD_MINUTES) * 60000 ))
+export BASE_MS=$(( END_MS - (MINUTES - 1) * 60000 ))
 mkdir -p "$WORK"
 GENERATE_ONLY=1 scripts/lake-bench.sh "$WORK" >&2
 DATA="$WORK/data"
@@ -85,6 +87,7 @@ PY
     "$FLEETLAKE" rules check --config "$WORK/fleetlake.toml" --data-dir "$DATA" "$WORK/rules-$n.yml" >&2
 done
 
+echo "data: $MINUTES minutes ending $(date -u -d @$((END_MS / 1000)) +%H:%M) UTC; evaluation starts $(date -u +%H:%M:%S) UTC" >&2
 echo "| rules | SQL statements | alert instances | total | per rule p50 | per rule max | peak RSS |"
 echo "|---|---|---|---|---|---|---|"
 for n in $RULE_COUNTS; do

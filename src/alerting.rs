@@ -336,52 +336,12 @@ async fn list_silences(State(api): State<Api>, headers: HeaderMap) -> Response {
     reply(StatusCode::OK, Value::Array(api.alerting.silences()))
 }
 
-/// A matcher as Alertmanager's API takes it, or as text (`owner_team="payments"`).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum MatcherBody {
-    Text(String),
-    Object {
-        name: String,
-        value: String,
-        #[serde(default, rename = "isRegex")]
-        is_regex: bool,
-        #[serde(default = "yes", rename = "isEqual")]
-        is_equal: bool,
-    },
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl MatcherBody {
-    fn matcher(&self) -> Result<Matcher, String> {
-        use fleetlake_alert_rules::matchers::Op;
-        match self {
-            Self::Text(text) => Matcher::parse(text),
-            Self::Object {
-                name,
-                value,
-                is_regex,
-                is_equal,
-            } => {
-                let op = match (is_regex, is_equal) {
-                    (false, true) => Op::Equal,
-                    (false, false) => Op::NotEqual,
-                    (true, true) => Op::Regex,
-                    (true, false) => Op::NotRegex,
-                };
-                Matcher::new(name, op, value)
-            }
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct SilenceBody {
-    matchers: Vec<MatcherBody>,
+    /// As text (`owner_team="payments"`) or as Alertmanager's API has them
+    /// (`{"name", "value", "isRegex", "isEqual"}`).
+    matchers: Vec<Matcher>,
     #[serde(default)]
     starts_at: Option<String>,
     ends_at: String,
@@ -401,11 +361,7 @@ async fn add_silence(State(api): State<Api>, headers: HeaderMap, body: String) -
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid silence: {e}")),
     };
     let parsed = (|| -> Result<_, String> {
-        let matchers = body
-            .matchers
-            .iter()
-            .map(MatcherBody::matcher)
-            .collect::<Result<Vec<_>, _>>()?;
+        let matchers = body.matchers;
         let starts = body
             .starts_at
             .as_deref()

@@ -90,7 +90,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .with_limits(config.query.limits()),
         &registry,
     ));
-    let access = Arc::new(config.query.access()?);
+    let teams = registry.clone();
+    let access = Arc::new(config.query.access()?.with_teams(Arc::new(
+        move |wanted: &[String]| {
+            teams
+                .snapshot()
+                .accounts()
+                .filter(|a| a.get("owner_team").is_some_and(|t| wanted.contains(&t)))
+                .map(|a| a.account_id.clone())
+                .collect()
+        },
+    )));
     let mut app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(move || render_metrics(prometheus.clone())))

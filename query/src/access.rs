@@ -30,6 +30,11 @@ pub struct User {
     /// The only accounts whose rows this user sees; every account when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accounts: Option<Vec<String>>,
+    /// Owner teams (the account registry's `owner_team`) whose accounts this user
+    /// sees, besides `accounts`; resolved against the registry as it is when the user
+    /// authenticates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_teams: Option<Vec<String>>,
 }
 
 /// An authenticated caller: its name and the accounts it may see.
@@ -57,19 +62,25 @@ impl Principal {
             accounts: Some(Arc::new(accounts.into_iter().collect())),
         }
     }
-
-    fn of(user: &User) -> Self {
-        match &user.accounts {
-            Some(accounts) => Self::limited_to(&user.name, accounts.iter().cloned()),
-            None => Self::unrestricted(&user.name),
-        }
-    }
 }
 
+/// The accounts of the given owner teams, from the account registry.
+pub type TeamAccounts = Arc<dyn Fn(&[String]) -> Vec<String> + Send + Sync>;
+
 /// The configured users.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Access {
     users: Vec<User>,
+    teams: Option<TeamAccounts>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("users", &self.users.len())
+            .field("teams", &self.teams.is_some())
+            .finish()
+    }
 }
 
 /// Why a configuration of users is refused.
@@ -114,7 +125,25 @@ impl Access {
                 }
             }
         }
-        Ok(Self { users })
+        Ok(Self { users, teams: None })
+    }
+
+    /// The same users, with owner teams resolved by `teams` (the account registry).
+    /// Without it, a user's `owner_teams` adds no account.
+    pub fn with_teams(mut self, teams: TeamAccounts) -> Self {
+        self.teams = Some(teams);
+        self
+    }
+
+    fn principal_of(&self, user: &User) -> Principal {
+        if user.accounts.is_none() && user.owner_teams.is_none() {
+            return Principal::unrestricted(&user.name);
+        }
+        let mut accounts: Vec<String> = user.accounts.clone().unwrap_or_default();
+        if let (Some(teams), Some(resolve)) = (&user.owner_teams, &self.teams) {
+            accounts.extend(resolve(teams));
+        }
+        Principal::limited_to(&user.name, accounts)
     }
 
     /// No users configured: every client gets in, unrestricted.
@@ -137,14 +166,14 @@ impl Access {
         if self.is_open() {
             return Some(Principal::unrestricted(name));
         }
-        self.user(name).map(Principal::of)
+        self.user(name).map(|u| self.principal_of(u))
     }
 
     /// The principal whose password is `password`, or `None`.
     pub fn by_password(&self, name: &str, password: &str) -> Option<Principal> {
         let user = self.user(name)?;
         let expected = user.password.as_deref()?;
-        bool::from(expected.as_bytes().ct_eq(password.as_bytes())).then(|| Principal::of(user))
+        bool::from(expected.as_bytes().ct_eq(password.as_bytes())).then(|| self.principal_of(user))
     }
 
     /// The principal holding `token`, or `None`.
@@ -156,7 +185,7 @@ impl Access {
                     .as_deref()
                     .is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())))
             })
-            .map(Principal::of)
+            .map(|u| self.principal_of(u))
             .next()
     }
 }
@@ -172,6 +201,7 @@ mod tests {
             token: token.map(Into::into),
             accounts: (!accounts.is_empty())
                 .then(|| accounts.iter().map(|a| a.to_string()).collect()),
+            owner_teams: None,
         }
     }
 
@@ -211,5 +241,51 @@ mod tests {
         let access = Access::default();
         assert!(access.is_open());
         assert_eq!(access.principal("anyone").unwrap().accounts, None);
+    }
+
+    #[test]
+    fn owner_teams_resolve_through_the_registry_at_each_login() {
+        let mut team = user("payments", Some("pw"), None, &["999999999999"]);
+        team.owner_teams = Some(vec!["payments".into()]);
+        let registry = Arc::new(std::sync::Mutex::new(vec!["111122223333".to_string()]));
+        let live = Arc::clone(&registry);
+        let access =
+            Access::new(vec![team])
+                .unwrap()
+                .with_teams(Arc::new(move |teams: &[String]| {
+                    assert_eq!(teams, ["payments".to_string()]);
+                    live.lock().unwrap().clone()
+                }));
+        let seen = access
+            .by_password("payments", "pw")
+            .unwrap()
+            .accounts
+            .unwrap();
+        assert_eq!(
+            seen.iter().cloned().collect::<Vec<_>>(),
+            ["111122223333", "999999999999"]
+        );
+        registry.lock().unwrap().push("444455556666".into());
+        let seen = access
+            .by_password("payments", "pw")
+            .unwrap()
+            .accounts
+            .unwrap();
+        assert_eq!(seen.len(), 3, "the registry as it is now");
+        // A team with no account in the registry sees nothing, not everything.
+        let mut empty = user("ghosts", Some("pw"), None, &[]);
+        empty.owner_teams = Some(vec!["nobody".into()]);
+        let access = Access::new(vec![empty])
+            .unwrap()
+            .with_teams(Arc::new(|_: &[String]| Vec::new()));
+        assert_eq!(
+            access
+                .by_password("ghosts", "pw")
+                .unwrap()
+                .accounts
+                .unwrap()
+                .len(),
+            0
+        );
     }
 }

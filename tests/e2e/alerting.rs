@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::support::{FirehoseRequest, Server, account_id, cli, client, wait_until};
+use crate::support::{FirehoseRequest, Server, account_id, cli, client, free_port, wait_until};
 
 /// The integration key the fake PagerDuty accepts.
 const ROUTING_KEY: &str = "R0UT1NGKEYR0UT1NGKEYR0UT1NGKEY32";
@@ -772,15 +772,6 @@ fn a_fleet_of_6000_accounts_pages_3_then_one_fleet_incident_for_2000() {
     server.stop();
 }
 
-/// A free port on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Debian's `prometheus-alertmanager`, installed by scripts/test.sh.
 fn alertmanager_binary() -> PathBuf {
     for candidate in ["/usr/bin/prometheus-alertmanager", "/usr/bin/alertmanager"] {
@@ -1152,4 +1143,95 @@ fn the_shipped_example_rules_find_what_they_are_about() {
             .ends_with("p99 duration 15s"),
         "{p99}"
     );
+}
+
+/// SQL over HTTP with a bearer token; the JSON rows.
+fn sql_as(server: &Server, token: &str, sql: &str) -> Vec<Value> {
+    let response = client()
+        .post(server.url("/api/v1/sql?format=json"))
+        .bearer_auth(token)
+        .body(sql.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200, "{sql}");
+    response.json().unwrap()
+}
+
+fn alerts_as(server: &Server, token: &str) -> Vec<Value> {
+    let body: Value = client()
+        .get(server.url("/api/v1/alerts"))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    body["data"]["alerts"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_team_credential_sees_its_teams_accounts_in_sql_and_alerts() {
+    let users = "\n[[query.users]]\nname = \"ops\"\ntoken = \"ops-token\"\n\n[[query.users]]\nname = \"team0\"\ntoken = \"team0-token\"\nowner_teams = [\"team-0\"]\n";
+    let setup = Setup::new(4, &[], ERRORS_RULE, "");
+    let mut config = std::fs::read_to_string(&setup.config).unwrap();
+    config.push_str(users);
+    std::fs::write(&setup.config, config).unwrap();
+    let server = setup.start();
+    let request = FirehoseRequest::new(
+        "t1",
+        vec![
+            [0, 1, 2]
+                .iter()
+                .map(|a| crate::support::datapoint(&account_id(*a), "api", "Errors", 1, 50.0))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ],
+    );
+    let (status, _) = server.post(&request);
+    assert_eq!(status, 200);
+    wait_until("3 firing alerts", || {
+        alerts_as(&server, "ops-token").len() == 3
+    });
+
+    let ids = |rows: Vec<Value>| -> Vec<String> {
+        rows.iter()
+            .map(|r| r["account_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let q = "SELECT DISTINCT account_id FROM metrics ORDER BY account_id";
+    assert_eq!(ids(sql_as(&server, "team0-token", q)), [account_id(0)]);
+    assert_eq!(
+        ids(sql_as(
+            &server,
+            "team0-token",
+            "SELECT account_id FROM accounts ORDER BY 1"
+        )),
+        [account_id(0)]
+    );
+    let mine = alerts_as(&server, "team0-token");
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0]["labels"]["account_id"], account_id(0));
+    let refused = client()
+        .post(server.url("/api/v1/silences"))
+        .bearer_auth("team0-token")
+        .body(r#"{"matchers": ["alertname=\"ErrorsHigh\""], "endsAt": "2030-01-01T00:00:00Z"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let anonymous = client().get(server.url("/api/v1/alerts")).send().unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // Account 1 moves to team-0 in the registry: visible at the next request.
+    let registry = setup.config.parent().unwrap().join("accounts.jsonl");
+    let text = std::fs::read_to_string(&registry)
+        .unwrap()
+        .replace(r#""owner_team":"team-1""#, r#""owner_team":"team-0""#);
+    std::fs::write(&registry, text).unwrap();
+    wait_until("the registry reload", || {
+        sql_as(&server, "team0-token", q).len() == 2
+    });
+    assert_eq!(
+        ids(sql_as(&server, "team0-token", q)),
+        [account_id(0), account_id(1)]
+    );
+    server.stop();
 }

@@ -502,7 +502,8 @@ pub fn boto3(endpoint: &str, script: &str, args: &[&str]) -> serde_json::Value {
     run_python(&script, &args, &env)
 }
 
-fn free_port() -> u16 {
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
