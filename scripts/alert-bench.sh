@@ -10,8 +10,10 @@
 #
 #   scripts/alert-bench.sh [WORK_DIR]
 #
+# Thresholds are set so that a rule finds a few instances, as real fleet rules do.
+#
 # Environment: ACCOUNTS (6000), MINUTES (84), FLEETLAKE (the binary; built with
-# `cargo build --release` if unset), RULE_COUNTS ("100 1000"), LEAD_MINUTES (8: the
+# `cargo build --release` if unset), RULE_COUNTS ("100 1000"), LEAD_MINUTES (3: the
 # data ends this many minutes after generation starts, about when evaluation starts
 # once it is generated, replayed and compacted; the script prints both times).
 set -euo pipefail
@@ -23,7 +25,7 @@ if [[ -z "${FLEETLAKE:-}" ]]; then
     cargo build --release --bin fleetlake >&2
     FLEETLAKE=$PWD/target/release/fleetlake
 fi
-LEAD_MINUTES=${LEAD_MINUTES:-8}
+LEAD_MINUTES=${LEAD_MINUTES:-3}
 END_MS=$(( ($(date +%s) / 60 + LEAD_MINUTES) * 60000 ))
 export BASE_MS=$(( END_MS - (MINUTES - 1) * 60000 ))
 mkdir -p "$WORK"
@@ -59,16 +61,16 @@ kinds = [
      " sum(CASE WHEN metric_name = 'Invocations' THEN sum END) AS invocations"
      " FROM metrics WHERE metric_name IN ('Errors', 'Invocations') AND " + lambda_where +
      " GROUP BY account_id, region, dimensions['FunctionName'])"
-     " WHERE invocations >= 20 AND errors / invocations > {t}", lambda i: 0.5 + (i % 50) / 100),
+     " WHERE invocations >= 20 AND errors / invocations > {t}", lambda i: 2.5 + (i % 50) / 50),
     ("Throttles", "SELECT account_id, region, dimensions['FunctionName'] AS function, sum(sum) AS value"
      " FROM metrics WHERE metric_name = 'Throttles' AND " + lambda_where +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING sum(sum) > {t}", lambda i: 2000 + 10 * (i % 50)),
+     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING sum(sum) > {t}", lambda i: 20000 + 100 * (i % 50)),
     ("DurationP99", "SELECT account_id, region, dimensions['FunctionName'] AS function, max(stats['p99']) AS value"
      " FROM metrics WHERE metric_name = 'Duration' AND " + lambda_where +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(stats['p99']) > {t}", lambda i: 490 + (i % 10)),
+     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(stats['p99']) > {t}", lambda i: 499.5 + (i % 5) / 10),
     ("Concurrency", "SELECT account_id, region, dimensions['FunctionName'] AS function, max(max) AS value"
      " FROM metrics WHERE metric_name = 'ConcurrentExecutions' AND " + lambda_where +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(max) > {t}", lambda i: 55 + (i % 5)),
+     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(max) > {t}", lambda i: 59 + (i % 2) / 2),
     ("StoppedReporting", "SELECT a.account_id, coalesce(extract(epoch FROM now()) - extract(epoch FROM s.last_seen), 86400.0) AS value"
      " FROM accounts a LEFT JOIN (SELECT account_id, max(time) AS last_seen FROM metrics"
      " WHERE time > now() - INTERVAL '1 day' GROUP BY account_id) s ON s.account_id = a.account_id"
