@@ -281,6 +281,8 @@ print(json.dumps(out, default=str))
     assert_eq!(
         tables,
         [
+            "accounts BASE TABLE",
+            "alerts BASE TABLE",
             "dead_letters BASE TABLE",
             "logs BASE TABLE",
             "metrics BASE TABLE",
