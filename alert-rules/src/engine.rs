@@ -1163,10 +1163,4 @@ impl Alerting {
         self.inner.save(&p);
         true
     }
-
-    /// Messages waiting per receiver.
-    pub fn outbox_len(&self) -> BTreeMap<String, usize> {
-        let p = self.inner.state.lock().expect("alert state lock");
-        p.outbox.iter().map(|(k, q)| (k.clone(), q.len())).collect()
-    }
 }
