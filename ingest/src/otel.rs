@@ -485,6 +485,153 @@ fn emit_v07(request: &v07::ExportMetricsServiceRequest, emitter: &mut Emitter<'_
     }
 }
 
+/// One datapoint as a metric stream sends it, to be encoded as OpenTelemetry 1.0
+/// ([`encode_v1_record`]): for load generators and tests that need what AWS sends.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamDatapoint<'a> {
+    /// `cloud.account.id` of the resource.
+    pub account_id: &'a str,
+    /// `cloud.region` of the resource.
+    pub region: &'a str,
+    /// CloudWatch namespace, e.g. `AWS/Lambda`.
+    pub namespace: &'a str,
+    /// CloudWatch metric name.
+    pub metric_name: &'a str,
+    /// Dimension name and value pairs.
+    pub dimensions: &'a [(&'a str, &'a str)],
+    /// CloudWatch unit name (`Count`, `Milliseconds`, ...), sent as its UCUM code.
+    pub unit: &'a str,
+    /// Start of the period, epoch milliseconds.
+    pub time_ms: i64,
+    /// SampleCount (whole on the wire: OpenTelemetry's count is an integer).
+    pub count: f64,
+    /// Sum.
+    pub sum: f64,
+    /// Minimum (quantile 0.0).
+    pub min: f64,
+    /// Maximum (quantile 1.0).
+    pub max: f64,
+    /// Other configured percentiles: (quantile, value), e.g. (0.99, 812.0).
+    pub percentiles: &'a [(f64, f64)],
+}
+
+/// The UCUM code Metric Streams sends for a CloudWatch unit name; unknown names are
+/// sent as they are (the inverse of [`cloudwatch_unit`]).
+fn ucum_unit(unit: &str) -> std::borrow::Cow<'_, str> {
+    let (base, per_second) = match unit.strip_suffix("/Second") {
+        Some(base) => (base, true),
+        None => (unit, false),
+    };
+    let code = match base {
+        "Seconds" => "s",
+        "Milliseconds" => "ms",
+        "Microseconds" => "us",
+        "Bytes" => "By",
+        "Kilobytes" => "kBy",
+        "Megabytes" => "MBy",
+        "Gigabytes" => "GBy",
+        "Terabytes" => "TBy",
+        "Bits" => "bit",
+        "Kilobits" => "kbit",
+        "Megabits" => "MBit",
+        "Gigabits" => "GBit",
+        "Terabits" => "Tbit",
+        "Percent" => "%",
+        "Count" => "{Count}",
+        "None" => "1",
+        _ => return Cow::Borrowed(unit),
+    };
+    if per_second {
+        Cow::Owned(format!("{code}/s"))
+    } else {
+        Cow::Borrowed(code)
+    }
+}
+
+fn string_kv(key: &str, value: &str) -> common::KeyValue {
+    common::KeyValue {
+        key: key.to_string(),
+        value: Some(common::AnyValue {
+            value: Some(common::Value::String(value.to_string())),
+        }),
+    }
+}
+
+/// Encodes datapoints as one OpenTelemetry 1.0 Metric Streams record: a
+/// length-delimited `ExportMetricsServiceRequest` with one `ResourceMetrics` per run
+/// of datapoints of the same account and region, metric names
+/// `amazonaws.com/<Namespace>/<MetricName>`, and `Namespace`, `MetricName` and
+/// `Dimensions` (a kvlist) as datapoint attributes, as AWS sends them.
+pub fn encode_v1_record(points: &[StreamDatapoint<'_>]) -> Vec<u8> {
+    let mut request = v1::ExportMetricsServiceRequest::default();
+    for point in points {
+        let same_origin = request.resource_metrics.last().is_some_and(|rm| {
+            let origin = origin(rm.resource.as_ref());
+            origin.account_id.as_deref() == Some(point.account_id)
+                && origin.region.as_deref() == Some(point.region)
+        });
+        if !same_origin {
+            request.resource_metrics.push(v1::ResourceMetrics {
+                resource: Some(common::Resource {
+                    attributes: vec![
+                        string_kv("cloud.provider", "aws"),
+                        string_kv("cloud.account.id", point.account_id),
+                        string_kv("cloud.region", point.region),
+                    ],
+                }),
+                scope_metrics: vec![v1::ScopeMetrics::default()],
+            });
+        }
+        let rm = request.resource_metrics.last_mut().expect("pushed above");
+        let start_ns = point.time_ms as u64 * 1_000_000;
+        let mut quantile_values = vec![common::ValueAtQuantile {
+            quantile: 0.0,
+            value: point.min,
+        }];
+        quantile_values.extend(
+            point
+                .percentiles
+                .iter()
+                .map(|&(quantile, value)| common::ValueAtQuantile { quantile, value }),
+        );
+        quantile_values.push(common::ValueAtQuantile {
+            quantile: 1.0,
+            value: point.max,
+        });
+        let dimensions = common::KeyValueList {
+            values: point
+                .dimensions
+                .iter()
+                .map(|(k, v)| string_kv(k, v))
+                .collect(),
+        };
+        rm.scope_metrics[0].metrics.push(v1::Metric {
+            name: format!("amazonaws.com/{}/{}", point.namespace, point.metric_name),
+            unit: ucum_unit(point.unit).into_owned(),
+            summary: Some(v1::Summary {
+                data_points: vec![v1::SummaryDataPoint {
+                    attributes: vec![
+                        string_kv("Namespace", point.namespace),
+                        string_kv("MetricName", point.metric_name),
+                        common::KeyValue {
+                            key: "Dimensions".into(),
+                            value: Some(common::AnyValue {
+                                value: Some(common::Value::KvList(dimensions)),
+                            }),
+                        },
+                    ],
+                    start_time_unix_nano: start_ns,
+                    time_unix_nano: start_ns + 60_000_000_000,
+                    count: point.count.max(0.0) as u64,
+                    sum: point.sum,
+                    quantile_values,
+                }],
+            }),
+        });
+    }
+    request.encode_length_delimited_to_vec()
+}
+
 /// Largest length prefix [`whole_messages_len`] waits for: a metric stream record is at
 /// most 1 MiB, so a larger declared length is corruption, not a long message.
 pub const MAX_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
@@ -621,6 +768,60 @@ mod tests {
         ] {
             assert_eq!(cloudwatch_unit(ucum), cw, "{ucum}");
         }
+    }
+
+    #[test]
+    fn encoded_records_decode_to_the_same_datapoints() {
+        let dims = [("FunctionName", "fn-0")];
+        let point = |account_id, metric_name, unit, sum| StreamDatapoint {
+            account_id,
+            region: "eu-west-1",
+            namespace: "AWS/Lambda",
+            metric_name,
+            dimensions: &dims,
+            unit,
+            time_ms: 1_700_000_040_000,
+            count: 12.0,
+            sum,
+            min: 1.5,
+            max: 9.0,
+            percentiles: &[(0.99, 8.5)],
+        };
+        let mut record = encode_v1_record(&[
+            point("111111111111", "Duration", "Milliseconds", 40.0),
+            point("111111111111", "Invocations", "Count", 12.0),
+        ]);
+        record.extend(encode_v1_record(&[point(
+            "222222222222",
+            "Throughput",
+            "Bytes/Second",
+            7.0,
+        )]));
+        let mut out = MetricsBatchBuilder::new();
+        let outcome = decode_record(OtelVersion::V1, &record, &mut out);
+        assert_eq!((outcome.messages, outcome.datapoints), (2, 3));
+        assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
+        let batch = out.finish();
+        let time = batch.column(crate::schema::col::TIME);
+        let time = time
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+            .unwrap();
+        assert!(time.values().iter().all(|&t| t == 1_700_000_040_000_000));
+        let batch = batch.project(&(1..=11).collect::<Vec<_>>()).unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&[batch])
+            .unwrap()
+            .to_string();
+        let expected = [
+            "+--------------+-----------+------------+-------------+----------------------+--------------+-------+------+-----+-----+------------+",
+            "| account_id   | region    | namespace  | metric_name | dimensions           | unit         | count | sum  | min | max | stats      |",
+            "+--------------+-----------+------------+-------------+----------------------+--------------+-------+------+-----+-----+------------+",
+            "| 111111111111 | eu-west-1 | AWS/Lambda | Duration    | {FunctionName: fn-0} | Milliseconds | 12.0  | 40.0 | 1.5 | 9.0 | {p99: 8.5} |",
+            "| 111111111111 | eu-west-1 | AWS/Lambda | Invocations | {FunctionName: fn-0} | Count        | 12.0  | 12.0 | 1.5 | 9.0 | {p99: 8.5} |",
+            "| 222222222222 | eu-west-1 | AWS/Lambda | Throughput  | {FunctionName: fn-0} | Bytes/Second | 12.0  | 7.0  | 1.5 | 9.0 | {p99: 8.5} |",
+            "+--------------+-----------+------------+-------------+----------------------+--------------+-------+------+-----+-----+------------+",
+        ];
+        assert_eq!(text, expected.join("\n"));
     }
 
     #[test]
