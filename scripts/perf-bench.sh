@@ -89,26 +89,40 @@ timed() {
 }
 
 # json_report RAW OUT: the JSON object a command printed on stdout (the whole output,
-# or else its last line that is one) into OUT.
+# or else the last one, pretty-printed or not, that starts a line) into OUT.
 json_report() {
     "$PYTHON" - "$1" "$2" <<'EOF' || fail "no JSON report in $1"
-import json, sys
+import json, re, sys
 raw = open(sys.argv[1]).read()
-try:
-    report = json.loads(raw)
-except ValueError:
-    report = None
-    for line in reversed(raw.splitlines()):
-        if line.lstrip().startswith("{"):
-            try:
-                report = json.loads(line)
-                break
-            except ValueError:
-                pass
+report = None
+for start in reversed([0] + [m.start() + 1 for m in re.finditer(r"\n(?=\s*\{)", raw)]):
+    try:
+        report, _ = json.JSONDecoder().raw_decode(raw[start:].lstrip())
+        break
+    except ValueError:
+        pass
 if not isinstance(report, dict):
     sys.exit(1)
 json.dump(report, open(sys.argv[2], "w"))
 EOF
+}
+
+# loadgen_firehose NAME SECONDS ARGS...: `fleetlake loadgen ... --to firehose --report
+# json` bounded by SECONDS; its report into results/NAME.json. loadgen exits with an
+# error when datapoints were rejected (after retrying): the run goes on with its report
+# (the rejected count is in the table), and fails only without one.
+loadgen_firehose() {
+    local name=$1 limit=$2
+    shift 2
+    if ! timeout "$limit" "$FLEETLAKE" loadgen "$@" --to firehose --report json \
+        >"$WORK/logs/$name.out" 2>"$WORK/logs/$name.err"; then
+        tail -n 5 "$WORK/logs/$name.err" >&2
+        json_report "$WORK/logs/$name.out" "$R/$name.json"
+        say "WARNING: loadgen ($name) exited with an error; its report says" \
+            "$(jget "$R/$name.json" datapoints_rejected) datapoints rejected"
+        return
+    fi
+    json_report "$WORK/logs/$name.out" "$R/$name.json"
 }
 
 # jget FILE KEY[.KEY...]: one value of a JSON file (fails if missing).
@@ -164,10 +178,10 @@ start_server() {
 alive() { [[ -e /proc/$1 ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 vmhwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 stop_server() {
-    local pid=$1 deadline=$((SECONDS + STEP_TIMEOUT)) status=0
+    local pid=$1 deadline=$((SECONDS + 600)) status=0
     kill -TERM "$pid"
     while alive "$pid"; do
-        ((SECONDS < deadline)) || fail "server $pid still running $STEP_TIMEOUT s after SIGTERM"
+        ((SECONDS < deadline)) || fail "server $pid still running 600 s after SIGTERM"
         sleep 0.05
     done
     wait "$pid" || status=$?
@@ -222,7 +236,7 @@ DATAPOINTS=$(jget "$R/input.json" datapoints_sent)
 INPUT_FILES=("$WORK"/input/*.json.gz)
 [[ -e ${INPUT_FILES[0]} ]] || fail "no $WORK/input/*.json.gz"
 INPUT_BYTES=$(cat "${INPUT_FILES[@]}" | wc -c)
-say "input: $DATATPOINTS_PLACEHOLDER$DATAPOINTS datapoints in ${#INPUT_FILES[@]} files, $INPUT_BYTES bytes gzip'd"
+say "input: $DATAPOINTS datapoints in ${#INPUT_FILES[@]} files, $INPUT_BYTES bytes gzip'd"
 
 # lake_stats NAME: bytes and row count of the `metrics` table's active files, and the
 # first account in the data, into results/NAME.json.
@@ -387,7 +401,13 @@ def check(query, rows, ref):
         last = ref[-1][1]
         keep = lambda rs: {a for a, v in rs if not close(v, last)}
         return None if keep(rows) == keep(ref) else "different accounts"
-    return None if same_rows(sorted(rows), sorted(ref)) else "different rows"
+    rows, ref = sorted(rows), sorted(ref)
+    if same_rows(rows, ref):
+        return None
+    if len(rows) != len(ref):
+        return f"{len(rows)} rows against {len(ref)}"
+    x, y = next((x, y) for x, y in zip(rows, ref) if not same_rows([x], [y]))
+    return f"first different row {x} against {y}"
 bad = False
 for engine in ("fleetlake", "duckdb-own"):
     answers = load(engine)
@@ -395,8 +415,8 @@ for engine in ("fleetlake", "duckdb-own"):
         problem = check(query, answers[query]["rows"], ref["rows"])
         if problem:
             bad = True
-            print(f"{query}: {engine} vs DuckDB on the lake's files: {problem}\n"
-                  f"  {engine}: {answers[query]['rows'][:12]}\n  duckdb-lake: {ref['rows'][:12]}",
+            print(f"{query}: {engine} against DuckDB on the lake's files: {problem}\n"
+                  f"  {engine}: {answers[query]['rows'][:10]}\n  duckdb-lake: {ref['rows'][:10]}",
                   file=sys.stderr)
 sys.exit(1 if bad else 0)
 EOF
@@ -412,11 +432,8 @@ if ((LOADGEN)); then
     say "Firehose: loadgen at full rate for ${SUSTAIN_S}s"
     start_server firehose "$WORK/fh" FLEETLAKE_RETENTION__METRICS=0s
     STARTED=$(date +%s.%N)
-    timeout $((SUSTAIN_S + 600)) "$FLEETLAKE" loadgen --seed "$SEED" --accounts "$ACCOUNTS" \
-        --functions "$FUNCTIONS" --duration "${SUSTAIN_S}s" --to firehose --url "http://$HTTP_ADDR" \
-        --report json >"$WORK/logs/loadgen-firehose.out" 2>"$WORK/logs/loadgen-firehose.err" \
-        || { tail -n 20 "$WORK/logs/loadgen-firehose.err" >&2; fail "loadgen --to firehose"; }
-    json_report "$WORK/logs/loadgen-firehose.out" "$R/firehose.json"
+    loadgen_firehose firehose $((SUSTAIN_S + 600)) --seed "$SEED" --accounts "$ACCOUNTS" \
+        --functions "$FUNCTIONS" --duration "${SUSTAIN_S}s" --url "http://$HTTP_ADDR"
     HWM=$(vmhwm_kib "$SERVER_PID")
     stop_server "$SERVER_PID"
     EXITED=$(date +%s.%N)
@@ -424,19 +441,17 @@ if ((LOADGEN)); then
     COUNT=$(timeout "$STEP_TIMEOUT" "$FLEETLAKE" query --data-dir "$WORK/fh" --format csv \
         "SELECT count(*) FROM metrics" | tail -n 1 | tr -d '\r"')
     [[ $COUNT == "$ACKED" ]] || fail "Firehose: count(*) = $COUNT in the lake, $ACKED datapoints acknowledged"
-    jput "$R/firehose-server.json" peak_kib="$HWM" committed_s="$(echo "$EXITED - $STARTED" | bc)" count="$COUNT"
+    jput "$R/firehose-server.json" peak_kib="$HWM" committed_s="$(awk "BEGIN {print $EXITED - $STARTED}")" count="$COUNT"
     say "Firehose: $ACKED datapoints acknowledged, all in the lake"
 
-    HALF=$("$PYTHON" -c 'import sys; print(max(1, int(float(sys.argv[1]) / 2)))' \
-        "$(jget "$R/firehose.json" datapoints_per_s)")
+    HALF=$("$PYTHON" -c 'import sys; print(max(1, int(int(sys.argv[1]) / float(sys.argv[2]) / 2)))' \
+        "$ACKED" "$(jget "$R/firehose.json" elapsed_s)")
     say "Firehose: visibility probes at $HALF datapoints/s for ${VISIBILITY_S}s"
     start_server visibility "$WORK/fh-vis" FLEETLAKE_RETENTION__METRICS=0s
-    timeout $((VISIBILITY_S + 600)) "$FLEETLAKE" loadgen --seed "$SEED" --accounts "$ACCOUNTS" \
+    loadgen_firehose visibility $((VISIBILITY_S + 600)) --seed "$SEED" --accounts "$ACCOUNTS" \
         --functions "$FUNCTIONS" --rate "$HALF" --duration "${VISIBILITY_S}s" --probe-visibility \
-        --to firehose --url "http://$HTTP_ADDR" --report json \
-        >"$WORK/logs/loadgen-visibility.out" 2>"$WORK/logs/loadgen-visibility.err" \
-        || { tail -n 20 "$WORK/logs/loadgen-visibility.err" >&2; fail "loadgen --probe-visibility"; }
-    json_report "$WORK/logs/loadgen-visibility.out" "$R/visibility.json"
+        --url "http://$HTTP_ADDR"
+    jput "$R/visibility-rate.json" rate="$HALF"
     stop_server "$SERVER_PID"
 else
     say "Firehose: skipped (this fleetlake has no loadgen)"
@@ -445,15 +460,20 @@ fi
 # ---------------------------------------------------------------------------------
 # 6. The table.
 # ---------------------------------------------------------------------------------
-CPU=$(grep -m 1 '^model name' /proc/cpuinfo | sed -E 's/^model name[[:space:]]*:[[:space:]]*//')
-"$PYTHON" - "$R" "$WORK/results.md" <<EOF
+export BENCH_POINTS=$DATAPOINTS BENCH_RUNS=$RUNS BENCH_SUSTAIN_S=$SUSTAIN_S BENCH_VISIBILITY_S=$VISIBILITY_S \
+    BENCH_FLUSH_ROWS=$FLUSH_ROWS BENCH_INPUT_SOURCE=$INPUT_SOURCE BENCH_INPUT_FILES=${#INPUT_FILES[@]} \
+    BENCH_INPUT_BYTES=$INPUT_BYTES BENCH_NPROC=$(nproc) BENCH_DATE=$(date -u +%Y-%m-%d) \
+    BENCH_VERSION="$("$FLEETLAKE" --version)" BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    BENCH_SHAPE="$ACCOUNTS accounts × $FUNCTIONS functions × 5 metrics × $MINUTES minutes, seed $SEED" \
+    BENCH_CPU="$(grep -m 1 '^model name' /proc/cpuinfo | sed -E 's/^model name[[:space:]]*:[[:space:]]*//')"
+"$PYTHON" - "$R" "$WORK/results.md" <<'EOF'
 import json, os, sys
 r, out = sys.argv[1], sys.argv[2]
+env = os.environ
 def load(name):
     path = f"{r}/{name}.json"
     return json.load(open(path)) if os.path.exists(path) else None
-points = $DATAPOINTS
-runs, sustain, visibility_s = $RUNS, $SUSTAIN_S, $VISIBILITY_S
+points, runs = int(env["BENCH_POINTS"]), int(env["BENCH_RUNS"])
 def rate(x):
     return f"{x / 1e6:.2f} M dp/s" if x >= 1e6 else f"{x / 1e3:.0f} k dp/s"
 def mib(kib):
@@ -463,58 +483,62 @@ def ms(s):
 replay, compact, duck = load("replay"), load("compact"), load("duck-copy")
 before, after = load("lake-before"), load("lake-after")
 fh, fh_server, vis = load("firehose"), load("firehose-server"), load("visibility")
+vis_rate = load("visibility-rate")
 q = {e: load(f"q-{e}") for e in ("fleetlake", "duckdb-lake", "duckdb-own")}
 mem = {e: load(f"q-{e}-mem") for e in ("fleetlake", "duckdb-lake", "duckdb-own")}
 rows = [
-    ("ingest: files → sorted zstd Parquet (fleetlake \`replay\`, a commit per $FLUSH_ROWS rows; "
-     "DuckDB \`read_json\` → \`COPY ... ORDER BY\`)",
+    (f"ingest: files → sorted zstd Parquet (fleetlake `replay`, a commit per {int(env['BENCH_FLUSH_ROWS']):,} "
+     "rows; DuckDB `read_json` → `COPY ... ORDER BY`)",
      f"{rate(points / replay['wall_s'])} ({replay['wall_s']:.2f} s, peak RSS {mib(replay['peak_kib'])})",
-     f"{rate(points / duck['wall_s'])} ({duck['wall_s']:.2f} s, peak RSS {mib(duck['peak_kib'])})",
+     f"{rate(points / duck['wall_s'])} ({duck['wall_s']:.2f} s, of which COPY {duck['copy_s']:.2f} s; "
+     f"peak RSS {mib(duck['peak_kib'])})",
      f"{replay['wall_s'] / duck['wall_s']:.2f}", "—"),
-    ("+ \`compact\` (roll-ups, merge into one file per day)",
+    ("+ `compact` (roll-ups, merge, vacuum); ratio: replay + compact against DuckDB",
      f"{compact['wall_s']:.2f} s, peak RSS {mib(compact['peak_kib'])}; replay + compact "
      f"{rate(points / (replay['wall_s'] + compact['wall_s']))}",
      "—", f"{(replay['wall_s'] + compact['wall_s']) / duck['wall_s']:.2f}", "—"),
 ]
 if fh:
-    acked = fh["datapoints_acknowledged"]
-    lat = fh["latency_ms"]
-    rows.append((f"ingest: Firehose + WAL, sustained {sustain} s at full rate (loadgen on the same cores)",
-        f"acknowledged {rate(fh['datapoints_per_s'])}, committed {rate(acked / fh_server['committed_s'])} "
-        f"({acked:,} dp to the server's exit in {fh_server['committed_s']:.1f} s); "
+    acked, lat = fh["datapoints_acknowledged"], fh["latency_ms"]
+    rows.append((f"ingest: Firehose + WAL, sustained {env['BENCH_SUSTAIN_S']} s at full rate "
+        "(loadgen on the same cores)",
+        f"acknowledged {rate(acked / fh['elapsed_s'])}, committed {rate(acked / fh_server['committed_s'])} "
+        f"({acked:,} dp, loadgen start → server exit {fh_server['committed_s']:.1f} s); "
         f"latency p50 {lat['p50']:.0f} ms / p99 {lat['p99']:.0f} ms; {fh['datapoints_rejected']:,} rejected; "
         f"peak RSS {mib(fh_server['peak_kib'])}", "—", "—", "—"))
 else:
-    rows.append(("ingest: Firehose + WAL, sustained", "not run (this fleetlake has no \`loadgen\`)", "—", "—", "—"))
-rows.append(("bytes per datapoint on disk (fleetlake: \`metrics\` active files)",
-     f"{before['bytes'] / points:.2f} before compaction ({before['files']} files), "
+    rows.append(("ingest: Firehose + WAL, sustained", "not run (this fleetlake has no `loadgen`)", "—", "—", "—"))
+rows.append(("bytes per datapoint on disk (fleetlake: the `metrics` table's active files)",
+     f"{before['bytes'] / points:.2f} before compaction ({before['files']} file{'s' if before['files'] != 1 else ''}), "
      f"{after['bytes'] / points:.2f} after ({after['files']} file{'s' if after['files'] != 1 else ''})",
      f"{duck['bytes'] / points:.2f} (1 file)", f"{after['bytes'] / duck['bytes']:.2f}", "—"))
 labels = {
-    "top10": "fleet-wide top 10 accounts by Errors (\`GROUP BY account_id ORDER BY errors DESC LIMIT 10\`)",
-    "accounts": "fleet-wide \`count(*), sum(sum) GROUP BY account_id\` (all rows fetched)",
-    "one_account": "one account: \`sum(sum), max(max) GROUP BY metric_name\`",
+    "top10": "fleet-wide top 10 accounts by Errors (`GROUP BY account_id ORDER BY errors DESC LIMIT 10`)",
+    "accounts": "fleet-wide `count(*), sum(sum) GROUP BY account_id` (all rows fetched)",
+    "one_account": "one account: `sum(sum), max(max) GROUP BY metric_name`",
 }
 for name, label in labels.items():
     f, d, o = (q[e][name]["best_s"] for e in ("fleetlake", "duckdb-lake", "duckdb-own"))
-    rows.append((f"query, best of {runs}: {label}", ms(f), ms(d), f"{f / d:.2f}", ms(o)))
+    rows.append((f"query: {label}", ms(f), ms(d), f"{f / d:.2f}", ms(o)))
 rows.append(("peak RSS during the queries (fleetlake: the server's VmHWM; DuckDB: its process)",
      mib(mem["fleetlake"]["peak_kib"]), mib(mem["duckdb-lake"]["peak_kib"]),
      f"{mem['fleetlake']['peak_kib'] / mem['duckdb-lake']['peak_kib']:.2f}", mib(mem["duckdb-own"]["peak_kib"])))
 if vis:
     v = vis["visibility_ms"]
-    rows.append((f"visibility: 200 → row returned by SQL, at half the acknowledged rate for {visibility_s} s",
+    rows.append((f"visibility: 200 → row returned by SQL, at half the acknowledged rate for "
+        f"{env['BENCH_VISIBILITY_S']} s",
         f"p50 {v['p50']:.0f} ms / p99 {v['p99']:.0f} ms (max {v['max']:.0f} ms, {v['samples']} probes, "
-        f"{rate(vis['datapoints_per_s'])})", "—", "—", "—"))
+        f"loadgen --rate {vis_rate['rate']:,})", "—", "—", "—"))
 else:
-    rows.append(("visibility at half rate", "not run (this fleetlake has no \`loadgen\`)", "—", "—", "—"))
+    rows.append(("visibility at half rate", "not run (this fleetlake has no `loadgen`)", "—", "—", "—"))
+version = json.load(open(f"{r}/duck-copy-inner.json"))["version"]
 lines = [
-    f"Machine: \`nproc\` = $(nproc), $CPU; DuckDB {json.load(open(f'{r}/duck-copy-inner.json'))['version']} "
-    f"(Python, \`SET threads = 2\`); $(date -u +%Y-%m-%d).",
-    f"Input: {points:,} datapoints ($ACCOUNTS accounts × $FUNCTIONS functions × 5 metrics × $MINUTES minutes, "
-    f"seed $SEED), ${#INPUT_FILES[@]} gzip'd NDJSON files, $INPUT_BYTES bytes; input: $INPUT_SOURCE.",
-    f"Queries: best of {runs} after a warm-up; fleetlake through its Postgres endpoint (psycopg, rows fetched), "
-    f"DuckDB over the lake's compacted files (same answers checked) and over its own file.",
+    f"Machine: `nproc` = {env['BENCH_NPROC']}, {env['BENCH_CPU']}; DuckDB {version} (Python, "
+    f"`SET threads = 2`); {env['BENCH_VERSION']} (tree at {env['BENCH_COMMIT']}); {env['BENCH_DATE']}.",
+    f"Input: {points:,} datapoints ({env['BENCH_SHAPE']}), {env['BENCH_INPUT_FILES']} gzip'd NDJSON files, "
+    f"{int(env['BENCH_INPUT_BYTES']):,} bytes; input: {env['BENCH_INPUT_SOURCE']}.",
+    f"Queries: best of {runs} after a warm-up; fleetlake through its Postgres endpoint (psycopg, rows "
+    "fetched), DuckDB over the lake's compacted files (same answers checked) and over its own file.",
     "",
     "| | fleetlake | DuckDB | fleetlake / DuckDB | DuckDB on its own Parquet |",
     "|---|---|---|---|---|",

@@ -12,6 +12,7 @@
 mod alerting;
 mod compact_cmd;
 mod config;
+mod loadgen;
 mod query_cmd;
 mod replay;
 mod rules_cmd;
@@ -106,6 +107,10 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         vacuum_grace: std::time::Duration,
     },
+    /// Send a synthetic fleet's metric streams (and Lambda logs) to a Firehose
+    /// endpoint, a Kinesis stream or files, at a chosen rate; deterministic for a seed;
+    /// reports datapoints sent, acknowledged, rejected and request latency.
+    Loadgen(Box<loadgen::Args>),
     /// Alert rules: check rule files, or evaluate them once against the lake.
     Rules {
         #[command(subcommand)]
@@ -182,6 +187,7 @@ fn main() -> std::process::ExitCode {
             vacuum_grace,
         } => load(&common, None, None)
             .and_then(|config| compact_cmd::run(&config, min_files, vacuum_grace)),
+        Command::Loadgen(args) => loadgen::run(*args),
         Command::Rules { command } => match command {
             RulesCommand::Check { common, files } => {
                 load(&common, None, None).and_then(|config| rules_cmd::check(&config, &files))

@@ -11,6 +11,7 @@ mod firehose;
 mod formats;
 mod kinesis;
 mod lake_readers;
+mod loadgen;
 mod postgres;
 mod rollups;
 mod s3;
