@@ -461,12 +461,16 @@ impl TableLake {
     }
 
     fn writer_properties(&self) -> Result<WriterProperties, arrow::error::ArrowError> {
-        let level = ZstdLevel::try_new(self.options.zstd_level)
-            .map_err(|e| arrow::error::ArrowError::ParquetError(e.to_string()))?;
-        Ok(WriterProperties::builder()
-            .set_compression(Compression::ZSTD(level))
-            .set_dictionary_enabled(true)
-            .build())
+        writer_properties(self.options.zstd_level)
+    }
+
+    /// The URIs of the table's current data files.
+    pub fn file_uris(&self) -> Result<Vec<String>, LakeError> {
+        Ok(self
+            .table
+            .get_file_uris()
+            .map_err(|e| self.delta_err(e))?
+            .collect())
     }
 
     /// Data files per day partition (`day=YYYY-MM-DD`), from the current snapshot.
@@ -787,10 +791,27 @@ impl TableLake {
                 table: self.location.clone(),
                 source,
             })?;
+        // One partition from input to file: with more, DataFusion deals the sorted
+        // rows round-robin over partitions in 8,192-row batches and delta-rs merges
+        // them back by day in arrival order, so files lose the lake's sort order (and
+        // with it pruning, compression and compaction's merge of sorted files).
+        let one_partition = std::collections::HashMap::from([(
+            "datafusion.execution.target_partitions".to_string(),
+            "1".to_string(),
+        )]);
+        let ctx = deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(
+            &one_partition,
+        )
+        .map_err(|e| self.delta_err(e))?
+        .into_inner();
+        self.table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| self.delta_err(e))?;
         let written = self
             .table
             .clone()
             .write(batches)
+            .with_session_state(std::sync::Arc::new(ctx.state()))
             .with_save_mode(SaveMode::Append)
             .with_partition_columns([DAY_COLUMN])
             .with_writer_properties(properties)
@@ -813,6 +834,17 @@ impl TableLake {
             }
         }
     }
+}
+
+/// How the lake's Parquet files are written: zstd at `zstd_level`, dictionary
+/// encoding (falling back to plain where a dictionary grows too large).
+pub fn writer_properties(zstd_level: i32) -> Result<WriterProperties, arrow::error::ArrowError> {
+    let level = ZstdLevel::try_new(zstd_level)
+        .map_err(|e| arrow::error::ArrowError::ParquetError(e.to_string()))?;
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_dictionary_enabled(true)
+        .build())
 }
 
 /// Days since the epoch of `YYYY-MM-DD`.
