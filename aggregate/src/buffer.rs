@@ -21,7 +21,7 @@ use arrow::compute::filter_record_batch;
 
 use fleetlake_ingest::schema::Table;
 
-use crate::keys::row_keys;
+use crate::keys::{KeyHasher, row_keys};
 
 /// How long the rows of a finished flush stay visible through the buffer, covering a
 /// query that loaded the lake just before that commit.
@@ -31,8 +31,9 @@ const RECENT_RETENTION: Duration = Duration::from_secs(10);
 struct Generation {
     batches: Vec<RecordBatch>,
     suspects: Vec<RecordBatch>,
-    keys: HashSet<u128>,
-    series_max: HashMap<u64, i64>,
+    keys: HashSet<u128, KeyHasher>,
+    /// Latest time of the visible rows (epoch µs).
+    max_time: Option<i64>,
     rows: usize,
     suspect_rows: usize,
     bytes: usize,
@@ -45,10 +46,7 @@ impl Generation {
         self.batches.extend(newer.batches);
         self.suspects.extend(newer.suspects);
         self.keys.extend(newer.keys);
-        for (series, time) in newer.series_max {
-            let t = self.series_max.entry(series).or_insert(time);
-            *t = (*t).max(time);
-        }
+        self.max_time = self.max_time.max(newer.max_time);
         self.rows += newer.rows;
         self.suspect_rows += newer.suspect_rows;
         self.bytes += newer.bytes;
@@ -84,6 +82,21 @@ pub struct FlushJob {
     pub max_time: i64,
 }
 
+/// The latest time of each series in `batches` (rows of `table`): what a flush that
+/// wrote them makes known to be in the lake. Computed from the rows at flush time
+/// rather than kept per series while they are buffered, which would cost a hash map
+/// entry per active series.
+pub fn latest_per_series(table: Table, batches: &[RecordBatch]) -> HashMap<u64, i64, KeyHasher> {
+    let mut latest: HashMap<u64, i64, KeyHasher> = HashMap::default();
+    for batch in batches {
+        for key in row_keys(table, batch) {
+            let t = latest.entry(key.series).or_insert(key.time);
+            *t = (*t).max(key.time);
+        }
+    }
+    latest
+}
+
 /// The hot buffer (see the module docs).
 #[derive(Debug)]
 pub struct HotBuffer {
@@ -94,7 +107,7 @@ pub struct HotBuffer {
     /// have been made: a query reading a later version finds those rows in the lake.
     flushing_base: Option<i64>,
     recent: VecDeque<(i64, Instant, Vec<RecordBatch>)>,
-    watermarks: HashMap<u64, i64>,
+    watermarks: HashMap<u64, i64, KeyHasher>,
     default_watermark: i64,
     lake_max_time: i64,
 }
@@ -110,7 +123,7 @@ impl HotBuffer {
             flushing: None,
             flushing_base: None,
             recent: VecDeque::new(),
-            watermarks: HashMap::new(),
+            watermarks: HashMap::default(),
             default_watermark: max,
             lake_max_time: max,
         }
@@ -144,8 +157,7 @@ impl HotBuffer {
                 outcome.suspects += 1;
             } else {
                 outcome.visible += 1;
-                let t = self.open.series_max.entry(key.series).or_insert(key.time);
-                *t = (*t).max(key.time);
+                self.open.max_time = self.open.max_time.max(Some(key.time));
             }
             visible.push(!is_suspect);
             suspect.push(is_suspect);
@@ -226,10 +238,9 @@ impl HotBuffer {
             return None;
         }
         let max_time = flushing
-            .series_max
-            .values()
-            .copied()
-            .fold(self.lake_max_time, i64::max);
+            .max_time
+            .unwrap_or(i64::MIN)
+            .max(self.lake_max_time);
         let job = FlushJob {
             batches: flushing.batches.clone(),
             suspects: flushing.suspects.clone(),
@@ -250,11 +261,25 @@ impl HotBuffer {
     /// Records that the flushing generation is committed as lake `version`, with
     /// `written` the rows that went in.
     pub fn complete_flush(&mut self, version: i64, written: Vec<RecordBatch>) {
+        let latest = latest_per_series(self.table, &written);
+        self.complete_flush_known(version, written, latest);
+    }
+
+    /// As [`HotBuffer::complete_flush`], with `latest` already computed from `written`
+    /// by [`latest_per_series`] (outside the buffer's lock).
+    pub fn complete_flush_known(
+        &mut self,
+        version: i64,
+        written: Vec<RecordBatch>,
+        latest: HashMap<u64, i64, KeyHasher>,
+    ) {
         self.flushing_base = None;
-        let Some(done) = self.flushing.take() else {
+        if self.flushing.take().is_none() {
             return;
-        };
-        for (series, time) in done.series_max {
+        }
+        // What is in the lake now raises the watermarks: a row at or before its
+        // series' latest written time may be a redelivery.
+        for (series, time) in latest {
             let w = self.watermarks.entry(series).or_insert(time);
             *w = (*w).max(time);
             self.lake_max_time = self.lake_max_time.max(time);

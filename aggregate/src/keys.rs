@@ -14,6 +14,35 @@ use arrow::datatypes::TimestampMicrosecondType;
 use fleetlake_ingest::schema::{Table, col, dead_col, logs_col};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
+/// A `Hasher` for keys that are already xxh3 hashes ([`RowKey`]'s `series` and
+/// `point`): it keeps their low 64 bits instead of hashing them again with SipHash.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by u64/u128 keys; fold anything else in so it still works.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
+
+/// Hash maps and sets keyed by [`RowKey`] hashes.
+pub type KeyHasher = std::hash::BuildHasherDefault<PreHashed>;
+
 /// The identity of one row of a `metrics` batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowKey {

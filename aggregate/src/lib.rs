@@ -928,11 +928,12 @@ async fn flush_table(
     if let Some(positions) = positions {
         *state.committed_positions.lock().expect("positions lock") = positions;
     }
+    let latest = buffer::latest_per_series(table, &sorted);
     state
         .buffer
         .lock()
         .expect("buffer lock")
-        .complete_flush(version, sorted);
+        .complete_flush_known(version, sorted, latest);
     drop(lake);
     ::metrics::counter!(m::FLUSHED_ROWS, "table" => table.name()).increment(rows as u64);
     ::metrics::histogram!(m::FLUSH_SECONDS, "table" => table.name())

@@ -288,3 +288,77 @@ async fn flushed_files_keep_the_lake_sort_order() {
     let breaks = keys.windows(2).filter(|w| w[0] > w[1]).count();
     assert_eq!(breaks, 0, "rows out of the lake's order");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// `sort_for_lake` orders metrics rows from several batches by account_id,
+    /// namespace, metric_name, dimensions, region, time, and keeps every row once.
+    #[test]
+    fn metrics_rows_sort_in_lake_order(
+        rows in proptest::collection::vec(
+            (0u8..5, 0u8..2, 0u8..3, 0u8..3, 0u8..2, 0i64..4, 0u32..1000),
+            1..300,
+        ),
+        cut in 1usize..4,
+    ) {
+        use arrow::array::AsArray;
+        let line = |r: &(u8, u8, u8, u8, u8, i64, u32)| {
+            let dims = match r.3 {
+                0 => r#"{}"#.to_string(),
+                1 => r#"{"FunctionName":"f"}"#.to_string(),
+                _ => r#"{"FunctionName":"f","Resource":"f:1"}"#.to_string(),
+            };
+            format!(
+                r#"{{"account_id":"{:012}","region":"{}","namespace":"AWS/N{}","metric_name":"m{}","dimensions":{dims},"timestamp":{},"value":{{"count":1.0,"sum":{},"max":1.0,"min":1.0}},"unit":"Count"}}"#,
+                r.0, ["eu-west-1", "us-east-1"][r.4 as usize], r.1, r.2, BASE_MS + r.5 * 60_000, r.6
+            )
+        };
+        let batches: Vec<_> = rows
+            .chunks(rows.len().div_ceil(cut))
+            .map(|chunk| {
+                let mut decoder = Decoder::new("test", Format::MetricsJson, None);
+                let text: Vec<String> = chunk.iter().map(line).collect();
+                decoder.push_record(text.join("\n").as_bytes(), "0", 0);
+                decoder.finish().remove(0).1
+            })
+            .collect();
+        let sorted = crate::lake::sort_for_lake(Table::Metrics, &batches).unwrap();
+        prop_assert_eq!(sorted.num_rows(), rows.len());
+        let s = |i: usize| sorted.column(i).as_string::<i32>();
+        let dims = sorted.column(fleetlake_ingest::schema::col::DIMENSIONS).as_map();
+        let time = sorted
+            .column(fleetlake_ingest::schema::col::TIME)
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        let key = |i: usize| {
+            let d: Vec<(String, String)> = (dims.value_offsets()[i] as usize
+                ..dims.value_offsets()[i + 1] as usize)
+                .map(|e| {
+                    (
+                        dims.keys().as_string::<i32>().value(e).to_string(),
+                        dims.values().as_string::<i32>().value(e).to_string(),
+                    )
+                })
+                .collect();
+            (
+                s(fleetlake_ingest::schema::col::ACCOUNT_ID).value(i).to_string(),
+                s(fleetlake_ingest::schema::col::NAMESPACE).value(i).to_string(),
+                s(fleetlake_ingest::schema::col::METRIC_NAME).value(i).to_string(),
+                d,
+                s(fleetlake_ingest::schema::col::REGION).value(i).to_string(),
+                time.value(i),
+            )
+        };
+        for i in 1..sorted.num_rows() {
+            prop_assert!(key(i - 1) <= key(i), "row {} before row {}", i - 1, i);
+        }
+        let sum = |b: &arrow::array::RecordBatch| -> f64 {
+            b.column(fleetlake_ingest::schema::col::SUM)
+                .as_primitive::<arrow::datatypes::Float64Type>()
+                .values()
+                .iter()
+                .sum()
+        };
+        let before: f64 = batches.iter().map(sum).sum();
+        prop_assert_eq!(sum(&sorted), before);
+    }
+}

@@ -255,20 +255,26 @@ impl MetricsBatchBuilder {
     /// Finishes the rows added so far into a batch of the [`metrics_schema`] and resets
     /// the builder.
     pub fn finish(&mut self) -> RecordBatch {
+        // Builders grow by doubling: without the spare capacity, the rows take up to
+        // a third less memory in the hot buffer, where they stay until a flush.
+        fn fit(mut array: impl arrow::array::Array + 'static) -> ArrayRef {
+            array.shrink_to_fit();
+            Arc::new(array)
+        }
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(self.time.finish()),
-            Arc::new(self.account_id.finish()),
-            Arc::new(self.region.finish()),
-            Arc::new(self.namespace.finish()),
-            Arc::new(self.metric_name.finish()),
-            Arc::new(self.dimensions.finish()),
-            Arc::new(self.unit.finish()),
-            Arc::new(self.count.finish()),
-            Arc::new(self.sum.finish()),
-            Arc::new(self.min.finish()),
-            Arc::new(self.max.finish()),
-            Arc::new(self.stats.finish()),
-            Arc::new(self.day.finish()),
+            fit(self.time.finish()),
+            fit(self.account_id.finish()),
+            fit(self.region.finish()),
+            fit(self.namespace.finish()),
+            fit(self.metric_name.finish()),
+            fit(self.dimensions.finish()),
+            fit(self.unit.finish()),
+            fit(self.count.finish()),
+            fit(self.sum.finish()),
+            fit(self.min.finish()),
+            fit(self.max.finish()),
+            fit(self.stats.finish()),
+            fit(self.day.finish()),
         ];
         self.rows = 0;
         RecordBatch::try_new(metrics_schema(), columns).expect("builders match the schema")
