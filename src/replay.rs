@@ -286,6 +286,10 @@ fn decode_file(
         }
         let mut cut = if ended { buf.len() } else { whole(&buf) };
         if cut == 0 {
+            if ended {
+                // The previous piece ended exactly where the input does.
+                break;
+            }
             if buf.len() < MAX_PIECE_BYTES {
                 // One line, message or object longer than a chunk: read on.
                 let want = buf.len() + CHUNK_BYTES;
@@ -314,6 +318,44 @@ fn decode_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Input that ends exactly where a piece does (a whole chunk of whole lines) ends
+    /// the file; it once made the reader wait for more input forever.
+    #[test]
+    fn input_ending_on_a_piece_boundary_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exact.json");
+        let line = r#"{"account_id":"111111111111","region":"eu-west-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{},"timestamp":1700000040000,"value":{"count":1.0,"sum":1.0,"max":1.0,"min":1.0},"unit":"Count"}"#;
+        let mut text = String::new();
+        while text.len() + 2 * (line.len() + 1) <= CHUNK_BYTES {
+            text.push_str(line);
+            text.push('\n');
+        }
+        // The last line padded with spaces so the file is exactly one chunk.
+        let pad = CHUNK_BYTES - text.len() - line.len() - 1;
+        text.push_str(line);
+        text.push_str(&" ".repeat(pad));
+        text.push('\n');
+        assert_eq!(text.len(), CHUNK_BYTES);
+        std::fs::write(&path, &text).unwrap();
+        let lines = text.lines().count();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (tx, mut rx) = mpsc::channel(1024);
+            let stats = decode_file(&path, Format::MetricsJson, &tx);
+            drop(tx);
+            let mut rows = 0;
+            while let Ok(piece) = rx.try_recv() {
+                rows += piece.rows.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
+            }
+            let _ = done_tx.send((stats.map(|s| s.datapoints), rows));
+        });
+        let (stats, rows) = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("decode_file returns at the end of the input");
+        assert_eq!(stats.unwrap(), lines);
+        assert_eq!(rows, lines);
+    }
 
     #[test]
     fn firehose_bodies_are_recognised_by_their_first_key() {
