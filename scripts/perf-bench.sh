@@ -445,12 +445,13 @@ if ((LOADGEN)); then
     EXITED=$(date +%s.%N)
     # Committed: loadgen's first request to the server's exit after SIGTERM (which
     # commits whatever is still buffered).
-    STARTED=$(awk "BEGIN {print $SENT_END - $(jget "$R/firehose.json" elapsed_s)}")
+    STARTED=$(awk "BEGIN {printf \"%.3f\", $SENT_END - $(jget "$R/firehose.json" elapsed_s)}")
     ACKED=$(jget "$R/firehose.json" datapoints_acknowledged)
     COUNT=$(timeout "$STEP_TIMEOUT" "$FLEETLAKE" query --data-dir "$WORK/fh" --format csv \
         "SELECT count(*) FROM metrics" | tail -n 1 | tr -d '\r"')
     [[ $COUNT == "$ACKED" ]] || fail "Firehose: count(*) = $COUNT in the lake, $ACKED datapoints acknowledged"
-    jput "$R/firehose-server.json" peak_kib="$HWM" committed_s="$(awk "BEGIN {print $EXITED - $STARTED}")" count="$COUNT"
+    jput "$R/firehose-server.json" peak_kib="$HWM" committed_s="$(awk "BEGIN {printf \"%.3f\", $EXITED - $STARTED}")" \
+        shutdown_s="$(awk "BEGIN {printf \"%.3f\", $EXITED - $SENT_END}")" count="$COUNT"
     say "Firehose: $ACKED datapoints acknowledged, all in the lake"
 
     HALF=$("$PYTHON" -c 'import sys; print(max(1, int(int(sys.argv[1]) / float(sys.argv[2]) / 2)))' \
