@@ -639,82 +639,44 @@ async fn drive(args: &Args, plan: Arc<Plan>) -> anyhow::Result<Report> {
                 .pool_max_idle_per_host(args.concurrency)
                 .build()?;
             let endpoint = Arc::new(Endpoints::new(&args.url, plan.format));
-            let mut senders = Vec::new();
-            for _ in 0..args.concurrency.max(1) {
-                let (rx, client, tally, endpoint) = (
-                    Arc::clone(&rx),
-                    client.clone(),
-                    Arc::clone(&tally),
-                    Arc::clone(&endpoint),
-                );
-                let access_key = args.access_key.clone();
-                let retry_for = args.retry_for;
-                senders.push(tokio::spawn(async move {
-                    loop {
-                        let Some(unit) = rx.lock().await.recv().await else {
-                            break;
-                        };
-                        if deadline.is_some_and(|d| Instant::now() >= d) {
-                            break;
-                        }
-                        if let Some(at) = pacing(unit.index) {
-                            tokio::time::sleep_until(at.into()).await;
-                        }
-                        send_firehose(
-                            &client,
-                            &endpoint,
-                            access_key.as_deref(),
-                            retry_for,
-                            &tally,
-                            unit,
-                        )
-                        .await;
-                    }
-                }));
-            }
-            for sender in senders {
-                sender.await?;
-            }
+            let (access_key, retry_for) = (args.access_key.clone(), args.retry_for);
+            let tally = Arc::clone(&tally);
+            run_senders(args.concurrency, &rx, deadline, pacing, move |unit| {
+                let (client, endpoint, tally) =
+                    (client.clone(), Arc::clone(&endpoint), Arc::clone(&tally));
+                let access_key = access_key.clone();
+                async move {
+                    let key = access_key.as_deref();
+                    send_firehose(&client, &endpoint, key, retry_for, &tally, unit).await;
+                }
+            })
+            .await?;
         }
         Target::Files => {
             files = write_files(args, &plan, &rx, &tally, deadline).await?;
         }
         Target::Kinesis => {
             let client = kinesis_client(args).await;
-            let mut senders = Vec::new();
-            for _ in 0..args.concurrency.max(1) {
-                let (rx, client, tally) = (Arc::clone(&rx), client.clone(), Arc::clone(&tally));
-                let stream = args.stream.clone().unwrap_or_default();
-                let logs_stream = args.logs_stream.clone().unwrap_or_default();
-                let retry_for = args.retry_for;
-                let plan = Arc::clone(&plan);
-                senders.push(tokio::spawn(async move {
-                    loop {
-                        let Some(unit) = rx.lock().await.recv().await else {
-                            break;
-                        };
-                        if deadline.is_some_and(|d| Instant::now() >= d) {
-                            break;
-                        }
-                        if let Some(at) = pacing(unit.index) {
-                            tokio::time::sleep_until(at.into()).await;
-                        }
-                        put_kinesis(
-                            &client,
-                            &stream,
-                            &logs_stream,
-                            &plan,
-                            retry_for,
-                            &tally,
-                            unit,
-                        )
-                        .await;
-                    }
-                }));
-            }
-            for sender in senders {
-                sender.await?;
-            }
+            let stream = args.stream.clone().unwrap_or_default();
+            let logs_stream = args.logs_stream.clone().unwrap_or_default();
+            let (retry_for, plan, tally) = (args.retry_for, Arc::clone(&plan), Arc::clone(&tally));
+            run_senders(args.concurrency, &rx, deadline, pacing, move |unit| {
+                let (client, plan, tally) = (client.clone(), Arc::clone(&plan), Arc::clone(&tally));
+                let (stream, logs_stream) = (stream.clone(), logs_stream.clone());
+                async move {
+                    put_kinesis(
+                        &client,
+                        &stream,
+                        &logs_stream,
+                        &plan,
+                        retry_for,
+                        &tally,
+                        unit,
+                    )
+                    .await;
+                }
+            })
+            .await?;
         }
     }
     let elapsed = started.elapsed();
@@ -758,6 +720,45 @@ async fn drive(args: &Args, plan: Arc<Plan>) -> anyhow::Result<Report> {
             .collect(),
         files,
     })
+}
+
+type Units = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Unit>>>;
+
+/// Runs `concurrency` senders, each taking the next unit until there are none or
+/// `deadline` has passed, and sending it (with `send`) no earlier than `pacing` says.
+async fn run_senders<F, Fut>(
+    concurrency: usize,
+    rx: &Units,
+    deadline: Option<Instant>,
+    pacing: impl Fn(u64) -> Option<Instant> + Copy + Send + 'static,
+    send: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Unit) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut senders = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (rx, send) = (Arc::clone(rx), send.clone());
+        senders.push(tokio::spawn(async move {
+            loop {
+                let Some(unit) = rx.lock().await.recv().await else {
+                    break;
+                };
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                if let Some(at) = pacing(unit.index) {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                send(unit).await;
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await?;
+    }
+    Ok(())
 }
 
 /// The endpoint URLs of one run.
