@@ -3,8 +3,7 @@
 # (default 6,000 accounts x 4 Lambda functions x 5 metrics x 10 minutes = 1.2 million
 # datapoints, gzip'd NDJSON made by `fleetlake loadgen --to files`):
 #
-#   1. input      `fleetlake loadgen --to files` (a Python generator of the same shape
-#                 if this binary has no `loadgen` yet; the output says so)
+#   1. input      `fleetlake loadgen --to files`
 #   2. fleetlake  `replay` of the files into a fresh lake (a commit per FLUSH_ROWS rows,
 #                 as a running service makes them), then `compact`: wall time and peak
 #                 RSS of each; bytes per datapoint of the `metrics` table's active files
@@ -193,47 +192,11 @@ stop_server() {
 # ---------------------------------------------------------------------------------
 # 1. Input: gzip'd Metric Streams JSON files.
 # ---------------------------------------------------------------------------------
-if "$FLEETLAKE" loadgen --help >/dev/null 2>&1; then
-    LOADGEN=1
-    INPUT_SOURCE="fleetlake loadgen"
-    say "input: fleetlake loadgen, $ACCOUNTS accounts x $FUNCTIONS functions x $MINUTES minutes"
-    timed loadgen-files "$FLEETLAKE" loadgen --seed "$SEED" --accounts "$ACCOUNTS" \
-        --functions "$FUNCTIONS" --minutes "$MINUTES" --to files --out "$WORK/input" --report json
-    json_report "$WORK/logs/loadgen-files.out" "$R/input.json"
-else
-    # Not a benchmark figure: only so that the other phases run before `loadgen` exists.
-    LOADGEN=0
-    INPUT_SOURCE="python fallback (this fleetlake has no loadgen)"
-    say "input: python fallback (this fleetlake has no loadgen), $ACCOUNTS accounts x $FUNCTIONS functions x $MINUTES minutes"
-    "$PYTHON" - "$WORK/input" "$ACCOUNTS" "$FUNCTIONS" "$MINUTES" "$SEED" >"$R/input.json" <<'EOF'
-import gzip, json, random, sys
-out, accounts, functions, minutes, seed = sys.argv[1], *map(int, sys.argv[2:])
-metrics = [("Invocations", "Count"), ("Errors", "Count"), ("Throttles", "Count"),
-           ("Duration", "Milliseconds"), ("ConcurrentExecutions", "Count")]
-regions = ["us-east-1", "eu-west-1", "ap-southeast-2"]
-base = 1764028800000  # 2025-11-25T00:00:00Z
-rng = random.Random(seed)
-sent = 0
-for minute in range(minutes):
-    t = base + minute * 60_000
-    with gzip.open(f"{out}/minute-{minute:04d}.json.gz", "wt", compresslevel=1) as f:
-        lines = []
-        for a in range(accounts):
-            account, region = f"{100000000000 + a:012d}", regions[a % len(regions)]
-            for fn in range(functions):
-                for name, unit in metrics:
-                    n = rng.randint(1, 60)
-                    v = round(rng.random() * 500, 1) if name == "Duration" else float(rng.randint(0, n))
-                    lines.append(
-                        f'{{"metric_stream_name":"fleet","account_id":"{account}","region":"{region}",'
-                        f'"namespace":"AWS/Lambda","metric_name":"{name}","dimensions":{{"FunctionName":"fn-{fn}"}},'
-                        f'"timestamp":{t},"value":{{"count":{n}.0,"sum":{v * n},"max":{v},"min":{v / 2},"p99":{v}}},'
-                        f'"unit":"{unit}"}}')
-        f.write("\n".join(lines) + "\n")
-        sent += len(lines)
-print(json.dumps({"datapoints_sent": sent, "source": "python fallback"}))
-EOF
-fi
+INPUT_SOURCE="fleetlake loadgen"
+say "input: fleetlake loadgen, $ACCOUNTS accounts x $FUNCTIONS functions x $MINUTES minutes"
+timed loadgen-files "$FLEETLAKE" loadgen --seed "$SEED" --accounts "$ACCOUNTS" \
+    --functions "$FUNCTIONS" --minutes "$MINUTES" --to files --out "$WORK/input" --report json
+json_report "$WORK/logs/loadgen-files.out" "$R/input.json"
 DATAPOINTS=$(jget "$R/input.json" datapoints_sent)
 INPUT_FILES=("$WORK"/input/*.json.gz)
 [[ -e ${INPUT_FILES[0]} ]] || fail "no $WORK/input/*.json.gz"
@@ -430,42 +393,38 @@ say "queries: same answers from fleetlake, DuckDB on the lake's files and DuckDB
 #    committed = acknowledged datapoints / (loadgen start -> server exit). Then a fresh
 #    server at half the acknowledged rate: visibility of probe datapoints in SQL.
 # ---------------------------------------------------------------------------------
-if ((LOADGEN)); then
-    say "Firehose: loadgen at full rate for ${SUSTAIN_S}s"
-    start_server firehose "$WORK/fh" FLEETLAKE_RETENTION__METRICS=0s
-    # The requests are made before loadgen's clock starts (--pregenerate): making them
-    # costs about as much CPU as fleetlake spends taking them in, and both share the
-    # two cores. SUSTAIN_MINUTES fleet-minutes are made; sending stops at SUSTAIN.
-    loadgen_firehose firehose $((SUSTAIN_S + 900)) --seed "$SEED" --accounts "$ACCOUNTS" \
-        --functions "$FUNCTIONS" --pregenerate --minutes "$SUSTAIN_MINUTES" \
-        --duration "${SUSTAIN_S}s" --url "http://$HTTP_ADDR"
-    SENT_END=$(date +%s.%N)
-    HWM=$(vmhwm_kib "$SERVER_PID")
-    stop_server "$SERVER_PID"
-    EXITED=$(date +%s.%N)
-    # Committed: loadgen's first request to the server's exit after SIGTERM (which
-    # commits whatever is still buffered).
-    STARTED=$(awk "BEGIN {printf \"%.3f\", $SENT_END - $(jget "$R/firehose.json" elapsed_s)}")
-    ACKED=$(jget "$R/firehose.json" datapoints_acknowledged)
-    COUNT=$(timeout "$STEP_TIMEOUT" "$FLEETLAKE" query --data-dir "$WORK/fh" --format csv \
-        "SELECT count(*) FROM metrics" | tail -n 1 | tr -d '\r"')
-    [[ $COUNT == "$ACKED" ]] || fail "Firehose: count(*) = $COUNT in the lake, $ACKED datapoints acknowledged"
-    jput "$R/firehose-server.json" peak_kib="$HWM" committed_s="$(awk "BEGIN {printf \"%.3f\", $EXITED - $STARTED}")" \
-        shutdown_s="$(awk "BEGIN {printf \"%.3f\", $EXITED - $SENT_END}")" count="$COUNT"
-    say "Firehose: $ACKED datapoints acknowledged, all in the lake"
+say "Firehose: loadgen at full rate for ${SUSTAIN_S}s"
+start_server firehose "$WORK/fh" FLEETLAKE_RETENTION__METRICS=0s
+# The requests are made before loadgen's clock starts (--pregenerate): making them
+# costs about as much CPU as fleetlake spends taking them in, and both share the
+# two cores. SUSTAIN_MINUTES fleet-minutes are made; sending stops at SUSTAIN.
+loadgen_firehose firehose $((SUSTAIN_S + 900)) --seed "$SEED" --accounts "$ACCOUNTS" \
+    --functions "$FUNCTIONS" --pregenerate --minutes "$SUSTAIN_MINUTES" \
+    --duration "${SUSTAIN_S}s" --url "http://$HTTP_ADDR"
+SENT_END=$(date +%s.%N)
+HWM=$(vmhwm_kib "$SERVER_PID")
+stop_server "$SERVER_PID"
+EXITED=$(date +%s.%N)
+# Committed: loadgen's first request to the server's exit after SIGTERM (which
+# commits whatever is still buffered).
+STARTED=$(awk "BEGIN {printf \"%.3f\", $SENT_END - $(jget "$R/firehose.json" elapsed_s)}")
+ACKED=$(jget "$R/firehose.json" datapoints_acknowledged)
+COUNT=$(timeout "$STEP_TIMEOUT" "$FLEETLAKE" query --data-dir "$WORK/fh" --format csv \
+    "SELECT count(*) FROM metrics" | tail -n 1 | tr -d '\r"')
+[[ $COUNT == "$ACKED" ]] || fail "Firehose: count(*) = $COUNT in the lake, $ACKED datapoints acknowledged"
+jput "$R/firehose-server.json" peak_kib="$HWM" committed_s="$(awk "BEGIN {printf \"%.3f\", $EXITED - $STARTED}")" \
+    shutdown_s="$(awk "BEGIN {printf \"%.3f\", $EXITED - $SENT_END}")" count="$COUNT"
+say "Firehose: $ACKED datapoints acknowledged, all in the lake"
 
-    HALF=$("$PYTHON" -c 'import sys; print(max(1, int(int(sys.argv[1]) / float(sys.argv[2]) / 2)))' \
-        "$ACKED" "$(jget "$R/firehose.json" elapsed_s)")
-    say "Firehose: visibility probes at $HALF datapoints/s for ${VISIBILITY_S}s"
-    start_server visibility "$WORK/fh-vis" FLEETLAKE_RETENTION__METRICS=0s
-    loadgen_firehose visibility $((VISIBILITY_S + 600)) --seed "$SEED" --accounts "$ACCOUNTS" \
-        --functions "$FUNCTIONS" --rate "$HALF" --duration "${VISIBILITY_S}s" --probe-visibility \
-        --url "http://$HTTP_ADDR"
-    jput "$R/visibility-rate.json" rate="$HALF"
-    stop_server "$SERVER_PID"
-else
-    say "Firehose: skipped (this fleetlake has no loadgen)"
-fi
+HALF=$("$PYTHON" -c 'import sys; print(max(1, int(int(sys.argv[1]) / float(sys.argv[2]) / 2)))' \
+    "$ACKED" "$(jget "$R/firehose.json" elapsed_s)")
+say "Firehose: visibility probes at $HALF datapoints/s for ${VISIBILITY_S}s"
+start_server visibility "$WORK/fh-vis" FLEETLAKE_RETENTION__METRICS=0s
+loadgen_firehose visibility $((VISIBILITY_S + 600)) --seed "$SEED" --accounts "$ACCOUNTS" \
+    --functions "$FUNCTIONS" --rate "$HALF" --duration "${VISIBILITY_S}s" --probe-visibility \
+    --url "http://$HTTP_ADDR"
+jput "$R/visibility-rate.json" rate="$HALF"
+stop_server "$SERVER_PID"
 
 # ---------------------------------------------------------------------------------
 # 6. The table.
@@ -508,16 +467,13 @@ rows = [
      f"{rate(points / (replay['wall_s'] + compact['wall_s']))}",
      "—", f"{(replay['wall_s'] + compact['wall_s']) / duck['wall_s']:.2f}", "—"),
 ]
-if fh:
-    acked, lat = fh["datapoints_acknowledged"], fh["latency_ms"]
-    rows.append((f"ingest: Firehose + WAL, sustained {env['BENCH_SUSTAIN_S']} s at full rate "
-        "(loadgen on the same cores, requests made before its clock starts)",
-        f"acknowledged {rate(acked / fh['elapsed_s'])}, committed {rate(acked / fh_server['committed_s'])} "
-        f"({acked:,} dp, loadgen start → server exit {fh_server['committed_s']:.1f} s); "
-        f"latency p50 {lat['p50']:.0f} ms / p99 {lat['p99']:.0f} ms; {fh['datapoints_rejected']:,} rejected; "
-        f"peak RSS {mib(fh_server['peak_kib'])}", "—", "—", "—"))
-else:
-    rows.append(("ingest: Firehose + WAL, sustained", "not run (this fleetlake has no `loadgen`)", "—", "—", "—"))
+acked, lat = fh["datapoints_acknowledged"], fh["latency_ms"]
+rows.append((f"ingest: Firehose + WAL, sustained {env['BENCH_SUSTAIN_S']} s at full rate "
+    "(loadgen on the same cores, requests made before its clock starts)",
+    f"acknowledged {rate(acked / fh['elapsed_s'])}, committed {rate(acked / fh_server['committed_s'])} "
+    f"({acked:,} dp, loadgen start → server exit {fh_server['committed_s']:.1f} s); "
+    f"latency p50 {lat['p50']:.0f} ms / p99 {lat['p99']:.0f} ms; {fh['datapoints_rejected']:,} rejected; "
+    f"peak RSS {mib(fh_server['peak_kib'])}", "—", "—", "—"))
 rows.append(("bytes per datapoint on disk (fleetlake: the `metrics` table's active files)",
      f"{before['bytes'] / points:.2f} before compaction ({before['files']} file{'s' if before['files'] != 1 else ''}), "
      f"{after['bytes'] / points:.2f} after ({after['files']} file{'s' if after['files'] != 1 else ''})",
@@ -533,14 +489,11 @@ for name, label in labels.items():
 rows.append(("peak RSS during the queries (fleetlake: the server's VmHWM; DuckDB: its process)",
      mib(mem["fleetlake"]["peak_kib"]), mib(mem["duckdb-lake"]["peak_kib"]),
      f"{mem['fleetlake']['peak_kib'] / mem['duckdb-lake']['peak_kib']:.2f}", mib(mem["duckdb-own"]["peak_kib"])))
-if vis:
-    v = vis["visibility_ms"]
-    rows.append((f"visibility: 200 → row returned by SQL, at half the acknowledged rate for "
-        f"{env['BENCH_VISIBILITY_S']} s",
-        f"p50 {v['p50']:.0f} ms / p99 {v['p99']:.0f} ms (max {v['max']:.0f} ms, {v['samples']} probes, "
-        f"loadgen --rate {vis_rate['rate']:,})", "—", "—", "—"))
-else:
-    rows.append(("visibility at half rate", "not run (this fleetlake has no `loadgen`)", "—", "—", "—"))
+v = vis["visibility_ms"]
+rows.append((f"visibility: 200 → row returned by SQL, at half the acknowledged rate for "
+    f"{env['BENCH_VISIBILITY_S']} s",
+    f"p50 {v['p50']:.0f} ms / p99 {v['p99']:.0f} ms (max {v['max']:.0f} ms, {v['samples']} probes, "
+    f"loadgen --rate {vis_rate['rate']:,})", "—", "—", "—"))
 version = json.load(open(f"{r}/duck-copy-inner.json"))["version"]
 lines = [
     f"Machine: `nproc` = {env['BENCH_NPROC']}, {env['BENCH_CPU']}; DuckDB {version} (Python, "

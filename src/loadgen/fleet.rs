@@ -63,6 +63,14 @@ fn cents(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
 
+/// `bytes` gzip'd (fast level, as load is generated on the machine under test).
+pub(crate) fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let _ = gz.write_all(bytes);
+    gz.finish().unwrap_or_default()
+}
+
 /// The fleet's shape and the parameters of its data.
 #[derive(Debug, Clone)]
 pub(crate) struct Fleet {
@@ -306,10 +314,10 @@ impl Fleet {
     }
 
     /// The log events of the functions whose first metric is in `range`: one
-    /// CloudWatch Logs subscription payload (gzip'd, as subscription filters deliver
-    /// them) per function-minute, with `events` events each.
-    pub(crate) fn log_records(&self, range: std::ops::Range<u64>, events: usize) -> Vec<Vec<u8>> {
-        use std::io::Write as _;
+    /// CloudWatch Logs subscription payload (JSON, before the gzip subscription
+    /// filters apply on the wire: [`gzip`]) per function-minute, with `events` events
+    /// each.
+    pub(crate) fn log_payloads(&self, range: std::ops::Range<u64>, events: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         for g in range.filter(|g| g % METRICS.len() as u64 == 0) {
             let d = self.datapoint(g);
@@ -337,9 +345,7 @@ impl Fleet {
                 "subscriptionFilters": ["fleet"],
                 "logEvents": log_events,
             });
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            let _ = gz.write_all(payload.to_string().as_bytes());
-            out.push(gz.finish().unwrap_or_default());
+            out.push(payload.to_string().into_bytes());
         }
         out
     }
@@ -405,8 +411,8 @@ mod tests {
             fleetlake_ingest::Format::CloudWatchLogs,
             Some("us-east-1"),
         );
-        for record in f.log_records(0..1_000, 3) {
-            logs.push_record(&record, "r", 0);
+        for payload in f.log_payloads(0..1_000, 3) {
+            logs.push_record(&gzip(&payload), "r", 0);
         }
         let rows = |d: &mut fleetlake_ingest::Decoder| -> usize {
             d.finish()

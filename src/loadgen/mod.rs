@@ -294,7 +294,7 @@ impl Plan {
         let datapoints = range.end - range.start;
         let id = format!("loadgen-{}-{k}", self.seed);
         let logs = if self.log_events > 0 {
-            self.fleet.log_records(range.clone(), self.log_events)
+            self.fleet.log_payloads(range.clone(), self.log_events)
         } else {
             Vec::new()
         };
@@ -305,7 +305,8 @@ impl Plan {
                 let logs = if logs.is_empty() {
                     Vec::new()
                 } else {
-                    vec![firehose_body(&format!("{id}-logs"), &logs)]
+                    let records: Vec<Vec<u8>> = logs.iter().map(|p| fleet::gzip(p)).collect();
+                    vec![firehose_body(&format!("{id}-logs"), &records)]
                 };
                 (vec![metrics], logs)
             }
@@ -314,23 +315,21 @@ impl Plan {
                 if self.format == LoadFormat::Json {
                     raw.push(b'\n');
                 }
-                // Log payloads are stored as the JSON objects themselves, back to
-                // back, as `replay --format cwlogs` reads them.
+                // Log payloads are stored as the JSON objects themselves, one per
+                // line, as `replay --format cwlogs` reads them.
                 let logs = logs
-                    .iter()
-                    .map(|gz| {
-                        let mut out = Vec::new();
-                        let _ = std::io::Read::read_to_end(
-                            &mut flate2::read::GzDecoder::new(&gz[..]),
-                            &mut out,
-                        );
-                        out.push(b'\n');
-                        out
+                    .into_iter()
+                    .map(|mut payload| {
+                        payload.push(b'\n');
+                        payload
                     })
                     .collect();
                 (vec![raw], logs)
             }
-            Target::Kinesis => (self.records(range), logs),
+            Target::Kinesis => (
+                self.records(range),
+                logs.iter().map(|p| fleet::gzip(p)).collect(),
+            ),
         };
         Unit {
             index: k,
@@ -360,9 +359,7 @@ fn firehose_body(request_id: &str, records: &[Vec<u8>]) -> Vec<u8> {
         json.push_str(r#""}"#);
     }
     json.push_str("]}");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let _ = gz.write_all(json.as_bytes());
-    gz.finish().unwrap_or_default()
+    fleet::gzip(json.as_bytes())
 }
 
 fn now_ms() -> i64 {

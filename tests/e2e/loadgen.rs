@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::{KinesisLocal, Server, aws_env, boto3, wait_until};
+use crate::support::{KinesisLocal, Server, aws_env, boto3, cli, wait_until};
 
 /// 50 accounts × 4 functions × 5 metrics × 3 minutes.
 const DATAPOINTS: u64 = 3_000;
@@ -209,17 +209,9 @@ fn loadgen_feeds_firehose_files_and_kinesis_with_the_same_fleet() {
 }
 
 fn replay(data: &Path, format: &str, file: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetlake"))
-        .args(["replay", "--format", format, "--data-dir"])
-        .arg(data)
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (data, file) = (data.to_str().unwrap(), file.to_str().unwrap());
+    let (ok, _, stderr) = cli(&["replay", "--format", format, "--data-dir", data, file]);
+    assert!(ok, "{stderr}");
 }
 
 #[test]
