@@ -26,7 +26,7 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use fleetlake_aggregate::buffer::HotBuffer;
-use fleetlake_aggregate::lake::{sort_for_lake, writer_properties};
+use fleetlake_aggregate::lake::{DEFAULT_ROW_GROUP_ROWS, sort_for_lake, writer_properties};
 use fleetlake_aggregate::wal::{Wal, encode_rows};
 use fleetlake_ingest::metric_stream::{BaseStats, MetricsBatchBuilder, SeriesId};
 use fleetlake_ingest::{Decoder, Format, Table};
@@ -166,7 +166,7 @@ fn bench(c: &mut Criterion) {
         let mut writer = parquet::arrow::ArrowWriter::try_new(
             &mut out,
             batch.schema(),
-            Some(writer_properties(3).unwrap()),
+            Some(writer_properties(3, DEFAULT_ROW_GROUP_ROWS).unwrap()),
         )
         .unwrap();
         writer.write(batch).unwrap();

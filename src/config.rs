@@ -314,6 +314,9 @@ pub(crate) struct LakeConfig {
     pub(crate) target_file_bytes: u64,
     /// zstd compression level of the Parquet files (1-22).
     pub(crate) zstd_level: i32,
+    /// Rows per Parquet row group: smaller groups prune finer and spread a scan over
+    /// more cores; larger ones compress better.
+    pub(crate) row_group_rows: usize,
     /// How often the service compacts the lake (rewrites day partitions of many small
     /// files into few sorted ones); 0s turns it off (`fleetlake compact` still works).
     #[serde(with = "humantime_serde")]
@@ -475,6 +478,7 @@ impl Default for LakeConfig {
             storage_options: BTreeMap::new(),
             target_file_bytes: 256 * 1024 * 1024,
             zstd_level: 3,
+            row_group_rows: fleetlake_aggregate::lake::DEFAULT_ROW_GROUP_ROWS,
             compact_interval: Duration::from_secs(600),
             compact_min_files: 8,
             vacuum_grace: Duration::from_secs(3600),
@@ -584,6 +588,9 @@ impl Config {
                 self.lake.zstd_level
             );
         }
+        if self.lake.row_group_rows == 0 {
+            bail!("lake.row_group_rows must be at least 1");
+        }
         if self.access_key_is_empty() {
             bail!("firehose.access_key is set but empty");
         }
@@ -631,6 +638,7 @@ impl Config {
             lake: fleetlake_aggregate::lake::LakeOptions {
                 target_file_bytes: self.lake.target_file_bytes,
                 zstd_level: self.lake.zstd_level,
+                row_group_rows: self.lake.row_group_rows,
             },
             compaction: (!self.lake.compact_interval.is_zero()).then_some({
                 fleetlake_aggregate::CompactionConfig {

@@ -24,6 +24,13 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, Overrides};
 
+/// mimalloc instead of glibc's malloc: decoding, the hot buffer and DataFusion's
+/// scans allocate and free many short-lived buffers; with glibc those large frees go
+/// back to the kernel and come back as page faults on the next request or query
+/// (see BENCHMARKS.md, "Performance issue").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Fleet-wide CloudWatch telemetry: Firehose in, a Delta Lake of Parquet out, SQL on top.
 #[derive(Debug, Parser)]
 #[command(name = "fleetlake", version, about)]

@@ -129,6 +129,9 @@ pub enum LakeError {
     },
 }
 
+/// Rows per row group unless configured (`lake.row_group_rows`).
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 1024 * 1024;
+
 /// Settings for writing the lake.
 #[derive(Debug, Clone)]
 pub struct LakeOptions {
@@ -136,6 +139,8 @@ pub struct LakeOptions {
     pub target_file_bytes: u64,
     /// zstd level of the Parquet files.
     pub zstd_level: i32,
+    /// Rows per Parquet row group (the unit of pruning and of parallel scans).
+    pub row_group_rows: usize,
 }
 
 impl Default for LakeOptions {
@@ -143,6 +148,7 @@ impl Default for LakeOptions {
         Self {
             target_file_bytes: 256 * 1024 * 1024,
             zstd_level: 3,
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
         }
     }
 }
@@ -461,7 +467,7 @@ impl TableLake {
     }
 
     fn writer_properties(&self) -> Result<WriterProperties, arrow::error::ArrowError> {
-        writer_properties(self.options.zstd_level)
+        writer_properties(self.options.zstd_level, self.options.row_group_rows)
     }
 
     /// The URIs of the table's current data files.
@@ -838,12 +844,21 @@ impl TableLake {
 
 /// How the lake's Parquet files are written: zstd at `zstd_level`, dictionary
 /// encoding (falling back to plain where a dictionary grows too large).
-pub fn writer_properties(zstd_level: i32) -> Result<WriterProperties, arrow::error::ArrowError> {
+pub fn writer_properties(
+    zstd_level: i32,
+    row_group_rows: usize,
+) -> Result<WriterProperties, arrow::error::ArrowError> {
     let level = ZstdLevel::try_new(zstd_level)
         .map_err(|e| arrow::error::ArrowError::ParquetError(e.to_string()))?;
+    if row_group_rows == 0 {
+        return Err(arrow::error::ArrowError::InvalidArgumentError(
+            "row groups must hold at least one row".into(),
+        ));
+    }
     Ok(WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         .set_dictionary_enabled(true)
+        .set_max_row_group_row_count(Some(row_group_rows))
         .build())
 }
 

@@ -234,13 +234,17 @@ fn compaction_between_rollups_counts_nothing_twice() {
 
 /// A flush larger than DataFusion's batch size keeps the lake's row order in its file
 /// (delta-rs' write plan once dealt 8,192-row slices over the machine's cores and
-/// wrote them back in arrival order).
+/// wrote them back in arrival order), cut in row groups of the configured size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushed_files_keep_the_lake_sort_order() {
     use arrow::array::AsArray;
     let dir = tempfile::tempdir().unwrap();
     let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
-    let mut table = TableLake::open_or_create(&lake, Table::Metrics, LakeOptions::default(), "t")
+    let options = LakeOptions {
+        row_group_rows: 16_384,
+        ..LakeOptions::default()
+    };
+    let mut table = TableLake::open_or_create(&lake, Table::Metrics, options, "t")
         .await
         .unwrap();
     // 10,000 accounts × 8 minutes, delivered minute by minute: far from sorted. The
@@ -265,9 +269,15 @@ async fn flushed_files_keep_the_lake_sort_order() {
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
         std::fs::File::open(path).unwrap(),
     )
-    .unwrap()
-    .build()
     .unwrap();
+    let groups: Vec<i64> = reader
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|g| g.num_rows())
+        .collect();
+    assert_eq!(groups, [16_384, 16_384, 16_384, 16_384, 14_464]);
+    let reader = reader.build().unwrap();
     let mut keys = Vec::new();
     for batch in reader {
         let batch = batch.unwrap();
