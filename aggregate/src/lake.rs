@@ -906,22 +906,26 @@ pub fn sort_for_lake(
     }
 }
 
-/// The rank of each row's value among the distinct values of string columns
-/// `arrays` (one per batch), in string order; and how many distinct values there are.
-/// Runs of one value (rows arrive grouped by account) are looked up once.
-fn string_ranks<'a>(arrays: &[&'a arrow::array::StringArray]) -> (Vec<Vec<u32>>, usize) {
-    let mut ids: std::collections::HashMap<&'a str, u32> = std::collections::HashMap::new();
-    let mut per_batch: Vec<Vec<u32>> = Vec::with_capacity(arrays.len());
-    for &array in arrays {
-        let mut out = Vec::with_capacity(array.len());
-        let mut last: Option<(&str, u32)> = None;
-        for i in 0..array.len() {
-            let value = array.value(i);
-            let id = match last {
-                Some((previous, id)) if previous == value => id,
+/// The rank of each row's key among the distinct keys of all batches, in key order,
+/// and how many distinct keys there are. `key(b, i)` is the key of row `i` of batch
+/// `b`; `lens` are the batches' row counts. Runs of one key (rows arrive grouped by
+/// account) are looked up once.
+fn ranks<K: Ord + std::hash::Hash + Clone>(
+    lens: &[usize],
+    key: impl Fn(usize, usize) -> K,
+) -> (Vec<Vec<u32>>, usize) {
+    let mut ids: std::collections::HashMap<K, u32> = std::collections::HashMap::new();
+    let mut per_batch: Vec<Vec<u32>> = Vec::with_capacity(lens.len());
+    for (b, &len) in lens.iter().enumerate() {
+        let mut out = Vec::with_capacity(len);
+        let mut last: Option<(K, u32)> = None;
+        for i in 0..len {
+            let value = key(b, i);
+            let id = match &last {
+                Some((previous, id)) if *previous == value => *id,
                 _ => {
                     let next = ids.len() as u32;
-                    let id = *ids.entry(value).or_insert(next);
+                    let id = *ids.entry(value.clone()).or_insert(next);
                     last = Some((value, id));
                     id
                 }
@@ -930,8 +934,8 @@ fn string_ranks<'a>(arrays: &[&'a arrow::array::StringArray]) -> (Vec<Vec<u32>>,
         }
         per_batch.push(out);
     }
-    let mut distinct: Vec<(&str, u32)> = ids.into_iter().collect();
-    distinct.sort_unstable();
+    let mut distinct: Vec<(K, u32)> = ids.into_iter().collect();
+    distinct.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut rank = vec![0u32; distinct.len()];
     for (r, (_, id)) in distinct.iter().enumerate() {
         rank[*id as usize] = r as u32;
@@ -945,22 +949,29 @@ fn string_ranks<'a>(arrays: &[&'a arrow::array::StringArray]) -> (Vec<Vec<u32>>,
 }
 
 /// Sorts metrics rows by account_id, namespace, metric_name, dimensions, region, time.
-/// The three leading string columns become one integer per row (their ranks packed
-/// together), so most comparisons are one integer compare instead of several string
-/// compares; the rows are then gathered from the input batches in one copy.
+/// Each of the six becomes an integer per row, its rank among the values in these
+/// batches (a row's dimensions rank as one list of entries), so the sort compares
+/// integers only: one packed 128-bit key when the ranks fit, as they do unless a
+/// flush holds very many distinct values. The rows are then gathered from the input
+/// batches in one copy.
 fn sort_metrics(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let strings = |i: usize| -> Vec<&arrow::array::StringArray> {
-        batches
+    sort_metrics_packing(batches, 128)
+}
+
+/// [`sort_metrics`], packing the ranks into one key only if they take at most
+/// `max_packed_bits` (tests force the other path with 0).
+pub(crate) fn sort_metrics_packing(
+    batches: &[RecordBatch],
+    max_packed_bits: u32,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let lens: Vec<usize> = batches.iter().map(RecordBatch::num_rows).collect();
+    let string_ranks = |i: usize| {
+        let arrays: Vec<&arrow::array::StringArray> = batches
             .iter()
             .map(|b| b.column(i).as_string::<i32>())
-            .collect()
+            .collect();
+        ranks(&lens, |b, r| arrays[b].value(r))
     };
-    let (accounts, namespaces, metrics, regions) = (
-        strings(c::ACCOUNT_ID),
-        strings(c::NAMESPACE),
-        strings(c::METRIC_NAME),
-        strings(c::REGION),
-    );
     let dims: Vec<&arrow::array::MapArray> = batches
         .iter()
         .map(|b| b.column(c::DIMENSIONS).as_map())
@@ -969,12 +980,7 @@ fn sort_metrics(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::error::Ar
         dims.iter().map(|d| d.keys().as_string::<i32>()).collect();
     let dim_values: Vec<&arrow::array::StringArray> =
         dims.iter().map(|d| d.values().as_string::<i32>()).collect();
-    let times: Vec<&arrow::array::TimestampMicrosecondArray> = batches
-        .iter()
-        .map(|b| b.column(c::TIME).as_primitive::<TimestampMicrosecondType>())
-        .collect();
-    let (dim_keys, dim_values) = (&dim_keys, &dim_values);
-    let dim_entries = |b: usize, row: usize| {
+    let dim_entries = |b: usize, row: usize| -> smallvec::SmallVec<[(&str, &str); 2]> {
         let d = dims[b];
         let range = if d.is_null(row) {
             0..0
@@ -982,40 +988,58 @@ fn sort_metrics(batches: &[RecordBatch]) -> Result<RecordBatch, arrow::error::Ar
             let offsets = d.value_offsets();
             offsets[row] as usize..offsets[row + 1] as usize
         };
-        range.map(move |i| (dim_keys[b].value(i), dim_values[b].value(i)))
+        range
+            .map(|i| (dim_keys[b].value(i), dim_values[b].value(i)))
+            .collect()
     };
-
-    let bits = |n: usize| usize::BITS - n.saturating_sub(1).leading_zeros();
-    let (account_rank, na) = string_ranks(&accounts);
-    let (namespace_rank, nn) = string_ranks(&namespaces);
-    let (metric_rank, nm) = string_ranks(&metrics);
-    let (bn, bm) = (bits(nn), bits(nm));
-    // Ranks are below 2^32 each, so the packed key fits 96 bits at most.
-    let total = bits(na) + bn + bm;
-    debug_assert!(total <= 128);
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let mut order: Vec<(u128, u32, u32)> = Vec::with_capacity(rows);
-    for (b, batch) in batches.iter().enumerate() {
-        for r in 0..batch.num_rows() {
-            let key = (u128::from(account_rank[b][r]) << (bn + bm))
-                | (u128::from(namespace_rank[b][r]) << bm)
-                | u128::from(metric_rank[b][r]);
-            order.push((key, b as u32, r as u32));
-        }
-    }
-    order.sort_unstable_by(|&(ka, ba, ra), &(kb, bb, rb)| {
-        let (ba, ra, bb, rb) = (ba as usize, ra as usize, bb as usize, rb as usize);
-        ka.cmp(&kb)
-            .then_with(|| dim_entries(ba, ra).cmp(dim_entries(bb, rb)))
-            .then_with(|| regions[ba].value(ra).cmp(regions[bb].value(rb)))
-            .then_with(|| times[ba].value(ra).cmp(&times[bb].value(rb)))
-    });
-    let indices: Vec<(usize, usize)> = order
+    let times: Vec<&arrow::array::TimestampMicrosecondArray> = batches
         .iter()
-        .map(|&(_, b, r)| (b as usize, r as usize))
+        .map(|b| b.column(c::TIME).as_primitive::<TimestampMicrosecondType>())
         .collect();
+
+    // In sort order: account, namespace, metric, dimensions, region, time.
+    let columns = [
+        string_ranks(c::ACCOUNT_ID),
+        string_ranks(c::NAMESPACE),
+        string_ranks(c::METRIC_NAME),
+        ranks(&lens, dim_entries),
+        string_ranks(c::REGION),
+        ranks(&lens, |b, r| times[b].value(r)),
+    ];
+    let bits: Vec<u32> = columns
+        .iter()
+        .map(|(_, n)| usize::BITS - n.saturating_sub(1).leading_zeros())
+        .collect();
+    let rows: usize = lens.iter().sum();
+    let mut order: Vec<(usize, usize)> = Vec::with_capacity(rows);
+    if bits.iter().sum::<u32>() <= max_packed_bits.min(128) {
+        let mut keyed: Vec<(u128, u32, u32)> = Vec::with_capacity(rows);
+        for (b, &len) in lens.iter().enumerate() {
+            for r in 0..len {
+                let key = columns
+                    .iter()
+                    .zip(&bits)
+                    .fold(0u128, |key, ((ranks, _), &bits)| {
+                        (key << bits) | u128::from(ranks[b][r])
+                    });
+                keyed.push((key, b as u32, r as u32));
+            }
+        }
+        keyed.sort_unstable_by_key(|&(key, _, _)| key);
+        order.extend(keyed.iter().map(|&(_, b, r)| (b as usize, r as usize)));
+    } else {
+        let mut keyed: Vec<([u32; 6], u32, u32)> = Vec::with_capacity(rows);
+        for (b, &len) in lens.iter().enumerate() {
+            for r in 0..len {
+                let key = std::array::from_fn(|i| columns[i].0[b][r]);
+                keyed.push((key, b as u32, r as u32));
+            }
+        }
+        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        order.extend(keyed.iter().map(|&(_, b, r)| (b as usize, r as usize)));
+    }
     let refs: Vec<&RecordBatch> = batches.iter().collect();
-    arrow::compute::interleave_record_batch(&refs, &indices)
+    arrow::compute::interleave_record_batch(&refs, &order)
 }
 
 /// Keeps the rows of `batches` (of `table`) whose key is not in `existing`.

@@ -332,7 +332,11 @@ proptest! {
                 decoder.finish().remove(0).1
             })
             .collect();
-        let sorted = crate::lake::sort_for_lake(Table::Metrics, &batches).unwrap();
+        // The packed key, and the per-column ranks used when they do not fit one.
+        for sorted in [
+            crate::lake::sort_for_lake(Table::Metrics, &batches).unwrap(),
+            crate::lake::sort_metrics_packing(&batches, 0).unwrap(),
+        ] {
         prop_assert_eq!(sorted.num_rows(), rows.len());
         let s = |i: usize| sorted.column(i).as_string::<i32>();
         let dims = sorted.column(fleetlake_ingest::schema::col::DIMENSIONS).as_map();
@@ -370,5 +374,6 @@ proptest! {
         };
         let before: f64 = batches.iter().map(sum).sum();
         prop_assert_eq!(sum(&sorted), before);
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! line is reported as a [`LineError`] and the lines around it are kept.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ use arrow::array::{
     TimestampMicrosecondBuilder,
 };
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use smallvec::SmallVec;
 
 use crate::schema::{MAP_ENTRIES, day_of_millis, metrics_schema};
 
@@ -29,12 +32,89 @@ struct WireDatapoint<'a> {
     #[serde(borrow)]
     metric_name: Cow<'a, str>,
     #[serde(borrow, default)]
-    dimensions: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    dimensions: Entries<'a, Text<'a>>,
     timestamp: i64,
     #[serde(borrow)]
-    value: BTreeMap<Cow<'a, str>, f64>,
+    value: Entries<'a, f64>,
     #[serde(borrow, default)]
     unit: Option<Cow<'a, str>>,
+}
+
+/// A JSON string, borrowed from the line unless it has escapes.
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TextVisitor<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(TextVisitor(PhantomData))
+    }
+}
+
+/// The entries of a JSON object (`dimensions`, `value`) sorted by key, the last one
+/// kept where a key repeats. A datapoint has a handful, so they stay inline instead
+/// of in a map allocated per line.
+#[derive(Debug)]
+struct Entries<'a, V>(SmallVec<[(Cow<'a, str>, V); 4]>);
+
+impl<V> Default for Entries<'_, V> {
+    fn default() -> Self {
+        Self(SmallVec::new())
+    }
+}
+
+impl<'a, V> Entries<'a, V> {
+    fn get(&self, key: &str) -> Option<&V> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+impl<'de: 'a, 'a, V: Deserialize<'de>> Deserialize<'de> for Entries<'a, V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor<'a, V>(PhantomData<(&'a (), V)>);
+        impl<'de: 'a, 'a, V: Deserialize<'de>> Visitor<'de> for EntriesVisitor<'a, V> {
+            type Value = Entries<'a, V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries: SmallVec<[(Cow<'a, str>, V); 4]> = SmallVec::new();
+                while let Some((Text(key), value)) = map.next_entry::<Text<'a>, V>()? {
+                    entries.push((key, value));
+                }
+                if entries.len() > 1 {
+                    // Stable, so of equal keys the later stays later: keep that one.
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                    let mut kept: SmallVec<[(Cow<'a, str>, V); 4]> =
+                        SmallVec::with_capacity(entries.len());
+                    let mut rest = entries.into_iter().peekable();
+                    while let Some(entry) = rest.next() {
+                        if rest.peek().is_none_or(|next| next.0 != entry.0) {
+                            kept.push(entry);
+                        }
+                    }
+                    entries = kept;
+                }
+                Ok(Entries(entries))
+            }
+        }
+        d.deserialize_map(EntriesVisitor(PhantomData))
+    }
 }
 
 /// Why one line of a record could not be decoded.
@@ -171,8 +251,13 @@ impl MetricsBatchBuilder {
     }
 
     fn push_line(&mut self, line: &[u8]) -> Result<(), String> {
-        let dp: WireDatapoint<'_> =
-            serde_json::from_slice(line).map_err(|e| format!("invalid metric stream JSON: {e}"))?;
+        // One UTF-8 check for the line; parsing from `&str` then skips the check per
+        // string. Invalid UTF-8 is parsed from bytes for serde_json's message.
+        let parsed = match std::str::from_utf8(line) {
+            Ok(text) => serde_json::from_str::<WireDatapoint<'_>>(text),
+            Err(_) => serde_json::from_slice::<WireDatapoint<'_>>(line),
+        };
+        let dp = parsed.map_err(|e| format!("invalid metric stream JSON: {e}"))?;
         let stat = |name: &str| dp.value.get(name).copied();
         self.append(
             SeriesId {
@@ -182,7 +267,10 @@ impl MetricsBatchBuilder {
                 metric_name: &dp.metric_name,
             },
             dp.timestamp,
-            dp.dimensions.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+            dp.dimensions
+                .0
+                .iter()
+                .map(|(k, v)| (k.as_ref(), v.0.as_ref())),
             dp.unit.as_deref(),
             BaseStats {
                 count: stat("count"),
@@ -191,6 +279,7 @@ impl MetricsBatchBuilder {
                 max: stat("max"),
             },
             dp.value
+                .0
                 .iter()
                 .filter(|(k, _)| !matches!(k.as_ref(), "count" | "sum" | "min" | "max"))
                 .map(|(k, v)| (k.as_ref(), *v)),
@@ -342,6 +431,74 @@ mod tests {
         let batch = b.finish();
         assert_eq!(batch.num_rows(), 2);
         assert_eq!(batch.column(col::DIMENSIONS).null_count(), 0);
+    }
+
+    #[test]
+    fn object_entries_come_sorted_with_the_last_of_a_repeated_key() {
+        let line = r#"{"account_id":"1","region":"eu-west-1","namespace":"AWS/Lambda","metric_name":"Duration","dimensions":{"Resource":"f:live","FunctionName":"f","Resource":"f:\u0031"},"timestamp":60000,"value":{"p99":9.5,"max":3,"count":2,"sum":4,"min":1,"max":7,"p50":2.5,"p99":8.5}}"#;
+        let mut b = MetricsBatchBuilder::new();
+        assert_eq!(b.push_record(line.as_bytes()), vec![]);
+        let batch = b.finish();
+        let dims = batch.column(col::DIMENSIONS).as_map().value(0);
+        let keys: Vec<_> = dims.column(0).as_string::<i32>().iter().flatten().collect();
+        let values: Vec<_> = dims.column(1).as_string::<i32>().iter().flatten().collect();
+        assert_eq!(keys, ["FunctionName", "Resource"]);
+        assert_eq!(values, ["f", "f:1"]);
+        let max = batch.column(col::MAX).as_primitive::<Float64Type>();
+        assert_eq!(max.value(0), 7.0);
+        let stats = batch.column(col::STATS).as_map().value(0);
+        let keys: Vec<_> = stats
+            .column(0)
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .collect();
+        let values: Vec<_> = stats
+            .column(1)
+            .as_primitive::<Float64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(keys, ["p50", "p99"]);
+        assert_eq!(values, [2.5, 8.5]);
+    }
+
+    #[test]
+    fn invalid_utf8_and_wrong_types_are_line_errors() {
+        let mut record = SAMPLE.as_bytes().to_vec();
+        record.extend_from_slice(b"\n");
+        record.extend_from_slice(&SAMPLE.as_bytes()[..40]);
+        record.extend_from_slice(&[0xff, 0xfe]);
+        record.extend_from_slice(&SAMPLE.as_bytes()[40..]);
+        record.extend_from_slice(b"\n");
+        record.extend_from_slice(SAMPLE.replace("20.0", "\"20\"").as_bytes());
+        record.extend_from_slice(b"\n");
+        record.extend_from_slice(
+            SAMPLE
+                .replace("{\"InstanceId\":\"i-123456789012\"}", "[]")
+                .as_bytes(),
+        );
+        record.extend_from_slice(b"\n");
+        record.extend_from_slice(SAMPLE.as_bytes());
+        let mut b = MetricsBatchBuilder::new();
+        let errors = b.push_record(&record);
+        let lines: Vec<_> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [2, 3, 4], "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.message.starts_with("invalid metric stream JSON"))
+        );
+        assert!(
+            errors[1].message.contains("expected f64"),
+            "{}",
+            errors[1].message
+        );
+        assert!(
+            errors[2].message.contains("a JSON object"),
+            "{}",
+            errors[2].message
+        );
+        assert_eq!(b.finish().num_rows(), 2);
     }
 
     #[test]
