@@ -1035,7 +1035,7 @@ pub(crate) fn sort_metrics_packing(
                 keyed.push((key, b as u32, r as u32));
             }
         }
-        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        keyed.sort_unstable_by_key(|&(key, _, _)| key);
         order.extend(keyed.iter().map(|&(_, b, r)| (b as usize, r as usize)));
     }
     let refs: Vec<&RecordBatch> = batches.iter().collect();
