@@ -232,10 +232,11 @@ impl MetricsBatchBuilder {
     pub fn push_record(&mut self, record: &[u8]) -> Vec<LineError> {
         let mut errors = Vec::new();
         let mut start = 0;
-        for (index, raw) in record.split(|b| *b == b'\n').enumerate() {
-            let span = start..start + raw.len();
-            start = span.end + 1;
-            let line = raw.trim_ascii();
+        let ends = memchr::memchr_iter(b'\n', record).chain(std::iter::once(record.len()));
+        for (index, end) in ends.enumerate() {
+            let span = start..end;
+            start = end + 1;
+            let line = record[span.clone()].trim_ascii();
             if line.is_empty() {
                 continue;
             }
