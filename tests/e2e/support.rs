@@ -19,6 +19,9 @@ pub struct Server {
     /// The Postgres wire protocol listener.
     pub pg_addr: String,
     log: std::sync::Mutex<mpsc::Receiver<String>>,
+    /// Lines logged before the listeners' addresses (a source may log while the
+    /// listeners start), not yet looked at by [`Server::wait_for_log`].
+    early: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
 
 impl Server {
@@ -61,10 +64,12 @@ impl Server {
             Some(rest.split_whitespace().next()?.to_string())
         };
         let mut pg_addr = String::new();
+        let mut early = std::collections::VecDeque::new();
         let addr = loop {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("fleetlake exited or did not log its address");
+            early.push_back(line.clone());
             if line.contains("postgres listening")
                 && let Some(a) = address(&line)
             {
@@ -81,6 +86,7 @@ impl Server {
             addr,
             pg_addr,
             log: std::sync::Mutex::new(rx),
+            early: std::sync::Mutex::new(early),
         }
     }
 
@@ -125,6 +131,13 @@ impl Server {
 
     /// Waits until a log line contains `needle` (bounded).
     pub fn wait_for_log(&self, needle: &str) {
+        let mut early = self.early.lock().unwrap();
+        while let Some(line) = early.pop_front() {
+            if line.contains(needle) {
+                return;
+            }
+        }
+        drop(early);
         let deadline = Instant::now() + WAIT;
         loop {
             let line = self
