@@ -1010,36 +1010,35 @@ pub(crate) fn sort_metrics_packing(
         .iter()
         .map(|(_, n)| usize::BITS - n.saturating_sub(1).leading_zeros())
         .collect();
-    let rows: usize = lens.iter().sum();
-    let mut order: Vec<(usize, usize)> = Vec::with_capacity(rows);
-    if bits.iter().sum::<u32>() <= max_packed_bits.min(128) {
-        let mut keyed: Vec<(u128, u32, u32)> = Vec::with_capacity(rows);
-        for (b, &len) in lens.iter().enumerate() {
-            for r in 0..len {
-                let key = columns
-                    .iter()
-                    .zip(&bits)
-                    .fold(0u128, |key, ((ranks, _), &bits)| {
-                        (key << bits) | u128::from(ranks[b][r])
-                    });
-                keyed.push((key, b as u32, r as u32));
-            }
-        }
-        keyed.sort_unstable_by_key(|&(key, _, _)| key);
-        order.extend(keyed.iter().map(|&(_, b, r)| (b as usize, r as usize)));
+    let rank = |i: usize, b: usize, r: usize| columns[i].0[b][r];
+    let order = if bits.iter().sum::<u32>() <= max_packed_bits.min(128) {
+        sorted_rows(&lens, |b, r| {
+            (0..columns.len()).fold(0u128, |key, i| (key << bits[i]) | u128::from(rank(i, b, r)))
+        })
     } else {
-        let mut keyed: Vec<([u32; 6], u32, u32)> = Vec::with_capacity(rows);
-        for (b, &len) in lens.iter().enumerate() {
-            for r in 0..len {
-                let key = std::array::from_fn(|i| columns[i].0[b][r]);
-                keyed.push((key, b as u32, r as u32));
-            }
-        }
-        keyed.sort_unstable_by_key(|&(key, _, _)| key);
-        order.extend(keyed.iter().map(|&(_, b, r)| (b as usize, r as usize)));
-    }
+        sorted_rows(&lens, |b, r| -> [u32; 6] {
+            std::array::from_fn(|i| rank(i, b, r))
+        })
+    };
     let refs: Vec<&RecordBatch> = batches.iter().collect();
     arrow::compute::interleave_record_batch(&refs, &order)
+}
+
+/// The (batch, row) positions of all rows of batches of `lens` rows, ordered by
+/// `key(batch, row)`.
+fn sorted_rows<K: Ord + Copy>(
+    lens: &[usize],
+    key: impl Fn(usize, usize) -> K,
+) -> Vec<(usize, usize)> {
+    let mut keyed: Vec<(K, u32, u32)> = Vec::with_capacity(lens.iter().sum());
+    for (b, &len) in lens.iter().enumerate() {
+        keyed.extend((0..len).map(|r| (key(b, r), b as u32, r as u32)));
+    }
+    keyed.sort_unstable_by_key(|&(key, _, _)| key);
+    keyed
+        .into_iter()
+        .map(|(_, b, r)| (b as usize, r as usize))
+        .collect()
 }
 
 /// Keeps the rows of `batches` (of `table`) whose key is not in `existing`.

@@ -97,19 +97,16 @@ impl<'de: 'a, 'a, V: Deserialize<'de>> Deserialize<'de> for Entries<'a, V> {
                 while let Some((Text(key), value)) = map.next_entry::<Text<'a>, V>()? {
                     entries.push((key, value));
                 }
-                if entries.len() > 1 {
-                    // Stable, so of equal keys the later stays later: keep that one.
-                    entries.sort_by(|a, b| a.0.cmp(&b.0));
-                    let mut kept: SmallVec<[(Cow<'a, str>, V); 4]> =
-                        SmallVec::with_capacity(entries.len());
-                    let mut rest = entries.into_iter().peekable();
-                    while let Some(entry) = rest.next() {
-                        if rest.peek().is_none_or(|next| next.0 != entry.0) {
-                            kept.push(entry);
-                        }
+                // Stable, so of equal keys the later stays later; of a run of them the
+                // first slot keeps the last one's value.
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                entries.dedup_by(|later, kept| {
+                    let repeated = later.0 == kept.0;
+                    if repeated {
+                        std::mem::swap(later, kept);
                     }
-                    entries = kept;
-                }
+                    repeated
+                });
                 Ok(Entries(entries))
             }
         }
