@@ -32,6 +32,15 @@ if ! command -v psql >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
 fi
+# openssl makes the TLS tests' certificate; chattr (e2fsprogs) makes a directory
+# read-only even for root in the fault tests.
+for tool in openssl:openssl chattr:e2fsprogs; do
+    if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
+        echo "== installing ${tool#*:} (apt)"
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
+    fi
+done
 # Alertmanager, the real peer alerts are posted to, from Debian.
 if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
     echo "== installing prometheus-alertmanager (apt)"

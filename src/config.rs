@@ -46,6 +46,20 @@ pub(crate) struct Config {
     pub(crate) accounts: AccountsConfig,
     /// Alert rules, receivers, routes, silences, storm control.
     pub(crate) alerting: fleetlake_alert_rules::AlertingConfig,
+    /// TLS on the HTTP and Postgres listeners; plain TCP when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: a certificate for both listeners. Firehose delivers to HTTPS endpoints only;
+/// Postgres clients must then negotiate TLS (`sslmode=require` or stronger).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub(crate) cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of that certificate.
+    pub(crate) key_file: PathBuf,
 }
 
 /// `[accounts]`: the account registry (one record per AWS account of the fleet).
@@ -214,7 +228,7 @@ impl KinesisConfig {
 }
 
 /// `[firehose]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct FirehoseConfig {
     /// Access key Firehose must send in `X-Amz-Firehose-Access-Key`, for every source
@@ -222,10 +236,13 @@ pub(crate) struct FirehoseConfig {
     pub(crate) access_key: Option<String>,
     /// Largest request body, compressed and decompressed, in bytes.
     pub(crate) max_body_bytes: usize,
+    /// Requests read and decoded at once, all endpoints together; more get 503 and
+    /// Firehose retries them. With `max_body_bytes`, bounds the memory bodies take.
+    pub(crate) max_in_flight: usize,
 }
 
 /// `[sources.<name>]`: one Firehose HTTP endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SourceConfig {
     /// URL path of the endpoint.
@@ -242,6 +259,35 @@ pub(crate) struct SourceConfig {
     /// Whether the endpoint is served.
     #[serde(default = "enabled")]
     pub(crate) enabled: bool,
+}
+
+/// Access keys are secrets: never printed.
+impl std::fmt::Debug for FirehoseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirehoseConfig")
+            .field(
+                "access_key",
+                &self.access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field(
+                "access_key",
+                &self.access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("region", &self.region)
+            .field("enabled", &self.enabled)
+            .finish()
+    }
 }
 
 fn enabled() -> bool {
@@ -283,6 +329,12 @@ pub(crate) struct BufferConfig {
     pub(crate) flush_rows: usize,
     /// Above this many buffered rows, Firehose requests get 503 and are retried.
     pub(crate) max_rows: usize,
+    /// Above this many bytes in the hot buffer, Firehose requests get 503 (before their
+    /// bodies are read) and Kinesis reading waits, until a flush frees the buffer.
+    /// With `firehose.max_in_flight` × `firehose.max_body_bytes`, this is what bounds the
+    /// service's memory. 0: a quarter of the memory the process may use (its cgroup's
+    /// limit, else the machine's).
+    pub(crate) max_bytes: u64,
 }
 
 /// `[wal]`
@@ -309,6 +361,7 @@ pub(crate) struct LakeConfig {
     /// Region of the bucket (else the AWS configuration's).
     pub(crate) region: Option<String>,
     /// Further object_store / delta-rs storage options (`AWS_PROFILE`, ...).
+    #[serde(deserialize_with = "scalar_strings")]
     pub(crate) storage_options: BTreeMap<String, String>,
     /// Parquet files are cut near this size, in bytes.
     pub(crate) target_file_bytes: u64,
@@ -436,6 +489,7 @@ impl Default for Config {
             kinesis: Vec::new(),
             accounts: AccountsConfig::default(),
             alerting: fleetlake_alert_rules::AlertingConfig::default(),
+            tls: None,
         }
     }
 }
@@ -445,6 +499,7 @@ impl Default for FirehoseConfig {
         Self {
             access_key: None,
             max_body_bytes: fleetlake_ingest::firehose::DEFAULT_MAX_BODY_BYTES,
+            max_in_flight: fleetlake_ingest::firehose::DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -455,6 +510,7 @@ impl Default for BufferConfig {
             flush_interval: Duration::from_secs(30),
             flush_rows: 2_000_000,
             max_rows: 8_000_000,
+            max_bytes: 0,
         }
     }
 }
@@ -545,7 +601,7 @@ impl Config {
                     source.path
                 );
             }
-            if ["/health", "/metrics"].contains(&source.path.as_str())
+            if ["/health", "/ready", "/metrics"].contains(&source.path.as_str())
                 || source.path.starts_with("/api/")
             {
                 bail!(
@@ -565,6 +621,20 @@ impl Config {
         }
         if self.firehose.max_body_bytes == 0 {
             bail!("firehose.max_body_bytes must be positive");
+        }
+        if self.firehose.max_in_flight == 0 {
+            bail!("firehose.max_in_flight must be positive");
+        }
+        if self.query.users.is_empty() {
+            for (key, addr) in [("http_addr", self.http_addr), ("pg_addr", self.pg_addr)] {
+                if !addr.ip().is_loopback() {
+                    bail!(
+                        "{key} {addr} is reachable from other hosts, but no [[query.users]] are \
+                         configured: anyone there could read every account's data. Add users \
+                         (name and password or token), or listen on 127.0.0.1"
+                    );
+                }
+            }
         }
         if self.buffer.flush_interval.is_zero() {
             bail!("buffer.flush_interval must be positive");
@@ -634,6 +704,10 @@ impl Config {
             flush_interval: self.buffer.flush_interval,
             flush_rows: self.buffer.flush_rows,
             max_buffered_rows: self.buffer.max_rows,
+            max_buffered_bytes: match self.buffer.max_bytes {
+                0 => available_memory().map_or(4 << 30, |bytes| bytes / 4),
+                bytes => bytes,
+            } as usize,
             wal_segment_bytes: self.wal.segment_bytes,
             lake: fleetlake_aggregate::lake::LakeOptions {
                 target_file_bytes: self.lake.target_file_bytes,
@@ -727,6 +801,60 @@ fn describe_figment_error(error: figment::Error, file: Option<&Path>) -> String 
     lines.join("\n")
 }
 
+/// A table of option strings, whose values may also be written as numbers or booleans
+/// (`max_retries = 3`; an environment variable `..._MAX_RETRIES=3` arrives as a number).
+fn scalar_strings<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Flag(bool),
+    }
+    let table = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+    Ok(table
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Scalar::Text(text) => text,
+                Scalar::Integer(n) => n.to_string(),
+                Scalar::Float(x) => x.to_string(),
+                Scalar::Flag(flag) => flag.to_string(),
+            };
+            (key, value)
+        })
+        .collect())
+}
+
+/// Memory the process may use: its cgroup's limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`) if one is set, else the machine's (`MemTotal`).
+fn available_memory() -> Option<u64> {
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|path| std::fs::read_to_string(path).ok())
+    .filter_map(|text| text.trim().parse::<u64>().ok())
+    // v1 says "no limit" with a number near 2^63.
+    .find(|bytes| *bytes < 1 << 60);
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    match (cgroup, total) {
+        (Some(limit), Some(total)) => Some(limit.min(total)),
+        (limit, total) => limit.or(total),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -814,6 +942,64 @@ mod tests {
         let config = Config::default();
         assert!(config.http_addr.ip().is_loopback());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn other_hosts_need_sql_users() {
+        let err = Config::from_toml("http_addr = \"0.0.0.0:8088\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http_addr 0.0.0.0:8088 is reachable from other hosts"),
+            "{err}"
+        );
+        let err = Config::from_toml("pg_addr = \"10.0.0.5:5433\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no [[query.users]] are configured"), "{err}");
+        Config::from_toml(
+            "http_addr = \"0.0.0.0:8088\"\npg_addr = \"[::]:5433\"\n\
+             [[query.users]]\nname = \"grafana\"\npassword = \"a-long-secret\"",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let config = Config::from_toml(
+            "[firehose]\naccess_key = \"fh-secret-1\"\n\
+             [sources.prod]\npath = \"/p\"\nformat = \"json\"\naccess_key = \"fh-secret-2\"\n\
+             [[query.users]]\nname = \"grafana\"\npassword = \"pw-secret\"\ntoken = \"tok-secret\"\n\
+             [[alerting.receivers]]\nname = \"pd\"\ntype = \"pagerduty\"\n\
+             routing_key = \"0123456789abcdef0123456789abcdef\"",
+        )
+        .unwrap();
+        let printed = format!("{config:?}");
+        for secret in [
+            "fh-secret-1",
+            "fh-secret-2",
+            "pw-secret",
+            "tok-secret",
+            "0123456789abcdef",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn storage_options_take_numbers_and_flags() {
+        let config = Config::from_toml(
+            "[lake.storage_options]\nmax_retries = 2\nallow_http = true\ntimeout = \"5s\"",
+        )
+        .unwrap();
+        let options: Vec<_> = config
+            .lake
+            .storage_options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(options, ["allow_http=true", "max_retries=2", "timeout=5s"]);
     }
 
     #[test]

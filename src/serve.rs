@@ -101,14 +101,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .collect()
         },
     )));
+    let consumers_running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let checks = Arc::new(Checks {
+        aggregator: aggregator.clone(),
+        consumers_running: Arc::clone(&consumers_running),
+        consumers_configured: config.kinesis.len(),
+    });
+    let ready_checks = Arc::clone(&checks);
     let mut app = Router::new()
-        .route("/health", get(health))
+        .route("/health", get(move || health(Arc::clone(&checks))))
+        .route("/ready", get(move || ready(Arc::clone(&ready_checks))))
         .route("/metrics", get(move || render_metrics(prometheus.clone())))
         .merge(fleetlake_query::http::router(
             Arc::clone(&engine),
             Arc::clone(&access),
         ));
     let sink: Arc<dyn fleetlake_ingest::RowSink> = Arc::new(aggregator.clone());
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(config.firehose.max_in_flight));
     for (name, source) in config.enabled_sources() {
         let access_key = source
             .access_key
@@ -129,6 +138,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 region: source.region.clone(),
                 access_key,
                 max_body_bytes: config.firehose.max_body_bytes,
+                in_flight: Arc::clone(&in_flight),
             },
             Arc::clone(&sink),
         ));
@@ -167,7 +177,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         };
         let sink = Arc::clone(&stream_sink);
         let stop = consumers_stop.clone();
+        let running = Running::start(&consumers_running);
         consumers.spawn(async move {
+            let _running = running;
             if let Err(lost) = kinesis::run_stream(stream, api, sink, leases, stop).await {
                 // Fencing: what this instance buffered of that shard must not be
                 // committed, since its new owner reads it again. Firehose data is safe
@@ -178,18 +190,31 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let (http_tls, pg_tls) = match &config.tls {
+        Some(tls) => {
+            use fleetlake_query::tls::{ALPN_HTTP1, ALPN_POSTGRES, server_config};
+            let load = |alpn| {
+                server_config(&tls.cert_file, &tls.key_file, &[alpn])
+                    .context("loading the TLS certificate and key ([tls])")
+            };
+            (Some(load(ALPN_HTTP1)?), Some(load(ALPN_POSTGRES)?))
+        }
+        None => (None, None),
+    };
     let pg_listener = tokio::net::TcpListener::bind(config.pg_addr)
         .await
         .with_context(|| format!("binding {} (postgres)", config.pg_addr))?;
     info!(
         addr = %pg_listener.local_addr()?,
         users = if access.is_open() { "open access" } else { "configured" },
+        tls = pg_tls.is_some(),
         "postgres listening"
     );
     let pg = tokio::spawn(fleetlake_query::pg::serve(
         pg_listener,
         Arc::clone(&engine),
         Arc::clone(&access),
+        pg_tls,
     ));
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -197,11 +222,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.http_addr))?;
     let addr = listener.local_addr()?;
 
-    let external_url = config
-        .alerting
-        .external_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+    let external_url = config.alerting.external_url.clone().unwrap_or_else(|| {
+        let scheme = if http_tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
+    });
     let alerting = crate::alerting::open(&config, Arc::clone(&engine), registry, external_url)?;
     info!(
         groups = alerting.groups().len(),
@@ -217,13 +241,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = app.merge(crate::alerting::router(alerting, Arc::clone(&access)));
     info!(
         %addr,
+        tls = http_tls.is_some(),
         data_dir = %config.data_dir.display(),
         "http listening"
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving http")?;
+    match http_tls {
+        Some(tls) => axum::serve(fleetlake_query::tls::TlsListener::new(listener, tls), app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving https")?,
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving http")?,
+    }
     pg.abort();
     alert_tasks.abort_all();
     let _ = stop_consumers.send(true);
@@ -278,10 +309,107 @@ fn instance_id() -> String {
     format!("{host}-{}-{started}", std::process::id())
 }
 
-async fn health() -> impl IntoResponse {
+/// What `/health` and `/ready` look at.
+struct Checks {
+    aggregator: Aggregator,
+    consumers_running: Arc<std::sync::atomic::AtomicUsize>,
+    consumers_configured: usize,
+}
+
+/// Counts a running Kinesis consumer while it lives.
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Running {
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How long `/ready` waits for the WAL directory and the lake's store.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn fault_json(fault: &Option<fleetlake_aggregate::Fault>) -> serde_json::Value {
+    match fault {
+        None => serde_json::json!({"ok": true}),
+        Some(fault) => serde_json::json!({
+            "ok": false,
+            "error": fault.error,
+            "since": humantime::format_rfc3339_seconds(fault.since).to_string(),
+            "failures": fault.failures,
+        }),
+    }
+}
+
+fn check_response(ok: bool, checks: serde_json::Value) -> axum::response::Response {
+    let status = if ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "unhealthy" },
+        "checks": checks,
+    });
     (
+        status,
         [(header::CONTENT_TYPE, "application/json")],
-        r#"{"status":"ok"}"#,
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Liveness: 503 while the write-ahead log or the lake fails (writes are refused
+/// then), 200 otherwise.
+async fn health(checks: Arc<Checks>) -> axum::response::Response {
+    let health = checks.aggregator.health();
+    let ok = health.wal.is_none() && health.lake.is_none();
+    check_response(
+        ok,
+        serde_json::json!({
+            "wal": fault_json(&health.wal),
+            "lake": fault_json(&health.lake),
+        }),
+    )
+}
+
+/// Readiness: what `/health` checks, and the WAL directory takes a durable write, the
+/// lake's store answers, every Kinesis consumer runs and the hot buffer has room.
+async fn ready(checks: Arc<Checks>) -> axum::response::Response {
+    let health = checks.aggregator.health();
+    let probe = checks.aggregator.probe(PROBE_TIMEOUT).await;
+    let running = checks
+        .consumers_running
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let sources_ok = running == checks.consumers_configured;
+    let room = health.buffered_rows < health.max_buffered_rows;
+    let ok = health.wal.is_none() && health.lake.is_none() && probe.is_ok() && sources_ok && room;
+    check_response(
+        ok,
+        serde_json::json!({
+            "wal": fault_json(&health.wal),
+            "lake": fault_json(&health.lake),
+            "probe": match &probe {
+                Ok(()) => serde_json::json!({"ok": true}),
+                Err(error) => serde_json::json!({"ok": false, "error": error}),
+            },
+            "kinesis": {
+                "ok": sources_ok,
+                "consumers_running": running,
+                "consumers_configured": checks.consumers_configured,
+            },
+            "buffer": {
+                "ok": room,
+                "rows": health.buffered_rows,
+                "max_rows": health.max_buffered_rows,
+            },
+        }),
     )
 }
 

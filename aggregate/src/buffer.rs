@@ -106,7 +106,8 @@ pub struct HotBuffer {
     /// The lake version the flushing generation's commit builds on, once the commit may
     /// have been made: a query reading a later version finds those rows in the lake.
     flushing_base: Option<i64>,
-    recent: VecDeque<(i64, Instant, Vec<RecordBatch>)>,
+    /// Finished flushes still visible here: lake version, when, rows, their bytes.
+    recent: VecDeque<(i64, Instant, Vec<RecordBatch>, usize)>,
     watermarks: HashMap<u64, i64, KeyHasher>,
     default_watermark: i64,
     lake_max_time: i64,
@@ -131,6 +132,7 @@ impl HotBuffer {
 
     /// Adds the rows of WAL record `seq`, dropping those already buffered.
     pub fn insert(&mut self, seq: u64, batch: &RecordBatch) -> InsertOutcome {
+        self.prune_recent(Instant::now());
         let keys = row_keys(self.table, batch);
         let mut visible = Vec::with_capacity(keys.len());
         let mut suspect = Vec::with_capacity(keys.len());
@@ -210,9 +212,18 @@ impl HotBuffer {
         self.open.rows + self.open.suspect_rows + flushing
     }
 
-    /// Approximate bytes held by the rows.
+    /// Approximate bytes held by the rows: open, flushing, and those of finished flushes
+    /// still kept visible (until their retention passes; they are dropped at the next
+    /// insert or flush after that).
     pub fn bytes(&self) -> usize {
-        self.open.bytes + self.flushing.as_ref().map_or(0, |g| g.bytes)
+        let now = Instant::now();
+        let recent: usize = self
+            .recent
+            .iter()
+            .filter(|(_, at, _, _)| now.duration_since(*at) <= RECENT_RETENTION)
+            .map(|(_, _, _, bytes)| bytes)
+            .sum();
+        self.open.bytes + self.flushing.as_ref().map_or(0, |g| g.bytes) + recent
     }
 
     /// Rows of the open generation, which the next flush takes.
@@ -285,7 +296,8 @@ impl HotBuffer {
             self.lake_max_time = self.lake_max_time.max(time);
         }
         let now = Instant::now();
-        self.recent.push_back((version, now, written));
+        let bytes = written.iter().map(RecordBatch::get_array_memory_size).sum();
+        self.recent.push_back((version, now, written, bytes));
         self.prune_recent(now);
     }
 
@@ -293,7 +305,7 @@ impl HotBuffer {
         while self
             .recent
             .front()
-            .is_some_and(|(_, at, _)| now.duration_since(*at) > RECENT_RETENTION)
+            .is_some_and(|(_, at, _, _)| now.duration_since(*at) > RECENT_RETENTION)
         {
             self.recent.pop_front();
         }
@@ -311,7 +323,7 @@ impl HotBuffer {
         if let Some(flushing) = self.flushing.as_ref().filter(|_| !committed) {
             out.extend(flushing.batches.iter().cloned());
         }
-        for (version, _, batches) in &self.recent {
+        for (version, _, batches, _) in &self.recent {
             if lake_version.is_none_or(|v| *version > v) {
                 out.extend(batches.iter().cloned());
             }

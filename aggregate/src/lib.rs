@@ -64,6 +64,9 @@ pub struct AggregateConfig {
     pub flush_rows: usize,
     /// Writes are refused (Firehose retries later) while this many rows are buffered.
     pub max_buffered_rows: usize,
+    /// Writes are refused (as for `max_buffered_rows`) while the hot buffers hold this
+    /// many bytes: with the bounded request bodies in flight, what bounds memory.
+    pub max_buffered_bytes: usize,
     /// A WAL segment is sealed once it reaches this size.
     pub wal_segment_bytes: u64,
     /// Parquet writing options.
@@ -207,6 +210,8 @@ struct Shared {
     positions: Mutex<BTreeMap<String, String>>,
     /// One flush at a time.
     flushing: tokio::sync::Mutex<()>,
+    /// What is failing now (the WAL's disk, the lake's store).
+    faults: Faults,
     config: AggregateConfig,
     _lock: std::fs::File,
 }
@@ -220,6 +225,13 @@ impl Shared {
         self.tables
             .iter()
             .map(|t| t.buffer.lock().expect("buffer lock").rows())
+            .sum()
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.tables
+            .iter()
+            .map(|t| t.buffer.lock().expect("buffer lock").bytes())
             .sum()
     }
 
@@ -331,9 +343,13 @@ impl Aggregator {
             flush_now: Notify::new(),
             positions: Mutex::new(positions),
             flushing: tokio::sync::Mutex::new(()),
+            faults: Faults::default(),
             config,
             _lock: lock,
         });
+        for stage in [Stage::Wal, Stage::Lake] {
+            ::metrics::gauge!(m::STAGE_UP, "stage" => stage.name()).set(1.0);
+        }
         let writer = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("fleetlake-wal".into())
@@ -341,6 +357,7 @@ impl Aggregator {
             .expect("spawn wal writer thread");
         let flusher = Arc::clone(&shared);
         tokio::spawn(flush_loop(flusher));
+        tokio::spawn(sample_memory(Arc::downgrade(&shared)));
         if let Some(compaction) = shared.config.compaction.clone() {
             tokio::spawn(compaction_loop(Arc::downgrade(&shared), compaction));
         }
@@ -378,9 +395,141 @@ impl Aggregator {
     pub async fn flush(&self) -> Result<(), LakeError> {
         flush_once(&self.shared).await
     }
+
+    /// Checks that the WAL's directory takes a durable write and that the lake's store
+    /// answers (loads the `metrics` table's latest version), each within `timeout`. A
+    /// table busy with a flush or compaction counts as answering: the fault state
+    /// reports how that ends.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let dir = self.shared.config.wal_dir.clone();
+        let wal = tokio::task::spawn_blocking(move || {
+            static PROBES: AtomicU64 = AtomicU64::new(0);
+            let path = dir.join(format!(".probe-{}", PROBES.fetch_add(1, Ordering::Relaxed)));
+            let result = std::fs::File::create(&path)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, b"probe")?;
+                    f.sync_data()
+                })
+                .map_err(|e| format!("write-ahead log directory {}: {e}", dir.display()));
+            let _ = std::fs::remove_file(&path);
+            result
+        });
+        match tokio::time::timeout(timeout, wal).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(e)) => return Err(format!("write-ahead log probe failed: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "write-ahead log directory: no answer in {timeout:?}"
+                ));
+            }
+        }
+        let state = self.shared.state(Table::Metrics);
+        let Ok(mut lake) = state.lake.try_lock() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(timeout, lake.refresh()).await {
+            Ok(result) => result.map_err(|e| format!("lake: {e}")),
+            Err(_) => Err(format!("lake: no answer in {timeout:?}")),
+        }
+    }
+
+    /// What `/health` and `/ready` report of this stage.
+    pub fn health(&self) -> Health {
+        let shared = &self.shared;
+        Health {
+            wal: shared.faults.get(Stage::Wal),
+            lake: shared.faults.get(Stage::Lake),
+            buffered_rows: shared.buffered_rows(),
+            max_buffered_rows: shared.config.max_buffered_rows,
+        }
+    }
+}
+
+/// A stage that fails now: its last error, since when, how many attempts in a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// The last error.
+    pub error: String,
+    /// When the first failure of this run of failures happened.
+    pub since: std::time::SystemTime,
+    /// Failed attempts since then.
+    pub failures: u64,
+}
+
+/// The aggregate stage's health: what fails (nothing when `None`) and how full the hot
+/// buffer is.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// The write-ahead log's last group commit failed (a full or read-only disk): writes
+    /// are refused until one succeeds.
+    pub wal: Option<Fault>,
+    /// The lake refused the last flush (store errors, a read-only directory): writes are
+    /// refused, and the flush retried with backoff, until one succeeds.
+    pub lake: Option<Fault>,
+    /// Rows in the hot buffers.
+    pub buffered_rows: usize,
+    /// Above this many, writes are refused until a flush makes room.
+    pub max_buffered_rows: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Wal,
+    Lake,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Wal => "wal",
+            Stage::Lake => "lake",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    wal: Mutex<Option<Fault>>,
+    lake: Mutex<Option<Fault>>,
+}
+
+impl Faults {
+    fn slot(&self, stage: Stage) -> &Mutex<Option<Fault>> {
+        match stage {
+            Stage::Wal => &self.wal,
+            Stage::Lake => &self.lake,
+        }
+    }
+
+    fn get(&self, stage: Stage) -> Option<Fault> {
+        self.slot(stage).lock().expect("faults lock").clone()
+    }
+
+    fn fail(&self, stage: Stage, error: &str) {
+        let mut slot = self.slot(stage).lock().expect("faults lock");
+        let fault = slot.get_or_insert_with(|| Fault {
+            error: String::new(),
+            since: std::time::SystemTime::now(),
+            failures: 0,
+        });
+        fault.error = error.to_string();
+        fault.failures += 1;
+        ::metrics::gauge!(m::STAGE_UP, "stage" => stage.name()).set(0.0);
+    }
+
+    fn recover(&self, stage: Stage) {
+        let mut slot = self.slot(stage).lock().expect("faults lock");
+        if slot.take().is_some() {
+            ::metrics::gauge!(m::STAGE_UP, "stage" => stage.name()).set(1.0);
+        }
+    }
 }
 
 impl RowSink for Aggregator {
+    fn admit(&self) -> Result<(), SinkError> {
+        self.shared.check_room()
+    }
+
     fn write(&self, rows: Vec<(Table, RecordBatch)>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             let rows: Vec<_> = rows.into_iter().filter(|(_, b)| b.num_rows() > 0).collect();
@@ -438,8 +587,29 @@ impl Shared {
         open_rows
     }
 
-    /// Refuses a write while the hot buffer is full, asking for a flush.
+    /// Refuses a write while the lake refuses commits or the hot buffer is full (then
+    /// asking for a flush).
     fn check_room(&self) -> Result<(), SinkError> {
+        if let Some(fault) = self.faults.get(Stage::Lake) {
+            ::metrics::counter!(m::REJECTED_UNHEALTHY).increment(1);
+            return Err(SinkError::Overloaded(format!(
+                "the lake has refused commits for {} s ({} attempts; last error: {}); retry later",
+                fault.since.elapsed().unwrap_or_default().as_secs(),
+                fault.failures,
+                fault.error
+            )));
+        }
+        let bytes = self.buffered_bytes();
+        if bytes >= self.config.max_buffered_bytes {
+            ::metrics::counter!(m::REJECTED_MEMORY).increment(1);
+            // A flush hands the buffered rows to the lake and frees them.
+            self.flush_now.notify_one();
+            return Err(SinkError::Overloaded(format!(
+                "hot buffer holds {} MiB, the limit is {} MiB; retry later",
+                bytes >> 20,
+                self.config.max_buffered_bytes >> 20
+            )));
+        }
         let buffered = self.buffered_rows();
         if buffered >= self.config.max_buffered_rows {
             ::metrics::counter!(m::REJECTED_FULL).increment(1);
@@ -628,6 +798,7 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
             }
         }
         let started = Instant::now();
+        let mark = wal.mark();
         let mut appended = Vec::new();
         let mut failure: Option<String> = None;
         for job in jobs.drain(..) {
@@ -656,23 +827,27 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
                 }
             }
         }
-        if appended.is_empty() {
-            continue;
-        }
         if failure.is_none()
+            && !appended.is_empty()
             && let Err(e) = wal.sync()
         {
             failure = Some(e.to_string());
         }
         if let Some(reason) = failure {
-            // Nothing of this group is acknowledged. Records that did reach the disk are
-            // replayed on restart and de-duplicate against the sender's retry.
-            error!(error = %reason, "write-ahead log append failed");
+            // Nothing of this group is acknowledged, and none of it stays in the log:
+            // a partial record would stop replay in front of later ones.
+            let cut = wal.rollback(mark).err();
+            error!(error = %reason, cut_failed = ?cut.as_ref().map(ToString::to_string), "write-ahead log append failed");
+            shared.faults.fail(Stage::Wal, &reason);
             for (_, _, done) in appended {
                 let _ = done.send(Err(format!("write-ahead log: {reason}")));
             }
             continue;
         }
+        if appended.is_empty() {
+            continue;
+        }
+        shared.faults.recover(Stage::Wal);
         ::metrics::histogram!(m::WAL_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
         ::metrics::histogram!(m::WAL_GROUP_SIZE).record(appended.len() as f64);
         ::metrics::counter!(m::WAL_RECORDS).increment(appended.len() as u64);
@@ -693,20 +868,61 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
     }
 }
 
+/// Samples the process's resident memory for `/metrics` each second, until the
+/// aggregator is gone.
+async fn sample_memory(shared: std::sync::Weak<Shared>) {
+    while shared.strong_count() > 0 {
+        if let Some(bytes) = resident_bytes() {
+            ::metrics::gauge!(m::RESIDENT_BYTES).set(bytes as f64);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The process's resident set size (`VmRSS` of `/proc/self/status`).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// First wait after a failed flush; doubled at each further failure up to
+/// [`FLUSH_RETRY_MAX`].
+const FLUSH_RETRY_FIRST: Duration = Duration::from_millis(500);
+const FLUSH_RETRY_MAX: Duration = Duration::from_secs(30);
+
 async fn flush_loop(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = FLUSH_RETRY_FIRST;
+    let mut failing = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(shared.config.flush_interval) => {}
-            _ = shared.flush_now.notified() => {}
+        if failing {
+            // The lake refused the last commit: writes are refused meanwhile, so retry
+            // on the backoff schedule alone, not at the next interval.
+            tokio::time::sleep(backoff).await;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(shared.config.flush_interval) => {}
+                _ = shared.flush_now.notified() => {}
+            }
         }
         match flush_once(&shared).await {
-            Ok(()) => backoff = Duration::from_millis(500),
+            Ok(()) => {
+                if failing {
+                    info!("the lake takes commits again");
+                }
+                shared.faults.recover(Stage::Lake);
+                failing = false;
+                backoff = FLUSH_RETRY_FIRST;
+            }
             Err(error) => {
                 ::metrics::counter!(m::FLUSH_FAILURES).increment(1);
-                error!(%error, retry_in = ?backoff, "lake flush failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                shared.faults.fail(Stage::Lake, &error.to_string());
+                if failing {
+                    backoff = (backoff * 2).min(FLUSH_RETRY_MAX);
+                }
+                failing = true;
+                error!(%error, retry_in = ?backoff, "lake flush failed; refusing writes until it succeeds");
             }
         }
     }

@@ -32,6 +32,14 @@ pub const ROLLUP_FAILURES: &str = "fleetlake_rollup_failures_total";
 pub const RETENTION_FILES: &str = "fleetlake_retention_removed_files_total";
 /// Writes refused because the hot buffer is full.
 pub const REJECTED_FULL: &str = "fleetlake_aggregate_rejected_full_total";
+/// Writes refused because the lake refuses commits.
+pub const REJECTED_UNHEALTHY: &str = "fleetlake_aggregate_rejected_unhealthy_total";
+/// Writes refused because the hot buffer holds its byte limit.
+pub const REJECTED_MEMORY: &str = "fleetlake_aggregate_rejected_memory_total";
+/// The process's resident memory, sampled each second.
+pub const RESIDENT_BYTES: &str = "fleetlake_resident_memory_bytes";
+/// 1 while a stage works, 0 while it fails, by `stage` (`wal`, `lake`).
+pub const STAGE_UP: &str = "fleetlake_stage_up";
 
 /// Registers descriptions for the aggregate metrics.
 pub fn describe() {
@@ -53,6 +61,19 @@ pub fn describe() {
     metrics::describe_counter!(FLUSHED_ROWS, "Rows committed to the lake");
     metrics::describe_histogram!(FLUSH_SECONDS, "Seconds per lake flush");
     metrics::describe_counter!(FLUSH_FAILURES, "Lake flushes that failed");
+    metrics::describe_counter!(
+        REJECTED_UNHEALTHY,
+        "Writes refused because the lake refuses commits"
+    );
+    metrics::describe_counter!(
+        REJECTED_MEMORY,
+        "Writes refused because the hot buffer holds its byte limit"
+    );
+    metrics::describe_gauge!(RESIDENT_BYTES, "Resident memory of the process");
+    metrics::describe_gauge!(
+        STAGE_UP,
+        "1 while the stage (wal, lake) works, 0 while it fails"
+    );
     metrics::describe_counter!(
         REJECTED_FULL,
         "Writes refused because the hot buffer is full"

@@ -106,6 +106,7 @@ async fn run(points: Vec<Point>, steps: Vec<Step>) -> Result<(), TestCaseError> 
         flush_interval: Duration::from_secs(3600),
         flush_rows: usize::MAX,
         max_buffered_rows: usize::MAX,
+        max_buffered_bytes: usize::MAX,
         wal_segment_bytes: 1 << 20,
         lake: options.clone(),
         compaction: None,

@@ -210,6 +210,16 @@ pub struct Wal {
     file: File,
     active_len: u64,
     next_seq: u64,
+    /// Length the active segment must be cut back to before the next append: a write
+    /// or fsync failed after that point and the cut itself has not succeeded yet.
+    pending_cut: Option<u64>,
+}
+
+/// Where the log ended at some moment (see [`Wal::mark`] and [`Wal::rollback`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    first_seq: u64,
+    len: u64,
 }
 
 impl Wal {
@@ -291,6 +301,7 @@ impl Wal {
                 file,
                 active_len: 0,
                 next_seq,
+                pending_cut: None,
             },
             replayed,
         ))
@@ -298,6 +309,7 @@ impl Wal {
 
     /// Appends one record without syncing; returns its sequence number.
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, WalError> {
+        self.apply_cut()?;
         if self.active_len >= self.segment_bytes {
             self.rotate()?;
         }
@@ -320,6 +332,41 @@ impl Wal {
     /// Makes every appended record durable.
     pub fn sync(&mut self) -> Result<(), WalError> {
         self.file.sync_data().map_err(io_err(&self.active.path))
+    }
+
+    /// Where the log ends now, for a later [`Wal::rollback`].
+    pub fn mark(&self) -> Mark {
+        Mark {
+            first_seq: self.active.first_seq,
+            len: self.active_len,
+        }
+    }
+
+    /// Cuts everything appended after `mark` off the active segment: records of a group
+    /// whose write or fsync failed (a full disk, an I/O error) were never acknowledged,
+    /// and a partial record must not sit in front of later ones, where replay would
+    /// take it for corruption. Sequence numbers are not reused (a gap is harmless).
+    /// If the cut fails too, it is retried before the next append, which fails until
+    /// it succeeds.
+    pub fn rollback(&mut self, mark: Mark) -> Result<(), WalError> {
+        // A rotation during the group sealed the marked segment, synced and whole;
+        // the records after it are all in the new active one.
+        let len = if self.active.first_seq == mark.first_seq {
+            mark.len
+        } else {
+            0
+        };
+        self.pending_cut = Some(len);
+        self.apply_cut()
+    }
+
+    fn apply_cut(&mut self) -> Result<(), WalError> {
+        if let Some(len) = self.pending_cut {
+            self.file.set_len(len).map_err(io_err(&self.active.path))?;
+            self.active_len = len;
+            self.pending_cut = None;
+        }
+        Ok(())
     }
 
     /// Sequence number the next append gets.
@@ -503,6 +550,44 @@ mod tests {
         drop(wal);
         let (_, replayed) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!(values(&replayed), vec![(1, 1), (2, 20)]);
+    }
+
+    #[test]
+    fn a_failed_group_is_cut_so_later_records_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        wal.append(&encode_batch(&batch(1)).unwrap()).unwrap();
+        wal.sync().unwrap();
+        let mark = wal.mark();
+        // A group that failed half-way: one whole record, then part of the next (what a
+        // full disk leaves).
+        wal.append(&encode_batch(&batch(2)).unwrap()).unwrap();
+        wal.file.write_all(&[7u8; 11]).unwrap();
+        wal.rollback(mark).unwrap();
+        wal.append(&encode_batch(&batch(3)).unwrap()).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, replayed) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        assert_eq!(values(&replayed), vec![(1, 1), (3, 3)]);
+    }
+
+    #[test]
+    fn a_failed_group_across_a_rotation_is_cut_from_the_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every record fills a segment: each append after the first rotates.
+        let (mut wal, _) = Wal::open(dir.path(), 10, 0).unwrap();
+        wal.append(&encode_batch(&batch(1)).unwrap()).unwrap();
+        wal.sync().unwrap();
+        let mark = wal.mark();
+        wal.append(&encode_batch(&batch(2)).unwrap()).unwrap();
+        wal.file.write_all(&[7u8; 11]).unwrap();
+        wal.rollback(mark).unwrap();
+        assert_eq!(fs::metadata(&wal.active.path).unwrap().len(), 0);
+        wal.append(&encode_batch(&batch(3)).unwrap()).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, replayed) = Wal::open(dir.path(), 10, 0).unwrap();
+        assert_eq!(values(&replayed), vec![(1, 1), (3, 3)]);
     }
 
     #[test]

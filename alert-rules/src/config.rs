@@ -79,7 +79,7 @@ pub enum ReceiverKind {
 }
 
 /// `[[alerting.receivers]]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiverConfig {
     /// Name routes refer to.
@@ -100,6 +100,23 @@ pub struct ReceiverConfig {
     /// Request timeout.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+/// The routing key is a secret: never printed.
+impl std::fmt::Debug for ReceiverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field(
+                "routing_key",
+                &self.routing_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("rate_limit_per_minute", &self.rate_limit_per_minute)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 fn default_rate() -> u32 {

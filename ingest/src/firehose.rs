@@ -41,6 +41,8 @@ pub const SOURCE_ARN_HEADER: &str = "x-amz-firehose-source-arn";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// Most records Firehose puts in one request.
 pub const MAX_RECORDS: usize = 10_000;
+/// Largest record Firehose sends, decoded; a larger one is kept as a dead letter.
+pub const MAX_RECORD_BYTES: usize = 1_024_000;
 /// How one Firehose endpoint behaves.
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
@@ -55,7 +57,14 @@ pub struct EndpointConfig {
     pub access_key: Option<String>,
     /// Largest body accepted, compressed or not, and largest body after gunzip.
     pub max_body_bytes: usize,
+    /// Permits for requests being read and decoded at once, shared by every endpoint:
+    /// a request that finds none left gets 503 and is retried, so the memory held by
+    /// request bodies stays bounded.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Requests read and decoded at once across all endpoints, by default.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
 struct Endpoint {
     config: EndpointConfig,
@@ -193,6 +202,18 @@ pub fn decode_request(
             );
             continue;
         }
+        if data.len() > MAX_RECORD_BYTES {
+            decoder.dead_letter(
+                time_ms,
+                &position,
+                &format!(
+                    "record of {} bytes is over Firehose's {MAX_RECORD_BYTES} byte limit",
+                    data.len()
+                ),
+                &data,
+            );
+            continue;
+        }
         decoder.push_record(&data, &position, time_ms);
     }
     Ok(Decoded {
@@ -302,6 +323,25 @@ async fn handle(
             return Err(Rejection::new(StatusCode::UNAUTHORIZED, message));
         }
     }
+    if let Some(kind) = header_str(headers, header::CONTENT_TYPE.as_str())
+        && !kind
+            .split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    {
+        return Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content type {kind:?}: Firehose deliveries are application/json"),
+        ));
+    }
+    ep.sink.admit().map_err(sink_rejection)?;
+    let _permit = ep.config.in_flight.try_acquire().map_err(|_| {
+        metrics::counter!(m::REJECTED_IN_FLIGHT).increment(1);
+        Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests are being read at once; retry later",
+        )
+    })?;
     let limit = ep.config.max_body_bytes;
     let raw = read_body(body, headers, limit).await?;
     metrics::counter!(m::REQUEST_BYTES, "source" => source.to_string()).increment(raw.len() as u64);
@@ -332,11 +372,18 @@ async fn handle(
     })??;
 
     let request_id = decoded.request_id.as_deref().unwrap_or_default();
+    // Firehose sends one id in both places, and matches the response's to it.
+    let sent_id = header_str(headers, REQUEST_ID_HEADER).unwrap_or_default();
+    if !sent_id.is_empty() && !request_id.is_empty() && sent_id != request_id {
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "requestId {request_id:?} of the body is not the {REQUEST_ID_HEADER} header's {sent_id:?}"
+            ),
+        ));
+    }
     if !decoded.rows.is_empty() {
-        ep.sink.write(decoded.rows).await.map_err(|e| match e {
-            SinkError::Overloaded(msg) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, msg),
-            SinkError::Unavailable(msg) => Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, msg),
-        })?;
+        ep.sink.write(decoded.rows).await.map_err(sink_rejection)?;
     }
     let stats = decoded.stats;
     m::record_decoded(source, format.name(), stats);
@@ -362,6 +409,14 @@ async fn handle(
         "accepted firehose request"
     );
     Ok(decoded.request_id)
+}
+
+/// Over a limit: 503, Firehose retries later. Not durable: 500, Firehose retries too.
+fn sink_rejection(error: SinkError) -> Rejection {
+    match error {
+        SinkError::Overloaded(msg) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, msg),
+        SinkError::Unavailable(msg) => Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, msg),
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub const KINESIS_ITERATOR_RENEWALS: &str = "fleetlake_kinesis_iterator_renewals
 pub const KINESIS_ERRORS: &str = "fleetlake_kinesis_errors_total";
 /// Shards known (listed) per `stream`.
 pub const KINESIS_SHARDS: &str = "fleetlake_kinesis_shards";
+/// Firehose requests refused before reading because too many were being read.
+pub const REJECTED_IN_FLIGHT: &str = "fleetlake_ingest_rejected_in_flight_total";
 
 /// Registers descriptions for the ingest metrics.
 pub fn describe() {
@@ -41,6 +43,10 @@ pub fn describe() {
         "Request body bytes received, before decompression"
     );
     metrics::describe_counter!(RECORDS, "Records received");
+    metrics::describe_counter!(
+        REJECTED_IN_FLIGHT,
+        "Firehose requests refused because too many were being read at once"
+    );
     metrics::describe_counter!(DATAPOINTS, "Datapoints decoded and accepted");
     metrics::describe_counter!(LOG_EVENTS, "Log events decoded and accepted");
     metrics::describe_counter!(CONTROL_MESSAGES, "CloudWatch Logs control messages dropped");

@@ -12,6 +12,12 @@ pub trait RowSink: Send + Sync + 'static {
     /// Makes rows durable, then visible to queries: each batch has the schema of its
     /// table. All of them are made durable together, or none.
     fn write(&self, rows: Vec<(Table, RecordBatch)>) -> BoxFuture<'_, Result<(), SinkError>>;
+
+    /// Whether a write would be taken now; a source asks before it reads and decodes a
+    /// request, so that an overloaded or failing sink costs a refused sender nothing.
+    fn admit(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Why a sink could not take a batch. Nothing of the batch was acknowledged.

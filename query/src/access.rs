@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 /// One configured user (`[[query.users]]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     /// Login name (the Postgres user name; the HTTP basic-auth user).
@@ -35,6 +35,19 @@ pub struct User {
     /// authenticates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_teams: Option<Vec<String>>,
+}
+
+/// Passwords and tokens are secrets: never printed.
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("accounts", &self.accounts)
+            .field("owner_teams", &self.owner_teams)
+            .finish()
+    }
 }
 
 /// An authenticated caller: its name and the accounts it may see.

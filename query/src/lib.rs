@@ -21,6 +21,7 @@ pub mod http;
 pub mod metrics;
 pub mod pg;
 pub mod table;
+pub mod tls;
 
 pub use access::{Access, Principal, User};
 pub use engine::{HotData, QueryEngine, QueryError, QueryLimits, QueryOutput, SideTable};

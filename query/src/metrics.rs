@@ -7,6 +7,8 @@ pub const QUERIES: &str = "fleetlake_query_total";
 pub const QUERY_SECONDS: &str = "fleetlake_query_duration_seconds";
 /// Postgres connections accepted, and authentication failures, by `result`.
 pub const PG_CONNECTIONS: &str = "fleetlake_pg_connections_total";
+/// HTTPS connections whose TLS handshake failed or timed out.
+pub const TLS_HANDSHAKE_FAILURES: &str = "fleetlake_tls_handshake_failures_total";
 
 /// Registers descriptions for the query metrics.
 pub fn describe() {
@@ -14,6 +16,10 @@ pub fn describe() {
     metrics::describe_histogram!(QUERY_SECONDS, "Seconds per SQL statement, by protocol");
     metrics::describe_counter!(
         PG_CONNECTIONS,
-        "Postgres connections, by result (accepted, auth_failed)"
+        "Postgres connections, by result (accepted, auth_failed, tls_required)"
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "HTTPS connections whose TLS handshake failed or timed out"
     );
 }

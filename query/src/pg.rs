@@ -74,8 +74,15 @@ use crate::engine::{CATALOG, QueryEngine, QueryError};
 use crate::metrics as m;
 
 /// Serves the Postgres protocol on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, engine: Arc<QueryEngine>, access: Arc<Access>) {
-    let shared = Arc::new(Shared::new(engine, access));
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<QueryEngine>,
+    access: Arc<Access>,
+    tls: Option<Arc<crate::tls::ServerConfig>>,
+) {
+    let require_tls = tls.is_some();
+    let tls = tls.map(pgwire::tokio::TlsAcceptor::from);
+    let shared = Arc::new(Shared::new(engine, access, require_tls));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -87,8 +94,9 @@ pub async fn serve(listener: TcpListener, engine: Arc<QueryEngine>, access: Arc<
         };
         let _ = socket.set_nodelay(true);
         let handlers = Arc::new(Connection::new(Arc::clone(&shared)));
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await {
+            if let Err(error) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                 debug!(%peer, %error, "postgres connection ended with an error");
             }
         });
@@ -102,10 +110,12 @@ struct Shared {
     manager: Arc<ConnectionManager>,
     cancels: Arc<Cancels>,
     queries: Arc<Queries>,
+    /// TLS is configured: clients that did not negotiate it are refused.
+    require_tls: bool,
 }
 
 impl Shared {
-    fn new(engine: Arc<QueryEngine>, access: Arc<Access>) -> Self {
+    fn new(engine: Arc<QueryEngine>, access: Arc<Access>, require_tls: bool) -> Self {
         let cancels = Arc::new(Cancels::default());
         Self {
             passwords: Arc::new(Passwords::new(&access)),
@@ -119,6 +129,7 @@ impl Shared {
             }))),
             access,
             cancels,
+            require_tls,
         }
     }
 }
@@ -131,19 +142,23 @@ struct Connection {
 
 impl Connection {
     fn new(shared: Arc<Shared>) -> Self {
-        let startup = if shared.access.is_open() {
-            Startup::Trust(Trust {
+        let auth = if shared.access.is_open() {
+            Auth::Trust(Trust {
                 manager: Arc::clone(&shared.manager),
             })
         } else {
             let scram = ScramAuth::new(Arc::clone(&shared.passwords) as Arc<dyn AuthSource>);
             let mut parameters = DefaultServerParameterProvider::default();
             parameters.is_superuser = false;
-            Startup::Scram(
+            Auth::Scram(
                 SASLAuthStartupHandler::new(Arc::new(parameters))
                     .with_scram(scram)
                     .with_connection_manager(Arc::clone(&shared.manager)),
             )
+        };
+        let startup = Startup {
+            auth,
+            require_tls: shared.require_tls,
         };
         Self {
             shared,
@@ -177,8 +192,14 @@ impl PgWireServerHandlers for Connection {
     }
 }
 
+/// The start of a connection: TLS required when configured, then authentication.
+struct Startup {
+    auth: Auth,
+    require_tls: bool,
+}
+
 /// Authentication: none with open access, SCRAM-SHA-256 with users configured.
-enum Startup {
+enum Auth {
     Trust(Trust),
     Scram(SASLAuthStartupHandler<DefaultServerParameterProvider>),
 }
@@ -206,9 +227,18 @@ impl StartupHandler for Startup {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let result = match self {
-            Startup::Trust(trust) => trust.on_startup(client, message).await,
-            Startup::Scram(scram) => scram.on_startup(client, message).await,
+        if self.require_tls && !client.is_secure() {
+            ::metrics::counter!(m::PG_CONNECTIONS, "result" => "tls_required").increment(1);
+            // FATAL: the connection is closed, never taken past authentication.
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "FATAL".into(),
+                "28000".into(),
+                "this server accepts TLS connections only (sslmode=require or stronger)".into(),
+            ))));
+        }
+        let result = match &self.auth {
+            Auth::Trust(trust) => trust.on_startup(client, message).await,
+            Auth::Scram(scram) => scram.on_startup(client, message).await,
         };
         match &result {
             Err(_) => {

@@ -5,8 +5,10 @@
 #![allow(unreachable_pub)]
 
 mod alerting;
+mod bad_input;
 mod compaction;
 mod durability;
+mod faults;
 mod firehose;
 mod formats;
 mod kinesis;
@@ -17,3 +19,4 @@ mod rollups;
 mod s3;
 mod sql;
 mod support;
+mod tls;

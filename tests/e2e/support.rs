@@ -107,6 +107,21 @@ impl Server {
         run_python(script, &[], &all)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// GET `path`: status and body parsed as JSON.
+    pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = client().get(self.url(path)).send().unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&response.text().unwrap()).unwrap(),
+        )
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -480,6 +495,16 @@ impl Moto {
         let endpoint = format!("http://127.0.0.1:{port}");
         wait_for_http(&format!("{endpoint}/moto-api/"), "moto");
         Self { child, endpoint }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the moto process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// Runs a Python script (boto3, against this moto as `ENDPOINT`) with `args`;
