@@ -226,6 +226,12 @@ impl HotBuffer {
         self.open.bytes + self.flushing.as_ref().map_or(0, |g| g.bytes) + recent
     }
 
+    /// Series whose latest committed time is tracked (rows at or before it are checked
+    /// against the lake as possible redeliveries).
+    pub fn tracked_series(&self) -> usize {
+        self.watermarks.len()
+    }
+
     /// Rows of the open generation, which the next flush takes.
     pub fn open_rows(&self) -> usize {
         self.open.rows + self.open.suspect_rows

@@ -827,11 +827,13 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
                 }
             }
         }
-        if failure.is_none()
-            && !appended.is_empty()
-            && let Err(e) = wal.sync()
-        {
-            failure = Some(e.to_string());
+        if failure.is_none() && !appended.is_empty() {
+            let syncing = Instant::now();
+            match wal.sync() {
+                Ok(()) => ::metrics::histogram!(m::WAL_SYNC_SECONDS)
+                    .record(syncing.elapsed().as_secs_f64()),
+                Err(e) => failure = Some(e.to_string()),
+            }
         }
         if let Some(reason) = failure {
             // Nothing of this group is acknowledged, and none of it stays in the log:
@@ -839,6 +841,7 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
             let cut = wal.rollback(mark).err();
             error!(error = %reason, cut_failed = ?cut.as_ref().map(ToString::to_string), "write-ahead log append failed");
             shared.faults.fail(Stage::Wal, &reason);
+            ::metrics::counter!(m::WAL_FAILURES).increment(1);
             for (_, _, done) in appended {
                 let _ = done.send(Err(format!("write-ahead log: {reason}")));
             }
@@ -848,7 +851,7 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<WalJob>, shared: Arc<Shared>)
             continue;
         }
         shared.faults.recover(Stage::Wal);
-        ::metrics::histogram!(m::WAL_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(m::WAL_GROUP_SECONDS).record(started.elapsed().as_secs_f64());
         ::metrics::histogram!(m::WAL_GROUP_SIZE).record(appended.len() as f64);
         ::metrics::counter!(m::WAL_RECORDS).increment(appended.len() as u64);
         let writes: Vec<(u64, &[(Table, RecordBatch)])> = appended
@@ -1133,6 +1136,7 @@ async fn flush_table(
         .lock()
         .expect("buffer lock")
         .committing_on(lake.version());
+    let committing = Instant::now();
     let version = lake
         .append(
             sorted.clone(),
@@ -1141,15 +1145,21 @@ async fn flush_table(
             positions.as_ref(),
         )
         .await?;
+    ::metrics::histogram!(m::COMMIT_SECONDS, "table" => table.name())
+        .record(committing.elapsed().as_secs_f64());
     if let Some(positions) = positions {
         *state.committed_positions.lock().expect("positions lock") = positions;
     }
     let latest = buffer::latest_per_series(table, &sorted);
-    state
-        .buffer
-        .lock()
-        .expect("buffer lock")
-        .complete_flush_known(version, sorted, latest);
+    ::metrics::gauge!(m::FLUSHED_SERIES, "table" => table.name()).set(latest.len() as f64);
+    {
+        let mut buffer = state.buffer.lock().expect("buffer lock");
+        buffer.complete_flush_known(version, sorted, latest);
+        ::metrics::gauge!(m::BUFFER_ROWS, "table" => table.name()).set(buffer.rows() as f64);
+        ::metrics::gauge!(m::BUFFER_BYTES, "table" => table.name()).set(buffer.bytes() as f64);
+        ::metrics::gauge!(m::TRACKED_SERIES, "table" => table.name())
+            .set(buffer.tracked_series() as f64);
+    }
     drop(lake);
     ::metrics::counter!(m::FLUSHED_ROWS, "table" => table.name()).increment(rows as u64);
     ::metrics::histogram!(m::FLUSH_SECONDS, "table" => table.name())

@@ -4,8 +4,19 @@
 pub const WAL_RECORDS: &str = "fleetlake_wal_records_total";
 /// Bytes appended to the write-ahead log.
 pub const WAL_BYTES: &str = "fleetlake_wal_bytes_total";
-/// Seconds per WAL group commit (append + fsync).
+/// Seconds per WAL fsync (one per group commit).
 pub const WAL_SYNC_SECONDS: &str = "fleetlake_wal_fsync_duration_seconds";
+/// Seconds per WAL group commit: appends, segment rotation, fsync.
+pub const WAL_GROUP_SECONDS: &str = "fleetlake_wal_group_commit_duration_seconds";
+/// WAL group commits that failed (nothing of them acknowledged, cut off the log).
+pub const WAL_FAILURES: &str = "fleetlake_wal_failures_total";
+/// Seconds per lake commit of a flush (Parquet upload and Delta log entry), by `table`.
+pub const COMMIT_SECONDS: &str = "fleetlake_lake_commit_duration_seconds";
+/// Distinct series in the last flush, by `table`.
+pub const FLUSHED_SERIES: &str = "fleetlake_hot_buffer_flushed_series";
+/// Series whose latest committed time the buffer tracks (for redelivery checks), by
+/// `table`.
+pub const TRACKED_SERIES: &str = "fleetlake_hot_buffer_tracked_series";
 /// Requests that shared one WAL group commit.
 pub const WAL_GROUP_SIZE: &str = "fleetlake_wal_group_commit_size";
 /// Rows dropped as already buffered or already in the lake, by `table` and `stage`.
@@ -53,7 +64,21 @@ pub fn describe() {
     metrics::describe_counter!(RETENTION_FILES, "Data files removed by retention");
     metrics::describe_counter!(WAL_RECORDS, "Records appended to the write-ahead log");
     metrics::describe_counter!(WAL_BYTES, "Bytes appended to the write-ahead log");
-    metrics::describe_histogram!(WAL_SYNC_SECONDS, "Seconds per WAL group commit");
+    metrics::describe_histogram!(WAL_SYNC_SECONDS, "Seconds per WAL fsync");
+    metrics::describe_histogram!(
+        WAL_GROUP_SECONDS,
+        "Seconds per WAL group commit (appends, rotation, fsync)"
+    );
+    metrics::describe_counter!(WAL_FAILURES, "WAL group commits that failed");
+    metrics::describe_histogram!(
+        COMMIT_SECONDS,
+        "Seconds per lake commit of a flush (Parquet upload and Delta log entry)"
+    );
+    metrics::describe_gauge!(FLUSHED_SERIES, "Distinct series in the last flush");
+    metrics::describe_gauge!(
+        TRACKED_SERIES,
+        "Series whose latest committed time the hot buffer tracks"
+    );
     metrics::describe_histogram!(WAL_GROUP_SIZE, "Writes sharing one WAL fsync");
     metrics::describe_counter!(DUPLICATES, "Rows dropped as duplicates (redeliveries)");
     metrics::describe_gauge!(BUFFER_ROWS, "Rows in the hot buffer");

@@ -336,7 +336,7 @@ async fn handle(
     }
     ep.sink.admit().map_err(sink_rejection)?;
     let _permit = ep.config.in_flight.try_acquire().map_err(|_| {
-        metrics::counter!(m::REJECTED_IN_FLIGHT).increment(1);
+        metrics::counter!(m::REJECTED_IN_FLIGHT, "source" => source.to_string()).increment(1);
         Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many requests are being read at once; retry later",
@@ -382,10 +382,18 @@ async fn handle(
             ),
         ));
     }
-    if !decoded.rows.is_empty() {
-        ep.sink.write(decoded.rows).await.map_err(sink_rejection)?;
-    }
     let stats = decoded.stats;
+    m::record_received(source, stats);
+    if !decoded.rows.is_empty()
+        && let Err(error) = ep.sink.write(decoded.rows).await
+    {
+        let reason = match error {
+            SinkError::Overloaded(_) => "overloaded",
+            SinkError::Unavailable(_) => "unavailable",
+        };
+        m::record_rejected(source, reason, stats);
+        return Err(sink_rejection(error));
+    }
     m::record_decoded(source, format.name(), stats);
     if stats.dead_letters > 0 {
         for reason in &decoded.reasons {

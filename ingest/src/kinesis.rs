@@ -994,6 +994,7 @@ async fn read_shard(
         };
         if let Some(reached) = reached {
             let (rows, stats, bytes) = decode_page(&stream, &source, &shard.id, &page, &mut skip);
+            m::record_received(&source, stats);
             if !write(
                 sink.as_ref(),
                 rows,

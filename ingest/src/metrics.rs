@@ -32,6 +32,15 @@ pub const KINESIS_ITERATOR_RENEWALS: &str = "fleetlake_kinesis_iterator_renewals
 pub const KINESIS_ERRORS: &str = "fleetlake_kinesis_errors_total";
 /// Shards known (listed) per `stream`.
 pub const KINESIS_SHARDS: &str = "fleetlake_kinesis_shards";
+/// Records decoded from what arrived, accepted or not, by `source`.
+pub const RECEIVED_RECORDS: &str = "fleetlake_ingest_received_records_total";
+/// Datapoints decoded from what arrived, accepted or not, by `source`.
+pub const RECEIVED_DATAPOINTS: &str = "fleetlake_ingest_received_datapoints_total";
+/// Records decoded but refused by the stage behind (the sender retries), by `source`
+/// and `reason` (`overloaded`, `unavailable`).
+pub const REJECTED_RECORDS: &str = "fleetlake_ingest_rejected_records_total";
+/// Datapoints decoded but refused by the stage behind, by `source` and `reason`.
+pub const REJECTED_DATAPOINTS: &str = "fleetlake_ingest_rejected_datapoints_total";
 /// Firehose requests refused before reading because too many were being read.
 pub const REJECTED_IN_FLIGHT: &str = "fleetlake_ingest_rejected_in_flight_total";
 
@@ -42,7 +51,23 @@ pub fn describe() {
         REQUEST_BYTES,
         "Request body bytes received, before decompression"
     );
-    metrics::describe_counter!(RECORDS, "Records received");
+    metrics::describe_counter!(RECORDS, "Records accepted (durable), by source");
+    metrics::describe_counter!(
+        RECEIVED_RECORDS,
+        "Records decoded from what arrived, accepted or not, by source"
+    );
+    metrics::describe_counter!(
+        RECEIVED_DATAPOINTS,
+        "Datapoints decoded from what arrived, accepted or not, by source"
+    );
+    metrics::describe_counter!(
+        REJECTED_RECORDS,
+        "Records refused by the stage behind (retried by the sender), by source and reason"
+    );
+    metrics::describe_counter!(
+        REJECTED_DATAPOINTS,
+        "Datapoints refused by the stage behind (retried by the sender), by source and reason"
+    );
     metrics::describe_counter!(
         REJECTED_IN_FLIGHT,
         "Firehose requests refused because too many were being read at once"
@@ -70,7 +95,24 @@ pub fn describe() {
     metrics::describe_gauge!(KINESIS_SHARDS, "Shards listed per stream");
 }
 
-/// Counts what a decoder read from `source`.
+/// Counts what was decoded from what arrived at `source`, before it is offered to the
+/// stage behind.
+pub fn record_received(source: &str, stats: crate::DecodeStats) {
+    metrics::counter!(RECEIVED_RECORDS, "source" => source.to_string())
+        .increment(stats.records as u64);
+    metrics::counter!(RECEIVED_DATAPOINTS, "source" => source.to_string())
+        .increment(stats.datapoints as u64);
+}
+
+/// Counts what the stage behind refused (`reason`: `overloaded`, `unavailable`).
+pub fn record_rejected(source: &str, reason: &'static str, stats: crate::DecodeStats) {
+    metrics::counter!(REJECTED_RECORDS, "source" => source.to_string(), "reason" => reason)
+        .increment(stats.records as u64);
+    metrics::counter!(REJECTED_DATAPOINTS, "source" => source.to_string(), "reason" => reason)
+        .increment(stats.datapoints as u64);
+}
+
+/// Counts what a decoder read from `source` and the stage behind accepted.
 pub fn record_decoded(source: &str, format: &str, stats: crate::DecodeStats) {
     let source = source.to_string();
     metrics::counter!(RECORDS, "source" => source.clone()).increment(stats.records as u64);

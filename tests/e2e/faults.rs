@@ -174,6 +174,21 @@ fn a_read_only_lake_directory_refuses_deliveries_then_recovers_by_itself() {
 
     assert_recovered(&server);
     assert_eq!(server.post(&request(2)).0, 200);
+    wait_until("the third commit", || lake_versions(dir.path()) > versions + 2);
+    let metrics = server.metrics_text();
+    for expected in [
+        "fleetlake_lake_flush_failures_total",
+        "fleetlake_aggregate_rejected_unhealthy_total",
+        "fleetlake_lake_commit_duration_seconds_count{table=\"metrics\"}",
+        "fleetlake_wal_fsync_duration_seconds_count",
+        "fleetlake_wal_group_commit_duration_seconds_count",
+        "fleetlake_hot_buffer_flushed_series{table=\"metrics\"} 20",
+        "fleetlake_hot_buffer_tracked_series{table=\"metrics\"} 20",
+        "fleetlake_ingest_received_datapoints_total{source=\"firehose/metrics\"} 60",
+        "fleetlake_ingest_requests_total{source=\"firehose/metrics\",status=\"503\"} 1",
+    ] {
+        assert!(metrics.contains(expected), "{expected} not in /metrics");
+    }
     server.stop();
     // The lake alone (no hot buffer) holds the three acknowledged requests, once.
     assert_lake_holds_once(dir.path(), 60, request_sum(3));
