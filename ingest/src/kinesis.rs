@@ -896,6 +896,7 @@ async fn read_shard(
     let key = stream.shard_key(&shard.id);
     let source = stream.source();
     let labels = [("stream", stream.name.clone()), ("shard", shard.id.clone())];
+    let _lag = LagGauge(labels.clone());
     let (mut last_seq, mut skip, from_oldest) = match resume {
         Resume::After { seq, skip } => (Some(seq), skip, false),
         Resume::Start { skip } => {
@@ -1064,6 +1065,17 @@ fn decode_page(
     let mut rows = decoder.finish();
     rows.extend(held_back);
     (rows, stats, bytes)
+}
+
+/// Zeroes a shard's `millis_behind_latest` gauge when its reader stops here (the shard
+/// ended, its lease went to another instance, shutdown), so `/metrics` does not keep a
+/// stale lag for a shard this instance no longer reads.
+struct LagGauge([(&'static str, String); 2]);
+
+impl Drop for LagGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(m::KINESIS_MILLIS_BEHIND, &self.0).set(0.0);
+    }
 }
 
 /// Writes until the sink takes it; `false` on shutdown.

@@ -174,7 +174,9 @@ fn a_read_only_lake_directory_refuses_deliveries_then_recovers_by_itself() {
 
     assert_recovered(&server);
     assert_eq!(server.post(&request(2)).0, 200);
-    wait_until("the third commit", || lake_versions(dir.path()) > versions + 2);
+    wait_until("the third commit", || {
+        lake_versions(dir.path()) > versions + 2
+    });
     let metrics = server.metrics_text();
     for expected in [
         "fleetlake_lake_flush_failures_total",
