@@ -80,6 +80,13 @@ pub fn authenticate(access: &Access, headers: &HeaderMap) -> Result<Principal, &
     principal.ok_or("invalid credentials")
 }
 
+/// A request refused before any SQL ran (bad `format`, empty body): 400, counted as a
+/// failed statement.
+fn refused_early(message: &str) -> Response {
+    ::metrics::counter!(m::QUERIES, "status" => "error", "protocol" => "http").increment(1);
+    error(StatusCode::BAD_REQUEST, message)
+}
+
 async fn run_sql(
     State(state): State<Sql>,
     Query(params): Query<Params>,
@@ -109,13 +116,10 @@ async fn run_sql(
         .parse::<OutputFormat>()
     {
         Ok(format) => format,
-        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+        Err(message) => return refused_early(&message),
     };
     if sql.trim().is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "empty query: send the SQL as the request body",
-        );
+        return refused_early("empty query: send the SQL as the request body");
     }
     let result = state.engine.sql(&sql, &principal).await;
     let response = match result {

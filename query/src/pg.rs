@@ -766,10 +766,13 @@ impl Core {
         Ok(QueryResponse::new(fields, rows))
     }
 
+    /// Parses a query string; a syntax error is counted as a failed statement.
     fn parse(&self, sql: &str) -> PgWireResult<Vec<Statement>> {
-        self.parser
-            .parse(sql)
-            .map_err(|e| pg_error("42601", format!("syntax error: {e}")))
+        self.parser.parse(sql).map_err(|e| {
+            ::metrics::counter!(m::QUERIES, "status" => "error", "protocol" => "postgres")
+                .increment(1);
+            pg_error("42601", format!("syntax error: {e}"))
+        })
     }
 }
 
