@@ -221,18 +221,12 @@ impl Shared {
         &self.tables[table.index()]
     }
 
-    fn buffered_rows(&self) -> usize {
-        self.tables
-            .iter()
-            .map(|t| t.buffer.lock().expect("buffer lock").rows())
-            .sum()
-    }
-
-    fn buffered_bytes(&self) -> usize {
-        self.tables
-            .iter()
-            .map(|t| t.buffer.lock().expect("buffer lock").bytes())
-            .sum()
+    /// Rows and bytes held by all hot buffers, each buffer locked once.
+    fn buffered(&self) -> (usize, usize) {
+        self.tables.iter().fold((0, 0), |(rows, bytes), t| {
+            let buffer = t.buffer.lock().expect("buffer lock");
+            (rows + buffer.rows(), bytes + buffer.bytes())
+        })
     }
 
     /// The WAL sequence through which every table has committed what it holds.
@@ -439,7 +433,7 @@ impl Aggregator {
         Health {
             wal: shared.faults.get(Stage::Wal),
             lake: shared.faults.get(Stage::Lake),
-            buffered_rows: shared.buffered_rows(),
+            buffered_rows: shared.buffered().0,
             max_buffered_rows: shared.config.max_buffered_rows,
         }
     }
@@ -599,7 +593,7 @@ impl Shared {
                 fault.error
             )));
         }
-        let bytes = self.buffered_bytes();
+        let (buffered, bytes) = self.buffered();
         if bytes >= self.config.max_buffered_bytes {
             ::metrics::counter!(m::REJECTED_MEMORY).increment(1);
             // A flush hands the buffered rows to the lake and frees them.
@@ -610,7 +604,6 @@ impl Shared {
                 self.config.max_buffered_bytes >> 20
             )));
         }
-        let buffered = self.buffered_rows();
         if buffered >= self.config.max_buffered_rows {
             ::metrics::counter!(m::REJECTED_FULL).increment(1);
             self.flush_now.notify_one();

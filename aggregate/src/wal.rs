@@ -552,40 +552,36 @@ mod tests {
         assert_eq!(values(&replayed), vec![(1, 1), (2, 20)]);
     }
 
-    #[test]
-    fn a_failed_group_is_cut_so_later_records_replay() {
+    /// Appends record 1, then a group that failed half-way (record 2 whole, then part
+    /// of the next: what a full disk leaves), cuts it back, appends record 3; returns
+    /// the log's directory and the active segment's length right after the cut.
+    fn failed_group_then_record(segment_bytes: u64) -> (tempfile::TempDir, u64) {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), segment_bytes, 0).unwrap();
         wal.append(&encode_batch(&batch(1)).unwrap()).unwrap();
         wal.sync().unwrap();
         let mark = wal.mark();
-        // A group that failed half-way: one whole record, then part of the next (what a
-        // full disk leaves).
         wal.append(&encode_batch(&batch(2)).unwrap()).unwrap();
         wal.file.write_all(&[7u8; 11]).unwrap();
         wal.rollback(mark).unwrap();
+        let cut_len = fs::metadata(&wal.active.path).unwrap().len();
         wal.append(&encode_batch(&batch(3)).unwrap()).unwrap();
         wal.sync().unwrap();
-        drop(wal);
+        (dir, cut_len)
+    }
+
+    #[test]
+    fn a_failed_group_is_cut_so_later_records_replay() {
+        let (dir, _) = failed_group_then_record(1 << 20);
         let (_, replayed) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!(values(&replayed), vec![(1, 1), (3, 3)]);
     }
 
     #[test]
     fn a_failed_group_across_a_rotation_is_cut_from_the_new_segment() {
-        let dir = tempfile::tempdir().unwrap();
         // Every record fills a segment: each append after the first rotates.
-        let (mut wal, _) = Wal::open(dir.path(), 10, 0).unwrap();
-        wal.append(&encode_batch(&batch(1)).unwrap()).unwrap();
-        wal.sync().unwrap();
-        let mark = wal.mark();
-        wal.append(&encode_batch(&batch(2)).unwrap()).unwrap();
-        wal.file.write_all(&[7u8; 11]).unwrap();
-        wal.rollback(mark).unwrap();
-        assert_eq!(fs::metadata(&wal.active.path).unwrap().len(), 0);
-        wal.append(&encode_batch(&batch(3)).unwrap()).unwrap();
-        wal.sync().unwrap();
-        drop(wal);
+        let (dir, cut_len) = failed_group_then_record(10);
+        assert_eq!(cut_len, 0);
         let (_, replayed) = Wal::open(dir.path(), 10, 0).unwrap();
         assert_eq!(values(&replayed), vec![(1, 1), (3, 3)]);
     }

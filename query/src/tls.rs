@@ -103,19 +103,14 @@ impl axum::serve::Listener for TlsListener {
                         let _ = stream.set_nodelay(true);
                         let acceptor = self.acceptor.clone();
                         self.handshakes.spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => Some((tls, peer)),
-                                Ok(Err(error)) => {
-                                    debug!(%peer, %error, "tls handshake failed");
-                                    ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
-                                    None
-                                }
-                                Err(_) => {
-                                    debug!(%peer, "tls handshake timed out");
-                                    ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
-                                    None
-                                }
-                            }
+                            let error = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => return Some((tls, peer)),
+                                Ok(Err(error)) => error.to_string(),
+                                Err(_) => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                            };
+                            debug!(%peer, %error, "tls handshake failed");
+                            ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
+                            None
                         });
                     }
                     Err(error) => match error.kind() {

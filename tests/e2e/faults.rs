@@ -65,11 +65,14 @@ fn request(index: u64) -> FirehoseRequest {
     request
 }
 
+/// Sum of `sum` over the datapoints of request `index`.
+fn sum_of_request(index: u64) -> f64 {
+    (0..20).map(|a| (index + a) as f64).sum()
+}
+
 /// Sum of `sum` over requests `0..n`.
 fn request_sum(n: u64) -> f64 {
-    (0..n)
-        .map(|i| (0..20).map(|a| (i + a) as f64).sum::<f64>())
-        .sum()
+    (0..n).map(sum_of_request).sum()
 }
 
 fn lake_totals(server: &Server) -> (u64, f64) {
@@ -340,10 +343,7 @@ fn twenty_kill_9s_mid_stream_keep_exactly_the_acknowledged_datapoints() {
         sent * 20
     );
 
-    let sum: f64 = acked
-        .iter()
-        .map(|i| (0..20).map(|a| (i + a) as f64).sum::<f64>())
-        .sum();
+    let sum: f64 = acked.iter().copied().map(sum_of_request).sum();
     let expected = (sent * 20, sum);
     wait_until("every acknowledged datapoint", || {
         lake_totals(&server) == expected
