@@ -425,8 +425,29 @@ fn overload_is_refused_with_503_and_memory_stays_bounded() {
                 scope.spawn(move || {
                     for k in 0..PER_SENDER {
                         let request = big(sender + k * SENDERS);
+                        let http = client();
+                        let url = server.url("/firehose/metrics");
                         loop {
-                            let (status, body) = server.post(&request);
+                            let sent = http
+                                .post(&url)
+                                .header("Content-Type", "application/json")
+                                .header("X-Amz-Firehose-Request-Id", &request.request_id)
+                                .body(request.body())
+                                .send();
+                            let Ok(response) = sent else {
+                                // Refused before its body was read, the connection
+                                // closed while the body was still being written: a
+                                // failed delivery that Firehose retries too.
+                                *refusals
+                                    .lock()
+                                    .unwrap()
+                                    .entry("connection".into())
+                                    .or_default() += 1;
+                                std::thread::sleep(Duration::from_millis(50));
+                                continue;
+                            };
+                            let status = response.status().as_u16();
+                            let body: serde_json::Value = response.json().unwrap();
                             if status == 200 {
                                 break;
                             }
@@ -447,10 +468,13 @@ fn overload_is_refused_with_503_and_memory_stays_bounded() {
                 })
             })
             .collect();
-        for sender in senders {
-            sender.join().unwrap();
-        }
+        // Stop the poller before a sender's panic is passed on, or the scope waits for
+        // it forever.
+        let joined: Vec<_> = senders.into_iter().map(|s| s.join()).collect();
         done.store(true, Ordering::SeqCst);
+        for sender in joined {
+            sender.unwrap();
+        }
     });
     let (peak, _) = memory_of(server.pid());
     let buffer_peak = buffer_peak.into_inner();

@@ -275,7 +275,7 @@ pub fn post_raw(
     if let Some(key) = access_key {
         req = req.header("X-Amz-Firehose-Access-Key", key);
     }
-    let response = req.send().unwrap();
+    let response = req.send().unwrap_or_else(|e| panic!("{url}: {e}"));
     let status = response.status().as_u16();
     assert_eq!(
         response.headers()["content-type"],
