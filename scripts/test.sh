@@ -16,14 +16,15 @@ fi
 # S3, DynamoDB) on loopback. aws-kinesis-agg: KPL aggregates made by the real
 # library (it imports six without declaring it).
 # psycopg: a real Postgres driver (extended protocol, binary results) for the
-# Postgres endpoint; psql (below) is the other client.
-if ! .venv/bin/python -c 'import deltalake, pyarrow, moto, aws_kinesis_agg, six, psycopg' >/dev/null 2>&1 \
+# Postgres endpoint; psql (below) is the other client. cbor2: the CloudWatch shim
+# (tests/e2e/cloudwatch_shim.py) between the Rust SDK's Smithy RPC v2 CBOR and moto.
+if ! .venv/bin/python -c 'import deltalake, pyarrow, moto, aws_kinesis_agg, six, psycopg, cbor2' >/dev/null 2>&1 \
     || [ ! -x .venv/bin/moto_server ]; then
-    echo "== creating .venv: deltalake, pyarrow, moto server, aws-kinesis-agg, psycopg"
+    echo "== creating .venv: deltalake, pyarrow, moto server, aws-kinesis-agg, psycopg, cbor2"
     python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet 'deltalake>=1.0' 'pyarrow>=15' 'moto[server]>=5,<6' \
-        'aws-kinesis-agg>=1.2' six 'psycopg[binary]>=3.1'
+        'aws-kinesis-agg>=1.2' six 'psycopg[binary]>=3.1' 'cbor2>=5.6'
 fi
 
 # psql, the Postgres command-line client, from Debian.

@@ -10,6 +10,7 @@
 //! `fleetlake-ingest` → `fleetlake-aggregate` → lake ← `fleetlake-query`.
 
 mod alerting;
+mod backfill;
 mod compact_cmd;
 mod config;
 mod loadgen;
@@ -99,6 +100,12 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Fetch history or fill holes from the sources' own APIs into the lake (the
+    /// service must not be running on the same data directory).
+    Backfill {
+        #[command(subcommand)]
+        command: BackfillCommand,
+    },
     /// Roll new metrics up into metrics_5m and metrics_1h, rewrite each day partition
     /// of the lake with many files into few large ones, sorted for pruning (merging the
     /// roll-ups' partial rows), then remove files no version within the grace period uses.
@@ -122,6 +129,20 @@ enum Command {
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackfillCommand {
+    /// CloudWatch metrics through GetMetricData, for a set of accounts, regions,
+    /// namespaces and metrics over a time range, written with the same
+    /// de-duplication key as streamed data (overlaps are harmless). Progress is
+    /// checkpointed: the same command again resumes where an interrupted run stopped.
+    Cloudwatch {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: Box<backfill::Args>,
     },
 }
 
@@ -194,6 +215,9 @@ fn main() -> std::process::ExitCode {
             vacuum_grace,
         } => load(&common, None, None)
             .and_then(|config| compact_cmd::run(&config, min_files, vacuum_grace)),
+        Command::Backfill {
+            command: BackfillCommand::Cloudwatch { common, args },
+        } => load(&common, None, None).and_then(|config| backfill::run(&config, *args)),
         Command::Loadgen(args) => loadgen::run(*args),
         Command::Rules { command } => match command {
             RulesCommand::Check { common, files } => {

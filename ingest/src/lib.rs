@@ -21,6 +21,7 @@
 //! DynamoDB lease table ([`lease`]). Whatever a decoder cannot read goes to
 //! `dead_letters` with its raw bytes, never dropped silently.
 
+pub mod cloudwatch;
 pub mod cwlogs;
 pub mod decode;
 pub mod firehose;

@@ -43,9 +43,40 @@ pub const REJECTED_RECORDS: &str = "fleetlake_ingest_rejected_records_total";
 pub const REJECTED_DATAPOINTS: &str = "fleetlake_ingest_rejected_datapoints_total";
 /// Firehose requests refused before reading because too many were being read.
 pub const REJECTED_IN_FLIGHT: &str = "fleetlake_ingest_rejected_in_flight_total";
+/// CloudWatch API calls answered during backfill and gap fill, by `call`
+/// (`GetMetricData`, `ListMetrics`).
+pub const BACKFILL_CALLS: &str = "fleetlake_backfill_calls_total";
+/// CloudWatch API calls throttled during backfill and gap fill, by `call`.
+pub const BACKFILL_THROTTLED: &str = "fleetlake_backfill_throttled_total";
+/// CloudWatch API calls that failed for good during backfill and gap fill, by `call`.
+pub const BACKFILL_ERRORS: &str = "fleetlake_backfill_errors_total";
+/// Datapoints (one per statistic and period) fetched by backfill and gap fill.
+pub const BACKFILL_DATAPOINTS: &str = "fleetlake_backfill_datapoints_total";
+/// Rows (one per series and period) written by backfill and gap fill.
+pub const BACKFILL_ROWS: &str = "fleetlake_backfill_rows_total";
 
 /// Registers descriptions for the ingest metrics.
 pub fn describe() {
+    metrics::describe_counter!(
+        BACKFILL_CALLS,
+        "CloudWatch API calls answered during backfill and gap fill, by call"
+    );
+    metrics::describe_counter!(
+        BACKFILL_THROTTLED,
+        "CloudWatch API calls throttled during backfill and gap fill, by call"
+    );
+    metrics::describe_counter!(
+        BACKFILL_ERRORS,
+        "CloudWatch API calls failed for good during backfill and gap fill, by call"
+    );
+    metrics::describe_counter!(
+        BACKFILL_DATAPOINTS,
+        "Datapoints fetched from CloudWatch by backfill and gap fill"
+    );
+    metrics::describe_counter!(
+        BACKFILL_ROWS,
+        "Metrics rows written by backfill and gap fill"
+    );
     metrics::describe_counter!(REQUESTS, "Firehose requests handled, by source and status");
     metrics::describe_counter!(
         REQUEST_BYTES,

@@ -5,6 +5,7 @@
 #![allow(unreachable_pub)]
 
 mod alerting;
+mod backfill;
 mod bad_input;
 mod compaction;
 mod durability;

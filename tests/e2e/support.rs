@@ -608,6 +608,71 @@ impl Drop for Moto {
     }
 }
 
+/// The CloudWatch shim (`cloudwatch_shim.py`) in front of a moto: the Rust SDK's
+/// Smithy RPC v2 CBOR translated to the JSON protocol moto speaks; everything else
+/// (STS) forwarded as is. Killed when dropped.
+pub struct CloudWatchShim {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl CloudWatchShim {
+    pub fn start(moto: &Moto) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/cloudwatch_shim.py");
+        let mut child = Command::new(python())
+            .arg(&script)
+            .args(["0", &moto.endpoint])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("the CloudWatch shim did not start: {line:?}"));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        Self { child, endpoint }
+    }
+
+    /// Sets a test control (`throttle`, `page`, `fail_after`).
+    pub fn control(&self, name: &str, value: i64) {
+        let response = client()
+            .post(format!("{}/_shim/{name}", self.endpoint))
+            .body(value.to_string())
+            .send()
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+
+    /// CloudWatch calls answered so far, by operation (all access keys).
+    pub fn calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let stats: serde_json::Value = client()
+            .get(format!("{}/_shim/stats", self.endpoint))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for per_key in stats.as_object().unwrap().values() {
+            for (op, n) in per_key.as_object().unwrap() {
+                *out.entry(op.clone()).or_default() += n.as_u64().unwrap();
+            }
+        }
+        out
+    }
+}
+
+impl Drop for CloudWatchShim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Polls `probe` until it returns true (bounded by the tests' wait).
 pub fn wait_until(what: &str, mut probe: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
