@@ -49,6 +49,124 @@ pub(crate) struct Config {
     /// TLS on the HTTP and Postgres listeners; plain TCP when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) tls: Option<TlsConfig>,
+    /// Holes in the metric streams fetched from CloudWatch (GetMetricData).
+    pub(crate) gap_fill: GapFillConfig,
+}
+
+/// `[gap_fill]`: when an account's metrics stop arriving for a while and then resume
+/// (its stream, its Firehose delivery, or fleetlake itself was down longer than the
+/// sender retried), the service fetches the missing minutes with GetMetricData, as
+/// `fleetlake backfill cloudwatch` does. Whatever did arrive is dropped as a duplicate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct GapFillConfig {
+    /// Off by default: each fill costs CloudWatch API calls in the account.
+    pub(crate) enabled: bool,
+    /// Role assumed in each account through STS (`arn:aws:iam::<account>:role/<name>`);
+    /// it needs `cloudwatch:ListMetrics` and `cloudwatch:GetMetricData`. Required when
+    /// enabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) role_name: Option<String>,
+    /// CloudWatch and STS endpoint override (VPC endpoints, tests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) endpoint_url: Option<String>,
+    /// Shortest run of missing minutes that counts as a hole.
+    #[serde(with = "humantime_serde")]
+    pub(crate) min_gap: Duration,
+    /// How long after data resumed a hole is fetched, so that late deliveries (Firehose
+    /// retries, Kinesis consumers catching up) land first.
+    #[serde(with = "humantime_serde")]
+    pub(crate) settle: Duration,
+    /// How far back holes are looked for; at start the lake's last minute of each
+    /// account within it is the edge of a hole left by a stop of fleetlake.
+    #[serde(with = "humantime_serde")]
+    pub(crate) lookback: Duration,
+    /// How often holes are looked for.
+    #[serde(with = "humantime_serde")]
+    pub(crate) check_interval: Duration,
+    /// Period of the fetched datapoints (the metric streams' is one minute).
+    #[serde(with = "humantime_serde")]
+    pub(crate) period: Duration,
+    /// Namespaces to fetch; empty: every namespace ListMetrics finds.
+    pub(crate) namespaces: Vec<String>,
+    /// Percentiles to fetch besides the base statistics (`p99`).
+    pub(crate) percentiles: Vec<String>,
+    /// Holes fetched at once.
+    pub(crate) concurrency: usize,
+    /// CloudWatch calls per second per hole being fetched.
+    pub(crate) max_calls_per_second: f64,
+    /// Datapoints requested per second per hole being fetched.
+    pub(crate) max_datapoints_per_second: f64,
+}
+
+impl Default for GapFillConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            role_name: None,
+            endpoint_url: None,
+            min_gap: Duration::from_secs(300),
+            settle: Duration::from_secs(600),
+            lookback: Duration::from_secs(24 * 3600),
+            check_interval: Duration::from_secs(60),
+            period: Duration::from_secs(60),
+            namespaces: Vec::new(),
+            percentiles: Vec::new(),
+            concurrency: 2,
+            max_calls_per_second: 5.0,
+            max_datapoints_per_second: 50_000.0,
+        }
+    }
+}
+
+impl GapFillConfig {
+    /// The backfill plan for the minutes `start_ms..end_ms`.
+    pub(crate) fn plan(
+        &self,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<fleetlake_ingest::cloudwatch::Plan, String> {
+        let period = u32::try_from(self.period.as_secs())
+            .ok()
+            .filter(|_| self.period.subsec_nanos() == 0)
+            .ok_or_else(|| format!("period {:?} is not whole seconds", self.period))?;
+        fleetlake_ingest::cloudwatch::Plan::new(
+            start_ms,
+            end_ms,
+            period,
+            self.namespaces.clone(),
+            Vec::new(),
+            self.percentiles.clone(),
+        )
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.role_name.as_deref().is_none_or(str::is_empty) {
+            bail!(
+                "gap_fill.role_name is required when gap_fill.enabled: the role fleetlake assumes in each account to read its metrics"
+            );
+        }
+        self.plan(0, 60_000)
+            .map_err(|e| anyhow::anyhow!("gap_fill: {e}"))?;
+        if self.min_gap < Duration::from_secs(60) {
+            bail!("gap_fill.min_gap must be at least 1m");
+        }
+        if self.check_interval.is_zero() || self.lookback.is_zero() {
+            bail!("gap_fill.check_interval and gap_fill.lookback must be positive");
+        }
+        if self.concurrency == 0
+            || self.max_calls_per_second <= 0.0
+            || self.max_datapoints_per_second <= 0.0
+        {
+            bail!(
+                "gap_fill.concurrency, max_calls_per_second and max_datapoints_per_second must be positive"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[tls]`: a certificate for both listeners. Firehose delivers to HTTPS endpoints only;
@@ -490,6 +608,7 @@ impl Default for Config {
             accounts: AccountsConfig::default(),
             alerting: fleetlake_alert_rules::AlertingConfig::default(),
             tls: None,
+            gap_fill: GapFillConfig::default(),
         }
     }
 }
@@ -665,6 +784,7 @@ impl Config {
             bail!("firehose.access_key is set but empty");
         }
         self.alerting.validate().map_err(anyhow::Error::msg)?;
+        self.gap_fill.validate()?;
         if self.accounts.reload_interval.is_zero() {
             bail!("accounts.reload_interval must be positive");
         }
@@ -874,6 +994,8 @@ mod tests {
         assert_eq!(prod.region.as_deref(), Some("eu-west-1"));
         assert_eq!(config.sources["metrics"].path, "/firehose/metrics");
         assert_eq!(config.buffer.flush_interval, Duration::from_secs(30));
+        assert!(config.gap_fill.enabled);
+        assert_eq!(config.gap_fill.role_name.as_deref(), Some("fleetlake-read"));
         assert_eq!(config.lake_dir(), PathBuf::from("/var/lib/fleetlake/lake"));
         assert_eq!(config.wal_dir(), PathBuf::from("/var/lib/fleetlake/wal"));
         assert_eq!(config.kinesis.len(), 2);
@@ -942,6 +1064,33 @@ mod tests {
         let config = Config::default();
         assert!(config.http_addr.ip().is_loopback());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn gap_fill_is_off_by_default_and_checked_when_on() {
+        assert!(!Config::default().gap_fill.enabled);
+        let err = Config::from_toml("[gap_fill]\nenabled = true")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gap_fill.role_name is required"), "{err}");
+        let err =
+            Config::from_toml("[gap_fill]\nenabled = true\nrole_name = \"r\"\nperiod = \"45s\"")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("gap_fill: period 45s"), "{err}");
+        let err = Config::from_toml(
+            "[gap_fill]\nenabled = true\nrole_name = \"r\"\npercentiles = [\"p99\", \"q1\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("percentile \"q1\""), "{err}");
+        let config = Config::from_toml(
+            "[gap_fill]\nenabled = true\nrole_name = \"fleetlake-read\"\nmin_gap = \"10m\"\npercentiles = [\"p99\"]",
+        )
+        .unwrap();
+        assert_eq!(config.gap_fill.min_gap, Duration::from_secs(600));
+        let plan = config.gap_fill.plan(90_000, 150_000).unwrap();
+        assert_eq!((plan.start_ms, plan.end_ms), (60_000, 180_000));
     }
 
     #[test]

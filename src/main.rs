@@ -13,6 +13,7 @@ mod alerting;
 mod backfill;
 mod compact_cmd;
 mod config;
+mod gapfill;
 mod loadgen;
 mod query_cmd;
 mod replay;

@@ -116,7 +116,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Arc::clone(&engine),
             Arc::clone(&access),
         ));
-    let sink: Arc<dyn fleetlake_ingest::RowSink> = Arc::new(aggregator.clone());
+    // With the gap fill on, the sources' sinks note which minutes each account delivered.
+    let coverage = config
+        .gap_fill
+        .enabled
+        .then(fleetlake_ingest::gaps::Coverage::new);
+    if let Some(coverage) = &coverage {
+        crate::gapfill::seed(&engine, coverage, config.gap_fill.lookback).await;
+    }
+    let sink: Arc<dyn fleetlake_ingest::RowSink> = match &coverage {
+        Some(coverage) => Arc::new(fleetlake_ingest::gaps::Tracked::new(
+            Arc::new(aggregator.clone()),
+            Arc::clone(coverage),
+        )),
+        None => Arc::new(aggregator.clone()),
+    };
     let in_flight = Arc::new(tokio::sync::Semaphore::new(config.firehose.max_in_flight));
     for (name, source) in config.enabled_sources() {
         let access_key = source
@@ -146,7 +160,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop_consumers, consumers_stop) = tokio::sync::watch::channel(false);
     let mut consumers = tokio::task::JoinSet::new();
-    let stream_sink: Arc<dyn fleetlake_ingest::sink::StreamSink> = Arc::new(aggregator.clone());
+    let stream_sink: Arc<dyn fleetlake_ingest::sink::StreamSink> = match &coverage {
+        Some(coverage) => Arc::new(fleetlake_ingest::gaps::Tracked::new(
+            Arc::new(aggregator.clone()),
+            Arc::clone(coverage),
+        )),
+        None => Arc::new(aggregator.clone()),
+    };
     for (index, kinesis) in config.kinesis.iter().enumerate() {
         let stream = kinesis.stream_config(index)?;
         info!(
@@ -238,6 +258,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "alerting"
     );
     let mut alert_tasks = alerting.start();
+    if let Some(coverage) = coverage {
+        info!(
+            role = ?config.gap_fill.role_name,
+            min_gap = ?config.gap_fill.min_gap,
+            settle = ?config.gap_fill.settle,
+            "gap fill on"
+        );
+        alert_tasks.spawn(crate::gapfill::run_task(
+            config.gap_fill.clone(),
+            coverage,
+            Arc::new(aggregator.clone()),
+        ));
+    }
     let app = app.merge(crate::alerting::router(alerting, Arc::clone(&access)));
     info!(
         %addr,

@@ -73,7 +73,8 @@ impl Plan {
         metric_names: Vec<String>,
         percentiles: Vec<String>,
     ) -> Result<Self, String> {
-        if !(matches!(period_s, 1 | 5 | 10 | 30) || (period_s >= 60 && period_s.is_multiple_of(60))) {
+        if !(matches!(period_s, 1 | 5 | 10 | 30) || (period_s >= 60 && period_s.is_multiple_of(60)))
+        {
             return Err(format!(
                 "period {period_s}s: CloudWatch takes 1, 5, 10, 30 or a multiple of 60 seconds"
             ));

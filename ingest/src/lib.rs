@@ -25,6 +25,7 @@ pub mod cloudwatch;
 pub mod cwlogs;
 pub mod decode;
 pub mod firehose;
+pub mod gaps;
 pub mod kinesis;
 pub mod kpl;
 pub mod lease;

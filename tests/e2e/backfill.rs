@@ -9,7 +9,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{CloudWatchShim, Moto, aws_env, lake_query};
+use crate::support::{
+    CloudWatchShim, FirehoseRequest, Moto, Server, aws_env, lake_query, wait_until,
+};
 
 /// 2026-01-05T23:45:00Z: the data crosses a UTC midnight, so a job has two windows.
 const T0: i64 = 1_767_656_700;
@@ -388,4 +390,160 @@ fn bad_backfill_arguments_are_refused_with_the_reason() {
         assert!(!out.status.success(), "{args:?}");
         assert!(err.contains(message), "{args:?}: {err}");
     }
+}
+
+/// One Metric Streams JSON line of the gap-fill test's two series.
+fn stream_line(
+    account: &str,
+    metric: &str,
+    time_ms: i64,
+    (count, sum, min, max): (f64, f64, f64, f64),
+) -> String {
+    format!(
+        r#"{{"metric_stream_name":"fleet","account_id":"{account}","region":"us-east-1","namespace":"Fleet/App","metric_name":"{metric}","dimensions":{{"Service":"api"}},"timestamp":{time_ms},"value":{{"count":{count:.1},"sum":{sum:.1},"max":{max:.1},"min":{min:.1}}},"unit":"Count"}}"#
+    )
+}
+
+/// The gap-fill test's datapoint of `metric` at minute `m`: count, sum, min, max.
+fn gap_value(metric: &str, m: i64) -> (f64, f64, f64, f64) {
+    if metric == "Requests" {
+        (2.0, 10.0 + m as f64, 1.0, 9.0 + m as f64)
+    } else {
+        let v = (m % 4) as f64;
+        (1.0, v, v, v)
+    }
+}
+
+fn stream_minutes(
+    server: &Server,
+    id: &str,
+    account: &str,
+    base_ms: i64,
+    minutes: std::ops::Range<i64>,
+) {
+    let lines: Vec<String> = minutes
+        .flat_map(|m| {
+            ["Requests", "Errors"].map(|metric| {
+                stream_line(account, metric, base_ms + m * 60_000, gap_value(metric, m))
+            })
+        })
+        .collect();
+    let (status, body) = server.post(&FirehoseRequest::new(id, vec![lines.join("\n")]));
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn the_service_fills_a_hole_in_a_stream_from_cloudwatch_without_double_counting() {
+    let moto = Moto::start();
+    let shim = CloudWatchShim::start(&moto);
+    let account = "611111111111";
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let base = (now_ms / 60_000 - 41) * 60_000;
+    // CloudWatch has all 40 minutes of both series.
+    moto.python(
+        r#"
+import sys, json, datetime, boto3
+account, base = sys.argv[1], int(sys.argv[2])
+creds = client('sts').assume_role(RoleArn=f'arn:aws:iam::{account}:role/fleetlake-read',
+                                  RoleSessionName='put')['Credentials']
+cw = boto3.client('cloudwatch', endpoint_url=ENDPOINT, region_name='us-east-1',
+                  aws_access_key_id=creds['AccessKeyId'],
+                  aws_secret_access_key=creds['SecretAccessKey'],
+                  aws_session_token=creds['SessionToken'])
+for m in range(40):
+    ts = datetime.datetime.fromtimestamp(base / 1000 + 60 * m, datetime.timezone.utc)
+    data = []
+    for name, (c, s, lo, hi) in [('Requests', (2.0, 10.0 + m, 1.0, 9.0 + m)),
+                                 ('Errors', (1.0, float(m % 4), float(m % 4), float(m % 4)))]:
+        data.append({'MetricName': name, 'Timestamp': ts, 'Unit': 'Count',
+                     'Dimensions': [{'Name': 'Service', 'Value': 'api'}],
+                     'StatisticValues': {'SampleCount': c, 'Sum': s, 'Minimum': lo, 'Maximum': hi}})
+    cw.put_metric_data(Namespace='Fleet/App', MetricData=data)
+print(json.dumps(True))
+"#,
+        &[account, &base.to_string()],
+    );
+    let expected = |minutes: std::ops::Range<i64>| -> (usize, f64) {
+        let sum = minutes
+            .clone()
+            .flat_map(|m| ["Requests", "Errors"].map(|metric| gap_value(metric, m).1))
+            .sum();
+        (2 * minutes.count(), sum)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = aws_env();
+    env.extend([
+        ("FLEETLAKE_GAP_FILL__ENABLED", "true"),
+        ("FLEETLAKE_GAP_FILL__ROLE_NAME", ROLE),
+        ("FLEETLAKE_GAP_FILL__ENDPOINT_URL", shim.endpoint.as_str()),
+        ("FLEETLAKE_GAP_FILL__MIN_GAP", "3m"),
+        ("FLEETLAKE_GAP_FILL__SETTLE", "0s"),
+        ("FLEETLAKE_GAP_FILL__CHECK_INTERVAL", "1s"),
+        ("FLEETLAKE_BUFFER__FLUSH_INTERVAL", "1s"),
+    ]);
+    let totals = |server: &Server| -> (usize, f64, usize) {
+        let rows =
+            server.sql("SELECT count(*) AS n, sum(sum) AS s, count(unit) AS units FROM metrics");
+        (
+            rows[0]["n"].as_u64().unwrap() as usize,
+            rows[0]["s"].as_f64().unwrap_or(0.0),
+            rows[0]["units"].as_u64().unwrap() as usize,
+        )
+    };
+
+    let server = Server::start(dir.path(), &env);
+    // The stream delivers minutes 0-9 and 20-29: minutes 10-19 are a hole.
+    stream_minutes(&server, "r1", account, base, 0..10);
+    stream_minutes(&server, "r2", account, base, 20..30);
+    let (rows, sum) = expected(0..30);
+    wait_until("the hole filled", || totals(&server).0 == rows);
+    let (_, got_sum, units) = totals(&server);
+    assert_eq!(got_sum, sum);
+    // Streamed rows keep their unit; the hole's rows come from GetMetricData (none).
+    assert_eq!(units, 40);
+    let hole = server.sql(
+        "SELECT CAST(min(time) AS BIGINT) AS lo, CAST(max(time) AS BIGINT) AS hi, count(*) AS n \
+         FROM metrics WHERE unit IS NULL",
+    );
+    assert_eq!(hole[0]["lo"].as_i64().unwrap(), (base + 10 * 60_000) * 1000);
+    assert_eq!(hole[0]["hi"].as_i64().unwrap(), (base + 19 * 60_000) * 1000);
+    assert!(
+        server
+            .metrics_text()
+            .contains(r#"fleetlake_gap_fill_holes_total{outcome="filled"} 1"#),
+        "{}",
+        server.metrics_text()
+    );
+    // The hole's data arrives late after all (a Firehose retry): first writer wins.
+    stream_minutes(&server, "r3", account, base, 10..20);
+    server.stop();
+    let lake = lake_query(
+        dir.path(),
+        "json",
+        "SELECT count(*) AS n, sum(sum) AS s, count(unit) AS units FROM metrics",
+    );
+    let lake: Value =
+        serde_json::from_str(lake.lines().find(|l| !l.trim().is_empty()).unwrap()).unwrap();
+    let lake = if lake.is_array() {
+        lake[0].clone()
+    } else {
+        lake
+    };
+    assert_eq!(lake["n"].as_u64().unwrap() as usize, rows, "{lake}");
+    assert_eq!(lake["s"].as_f64().unwrap(), sum, "{lake}");
+    assert_eq!(lake["units"], 40, "{lake}");
+
+    // fleetlake was down while minutes 30-34 went by: after the restart the stream
+    // resumes at 35, and the lake's last minute (29) marks the start of a hole.
+    let server = Server::start(dir.path(), &env);
+    stream_minutes(&server, "r4", account, base, 35..40);
+    let (rows, sum) = expected(0..40);
+    wait_until("the hole across the restart filled", || {
+        totals(&server).0 == rows
+    });
+    assert_eq!(totals(&server).1, sum);
+    server.stop();
 }
