@@ -14,6 +14,7 @@ import datetime
 import gzip
 import json
 import threading
+import time
 import uuid
 import sys
 import urllib.error
@@ -86,8 +87,9 @@ def zip_values(result):
 # POST /_shim/page N (GetMetricData answers at most N datapoints per result and page,
 # with a NextToken for the rest, as CloudWatch does past its limits), POST
 # /_shim/fail_after N (after N more CBOR calls every call is throttled; -1: off),
-# GET /_shim/stats (calls by access key and operation).
-STATE = {"throttle": 0, "fail_after": -1, "page": 0, "pages": {}, "calls": {}}
+# POST /_shim/delay_ms N (each CBOR call is answered N ms late), GET /_shim/stats
+# (calls by access key and operation).
+STATE = {"throttle": 0, "fail_after": -1, "delay_ms": 0, "page": 0, "pages": {}, "calls": {}}
 LOCK = threading.Lock()
 
 
@@ -132,7 +134,7 @@ class Handler(BaseHTTPRequestHandler):
         self._passthrough("GET")
 
     def do_POST(self):
-        if self.path in ("/_shim/throttle", "/_shim/page", "/_shim/fail_after"):
+        if self.path in ("/_shim/throttle", "/_shim/page", "/_shim/fail_after", "/_shim/delay_ms"):
             with LOCK:
                 STATE[self.path[len("/_shim/"):]] = int(self._body() or b"0")
             return self._send(200, [], b"")
@@ -144,9 +146,12 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             per_key = STATE["calls"].setdefault(access_key(self.headers), {})
             per_key[op] = per_key.get(op, 0) + 1
+            delay = STATE["delay_ms"] / 1000.0
             throttled = STATE["throttle"] > 0 or STATE["fail_after"] == 0
             STATE["throttle"] -= STATE["throttle"] > 0
             STATE["fail_after"] -= STATE["fail_after"] > 0
+        if delay:
+            time.sleep(delay)
         if throttled:  # what CloudWatch answers over its quota (moto never does)
             return self._send(400, cbor_headers + [("x-amzn-query-error", "Throttling;Sender")],
                               cbor2.dumps({"__type": "Throttling", "message": "Rate exceeded"}))
