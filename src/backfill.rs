@@ -16,7 +16,6 @@ use anyhow::{Context, bail};
 use aws_sdk_cloudwatch::config::{
     SharedCredentialsProvider, retry::RetryConfig, timeout::TimeoutConfig,
 };
-use fleetlake_aggregate::{AggregateConfig, Aggregator};
 use fleetlake_ingest::cloudwatch::{self as cw, Checkpoint, Counters, Limits, Plan, Target};
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -298,14 +297,7 @@ async fn backfill(config: &Config, args: &Args, plan: &Plan) -> anyhow::Result<(
     )
     .with_context(|| format!("writing to {}", checkpoint.dir().display()))?;
 
-    let aggregator = Aggregator::open(AggregateConfig {
-        flush_interval: Duration::from_secs(3600),
-        compaction: None,
-        rollup_interval: None,
-        ..config.aggregate_config()?
-    })
-    .await
-    .context("opening the data directory")?;
+    let aggregator = crate::replay::open_for_batch(config).await?;
 
     let limits = Limits {
         calls_per_second: args.max_calls_per_second,

@@ -61,16 +61,7 @@ struct Piece {
 }
 
 async fn replay(config: &Config, format: Format, files: &[PathBuf]) -> anyhow::Result<String> {
-    let aggregator = Aggregator::open(AggregateConfig {
-        // Commits come from the row limit and the final flush, not a timer; a replay
-        // does not compact (`fleetlake compact` does, afterwards).
-        flush_interval: Duration::from_secs(3600),
-        compaction: None,
-        rollup_interval: None,
-        ..config.aggregate_config()?
-    })
-    .await
-    .context("opening the data directory")?;
+    let aggregator = open_for_batch(config).await?;
 
     let total: u64 = files
         .iter()
@@ -135,6 +126,20 @@ async fn replay(config: &Config, format: Format, files: &[PathBuf]) -> anyhow::R
         stats.control_messages,
         stats.dead_letters,
     ))
+}
+
+/// The aggregate stage for a batch command (replay, backfill) on the data directory:
+/// commits come from the row limit and the final flush, not a timer, and nothing is
+/// compacted (`fleetlake compact` does, afterwards).
+pub(crate) async fn open_for_batch(config: &Config) -> anyhow::Result<Aggregator> {
+    Aggregator::open(AggregateConfig {
+        flush_interval: Duration::from_secs(3600),
+        compaction: None,
+        rollup_interval: None,
+        ..config.aggregate_config()?
+    })
+    .await
+    .context("opening the data directory")
 }
 
 /// Writes one piece, waiting while the hot buffer is full (a flush is under way).

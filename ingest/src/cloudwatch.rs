@@ -412,11 +412,17 @@ impl Pacer {
 
     async fn wait(&mut self, datapoints: u64) {
         tokio::time::sleep_until(self.next).await;
-        let calls = 1.0 / self.limits.calls_per_second.max(1e-3);
-        let points = datapoints as f64 / self.limits.datapoints_per_second.max(1.0);
         let now = tokio::time::Instant::now();
-        self.next = now.max(self.next) + Duration::from_secs_f64(calls.max(points));
+        self.next = now.max(self.next) + spacing(&self.limits, datapoints);
     }
+}
+
+/// Time a call of `datapoints` requested datapoints takes from the budget: the longer
+/// of one call's share and its datapoints' share.
+fn spacing(limits: &Limits, datapoints: u64) -> Duration {
+    let calls = 1.0 / limits.calls_per_second.max(1e-3);
+    let points = datapoints as f64 / limits.datapoints_per_second.max(1.0);
+    Duration::from_secs_f64(calls.max(points))
 }
 
 /// Whether a failed call is worth another attempt, and whether it was throttling.
@@ -894,6 +900,15 @@ mod tests {
         assert_ne!(a.id(), plan(0, 2 * HOUR, 60, &[]).id());
         assert_ne!(a.id(), plan(0, HOUR, 60, &["p99"]).id());
         assert_eq!(a.id().len(), 16);
+    }
+
+    #[test]
+    fn calls_are_spaced_by_calls_and_datapoints_per_second() {
+        let limits = Limits::default(); // 10 calls/s, 150,000 datapoints/s
+        assert_eq!(spacing(&limits, 0), Duration::from_millis(100));
+        assert_eq!(spacing(&limits, 15_000), Duration::from_millis(100));
+        // A full call: 68 queries x 1,440 minutes.
+        assert_eq!(spacing(&limits, 97_920), Duration::from_secs_f64(0.6528));
     }
 
     #[test]

@@ -182,12 +182,12 @@ impl Coverage {
     }
 }
 
-fn observe_rows(coverage: &Coverage, rows: &[(Table, RecordBatch)]) {
-    for (table, batch) in rows {
-        if *table == Table::Metrics {
-            coverage.observe(batch);
-        }
-    }
+/// The `metrics` batches of a write (cheap copies: arrays are shared).
+fn metrics_of(rows: &[(Table, RecordBatch)]) -> Vec<RecordBatch> {
+    rows.iter()
+        .filter(|(table, _)| *table == Table::Metrics)
+        .map(|(_, batch)| batch.clone())
+        .collect()
 }
 
 /// A sink that records in a [`Coverage`] which minutes each account delivered, once
@@ -207,13 +207,11 @@ impl<S: ?Sized> Tracked<S> {
 impl<S: RowSink + ?Sized> RowSink for Tracked<S> {
     fn write(&self, rows: Vec<(Table, RecordBatch)>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            let metrics: Vec<(Table, RecordBatch)> = rows
-                .iter()
-                .filter(|(t, _)| *t == Table::Metrics)
-                .cloned()
-                .collect();
+            let metrics = metrics_of(&rows);
             self.inner.write(rows).await?;
-            observe_rows(&self.coverage, &metrics);
+            metrics
+                .iter()
+                .for_each(|batch| self.coverage.observe(batch));
             Ok(())
         })
     }
@@ -230,13 +228,11 @@ impl<S: StreamSink + ?Sized> StreamSink for Tracked<S> {
         positions: Vec<(String, String)>,
     ) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            let metrics: Vec<(Table, RecordBatch)> = rows
-                .iter()
-                .filter(|(t, _)| *t == Table::Metrics)
-                .cloned()
-                .collect();
+            let metrics = metrics_of(&rows);
             self.inner.write_positioned(rows, positions).await?;
-            observe_rows(&self.coverage, &metrics);
+            metrics
+                .iter()
+                .for_each(|batch| self.coverage.observe(batch));
             Ok(())
         })
     }

@@ -9,11 +9,15 @@
 //!  (kinesis: shards,                                  └───────────────────> StreamSink
 //!   GetRecords loops)                                   (rows + shard positions,
 //!                                                        committed together in the lake)
+//!  CloudWatch GetMetricData ──> cloudwatch (backfill; gap fill of the holes gaps
+//!  (ListMetrics, paced, retried)  finds in what the sinks took) ────────────> RowSink
 //! ```
 //!
 //! Decoders emit Arrow record batches of the [`schema`] tables (`metrics`, `logs`,
-//! `dead_letters`), each metric and log row tagged with its account id. Data goes next
-//! to a [`sink::RowSink`], which the aggregate stage implements; a source acknowledges
+//! `dead_letters`), each metric and log row tagged with its account id. History
+//! and holes come from CloudWatch's own API ([`cloudwatch`]), with the same rows and
+//! de-duplication key as streamed data; [`gaps`] finds the holes as data arrives.
+//! Data goes next to a [`sink::RowSink`], which the aggregate stage implements; a source acknowledges
 //! its sender only after the sink's `write` returned `Ok`, i.e. once the data is
 //! durable. Kinesis rows go to a [`sink::StreamSink`] with the shard positions they
 //! reach: the stream keeps them, so they need no write-ahead log, and the positions are

@@ -179,6 +179,20 @@ fn put_metric_data_comes_back_through_backfill_once_however_often_it_runs() {
     )
     .unwrap();
     let config = config.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let args = [
+            &[
+                "--config",
+                config,
+                "--role-name",
+                ROLE,
+                "--percentile",
+                "p99",
+            ],
+            extra,
+        ];
+        backfill(&shim, &data, &args.concat())
+    };
 
     // Without a role only the current account (moto's) can be read.
     let (ok, _, err) = backfill(&shim, &data, &["--config", config]);
@@ -188,18 +202,7 @@ fn put_metric_data_comes_back_through_backfill_once_however_often_it_runs() {
         "{err}"
     );
 
-    let (ok, out, err) = backfill(
-        &shim,
-        &data,
-        &[
-            "--config",
-            config,
-            "--role-name",
-            ROLE,
-            "--percentile",
-            "p99",
-        ],
-    );
+    let (ok, out, err) = run(&[]);
     assert!(ok, "{out}\n{err}");
     assert!(
         out.contains("backfilled 2 of 2 account-region(s) (0 failed)"),
@@ -232,18 +235,7 @@ fn put_metric_data_comes_back_through_backfill_once_however_often_it_runs() {
 
     // The same command again: everything is done already.
     let calls = shim.calls();
-    let (ok, out, err) = backfill(
-        &shim,
-        &data,
-        &[
-            "--config",
-            config,
-            "--role-name",
-            ROLE,
-            "--percentile",
-            "p99",
-        ],
-    );
+    let (ok, out, err) = run(&[]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("(4 already done by an earlier run)"), "{out}");
     assert!(
@@ -257,19 +249,7 @@ fn put_metric_data_comes_back_through_backfill_once_however_often_it_runs() {
     // datapoints: the rows are the same datapoints, so the lake does not change.
     shim.control("throttle", 3);
     shim.control("page", 7);
-    let (ok, out, err) = backfill(
-        &shim,
-        &data,
-        &[
-            "--config",
-            config,
-            "--role-name",
-            ROLE,
-            "--percentile",
-            "p99",
-            "--fresh",
-        ],
-    );
+    let (ok, out, err) = run(&["--fresh"]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("(3 retried, 3 throttled)"), "{out}");
     // Per account: window 1 has 15 minutes (3 pages of ≤7), window 2 as well.
@@ -567,9 +547,19 @@ fn a_backfill_killed_mid_run_resumes_without_losing_or_doubling_rows() {
     // Slow answers, so that the kill lands after the first unit and before the last.
     shim.control("delay_ms", 400);
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetlake"))
-        .args(["backfill", "cloudwatch", "--data-dir", data.to_str().unwrap()])
+        .args([
+            "backfill",
+            "cloudwatch",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
         .args(["--endpoint-url", &shim.endpoint, "--region", "us-east-1"])
-        .args(["--start", "2026-01-05T23:45:00Z", "--end", "2026-01-06T00:15:00Z"])
+        .args([
+            "--start",
+            "2026-01-05T23:45:00Z",
+            "--end",
+            "2026-01-06T00:15:00Z",
+        ])
         .args(args)
         .envs(aws_env())
         .stdout(std::process::Stdio::null())

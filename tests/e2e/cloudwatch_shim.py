@@ -87,9 +87,11 @@ def zip_values(result):
 # POST /_shim/page N (GetMetricData answers at most N datapoints per result and page,
 # with a NextToken for the rest, as CloudWatch does past its limits), POST
 # /_shim/fail_after N (after N more CBOR calls every call is throttled; -1: off),
-# POST /_shim/delay_ms N (each CBOR call is answered N ms late), GET /_shim/stats
-# (calls by access key and operation).
-STATE = {"throttle": 0, "fail_after": -1, "delay_ms": 0, "page": 0, "pages": {}, "calls": {}}
+# POST /_shim/delay_ms N (each CBOR call is answered N ms late), POST
+# /_shim/synthetic N (for load runs, without moto: every account has N metrics
+# Synth/M<i> {Id=<i>} with a datapoint in every period), GET /_shim/stats (calls by
+# access key and operation).
+STATE = {"throttle": 0, "fail_after": -1, "delay_ms": 0, "synthetic": 0, "page": 0, "pages": {}, "calls": {}}
 LOCK = threading.Lock()
 
 
@@ -134,7 +136,8 @@ class Handler(BaseHTTPRequestHandler):
         self._passthrough("GET")
 
     def do_POST(self):
-        if self.path in ("/_shim/throttle", "/_shim/page", "/_shim/fail_after", "/_shim/delay_ms"):
+        if self.path in ("/_shim/throttle", "/_shim/page", "/_shim/fail_after", "/_shim/delay_ms",
+                         "/_shim/synthetic"):
             with LOCK:
                 STATE[self.path[len("/_shim/"):]] = int(self._body() or b"0")
             return self._send(200, [], b"")
@@ -158,6 +161,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("content-encoding", "").lower() == "gzip":
             raw = gzip.decompress(raw)
         params = to_json(cbor2.loads(raw)) if raw else {}
+        if STATE["synthetic"] > 0:
+            return self._synthetic(op, params, cbor_headers)
         # moto computes only Sum/SampleCount/Minimum/Maximum/Average; any other stat
         # (p99, TM(..), ...) makes it fail the whole call (500). Keep those queries
         # here and answer them with no datapoints.
@@ -206,6 +211,31 @@ class Handler(BaseHTTPRequestHandler):
         shape = MODEL.operation_model(op).output_shape
         result = to_cbor(zip_values(doc), shape) if shape is not None else {}
         self._send(200, out_headers, cbor2.dumps(result))
+
+    def _synthetic(self, op, params, headers):
+        n = STATE["synthetic"]
+        if op == "ListMetrics":
+            start = int(params.get("NextToken") or 0)
+            page = {"Metrics": [{"Namespace": "Synth", "MetricName": f"M{i}",
+                                 "Dimensions": [{"Name": "Id", "Value": str(i)}]}
+                                for i in range(start, min(n, start + 500))]}
+            if start + 500 < n:
+                page["NextToken"] = str(start + 500)
+            return self._send(200, headers, cbor2.dumps(page))
+        if op != "GetMetricData":
+            return self._send(400, headers, cbor2.dumps({"__type": "InvalidAction", "message": op}))
+        start, end = int(params["StartTime"]), int(params["EndTime"])
+        results = []
+        for q in params["MetricDataQueries"]:
+            stat = q["MetricStat"]
+            period = int(stat["Period"])
+            metric = int(stat["Metric"]["Dimensions"][0]["Value"])
+            scale = {"Sum": 10.0, "SampleCount": 2.0, "Minimum": 1.0, "Maximum": 9.0}.get(stat["Stat"], 5.0)
+            times = range(start - start % period, end, period)
+            results.append({"Id": q["Id"], "StatusCode": "Complete",
+                            "Timestamps": [cbor2.CBORTag(1, float(t)) for t in times],
+                            "Values": [scale + (metric + t // period) % 7 for t in times]})
+        return self._send(200, headers, cbor2.dumps({"MetricDataResults": results}))
 
     def _page(self, doc, n):
         """The first n datapoints of each result; the rest kept under a NextToken."""
