@@ -74,10 +74,10 @@ print(json.dumps(expected))
     out.as_object().unwrap().clone().into_iter().collect()
 }
 
-/// `fleetlake backfill cloudwatch` with `args`, against the shim; (success, stdout,
-/// stderr).
-fn backfill(shim: &CloudWatchShim, data_dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetlake"))
+/// `fleetlake backfill cloudwatch` with `args`, against the shim, over the test range.
+fn backfill_command(shim: &CloudWatchShim, data_dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlake"));
+    command
         .args([
             "backfill",
             "cloudwatch",
@@ -94,9 +94,13 @@ fn backfill(shim: &CloudWatchShim, data_dir: &Path, args: &[&str]) -> (bool, Str
         .args(["--initial-backoff", "10ms"])
         .args(args)
         .envs(aws_env())
-        .env("FLEETLAKE_LOG", "warn")
-        .output()
-        .unwrap();
+        .env("FLEETLAKE_LOG", "warn");
+    command
+}
+
+/// Runs [`backfill_command`]: (success, stdout, stderr).
+fn backfill(shim: &CloudWatchShim, data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = backfill_command(shim, data_dir, args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -546,22 +550,7 @@ fn a_backfill_killed_mid_run_resumes_without_losing_or_doubling_rows() {
     ];
     // Slow answers, so that the kill lands after the first unit and before the last.
     shim.control("delay_ms", 400);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetlake"))
-        .args([
-            "backfill",
-            "cloudwatch",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])
-        .args(["--endpoint-url", &shim.endpoint, "--region", "us-east-1"])
-        .args([
-            "--start",
-            "2026-01-05T23:45:00Z",
-            "--end",
-            "2026-01-06T00:15:00Z",
-        ])
-        .args(args)
-        .envs(aws_env())
+    let mut child = backfill_command(&shim, &data, &args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
