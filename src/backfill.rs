@@ -343,9 +343,17 @@ async fn backfill(config: &Config, args: &Args, plan: &Plan) -> anyhow::Result<(
                         account_id: account.clone(),
                         region: region.clone(),
                     };
+                    let totals = || {
+                        format!(
+                            "{} datapoints, {} rows",
+                            Counters::get(&counters.datapoints),
+                            Counters::get(&counters.rows)
+                        )
+                    };
                     let progress = |done: usize, total: usize| {
                         bar.set_length(total as u64);
                         bar.set_position(done as u64);
+                        overall.set_message(totals());
                     };
                     let result = cw::backfill_account(
                         &target,
@@ -364,11 +372,7 @@ async fn backfill(config: &Config, args: &Args, plan: &Plan) -> anyhow::Result<(
                     bar.finish_and_clear();
                     bars.remove(&bar);
                     overall.inc(1);
-                    overall.set_message(format!(
-                        "{} datapoints, {} rows",
-                        Counters::get(&counters.datapoints),
-                        Counters::get(&counters.rows)
-                    ));
+                    overall.set_message(totals());
                     (account, region, result)
                 }
             })

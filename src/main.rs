@@ -1,9 +1,10 @@
 //! `fleetlake`: command line, configuration and wiring of the stages.
 //!
 //! ```text
-//!  Firehose HTTP ─> ingest ─> aggregate (WAL, hot buffer) ─> lake (Delta/Parquet)
-//!                                 │                            │
-//!                                 └──────> query (SQL) <───────┘  HTTP, CLI
+//!  Firehose HTTP ──┐
+//!  Kinesis ────────┼─> ingest ─> aggregate (WAL, hot buffer) ─> lake (Delta/Parquet)
+//!  CloudWatch API ─┘                   │                            │
+//!  (backfill, gap fill)                └──────> query (SQL) <───────┘  HTTP, Postgres, CLI
 //! ```
 //!
 //! The binary only parses flags, loads [`config::Config`], and joins the crates:
