@@ -241,6 +241,7 @@ fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, Rejection> {
 }
 
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, Rejection> {
+    use futures::StreamExt;
     let too_large = || {
         Rejection::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -252,24 +253,26 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
+        discard(body.into_data_stream(), limit).await;
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok(bytes.to_vec()),
-        Err(e) => {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(err) = source {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    return Err(too_large());
-                }
-                source = err.source();
-            }
-            Err(Rejection::new(
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            Rejection::new(
                 StatusCode::BAD_REQUEST,
                 format!("could not read request body: {e}"),
-            ))
+            )
+        })?;
+        if bytes.len() + chunk.len() > limit {
+            // Found while reading (chunked): the rest is dropped before the answer.
+            discard(stream, limit).await;
+            return Err(too_large());
         }
+        bytes.extend_from_slice(&chunk);
     }
+    Ok(bytes)
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -302,12 +305,50 @@ async fn deliver(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Body
     respond(status, &request_id, error.as_deref())
 }
 
+/// Longest a refused request's body is read (and dropped) before the answer.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and drops a refused request's body (up to twice `limit` bytes or 64 MiB,
+/// Firehose's largest delivery, whichever is more; for at most [`DISCARD_TIMEOUT`])
+/// before the answer goes out: a sender still writing its body then reads the
+/// refusal, instead of finding the connection closed under it.
+async fn discard(mut stream: axum::body::BodyDataStream, limit: usize) {
+    use futures::StreamExt;
+    let bound = limit.saturating_mul(2).max(64 << 20);
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
+        let mut read = 0usize;
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len();
+            if read > bound {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Handles one delivery; returns the body's request id once the data is durable.
 async fn handle(
     ep: &Endpoint,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Option<String>, Rejection> {
+    let _permit = match admit(ep, headers) {
+        Ok(permit) => permit,
+        Err(rejection) => {
+            discard(body.into_data_stream(), ep.config.max_body_bytes).await;
+            return Err(rejection);
+        }
+    };
+    read_and_write(ep, headers, body).await
+}
+
+/// The checks made before a request's body is read: access key, content type, room
+/// in the sink, and a reading slot (held until the request is answered).
+fn admit<'e>(
+    ep: &'e Endpoint,
+    headers: &HeaderMap,
+) -> Result<tokio::sync::SemaphorePermit<'e>, Rejection> {
     let source = ep.config.source.as_str();
     if let Some(expected) = &ep.config.access_key {
         let given = headers
@@ -335,13 +376,22 @@ async fn handle(
         ));
     }
     ep.sink.admit().map_err(sink_rejection)?;
-    let _permit = ep.config.in_flight.try_acquire().map_err(|_| {
+    ep.config.in_flight.try_acquire().map_err(|_| {
         metrics::counter!(m::REJECTED_IN_FLIGHT, "source" => source.to_string()).increment(1);
         Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many requests are being read at once; retry later",
         )
-    })?;
+    })
+}
+
+/// Reads, decodes and writes an admitted delivery.
+async fn read_and_write(
+    ep: &Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Option<String>, Rejection> {
+    let source = ep.config.source.as_str();
     let limit = ep.config.max_body_bytes;
     let raw = read_body(body, headers, limit).await?;
     metrics::counter!(m::REQUEST_BYTES, "source" => source.to_string()).increment(raw.len() as u64);

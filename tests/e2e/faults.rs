@@ -435,9 +435,9 @@ fn overload_is_refused_with_503_and_memory_stays_bounded() {
                                 .body(request.body())
                                 .send();
                             let Ok(response) = sent else {
-                                // Refused before its body was read, the connection
-                                // closed while the body was still being written: a
-                                // failed delivery that Firehose retries too.
+                                // A connection closed under the sender: a failed
+                                // delivery that Firehose retries too. Counted: refused
+                                // bodies are read before the answer, so none is expected.
                                 *refusals
                                     .lock()
                                     .unwrap()
@@ -499,6 +499,8 @@ fn overload_is_refused_with_503_and_memory_stays_bounded() {
         refusals.get("bytes").is_some_and(|n| *n > 0),
         "{refusals:?}"
     );
+    // Every refusal reached its sender as the documented 503 answer.
+    assert!(!refusals.contains_key("connection"), "{refusals:?}");
     let metrics = server.metrics_text();
     assert!(metrics.contains("fleetlake_aggregate_rejected_memory_total"));
     // Recovered: ready again, and after the final flush the lake holds every
