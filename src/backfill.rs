@@ -9,8 +9,7 @@
 //! `replay`; progress is kept under `<data_dir>/backfill/<job id>/`, so running the same
 //! command again resumes, and the lake's de-duplication makes overlaps harmless.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use aws_sdk_cloudwatch::config::{
@@ -86,7 +85,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     crate::serve::init_tracing("warn,buoyant_kernel=off,deltalake_core=warn");
-    let now_ms = now_ms();
+    let now_ms = fleetlake_alert_rules::time::now_ms();
     let start = parse_time(&args.start, now_ms).context("--start")?;
     let end = parse_time(&args.end, now_ms).context("--end")?;
     let period = u32::try_from(args.period.as_secs())
@@ -120,11 +119,9 @@ pub(crate) fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// Epoch ms as RFC 3339 to the second (`2026-11-01T00:00:00Z`).
+pub(crate) fn rfc3339(ms: i64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
 }
 
 /// `now`, an RFC 3339 time, or a duration meaning that long ago.
@@ -319,66 +316,59 @@ async fn backfill(config: &Config, args: &Args, plan: &Plan) -> anyhow::Result<(
     );
     let account_style = ProgressStyle::with_template("  {prefix} {bar:30} {pos}/{len} calls {msg}")
         .expect("valid template");
-    let counters = Arc::new(Counters::default());
+    let counters = Counters::default();
     let started = Instant::now();
     let sink: &dyn fleetlake_ingest::RowSink = &aggregator;
     let checkpoint = &checkpoint;
-    let results: Vec<(String, String, Result<cw::AccountReport, String>)> =
-        futures::stream::iter(targets.iter().cloned())
-            .map(|(account, region)| {
-                let (base, limits, counters) = (&base, &limits, Arc::clone(&counters));
-                let (bars, overall, style) = (&bars, &overall, account_style.clone());
-                async move {
-                    let bar = bars.add(ProgressBar::new(0));
-                    bar.set_style(style);
-                    bar.set_prefix(format!("{account} {region}"));
-                    let target = Target {
-                        client: cloudwatch_client(
-                            base,
-                            &account,
-                            &region,
-                            args.role_name.as_deref(),
-                        )
+    let failed: Vec<bool> = futures::stream::iter(targets.iter().cloned())
+        .map(|(account, region)| {
+            let (base, limits, counters) = (&base, &limits, &counters);
+            let (bars, overall, style) = (&bars, &overall, account_style.clone());
+            async move {
+                let bar = bars.add(ProgressBar::new(0));
+                bar.set_style(style);
+                bar.set_prefix(format!("{account} {region}"));
+                let target = Target {
+                    client: cloudwatch_client(base, &account, &region, args.role_name.as_deref())
                         .await,
-                        account_id: account.clone(),
-                        region: region.clone(),
-                    };
-                    let totals = || {
-                        format!(
-                            "{} datapoints, {} rows",
-                            Counters::get(&counters.datapoints),
-                            Counters::get(&counters.rows)
-                        )
-                    };
-                    let progress = |done: usize, total: usize| {
-                        bar.set_length(total as u64);
-                        bar.set_position(done as u64);
-                        overall.set_message(totals());
-                    };
-                    let result = cw::backfill_account(
-                        &target,
-                        plan,
-                        limits,
-                        Some(checkpoint),
-                        sink,
-                        &counters,
-                        &progress,
+                    account_id: account.clone(),
+                    region: region.clone(),
+                };
+                let totals = || {
+                    format!(
+                        "{} datapoints, {} rows",
+                        Counters::get(&counters.datapoints),
+                        Counters::get(&counters.rows)
                     )
-                    .await
-                    .map_err(|e| e.to_string());
-                    if let Err(error) = &result {
-                        bars.suspend(|| eprintln!("account {account} {region}: {error}"));
-                    }
-                    bar.finish_and_clear();
-                    bars.remove(&bar);
-                    overall.inc(1);
+                };
+                let progress = |done: usize, total: usize| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
                     overall.set_message(totals());
-                    (account, region, result)
+                };
+                let outcome = cw::backfill_account(
+                    &target,
+                    plan,
+                    limits,
+                    Some(checkpoint),
+                    sink,
+                    counters,
+                    &progress,
+                )
+                .await;
+                if let Err(error) = &outcome {
+                    bars.suspend(|| eprintln!("account {account} {region}: {error}"));
                 }
-            })
-            .buffer_unordered(args.concurrency)
-            .collect()
-            .await;
+                bar.finish_and_clear();
+                bars.remove(&bar);
+                overall.inc(1);
+                overall.set_message(totals());
+                outcome.is_err()
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
     overall.set_message("committing to the lake");
     aggregator
         .flush()
@@ -386,19 +376,17 @@ async fn backfill(config: &Config, args: &Args, plan: &Plan) -> anyhow::Result<(
         .context("committing to the lake (the write-ahead log keeps the data)")?;
     overall.finish_and_clear();
 
-    let failures = results.iter().filter(|r| r.2.is_err()).count();
-    let reports: Vec<&cw::AccountReport> =
-        results.iter().filter_map(|r| r.2.as_ref().ok()).collect();
+    let failures = failed.iter().filter(|f| **f).count();
     let secs = started.elapsed().as_secs_f64();
-    let c = &*counters;
+    let c = &counters;
     let get = Counters::get(&c.get_calls);
     let list = Counters::get(&c.list_calls);
     let points = Counters::get(&c.datapoints);
     let days = (plan.end_ms - plan.start_ms) as f64 / 86_400_000.0;
     let per_target = (get + list) as f64 / targets.len() as f64;
     let per_account_day = (get + list) as f64 / (targets.len() as f64 * days).max(1e-9);
-    let resumed: usize = reports.iter().map(|r| r.resumed).sum();
-    let units: usize = reports.iter().map(|r| r.units).sum();
+    let units = Counters::get(&c.units);
+    let resumed = Counters::get(&c.units_resumed);
     let summary = format!(
         "backfilled {} of {} account-region(s) ({failures} failed), {} to {} at {}s (job {}): \
          {} metrics, {units} units of work ({resumed} already done by an earlier run), \
@@ -407,8 +395,8 @@ async fn backfill(config: &Config, args: &Args, plan: &Plan) -> anyhow::Result<(
          {per_target:.1} calls per account-region, {per_account_day:.1} per account-day)",
         targets.len() - failures,
         targets.len(),
-        humantime::format_rfc3339(UNIX_EPOCH + Duration::from_millis(plan.start_ms as u64)),
-        humantime::format_rfc3339(UNIX_EPOCH + Duration::from_millis(plan.end_ms as u64)),
+        rfc3339(plan.start_ms),
+        rfc3339(plan.end_ms),
         plan.period_s,
         plan.id(),
         Counters::get(&c.metrics),

@@ -10,10 +10,10 @@
 //! senders retried shows as a hole once the accounts deliver again.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{AsArray, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use fleetlake_ingest::RowSink;
 use fleetlake_ingest::cloudwatch::{self as cw, Counters, Limits, Target};
@@ -22,6 +22,7 @@ use fleetlake_query::{Principal, QueryEngine};
 use futures::StreamExt;
 use tracing::{info, warn};
 
+use crate::backfill::rfc3339;
 use crate::config::GapFillConfig;
 
 /// Holes handled, by `outcome` (`filled`, `retrying`, `failed`).
@@ -38,22 +39,6 @@ const MAX_ATTEMPTS: u32 = 5;
 const SEED_WINDOW_MS: i64 = 15 * 60_000;
 /// Longest wait for the lake at start.
 const SEED_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The gap fill, to run as a task: looks for holes in `coverage` every
-/// `check_interval` and fetches them into `sink`; runs until aborted.
-pub(crate) async fn run_task(
-    config: GapFillConfig,
-    coverage: Arc<Coverage>,
-    sink: Arc<dyn RowSink>,
-) {
-    metrics::describe_counter!(HOLES, "Holes in the metric streams handled, by outcome");
-    metrics::describe_counter!(MINUTES, "Minutes of holes handled, by outcome");
-    metrics::describe_gauge!(
-        TRACKED,
-        "(account, region) pairs whose delivered minutes the gap fill tracks"
-    );
-    run(config, coverage, sink).await;
-}
 
 /// Marks, for each account and region, its newest minute within [`SEED_WINDOW_MS`]
 /// before the newest time in the lake and the hot buffer. To be called before any
@@ -83,10 +68,15 @@ async fn seed_from_lake(
             &principal,
         )
         .await?;
-    let Some(newest) = first_times(&newest.batches)?.into_iter().flatten().next() else {
+    let newest = match newest.batches.iter().find(|b| b.num_rows() > 0) {
+        Some(batch) => int64s(batch, 0)?.iter().next().flatten(),
+        None => None,
+    };
+    let Some(newest) = newest.map(|us| us / 1000) else {
         return Ok(());
     };
-    let from = (newest - SEED_WINDOW_MS).max(now_ms() - lookback.as_millis() as i64);
+    let from = (newest - SEED_WINDOW_MS)
+        .max(fleetlake_alert_rules::time::now_ms() - lookback.as_millis() as i64);
     let sql = format!(
         "SELECT account_id, region, CAST(max(time) AS BIGINT) AS t FROM metrics \
          WHERE time >= to_timestamp_millis({from}) GROUP BY account_id, region"
@@ -97,13 +87,13 @@ async fn seed_from_lake(
         // Strings come as views or plain, depending on the plan.
         let text = |i: usize| arrow::compute::cast(batch.column(i), &DataType::Utf8);
         let (accounts, regions) = (text(0)?, text(1)?);
-        let (Some(accounts), Some(regions), Some(times)) = (
+        let (Some(accounts), Some(regions)) = (
             accounts.as_string_opt::<i32>(),
             regions.as_string_opt::<i32>(),
-            batch.column(2).as_primitive_opt::<Int64Type>(),
         ) else {
             anyhow::bail!("unexpected column types: {:?}", batch.schema());
         };
+        let times = int64s(batch, 2)?;
         for row in 0..batch.num_rows() {
             coverage.mark(
                 accounts.value(row),
@@ -120,27 +110,27 @@ async fn seed_from_lake(
     Ok(())
 }
 
-/// The first column's times (epoch µs as BIGINT), in epoch ms.
-fn first_times(batches: &[RecordBatch]) -> anyhow::Result<Vec<Option<i64>>> {
-    let mut out = Vec::new();
-    for batch in batches {
-        let times = batch
-            .column(0)
-            .as_primitive_opt::<Int64Type>()
-            .with_context(|| format!("unexpected column type: {:?}", batch.schema()))?;
-        out.extend(times.iter().map(|t| t.map(|us| us / 1000)));
-    }
-    Ok(out)
+/// Column `index` of `batch` as BIGINTs (times cast to epoch µs in the SQL).
+fn int64s(batch: &RecordBatch, index: usize) -> anyhow::Result<&Int64Array> {
+    batch
+        .column(index)
+        .as_primitive_opt::<Int64Type>()
+        .with_context(|| format!("unexpected column type: {:?}", batch.schema()))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-async fn run(config: GapFillConfig, coverage: Arc<Coverage>, sink: Arc<dyn RowSink>) {
+/// The gap fill, to run as a task: looks for holes in `coverage` every
+/// `check_interval` and fetches them into `sink`; runs until aborted.
+pub(crate) async fn run_task(
+    config: GapFillConfig,
+    coverage: Arc<Coverage>,
+    sink: Arc<dyn RowSink>,
+) {
+    metrics::describe_counter!(HOLES, "Holes in the metric streams handled, by outcome");
+    metrics::describe_counter!(MINUTES, "Minutes of holes handled, by outcome");
+    metrics::describe_gauge!(
+        TRACKED,
+        "(account, region) pairs whose delivered minutes the gap fill tracks"
+    );
     let base = crate::backfill::base_config(None, config.endpoint_url.as_deref()).await;
     let limits = Limits {
         calls_per_second: config.max_calls_per_second,
@@ -153,7 +143,7 @@ async fn run(config: GapFillConfig, coverage: Arc<Coverage>, sink: Arc<dyn RowSi
     loop {
         ticks.tick().await;
         let ms = |d: Duration| d.as_millis() as i64;
-        let now = now_ms();
+        let now = fleetlake_alert_rules::time::now_ms();
         let mut work: Vec<(Hole, u32)> = coverage
             .holes(
                 now,
@@ -187,8 +177,8 @@ async fn run(config: GapFillConfig, coverage: Arc<Coverage>, sink: Arc<dyn RowSi
                     info!(
                         account = %hole.account_id,
                         region = %hole.region,
-                        from = %time(hole.start_ms),
-                        to = %time(hole.end_ms),
+                        from = %rfc3339(hole.start_ms),
+                        to = %rfc3339(hole.end_ms),
                         rows,
                         "gap fill: hole fetched from CloudWatch"
                     );
@@ -202,7 +192,7 @@ async fn run(config: GapFillConfig, coverage: Arc<Coverage>, sink: Arc<dyn RowSi
                 }
                 Err(error) => {
                     warn!(account = %hole.account_id, region = %hole.region, attempts, %error,
-                        from = %time(hole.start_ms), to = %time(hole.end_ms),
+                        from = %rfc3339(hole.start_ms), to = %rfc3339(hole.end_ms),
                         "gap fill: giving up on a hole; `fleetlake backfill cloudwatch` can fetch it");
                     "failed"
                 }
@@ -211,10 +201,6 @@ async fn run(config: GapFillConfig, coverage: Arc<Coverage>, sink: Arc<dyn RowSi
             metrics::counter!(MINUTES, "outcome" => outcome).increment(minutes);
         }
     }
-}
-
-fn time(ms: i64) -> humantime::Rfc3339Timestamp {
-    humantime::format_rfc3339(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
 }
 
 /// Fetches one hole; the rows written.

@@ -124,12 +124,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(coverage) = &coverage {
         crate::gapfill::seed(&engine, coverage, config.gap_fill.lookback).await;
     }
-    let sink: Arc<dyn fleetlake_ingest::RowSink> = match &coverage {
-        Some(coverage) => Arc::new(fleetlake_ingest::gaps::Tracked::new(
-            Arc::new(aggregator.clone()),
-            Arc::clone(coverage),
-        )),
-        None => Arc::new(aggregator.clone()),
+    // One sink for Firehose (rows) and Kinesis (rows with positions).
+    let (sink, stream_sink): (
+        Arc<dyn fleetlake_ingest::RowSink>,
+        Arc<dyn fleetlake_ingest::sink::StreamSink>,
+    ) = match &coverage {
+        Some(coverage) => {
+            let tracked = Arc::new(fleetlake_ingest::gaps::Tracked::new(
+                Arc::new(aggregator.clone()),
+                Arc::clone(coverage),
+            ));
+            (tracked.clone(), tracked)
+        }
+        None => {
+            let plain = Arc::new(aggregator.clone());
+            (plain.clone(), plain)
+        }
     };
     let in_flight = Arc::new(tokio::sync::Semaphore::new(config.firehose.max_in_flight));
     for (name, source) in config.enabled_sources() {
@@ -160,13 +170,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop_consumers, consumers_stop) = tokio::sync::watch::channel(false);
     let mut consumers = tokio::task::JoinSet::new();
-    let stream_sink: Arc<dyn fleetlake_ingest::sink::StreamSink> = match &coverage {
-        Some(coverage) => Arc::new(fleetlake_ingest::gaps::Tracked::new(
-            Arc::new(aggregator.clone()),
-            Arc::clone(coverage),
-        )),
-        None => Arc::new(aggregator.clone()),
-    };
     for (index, kinesis) in config.kinesis.iter().enumerate() {
         let stream = kinesis.stream_config(index)?;
         info!(

@@ -269,9 +269,9 @@ pub struct Counters {
     pub datapoints: AtomicU64,
     /// Rows written to the sink (one per series and period).
     pub rows: AtomicU64,
-    /// Units done, and units skipped as already done by an earlier run.
-    pub units_done: AtomicU64,
-    /// Units found done in the checkpoint.
+    /// Units of work of the accounts listed (done or not).
+    pub units: AtomicU64,
+    /// Of those, units found done in the checkpoint of an earlier run.
     pub units_resumed: AtomicU64,
 }
 
@@ -514,13 +514,13 @@ where
 
 /// The account's metrics: ListMetrics for each namespace (and metric name) asked,
 /// all pages, without repeats, in a stable order.
-pub async fn list_metrics(
+async fn list_metrics(
     client: &Client,
     plan: &Plan,
     limits: &Limits,
-    pacer_counters: &Counters,
+    pacer: &mut Pacer,
+    counters: &Counters,
 ) -> Result<Vec<MetricRef>, BackfillError> {
-    let mut pacer = Pacer::new(limits.clone());
     let namespaces: Vec<Option<&str>> = if plan.namespaces.is_empty() {
         vec![None]
     } else {
@@ -538,7 +538,7 @@ pub async fn list_metrics(
             let mut token: Option<String> = None;
             loop {
                 pacer.wait(0).await;
-                let page = retried("ListMetrics", limits, pacer_counters, || {
+                let page = retried("ListMetrics", limits, counters, || {
                     client
                         .list_metrics()
                         .set_namespace(namespace.map(str::to_owned))
@@ -547,7 +547,7 @@ pub async fn list_metrics(
                         .send()
                 })
                 .await?;
-                Counters::add(&pacer_counters.list_calls, 1);
+                Counters::add(&counters.list_calls, 1);
                 metrics::counter!(m::BACKFILL_CALLS, "call" => "ListMetrics").increment(1);
                 for metric in page.metrics() {
                     let (Some(ns), Some(metric_name)) = (metric.namespace(), metric.metric_name())
@@ -733,20 +733,9 @@ pub async fn write_rows(sink: &dyn RowSink, batch: RecordBatch) -> Result<(), Si
     }
 }
 
-/// How one account's backfill went.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AccountReport {
-    /// Metrics listed.
-    pub metrics: usize,
-    /// Units in the job.
-    pub units: usize,
-    /// Units already done by an earlier run.
-    pub resumed: usize,
-}
-
 /// Backfills one account and region: lists its metrics (or takes the checkpoint's
 /// list), then fetches and writes every unit not yet done, checkpointing after each.
-/// `progress(done, total)` is called as units finish.
+/// `progress(done, total)` is called as units finish; what was done goes to `counters`.
 pub async fn backfill_account(
     target: &Target,
     plan: &Plan,
@@ -755,8 +744,9 @@ pub async fn backfill_account(
     sink: &dyn RowSink,
     counters: &Counters,
     progress: &(dyn Fn(usize, usize) + Send + Sync),
-) -> Result<AccountReport, BackfillError> {
+) -> Result<(), BackfillError> {
     let name = format!("{}-{}", target.account_id, target.region);
+    let mut pacer = Pacer::new(limits.clone());
     let saved = match checkpoint {
         Some(c) => c.load_metrics(&name)?,
         None => None,
@@ -764,7 +754,7 @@ pub async fn backfill_account(
     let metrics = match saved {
         Some(list) => list,
         None => {
-            let list = list_metrics(&target.client, plan, limits, counters).await?;
+            let list = list_metrics(&target.client, plan, limits, &mut pacer, counters).await?;
             if let Some(c) = checkpoint {
                 let json = serde_json::to_vec(&list).expect("metric refs serialize");
                 c.save(&name, "metrics.json", &json)?;
@@ -778,9 +768,9 @@ pub async fn backfill_account(
         Some(c) => c.load_done(&name)?.min(units.len()),
         None => 0,
     };
+    Counters::add(&counters.units, units.len() as u64);
     Counters::add(&counters.units_resumed, resumed as u64);
     progress(resumed, units.len());
-    let mut pacer = Pacer::new(limits.clone());
     for (index, unit) in units.iter().enumerate().skip(resumed) {
         if let Some(batch) =
             fetch_unit(target, plan, &metrics, unit, limits, &mut pacer, counters).await?
@@ -793,14 +783,9 @@ pub async fn backfill_account(
         if let Some(c) = checkpoint {
             c.save(&name, "done", (index + 1).to_string().as_bytes())?;
         }
-        Counters::add(&counters.units_done, 1);
         progress(index + 1, units.len());
     }
-    Ok(AccountReport {
-        metrics: metrics.len(),
-        units: units.len(),
-        resumed,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

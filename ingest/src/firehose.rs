@@ -22,6 +22,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
+use futures::StreamExt;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
@@ -241,7 +242,6 @@ fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, Rejection> {
 }
 
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, Rejection> {
-    use futures::StreamExt;
     let too_large = || {
         Rejection::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -313,7 +313,6 @@ const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// before the answer goes out: a sender still writing its body then reads the
 /// refusal, instead of finding the connection closed under it.
 async fn discard(mut stream: axum::body::BodyDataStream, limit: usize) {
-    use futures::StreamExt;
     let bound = limit.saturating_mul(2).max(64 << 20);
     let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
         let mut read = 0usize;
