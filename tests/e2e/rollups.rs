@@ -93,8 +93,10 @@ fn rollups_follow_metrics_with_late_data_and_compaction_merges_partials() {
     );
     let want_5m = model(6, 0..12, 300);
     let want_1h = model(6, 0..12, 3600);
+    // Each roll-up table commits on its own: wait for both.
     wait_until("late minutes rolled up", || {
         rows_as_model(&server.sql(&format!("{ROLLUP_SQL} metrics_5m"))) == want_5m
+            && rows_as_model(&server.sql(&format!("{ROLLUP_SQL} metrics_1h"))) == want_1h
     });
     assert_eq!(
         rows_as_model(&server.sql(&format!("{ROLLUP_SQL} metrics_1h"))),
