@@ -8,14 +8,18 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, DataFusionError};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType, col, lit};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::execution_plan::ReplaceChildrenOptions;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use deltalake::DeltaTable;
 
 /// The column limited credentials are filtered on.
@@ -94,9 +98,17 @@ impl TableProvider for LakeWithHot {
 
 /// A table as a limited credential sees it: only the rows of its accounts.
 ///
-/// The filter is part of the scan's physical plan (not a hint to the inner
-/// provider), so every query that reads the table, however it is written, reads
-/// it filtered.
+/// Isolation holds by construction: the scan is an [`AccountScopedExec`], a leaf of
+/// the physical plan that yields only the rows of the credential's accounts. None of
+/// the caller's expressions is evaluated below it, because
+/// - the caller's filters are not pushed into the table (`Unsupported`): they stay
+///   above the scan and see only the rows it yields;
+/// - the only predicate given to the lake's scan is the account filter itself (for
+///   file and row-group pruning); its result does not depend on the caller's SQL;
+/// - the plan that reads the table is not a child of the leaf, so physical optimizer
+///   rules (filter and dynamic-filter pushdown from joins and top-k, projection
+///   pushdown) cannot move the caller's expressions into it, and neither `EXPLAIN`
+///   (plans, statistics) nor `EXPLAIN ANALYZE` (rows pruned and filtered) shows it.
 #[derive(Debug)]
 pub struct AccountFilter {
     inner: Arc<dyn TableProvider>,
@@ -140,16 +152,19 @@ impl TableProvider for AccountFilter {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        // Whatever the inner provider does with them, the filters are applied again
-        // above this scan.
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+        // The caller's filters never reach the rows of other accounts: they run above
+        // the scan, on what it yields.
+        Ok(vec![
+            TableProviderFilterPushDown::Unsupported;
+            filters.len()
+        ])
     }
 
     async fn scan(
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        filters: &[Expr],
+        _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         // Read the account column even when the query does not ask for it.
@@ -162,32 +177,113 @@ impl TableProvider for AccountFilter {
             columns.push(self.account_index);
         }
         let predicate = self.predicate();
-        let mut pushed = filters.to_vec();
-        pushed.push(predicate.clone());
-        // No limit below the filter: it could stop before the allowed rows.
+        // Only the account predicate goes into the lake's scan, and no limit: it could
+        // stop before the allowed rows.
         let scan = self
             .inner
-            .scan(state, Some(&columns), &pushed, None)
+            .scan(
+                state,
+                Some(&columns),
+                std::slice::from_ref(&predicate),
+                None,
+            )
             .await?;
         let schema = DFSchema::try_from(scan.schema().as_ref().clone())?;
         let physical = state.create_physical_expr(predicate, &schema)?;
         let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(physical, scan)?);
-        if !added {
-            return Ok(filtered);
+        let scoped = if added {
+            let keep = columns.len() - 1;
+            let exprs = (0..keep)
+                .map(|i| {
+                    let field = filtered.schema().field(i).clone();
+                    (
+                        Arc::new(datafusion::physical_expr::expressions::Column::new(
+                            field.name(),
+                            i,
+                        ))
+                            as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                        field.name().clone(),
+                    )
+                })
+                .collect::<Vec<_>>();
+            Arc::new(ProjectionExec::try_new(exprs, filtered)?) as Arc<dyn ExecutionPlan>
+        } else {
+            filtered
+        };
+        Ok(Arc::new(AccountScopedExec::new(scoped)))
+    }
+}
+
+/// The rows of a limited credential's accounts, as a leaf of the plan.
+///
+/// It runs the plan it wraps (the table's scan under the account filter) without
+/// showing it as a child: optimizer rules cannot push anything into it, and `EXPLAIN`
+/// shows neither that plan nor its statistics or metrics (which describe every
+/// account's rows). Its own statistics are unknown.
+#[derive(Debug)]
+pub struct AccountScopedExec {
+    scan: Arc<dyn ExecutionPlan>,
+    properties: Arc<PlanProperties>,
+}
+
+impl AccountScopedExec {
+    fn new(scan: Arc<dyn ExecutionPlan>) -> Self {
+        let properties = Arc::clone(scan.properties());
+        Self { scan, properties }
+    }
+}
+
+impl DisplayAs for AccountScopedExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match t {
+            DisplayFormatType::Default | DisplayFormatType::Verbose => {
+                write!(f, "AccountScopedExec")
+            }
+            DisplayFormatType::TreeRender => write!(f, ""),
         }
-        let keep = columns.len() - 1;
-        let exprs = (0..keep)
-            .map(|i| {
-                let field = filtered.schema().field(i).clone();
-                (
-                    Arc::new(datafusion::physical_expr::expressions::Column::new(
-                        field.name(),
-                        i,
-                    )) as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
-                    field.name().clone(),
-                )
-            })
-            .collect::<Vec<_>>();
-        Ok(Arc::new(ProjectionExec::try_new(exprs, filtered)?))
+    }
+}
+
+impl ExecutionPlan for AccountScopedExec {
+    fn name(&self) -> &'static str {
+        "AccountScopedExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+        _: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        self.scan.execute(partition, context)
     }
 }
