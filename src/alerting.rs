@@ -19,6 +19,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
 use fleetlake_aggregate::location::LakeLocation;
+use fleetlake_alert_rules::engine::ACCOUNT_ID;
 use fleetlake_alert_rules::matchers::Matcher;
 use fleetlake_alert_rules::{Alerting, Registry, RuleGroup, SqlSource, TransitionLog};
 use fleetlake_query::{Access, Principal, QueryEngine, SideTable};
@@ -266,6 +267,16 @@ pub(crate) fn router(alerting: Alerting, access: Arc<Access>) -> Router {
         .with_state(Api { alerting, access })
 }
 
+/// Whether `principal` sees what concerns `account` (alerts, silences): an
+/// unrestricted caller everything, a limited one its accounts only (and nothing
+/// without an account).
+fn sees_account(principal: &Principal, account: Option<&str>) -> bool {
+    match &principal.accounts {
+        None => true,
+        Some(allowed) => account.is_some_and(|id| allowed.contains(id)),
+    }
+}
+
 async fn list_alerts(State(api): State<Api>, headers: HeaderMap) -> Response {
     let principal = match api.caller(&headers) {
         Ok(p) => p,
@@ -275,12 +286,7 @@ async fn list_alerts(State(api): State<Api>, headers: HeaderMap) -> Response {
         .alerting
         .alerts(None)
         .into_iter()
-        .filter(|a| match &principal.accounts {
-            None => true,
-            Some(allowed) => a["labels"]["account_id"]
-                .as_str()
-                .is_some_and(|id| allowed.contains(id)),
-        })
+        .filter(|a| sees_account(&principal, a["labels"][ACCOUNT_ID].as_str()))
         .collect();
     reply(
         StatusCode::OK,
@@ -330,10 +336,20 @@ fn texts(
 }
 
 async fn list_silences(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Err(refused) = api.caller(&headers) {
-        return refused.into_response();
-    }
-    reply(StatusCode::OK, Value::Array(api.alerting.silences()))
+    let principal = match api.caller(&headers) {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
+    };
+    // As alerts: a limited caller sees the silences about its accounts only (their
+    // matchers pin `account_id` to its accounts); fleet-wide ones, or ones that may
+    // concern another account, are hidden.
+    let silences = api.alerting.silences(|silence| {
+        principal.accounts.is_none()
+            || silence.accounts().is_some_and(|accounts| {
+                !accounts.is_empty() && accounts.iter().all(|a| sees_account(&principal, Some(a)))
+            })
+    });
+    reply(StatusCode::OK, Value::Array(silences))
 }
 
 #[derive(Debug, Deserialize)]

@@ -511,9 +511,22 @@ pub(crate) struct QueryConfig {
     /// Longest a statement may run, sending its results included ("0s": no limit).
     #[serde(with = "humantime_serde")]
     pub(crate) timeout: Duration,
-    /// Bytes of memory a statement's operators may hold; past it, sorts and joins spill
-    /// or the statement fails alone (0: no limit).
+    /// Bytes of memory a statement may hold (its operators, its results until sent,
+    /// values of functions such as `repeat`); past it, sorts and joins spill or the
+    /// statement fails alone (0: no limit).
     pub(crate) memory_limit: u64,
+    /// Bytes of memory all clients' statements together may hold: one pool for the
+    /// process, each statement's `memory_limit` inside it (0: no limit). Ingest has
+    /// its own budget (`buffer.max_bytes`).
+    pub(crate) memory_pool: u64,
+    /// Clients' statements running at once; one more is refused at once (53300, 429).
+    pub(crate) max_concurrent: usize,
+    /// Statements one user may run at once.
+    pub(crate) max_concurrent_per_user: usize,
+    /// Longest statement text, in bytes (54001, 400 past it).
+    pub(crate) max_statement_bytes: usize,
+    /// Deepest expression: operators chained at one level plus levels of nesting.
+    pub(crate) max_expression_depth: usize,
     /// Users (`[[query.users]]`: name, password and/or token, optional accounts). None
     /// configured: open access, for the loopback-only defaults.
     pub(crate) users: Vec<fleetlake_query::User>,
@@ -525,6 +538,11 @@ impl Default for QueryConfig {
         Self {
             timeout: limits.timeout.unwrap_or_default(),
             memory_limit: limits.memory_limit.unwrap_or_default() as u64,
+            memory_pool: limits.memory_pool.unwrap_or_default() as u64,
+            max_concurrent: limits.max_concurrent,
+            max_concurrent_per_user: limits.max_concurrent_per_user,
+            max_statement_bytes: limits.text.max_bytes,
+            max_expression_depth: limits.text.max_depth,
             users: Vec::new(),
         }
     }
@@ -535,7 +553,14 @@ impl QueryConfig {
     pub(crate) fn limits(&self) -> fleetlake_query::QueryLimits {
         fleetlake_query::QueryLimits {
             memory_limit: (self.memory_limit > 0).then_some(self.memory_limit as usize),
+            memory_pool: (self.memory_pool > 0).then_some(self.memory_pool as usize),
             timeout: (!self.timeout.is_zero()).then_some(self.timeout),
+            max_concurrent: self.max_concurrent,
+            max_concurrent_per_user: self.max_concurrent_per_user,
+            text: fleetlake_query::TextLimits {
+                max_bytes: self.max_statement_bytes,
+                max_depth: self.max_expression_depth,
+            },
         }
     }
 
@@ -711,7 +736,23 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        for (index, user) in self.query.users.iter().enumerate() {
+            for (key, secret) in [("password", &user.password), ("token", &user.token)] {
+                if is_blank(secret) {
+                    bail!(
+                        "query.users[{index}] ({:?}): {key} is set but empty; an empty secret \
+                         is no secret",
+                        user.name
+                    );
+                }
+            }
+        }
         self.query.access()?;
+        for (name, source) in &self.sources {
+            if is_blank(&source.access_key) {
+                bail!("sources.{name}.access_key is set but empty");
+            }
+        }
         let mut paths = BTreeMap::new();
         for (name, source) in self.enabled_sources() {
             if !source.path.starts_with('/') {
@@ -734,9 +775,21 @@ impl Config {
                     source.path
                 );
             }
-            if source.access_key.as_deref().is_some_and(str::is_empty) {
-                bail!("sources.{name}.access_key is set but empty");
-            }
+        }
+        let query = &self.query;
+        if query.max_concurrent == 0 || query.max_concurrent_per_user == 0 {
+            bail!("query.max_concurrent and query.max_concurrent_per_user must be positive");
+        }
+        if query.max_statement_bytes == 0 || query.max_expression_depth == 0 {
+            bail!("query.max_statement_bytes and query.max_expression_depth must be positive");
+        }
+        if query.memory_pool > 0 && query.memory_limit > query.memory_pool {
+            bail!(
+                "query.memory_limit ({}) is larger than query.memory_pool ({}): one statement \
+                 could never use its limit",
+                query.memory_limit,
+                query.memory_pool
+            );
         }
         if self.firehose.max_body_bytes == 0 {
             bail!("firehose.max_body_bytes must be positive");
@@ -751,6 +804,24 @@ impl Config {
                         "{key} {addr} is reachable from other hosts, but no [[query.users]] are \
                          configured: anyone there could read every account's data. Add users \
                          (name and password or token), or listen on 127.0.0.1"
+                    );
+                }
+            }
+        }
+        if is_blank(&self.firehose.access_key) {
+            bail!("firehose.access_key is set but empty");
+        }
+        if !self.http_addr.ip().is_loopback() {
+            for (name, source) in self.enabled_sources() {
+                if source.access_key.is_none() && self.firehose.access_key.is_none() {
+                    bail!(
+                        "http_addr {} is reachable from other hosts, but the Firehose endpoint \
+                         {} (sources.{name}) has no access key: anyone there could write rows \
+                         for any account. Set firehose.access_key (or sources.{name}.access_key), \
+                         disable the source (sources.{name}.enabled = false), or listen on \
+                         127.0.0.1",
+                        self.http_addr,
+                        source.path
                     );
                 }
             }
@@ -780,9 +851,6 @@ impl Config {
         if self.lake.row_group_rows == 0 {
             bail!("lake.row_group_rows must be at least 1");
         }
-        if self.access_key_is_empty() {
-            bail!("firehose.access_key is set but empty");
-        }
         self.alerting.validate().map_err(anyhow::Error::msg)?;
         self.gap_fill.validate()?;
         if self.accounts.reload_interval.is_zero() {
@@ -799,13 +867,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    fn access_key_is_empty(&self) -> bool {
-        self.firehose
-            .access_key
-            .as_deref()
-            .is_some_and(str::is_empty)
     }
 
     /// The sources to serve, by name.
@@ -903,6 +964,15 @@ impl Config {
     }
 }
 
+/// A secret that is set but empty (or only blanks): refused at start.
+fn is_blank(secret: &Option<String>) -> bool {
+    secret.as_deref().is_some_and(|s| s.trim().is_empty())
+}
+
+/// Keys whose values are secrets (or may hold one, as a webhook URL's token): never
+/// repeated in an error message.
+const SECRET_KEYS: [&str; 5] = ["access_key", "password", "token", "routing_key", "url"];
+
 fn describe_figment_error(error: figment::Error, file: Option<&Path>) -> String {
     let mut lines = Vec::new();
     for e in error {
@@ -915,7 +985,23 @@ fn describe_figment_error(error: figment::Error, file: Option<&Path>) -> String 
         if !e.path.is_empty() {
             line.push_str(&format!(" at key `{}`", e.path.join(".")));
         }
-        line.push_str(&format!(": {}", e.kind));
+        // A bad value of a secret key is not repeated: the message names the key only.
+        let secret = e
+            .path
+            .last()
+            .is_some_and(|key| SECRET_KEYS.contains(&key.as_str()));
+        match &e.kind {
+            figment::error::Kind::InvalidType(_, expected)
+            | figment::error::Kind::InvalidValue(_, expected)
+                if secret =>
+            {
+                line.push_str(&format!(
+                    ": expected {expected} (the value is a secret: not shown)"
+                ));
+            }
+            _ if secret => line.push_str(": invalid value (the value is a secret: not shown)"),
+            kind => line.push_str(&format!(": {kind}")),
+        }
         lines.push(line);
     }
     lines.join("\n")
@@ -1108,9 +1194,133 @@ mod tests {
         assert!(err.contains("no [[query.users]] are configured"), "{err}");
         Config::from_toml(
             "http_addr = \"0.0.0.0:8088\"\npg_addr = \"[::]:5433\"\n\
+             [firehose]\naccess_key = \"fh-key\"\n\
              [[query.users]]\nname = \"grafana\"\npassword = \"a-long-secret\"",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn other_hosts_need_an_access_key_on_every_firehose_path() {
+        let users = "[[query.users]]\nname = \"grafana\"\npassword = \"a-long-secret\"\n";
+        let custom = "[sources.prod]\npath = \"/ingest/prod\"\nformat = \"json\"\n";
+        let builtin = [
+            ("logs", "/firehose/logs"),
+            ("metrics", "/firehose/metrics"),
+            ("otel", "/firehose/otel"),
+            ("otel07", "/firehose/otel07"),
+            ("prod", "/ingest/prod"),
+        ];
+        // Every source but one has its own key: the one without is named.
+        for (open, path) in builtin {
+            let config = |open_line: &str| {
+                let mut text = String::from("http_addr = \"0.0.0.0:8088\"\n");
+                for (name, _) in builtin {
+                    text.push_str(if name == "prod" { custom } else { "" });
+                    if name != "prod" {
+                        text.push_str(&format!("[sources.{name}]\n"));
+                    }
+                    if name == open {
+                        text.push_str(open_line);
+                    } else {
+                        text.push_str(&format!("access_key = \"key-{name}\"\n"));
+                    }
+                }
+                text + users
+            };
+            let err = Config::from_toml(&config("")).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "the Firehose endpoint {path} (sources.{open}) has no access key"
+                )) && err.contains("http_addr 0.0.0.0:8088 is reachable from other hosts"),
+                "{open}: {err}"
+            );
+            // Disabled, it is not served: accepted.
+            Config::from_toml(&config("enabled = false\n")).unwrap();
+        }
+        // One key for all, or none needed on loopback (pg_addr alone off loopback).
+        Config::from_toml(&format!(
+            "http_addr = \"[::]:8088\"\n{custom}[firehose]\naccess_key = \"k\"\n{users}"
+        ))
+        .unwrap();
+        let err = Config::from_toml(&format!("http_addr = \"[::]:8088\"\n{users}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/firehose/logs (sources.logs)"), "{err}");
+        Config::from_toml(&format!("pg_addr = \"0.0.0.0:5433\"\n{custom}{users}")).unwrap();
+    }
+
+    #[test]
+    fn empty_secrets_are_refused() {
+        let user = "[[query.users]]\nname = \"grafana\"\n";
+        let hook = "[[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\n";
+        let pd = "[[alerting.receivers]]\nname = \"pd\"\ntype = \"pagerduty\"\n";
+        let key = "routing_key = \"0123456789abcdef0123456789abcdef\"\n";
+        for (text, message) in [
+            (
+                format!("{user}password = \"\""),
+                "query.users[0] (\"grafana\"): password is set but empty",
+            ),
+            (
+                format!("{user}token = \"\""),
+                "query.users[0] (\"grafana\"): token is set but empty",
+            ),
+            (
+                format!("{user}password = \"pw\"\ntoken = \"  \""),
+                "token is set but empty",
+            ),
+            (
+                "[firehose]\naccess_key = \"\"".to_string(),
+                "firehose.access_key is set but empty",
+            ),
+            (
+                "[sources.metrics]\naccess_key = \"\"".to_string(),
+                "sources.metrics.access_key is set but empty",
+            ),
+            (
+                "[sources.x]\npath = \"/x\"\nformat = \"json\"\naccess_key = \"\"\nenabled = false"
+                    .to_string(),
+                "sources.x.access_key is set but empty",
+            ),
+            (format!("{hook}url = \"\""), "url is set but empty"),
+            (format!("{pd}{key}url = \"\""), "url is set but empty"),
+            (
+                format!("{pd}routing_key = \"\""),
+                "routing_key is set but empty",
+            ),
+            (
+                format!("{hook}url = \"http://h/x\"\nrouting_key = \"\""),
+                "routing_key is set but empty",
+            ),
+        ] {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+        Config::from_toml(&format!("{user}token = \"t\"\n{pd}{key}")).unwrap();
+    }
+
+    #[test]
+    fn a_bad_secret_value_is_not_repeated_in_the_error() {
+        for (text, key) in [
+            ("[firehose]\naccess_key = 86421357", "firehose.access_key"),
+            (
+                "[[query.users]]\nname = \"a\"\ntoken = 86421357",
+                "query.users.0.token",
+            ),
+            (
+                "[[alerting.receivers]]\nname = \"h\"\ntype = \"webhook\"\nurl = 86421357",
+                "url",
+            ),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(!err.contains("86421357"), "{err}");
+            assert!(err.contains(key) && err.contains("not shown"), "{err}");
+        }
+        // Other keys still say what they got.
+        let err = Config::from_toml("[buffer]\nflush_rows = \"many\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("many"), "{err}");
     }
 
     #[test]
@@ -1120,7 +1330,9 @@ mod tests {
              [sources.prod]\npath = \"/p\"\nformat = \"json\"\naccess_key = \"fh-secret-2\"\n\
              [[query.users]]\nname = \"grafana\"\npassword = \"pw-secret\"\ntoken = \"tok-secret\"\n\
              [[alerting.receivers]]\nname = \"pd\"\ntype = \"pagerduty\"\n\
-             routing_key = \"0123456789abcdef0123456789abcdef\"",
+             routing_key = \"0123456789abcdef0123456789abcdef\"\n\
+             [[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\n\
+             url = \"https://bot:url-pw@hooks.example.com/T0/url-path-secret?token=url-tok\"",
         )
         .unwrap();
         let printed = format!("{config:?}");
@@ -1130,6 +1342,9 @@ mod tests {
             "pw-secret",
             "tok-secret",
             "0123456789abcdef",
+            "url-pw",
+            "url-path-secret",
+            "url-tok",
         ] {
             assert!(!printed.contains(secret), "{secret} in {printed}");
         }

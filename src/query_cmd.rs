@@ -17,6 +17,9 @@ pub(crate) fn run(
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Room for the deepest expression a statement may have (query.max_expression_depth)
+        // to be planned and evaluated: DataFusion recurses once per level.
+        .thread_stack_size(fleetlake_query::WORKER_STACK_BYTES)
         .build()
         .context("starting the async runtime")?;
     let out = runtime.block_on(async {

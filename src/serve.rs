@@ -56,6 +56,9 @@ pub(crate) fn run(config: Config) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetlake")
+        // Room for the deepest expression a statement may have (query.max_expression_depth)
+        // to be planned and evaluated: DataFusion recurses once per level.
+        .thread_stack_size(fleetlake_query::WORKER_STACK_BYTES)
         .build()
         .context("starting the async runtime")?
         .block_on(serve(config))
@@ -177,7 +180,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             format = %stream.format,
             region = ?kinesis.region(),
             role = ?kinesis.role_arn,
-            endpoint = ?kinesis.endpoint_url,
+            endpoint = ?kinesis.endpoint_url.as_deref().map(fleetlake_alert_rules::redact::url),
             "kinesis stream"
         );
         let base = aws_config_for(kinesis, kinesis.endpoint_url.as_deref()).await;

@@ -102,13 +102,14 @@ pub struct ReceiverConfig {
     pub timeout: Duration,
 }
 
-/// The routing key is a secret: never printed.
+/// The routing key is a secret, and so may be the URL's user info, path or query
+/// string: never printed.
 impl std::fmt::Debug for ReceiverConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReceiverConfig")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("url", &self.url)
+            .field("url", &self.url.as_deref().map(crate::redact::url))
             .field(
                 "routing_key",
                 &self.routing_key.as_ref().map(|_| "<redacted>"),
@@ -141,6 +142,22 @@ impl ReceiverConfig {
             ),
             ReceiverKind::Webhook => self.url.clone().unwrap_or_default(),
         }
+    }
+
+    /// The receiver's secrets (routing key; URL, endpoint and their secret parts), for
+    /// [`crate::redact::scrub`].
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = self.routing_key.iter().cloned().collect();
+        secrets.extend(crate::redact::url_secrets(&self.endpoint()));
+        if let Some(url) = &self.url {
+            secrets.extend(crate::redact::url_secrets(url));
+        }
+        secrets
+    }
+
+    /// Where notifications go, as logs may show it (scheme, host and port).
+    pub fn shown_endpoint(&self) -> String {
+        crate::redact::url(&self.endpoint())
     }
 }
 
@@ -185,6 +202,15 @@ impl AlertingConfig {
             let at = format!("alerting.receivers[{i}] ({})", r.name);
             if !names.insert(r.name.as_str()) {
                 return Err(format!("{at}: receiver name used twice"));
+            }
+            if r.url.as_deref().is_some_and(|u| u.trim().is_empty()) {
+                return Err(format!("{at}: url is set but empty"));
+            }
+            if r.routing_key
+                .as_deref()
+                .is_some_and(|k| k.trim().is_empty())
+            {
+                return Err(format!("{at}: routing_key is set but empty"));
             }
             match r.kind {
                 ReceiverKind::Pagerduty => {

@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{AlertingConfig, ReceiverConfig, ReceiverKind};
 use crate::matchers::{Matcher, all_match};
 use crate::notify::{self, FleetIncident, Message, Outcome, RateLimits};
+use crate::redact;
 use crate::registry::{LABEL_FIELDS, Registry, Snapshot};
 use crate::rules::{ALERTNAME, Rule, RuleGroup, VALUE_COLUMN};
 use crate::state::{self, AlertState, Instance, Labels, Sample, Transition, state_name};
@@ -48,6 +49,9 @@ pub trait TransitionLog: Send + Sync + 'static {
     async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), String>;
 }
 
+/// The label naming an alert's AWS account.
+pub const ACCOUNT_ID: &str = "account_id";
+
 /// A silence: alerts matching it are evaluated and recorded but not notified.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Silence {
@@ -68,6 +72,25 @@ pub struct Silence {
 impl Silence {
     fn silences(&self, labels: &Labels, now: i64) -> bool {
         self.starts_at <= now && now < self.ends_at && all_match(&self.matchers, labels)
+    }
+
+    /// The accounts this silence is about, when its matchers pin `account_id` to a list
+    /// decided safely (see [`Matcher::exact_values`]): it silences no other account's
+    /// alerts, and names no other account. `None` when a matcher on `account_id` may
+    /// accept any value, or when there is none (the silence is fleet-wide).
+    pub fn accounts(&self) -> Option<BTreeSet<String>> {
+        let mut accounts = BTreeSet::new();
+        let mut pinned = false;
+        for matcher in self.matchers.iter().filter(|m| m.name == ACCOUNT_ID) {
+            let values = matcher.exact_values()?;
+            // `account_id=""` matches alerts without an account: fleet-wide ones.
+            if values.iter().any(|v| v.is_empty()) {
+                return None;
+            }
+            accounts.extend(values.into_iter().map(str::to_string));
+            pinned = true;
+        }
+        pinned.then_some(accounts)
     }
 
     /// As the HTTP API shows it.
@@ -747,6 +770,8 @@ impl Inner {
     async fn deliver(self: Arc<Self>, receiver: ReceiverConfig) {
         let name = receiver.name.clone();
         let kind = notify::kind_name(receiver.kind);
+        let endpoint = receiver.shown_endpoint();
+        let secrets = receiver.secrets();
         loop {
             let next = {
                 let p = self.state.lock().expect("alert state lock");
@@ -783,14 +808,16 @@ impl Inner {
                     "sent"
                 }
                 Outcome::Rejected(why) => {
-                    error!(receiver = %name, kind = %message.kind, %why, body = %message.body, "notification refused; not retried");
+                    // The body carries a PagerDuty event's routing key.
+                    let body = redact::scrub(&message.body.to_string(), &secrets);
+                    error!(receiver = %name, %endpoint, kind = %message.kind, %why, %body, "notification refused; not retried");
                     queue.retain(|m| m.id != message.id);
                     "failed"
                 }
                 Outcome::Retry(why) => {
                     let now = now_ms();
                     if now - message.created_ms > self.config.give_up_after.as_millis() as i64 {
-                        error!(receiver = %name, kind = %message.kind, %why, "notification dropped after retrying for too long");
+                        error!(receiver = %name, %endpoint, kind = %message.kind, %why, "notification dropped after retrying for too long");
                         queue.retain(|m| m.id != message.id);
                         "expired"
                     } else {
@@ -802,7 +829,7 @@ impl Inner {
                                 self.config.retry_max,
                             );
                             m.next_attempt_ms = now + wait.as_millis() as i64;
-                            warn!(receiver = %name, kind = %m.kind, %why, attempts = m.attempts, retry_in = ?wait, "notification failed; will retry");
+                            warn!(receiver = %name, %endpoint, kind = %m.kind, %why, attempts = m.attempts, retry_in = ?wait, "notification failed; will retry");
                         }
                         "retried"
                     }
@@ -1111,11 +1138,16 @@ impl Alerting {
         out
     }
 
-    /// Every silence.
-    pub fn silences(&self) -> Vec<Value> {
+    /// The silences `visible` keeps (a caller limited to some accounts sees only those
+    /// about its accounts), as the HTTP API shows them.
+    pub fn silences(&self, visible: impl Fn(&Silence) -> bool) -> Vec<Value> {
         let now = now_ms();
         let p = self.inner.state.lock().expect("alert state lock");
-        p.silences.iter().map(|s| s.to_json(now)).collect()
+        p.silences
+            .iter()
+            .filter(|s| visible(s))
+            .map(|s| s.to_json(now))
+            .collect()
     }
 
     /// Adds a silence; returns its id.
@@ -1162,5 +1194,55 @@ impl Alerting {
         s.ends_at = s.ends_at.min(now);
         self.inner.save(&p);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn silence(matchers: &[&str]) -> Silence {
+        Silence {
+            id: "s".into(),
+            matchers: matchers
+                .iter()
+                .map(|m| Matcher::parse(m).unwrap())
+                .collect(),
+            starts_at: 0,
+            ends_at: 1,
+            comment: String::new(),
+            created_by: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_silence_names_its_accounts_only_when_its_matchers_pin_them() {
+        let accounts = |matchers: &[&str]| {
+            silence(matchers)
+                .accounts()
+                .map(|set| set.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(
+            accounts(&["account_id=\"111\"", "alertname=\"X\""]).unwrap(),
+            ["111"]
+        );
+        assert_eq!(
+            accounts(&["account_id=~\"222|111\""]).unwrap(),
+            ["111", "222"]
+        );
+        assert_eq!(
+            accounts(&["account_id=\"111\"", "account_id=~\"111|333\""]).unwrap(),
+            ["111", "333"],
+            "every account named counts, not only those matched"
+        );
+        for fleet_wide in [
+            &["alertname=\"X\""][..],
+            &["account_id!=\"111\""],
+            &["account_id=\"111\"", "account_id!=\"222\""],
+            &["account_id=~\"1.*\""],
+            &["account_id=\"\""],
+        ] {
+            assert_eq!(accounts(fleet_wide), None, "{fleet_wide:?}");
+        }
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod engine;
 pub mod matchers;
 pub mod notify;
+pub mod redact;
 pub mod registry;
 pub mod rules;
 pub mod state;

@@ -92,6 +92,28 @@ impl Matcher {
         Self::new(name, op, &value).map_err(|e| format!("matcher {text:?}: {e}"))
     }
 
+    /// Every value this matcher accepts, when that is a short list decided safely: an
+    /// equality (`="X"`), or a regular expression that is an alternation of plain words
+    /// (`=~"X|Y"`, letters, digits, `_` and `-` only). `None` for anything else
+    /// (negations, other regular expressions): it may accept any value.
+    pub fn exact_values(&self) -> Option<Vec<&str>> {
+        match self.op {
+            Op::Equal => Some(vec![self.value.as_str()]),
+            Op::Regex => {
+                let words: Vec<&str> = self.value.split('|').collect();
+                words
+                    .iter()
+                    .all(|w| {
+                        !w.is_empty()
+                            && w.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                    })
+                    .then_some(words)
+            }
+            Op::NotEqual | Op::NotRegex => None,
+        }
+    }
+
     /// Whether `labels` match.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let value = labels.get(&self.name).map(String::as_str).unwrap_or("");
@@ -210,5 +232,29 @@ mod tests {
         .unwrap();
         assert!(m.matches(&labels));
         assert_eq!(m.to_string(), "severity=~\"crit.*\"");
+    }
+
+    #[test]
+    fn exact_values_are_decided_only_when_safe() {
+        let values = |text: &str| {
+            Matcher::parse(text)
+                .unwrap()
+                .exact_values()
+                .map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(values("account_id=\"111\"").unwrap(), ["111"]);
+        assert_eq!(values("account_id=\"\"").unwrap(), [""]);
+        assert_eq!(values("account_id=~\"111|222\"").unwrap(), ["111", "222"]);
+        for unknown in [
+            "account_id!=\"111\"",
+            "account_id!~\"111\"",
+            "account_id=~\"11.\"",
+            "account_id=~\"111|\"",
+            "account_id=~\"(?i)abc\"",
+            "account_id=~\"111|2[0-9]2\"",
+            "account_id=~\".*\"",
+        ] {
+            assert_eq!(values(unknown), None, "{unknown}");
+        }
     }
 }

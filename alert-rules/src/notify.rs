@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::{ReceiverConfig, ReceiverKind};
+use crate::redact;
 use crate::state::{Instance, Labels};
 use crate::time::{now_ms, rfc3339};
 
@@ -361,12 +362,16 @@ pub async fn send(client: &reqwest::Client, receiver: &ReceiverConfig, body: &Va
         .json(body)
         .send()
         .await;
+    // Neither the URL (its query string, user info or path may hold a token) nor the
+    // routing key may reach a log line: reqwest's errors lose their URL, and what the
+    // receiver answered (which may echo the request) is scrubbed.
+    let secrets = receiver.secrets();
     match response {
-        Err(e) => Outcome::Retry(format!("{e}")),
+        Err(e) => Outcome::Retry(redact::scrub(&redact::reqwest_error(e), &secrets)),
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
-            let text = truncate(&text, 500);
+            let text = truncate(&redact::scrub(&text, &secrets), 500);
             if status.is_success() {
                 Outcome::Delivered
             } else if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {

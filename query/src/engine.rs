@@ -19,18 +19,25 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::memory_pool::{MemoryPool, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::{SendableRecordBatchStream, SessionState, TaskContext};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_aggregate::rollup::{Rollup, rollup_sql};
 use fleetlake_ingest::schema::{Table, conform};
+use futures::StreamExt;
 
 use crate::access::Principal;
+use crate::guard::{TextLimits, TooComplex, check_plan, check_text};
+use crate::limits::{Admission, Busy, Permits, StatementPool, shared_pool};
 use crate::table::{ACCOUNT_COLUMN, AccountFilter, LakeWithHot};
 
 /// The catalog every session uses by default (also the Postgres database name).
@@ -73,20 +80,33 @@ pub trait HotData: Send + Sync + 'static {
     fn snapshot(&self, table: Table, lake_version: Option<i64>) -> Vec<RecordBatch>;
 }
 
-/// What one query may use.
+/// What one query, and all of them together, may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueryLimits {
-    /// Memory the query's operators may hold (sorts and joins spill or fail past it).
+    /// Memory one statement may hold: its operators (sorts and joins spill or fail
+    /// past it), its results until sent, and values of amplifying functions.
     pub memory_limit: Option<usize>,
+    /// Memory all statements of clients together may hold (one pool for the process).
+    pub memory_pool: Option<usize>,
     /// Longest a query may run, results included.
     pub timeout: Option<Duration>,
+    /// Statements of clients running at once, overall.
+    pub max_concurrent: usize,
+    /// Statements running at once per user.
+    pub max_concurrent_per_user: usize,
+    /// Bounds on a statement's text, checked before it is parsed.
+    pub text: TextLimits,
 }
 
 impl Default for QueryLimits {
     fn default() -> Self {
         Self {
             memory_limit: Some(2 << 30),
+            memory_pool: Some(4 << 30),
             timeout: Some(Duration::from_secs(120)),
+            max_concurrent: 32,
+            max_concurrent_per_user: 8,
+            text: TextLimits::default(),
         }
     }
 }
@@ -106,6 +126,15 @@ pub enum QueryError {
     /// The lake could not be read.
     #[error("lake unavailable: {0}")]
     Lake(String),
+    /// The statement is too long or too deep to plan (SQLSTATE 54001, HTTP 400).
+    #[error("{0}")]
+    TooComplex(#[from] TooComplex),
+    /// The statement is not allowed (its SQLSTATE and message).
+    #[error("{1}")]
+    Refused(&'static str, String),
+    /// Too many statements are running (SQLSTATE 53300, HTTP 429).
+    #[error("{0}")]
+    Busy(#[from] Busy),
 }
 
 impl QueryError {
@@ -118,7 +147,7 @@ impl QueryError {
                     | DataFusionError::ObjectStore(_)
                     | DataFusionError::ParquetError(_)
             ),
-            Self::Timeout(_) => true,
+            Self::Timeout(_) | Self::TooComplex(_) | Self::Refused(..) | Self::Busy(_) => true,
             Self::NoTable(_) | Self::Lake(_) => false,
         }
     }
@@ -136,6 +165,33 @@ pub struct QueryOutput {
     pub schema: SchemaRef,
     /// Rows of the result.
     pub batches: Vec<RecordBatch>,
+    /// The result's memory, counted against the statement's limit until dropped.
+    reservation: MemoryReservation,
+}
+
+impl QueryOutput {
+    /// Counts `bytes` more of this result (its rendering) against the statement's
+    /// limit.
+    pub fn reserve(&mut self, bytes: usize) -> Result<(), QueryError> {
+        self.reservation
+            .try_grow(bytes)
+            .map_err(|e| QueryError::Sql(Box::new(e)))
+    }
+}
+
+/// A statement let in: its places under the caps on concurrent statements and its
+/// memory pool. Dropped when its last row was sent.
+#[derive(Debug)]
+pub struct Admitted {
+    _permits: Option<Permits>,
+    pool: Arc<StatementPool>,
+}
+
+impl Admitted {
+    /// The statement's memory pool.
+    pub fn pool(&self) -> &Arc<StatementPool> {
+        &self.pool
+    }
 }
 
 /// Runs read-only SQL over the lake, plus hot rows if given.
@@ -144,6 +200,9 @@ pub struct QueryEngine {
     lake: Arc<Lake>,
     side: Arc<Vec<(&'static str, SideTable)>>,
     limits: QueryLimits,
+    /// The memory of clients' statements, all together.
+    pool: Arc<dyn MemoryPool>,
+    admission: Arc<Admission>,
 }
 
 /// The lake's tables, reloaded as queries need them.
@@ -407,6 +466,11 @@ impl QueryEngine {
             }),
             side: Arc::new(Vec::new()),
             limits: QueryLimits::default(),
+            pool: shared_pool(QueryLimits::default().memory_pool),
+            admission: Arc::new(Admission::new(
+                QueryLimits::default().max_concurrent,
+                QueryLimits::default().max_concurrent_per_user,
+            )),
         }
     }
 
@@ -424,7 +488,67 @@ impl QueryEngine {
     /// The same engine with `limits` for every query.
     pub fn with_limits(mut self, limits: QueryLimits) -> Self {
         self.limits = limits;
+        self.pool = shared_pool(limits.memory_pool);
+        self.admission = Arc::new(Admission::new(
+            limits.max_concurrent,
+            limits.max_concurrent_per_user,
+        ));
         self
+    }
+
+    /// Refuses `sql` if it is too long or may nest too deep to plan safely.
+    pub fn check_text(&self, sql: &str) -> Result<(), QueryError> {
+        Ok(check_text(sql, self.limits.text)?)
+    }
+
+    /// Lets one statement of a client (HTTP, Postgres) in, within the caps on
+    /// statements running at once, with its memory from the shared pool; fails at once
+    /// past a cap.
+    pub fn admit(&self, principal: &Principal) -> Result<Admitted, QueryError> {
+        let permits = self.admission.admit(&principal.name)?;
+        Ok(Admitted {
+            _permits: Some(permits),
+            pool: StatementPool::new(Arc::clone(&self.pool), self.statement_limit()),
+        })
+    }
+
+    /// A statement of the service itself (alert rules, gap fill, the CLI): the
+    /// per-statement limit, outside the clients' caps and pool.
+    fn internal(&self) -> Admitted {
+        Admitted {
+            _permits: None,
+            pool: StatementPool::new(shared_pool(None), self.statement_limit()),
+        }
+    }
+
+    fn statement_limit(&self) -> Option<usize> {
+        match (self.limits.memory_limit, self.limits.memory_pool) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs `plan`, planned in `state` for `principal`, with the statement's memory
+    /// from `admitted`: the schema of its result and its rows as they come.
+    pub async fn execute(
+        &self,
+        state: &SessionState,
+        plan: LogicalPlan,
+        principal: &Principal,
+        admitted: &Admitted,
+    ) -> Result<(SchemaRef, SendableRecordBatchStream), QueryError> {
+        check_plan(&plan, principal.accounts.is_some())
+            .map_err(|(code, message)| QueryError::Refused(code, message))?;
+        let sql_err = |e| QueryError::Sql(Box::new(e));
+        let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+        let physical = state.create_physical_plan(&plan).await.map_err(sql_err)?;
+        let runtime = RuntimeEnvBuilder::from_runtime_env(state.runtime_env())
+            .with_memory_pool(Arc::clone(&admitted.pool) as Arc<dyn MemoryPool>)
+            .build_arc()
+            .map_err(sql_err)?;
+        let task = Arc::new(TaskContext::from(state).with_runtime(runtime));
+        let stream = execute_stream(physical, task).map_err(sql_err)?;
+        Ok((schema, stream))
     }
 
     /// The limits every query runs under.
@@ -439,11 +563,8 @@ impl QueryEngine {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG, SCHEMA);
-        let mut runtime = RuntimeEnvBuilder::new();
-        if let Some(limit) = self.limits.memory_limit {
-            runtime = runtime.with_memory_limit(limit, 1.0);
-        }
-        let runtime = runtime
+        // Statements run with a runtime of their own: see `execute`.
+        let runtime = RuntimeEnvBuilder::new()
             .build_arc()
             .map_err(|e| QueryError::Sql(Box::new(e)))?;
         let state = SessionStateBuilder::new()
@@ -467,6 +588,9 @@ impl QueryEngine {
             )
             .map_err(|e| QueryError::Sql(Box::new(e)))?;
         fleetlake_aggregate::rollup::register(&ctx);
+        if let Some(limit) = self.statement_limit() {
+            crate::bounded::register(&ctx, limit);
+        }
         Ok(ctx)
     }
 
@@ -487,6 +611,7 @@ impl QueryEngine {
     /// schema of its result. Tables the lake does not have yet plan as empty tables
     /// of their schema, so this checks SQL against the real schema on any lake.
     pub async fn plan(&self, sql: &str, principal: &Principal) -> Result<SchemaRef, QueryError> {
+        self.check_text(sql)?;
         let ctx = self.session(principal)?;
         let frame = ctx
             .sql_with_options(sql, read_only())
@@ -504,8 +629,22 @@ impl QueryEngine {
     }
 
     /// Runs one read-only SQL statement for `principal`, within the limits; tables
-    /// the lake does not have yet read as empty.
+    /// the lake does not have yet read as empty. For the service's own statements:
+    /// clients' go through [`QueryEngine::admit`] and [`QueryEngine::run_admitted`].
     pub async fn run(&self, sql: &str, principal: &Principal) -> Result<QueryOutput, QueryError> {
+        let admitted = self.internal();
+        self.run_admitted(sql, principal, &admitted).await
+    }
+
+    /// Runs one read-only SQL statement for `principal` as `admitted`, results held
+    /// in the statement's memory.
+    pub async fn run_admitted(
+        &self,
+        sql: &str,
+        principal: &Principal,
+        admitted: &Admitted,
+    ) -> Result<QueryOutput, QueryError> {
+        self.check_text(sql)?;
         let ctx = self.session(principal)?;
         let sql_err = |e| QueryError::Sql(Box::new(e));
         let run = async {
@@ -513,9 +652,22 @@ impl QueryEngine {
                 .sql_with_options(sql, read_only())
                 .await
                 .map_err(sql_err)?;
-            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-            let batches = frame.collect().await.map_err(sql_err)?;
-            Ok(QueryOutput { schema, batches })
+            let (state, plan) = frame.into_parts();
+            let (schema, mut stream) = self.execute(&state, plan, principal, admitted).await?;
+            let reservation = admitted.pool.results();
+            let mut batches = Vec::new();
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(sql_err)?;
+                reservation
+                    .try_grow(batch.get_array_memory_size())
+                    .map_err(sql_err)?;
+                batches.push(batch);
+            }
+            Ok(QueryOutput {
+                schema,
+                batches,
+                reservation,
+            })
         };
         match self.limits.timeout {
             Some(limit) => tokio::time::timeout(limit, run)

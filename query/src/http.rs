@@ -121,9 +121,28 @@ async fn run_sql(
     if sql.trim().is_empty() {
         return refused_early("empty query: send the SQL as the request body");
     }
-    let result = state.engine.sql(&sql, &principal).await;
+    let result = match state.engine.admit(&principal) {
+        Ok(admitted) => match state.engine.require_lake().await {
+            Ok(()) => state
+                .engine
+                .run_admitted(&sql, &principal, &admitted)
+                .await
+                .map(|output| (output, admitted)),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     let response = match result {
-        Ok(output) => match render(format, &output.schema, &output.batches) {
+        // The rendered body counts against the statement's memory limit too.
+        Ok((mut output, _admitted)) => match render(format, &output.schema, &output.batches)
+            .map_err(|e| format!("cannot render result: {e}"))
+            .and_then(|body| {
+                output.batches.clear();
+                output
+                    .reserve(body.len())
+                    .map(|()| body)
+                    .map_err(|e| e.to_string())
+            }) {
             Ok(body) => {
                 ::metrics::counter!(m::QUERIES, "status" => "ok", "protocol" => "http")
                     .increment(1);
@@ -134,18 +153,24 @@ async fn run_sql(
                 )
                     .into_response()
             }
-            Err(e) => {
+            Err(message) if message.contains("memory limit") => {
+                ::metrics::counter!(m::QUERIES, "status" => "memory_limit", "protocol" => "http")
+                    .increment(1);
+                error(StatusCode::UNPROCESSABLE_ENTITY, &message)
+            }
+            Err(message) => {
                 ::metrics::counter!(m::QUERIES, "status" => "error", "protocol" => "http")
                     .increment(1);
-                error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("cannot render result: {e}"),
-                )
+                error(StatusCode::BAD_REQUEST, &message)
             }
         },
         Err(e) => {
             let (status, label) = match &e {
                 QueryError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+                QueryError::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "busy"),
+                QueryError::TooComplex(_) => (StatusCode::BAD_REQUEST, "too_complex"),
+                QueryError::Refused("42501", _) => (StatusCode::FORBIDDEN, "refused"),
+                QueryError::Refused(..) => (StatusCode::BAD_REQUEST, "refused"),
                 e if e.is_resources_exhausted() => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "memory_limit")
                 }
@@ -157,7 +182,13 @@ async fn run_sql(
             };
             ::metrics::counter!(m::QUERIES, "status" => label, "protocol" => "http").increment(1);
             debug!(error = %e, user = %principal.name, "query failed");
-            error(status, &e.to_string())
+            let mut response = error(status, &e.to_string());
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            response
         }
     };
     ::metrics::histogram!(m::QUERY_SECONDS, "protocol" => "http")

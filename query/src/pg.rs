@@ -70,7 +70,8 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::access::{Access, Principal};
-use crate::engine::{CATALOG, QueryEngine, QueryError};
+use crate::engine::{Admitted, CATALOG, QueryEngine, QueryError};
+use crate::guard::{self, Setting};
 use crate::metrics as m;
 
 /// Serves the Postgres protocol on `listener` until the task is dropped.
@@ -466,6 +467,23 @@ fn query_error(error: QueryError) -> PgWireError {
         QueryError::Sql(e) => df_error(*e),
         QueryError::Timeout(_) => pg_error("57014", "canceling statement due to statement timeout"),
         QueryError::NoTable(_) | QueryError::Lake(_) => pg_error("58030", error.to_string()),
+        QueryError::TooComplex(_) => pg_error("54001", error.to_string()),
+        QueryError::Refused(code, message) => pg_error(code, message),
+        QueryError::Busy(_) => pg_error("53300", error.to_string()),
+    }
+}
+
+/// `SET` and `RESET`, decided on the parsed statement ([`guard::setting`]): the
+/// statement to go on with (for the settings hook, its scope removed), or the refusal.
+fn settle(statement: Statement) -> PgWireResult<Statement> {
+    match guard::setting(&statement) {
+        None | Some(Ok(Setting::Accepted | Setting::Reset(_))) => Ok(statement),
+        Some(Ok(Setting::Hook(normalized))) => Ok(*normalized),
+        Some(Err((code, message))) => {
+            ::metrics::counter!(m::QUERIES, "status" => "refused", "protocol" => "postgres")
+                .increment(1);
+            Err(pg_error(code, message))
+        }
     }
 }
 
@@ -494,15 +512,8 @@ fn refusal(statement: &Statement) -> Option<PgWireError> {
         | Statement::Deallocate { .. }
         | Statement::Discard { .. } => None,
         Statement::Explain { statement, .. } => refusal(statement),
-        Statement::Set(_) => {
-            let text = statement.to_string().to_ascii_lowercase();
-            text.contains("datafusion.").then(|| {
-                pg_error(
-                    "42501",
-                    "permission denied to set parameter: the query engine's settings are fixed by the server",
-                )
-            })
-        }
+        // Decided by `settle` before this.
+        Statement::Set(_) | Statement::Reset(_) => None,
         other => {
             let text = other.to_string().to_ascii_uppercase();
             let words: Vec<&str> = text.split_whitespace().collect();
@@ -527,11 +538,14 @@ fn refusal(statement: &Statement) -> Option<PgWireError> {
     }
 }
 
+/// Where the SET hook keeps `statement_timeout`.
+const STATEMENT_TIMEOUT_KEY: &str = "statement_timeout_ms";
+
 /// The session's `statement_timeout` (as the SET hook stores it), if any.
 fn session_timeout<C: ClientInfo + ?Sized>(client: &C) -> Option<Duration> {
     client
         .metadata()
-        .get("statement_timeout_ms")
+        .get(STATEMENT_TIMEOUT_KEY)
         .and_then(|ms| ms.parse::<u64>().ok())
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis)
@@ -682,15 +696,22 @@ impl Core {
         let started = Instant::now();
         let deadline = started + timeout;
         let id = conn.cancel.begin();
-        let result = self
-            .start(conn, id, deadline, statement, params, format)
-            .await;
+        let result = match self.engine.admit(&conn.principal) {
+            Ok(admitted) => {
+                self.start(conn, id, deadline, statement, params, format, admitted)
+                    .await
+            }
+            Err(error) => Err(query_error(error)),
+        };
         let status = match &result {
             Ok(_) => "ok",
             Err(PgWireError::UserError(info)) => match info.code.as_str() {
                 "57014" if info.message.contains("timeout") => "timeout",
                 "57014" => "canceled",
                 "53200" => "memory_limit",
+                "53300" => "busy",
+                "54001" => "too_complex",
+                "42501" => "refused",
                 _ => "error",
             },
             Err(_) => "error",
@@ -704,6 +725,7 @@ impl Core {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
         conn: &ConnState,
@@ -712,6 +734,7 @@ impl Core {
         statement: &Statement,
         params: Option<&ParamValues>,
         format: &Format,
+        admitted: Admitted,
     ) -> PgWireResult<QueryResponse> {
         let work = async {
             let state = conn.ctx.state();
@@ -728,13 +751,11 @@ impl Core {
             if let Some(params) = params {
                 plan = plan.replace_params_with_values(params).map_err(df_error)?;
             }
-            let frame = conn
-                .ctx
-                .execute_logical_plan(plan)
+            let (schema, mut stream) = self
+                .engine
+                .execute(&state, plan, &conn.principal, &admitted)
                 .await
-                .map_err(df_error)?;
-            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-            let mut stream = frame.execute_stream().await.map_err(df_error)?;
+                .map_err(query_error)?;
             // Blocking operators (aggregations, sorts, joins) do their work before the
             // first batch: under the deadline and the cancel request here.
             let first = stream.next().await.transpose().map_err(df_error)?;
@@ -748,12 +769,19 @@ impl Core {
         };
         let fields = Arc::new(pg_fields(&schema, format)?);
         let wire = wire_schema(&schema);
-        let batches = stream::iter(first.map(Ok)).chain(guarded(
-            rest,
-            Arc::clone(&conn.cancel),
-            id,
-            deadline,
-        ));
+        // The batch being sent counts against the statement's memory; the statement
+        // keeps its places under the caps until its last row is sent.
+        let reservation = admitted.pool().results();
+        let batches = stream::iter(first.map(Ok))
+            .chain(guarded(rest, Arc::clone(&conn.cancel), id, deadline))
+            .map(move |batch| {
+                let _statement = &admitted;
+                let batch = batch?;
+                reservation
+                    .try_resize(batch.get_array_memory_size())
+                    .map_err(df_error)?;
+                Ok(batch)
+            });
         let row_fields = Arc::clone(&fields);
         let rows = batches.flat_map(move |batch| {
             let rows: Box<dyn Iterator<Item = PgWireResult<DataRow>> + Send> =
@@ -768,6 +796,11 @@ impl Core {
 
     /// Parses a query string; a syntax error is counted as a failed statement.
     fn parse(&self, sql: &str) -> PgWireResult<Vec<Statement>> {
+        if let Err(error) = self.engine.check_text(sql) {
+            ::metrics::counter!(m::QUERIES, "status" => "too_complex", "protocol" => "postgres")
+                .increment(1);
+            return Err(query_error(error));
+        }
         self.parser.parse(sql).map_err(|e| {
             ::metrics::counter!(m::QUERIES, "status" => "error", "protocol" => "postgres")
                 .increment(1);
@@ -787,12 +820,29 @@ impl Queries {
     }
 }
 
-/// Statements about the session's prepared statements, answered here.
-fn session_command<C>(client: &C, statement: &Statement) -> Option<Response>
+/// Statements about the session's prepared statements and settings the hook does
+/// not keep, answered here.
+fn session_command<C>(client: &mut C, statement: &Statement) -> Option<Response>
 where
-    C: ClientPortalStore,
+    C: ClientInfo + ClientPortalStore,
     C::PortalStore: PortalStore,
 {
+    match guard::setting(statement) {
+        Some(Ok(Setting::Accepted)) => return Some(Response::Execution(Tag::new("SET"))),
+        Some(Ok(Setting::Reset(name))) => {
+            let metadata = client.metadata_mut();
+            for setting in guard::SESSION_SETTINGS {
+                if name.as_deref().is_none_or(|n| n == *setting) {
+                    metadata.remove(*setting);
+                    if *setting == "statement_timeout" {
+                        metadata.remove(STATEMENT_TIMEOUT_KEY);
+                    }
+                }
+            }
+            return Some(Response::Execution(Tag::new("RESET")));
+        }
+        _ => {}
+    }
     match statement {
         Statement::Deallocate { name, .. } => {
             // DEALLOCATE ALL: statements are replaced when prepared again by name.
@@ -838,6 +888,13 @@ impl SimpleQueryHandler for Queries {
         }
         let mut responses = Vec::with_capacity(statements.len());
         'statements: for statement in statements {
+            let statement = match settle(statement) {
+                Ok(statement) => statement,
+                Err(error) => {
+                    responses.push(to_response(Err(error)).0);
+                    break;
+                }
+            };
             if let Some(error) = refusal(&statement) {
                 ::metrics::counter!(m::QUERIES, "status" => "refused", "protocol" => "postgres")
                     .increment(1);
@@ -936,7 +993,7 @@ impl QueryParser for Parser {
                 "cannot insert multiple commands into a prepared statement",
             ));
         }
-        let statement = statements.remove(0);
+        let statement = settle(statements.remove(0))?;
         if let Some(error) = refusal(&statement) {
             ::metrics::counter!(m::QUERIES, "status" => "refused", "protocol" => "postgres")
                 .increment(1);
@@ -946,6 +1003,9 @@ impl QueryParser for Parser {
         if matches!(
             statement,
             Statement::Deallocate { .. } | Statement::Discard { .. }
+        ) || matches!(
+            guard::setting(&statement),
+            Some(Ok(Setting::Accepted | Setting::Reset(_)))
         ) {
             return Ok(Some((text, Some((statement, no_plan())))));
         }
