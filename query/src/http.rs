@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
+use futures::StreamExt;
 use serde::Deserialize;
 use tracing::debug;
 
@@ -134,7 +135,7 @@ async fn run_sql(
     };
     let response = match result {
         // The rendered body counts against the statement's memory limit too.
-        Ok((mut output, _admitted)) => match render(format, &output.schema, &output.batches)
+        Ok((mut output, admitted)) => match render(format, &output.schema, &output.batches)
             .map_err(|e| format!("cannot render result: {e}"))
             .and_then(|body| {
                 output.batches.clear();
@@ -146,10 +147,21 @@ async fn run_sql(
             Ok(body) => {
                 ::metrics::counter!(m::QUERIES, "status" => "ok", "protocol" => "http")
                     .increment(1);
+                // The statement keeps its memory and its place under the caps until
+                // the body was handed to the connection: a client that reads slowly
+                // holds them, not memory outside every limit.
+                let statement = (output, admitted);
+                let chunks = futures::stream::iter([Ok::<_, std::convert::Infallible>(
+                    bytes::Bytes::from(body),
+                )])
+                .chain(futures::stream::once(async move {
+                    drop(statement);
+                    Ok(bytes::Bytes::new())
+                }));
                 (
                     StatusCode::OK,
                     [(header::CONTENT_TYPE, format.content_type())],
-                    body,
+                    axum::body::Body::from_stream(chunks),
                 )
                     .into_response()
             }

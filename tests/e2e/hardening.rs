@@ -428,33 +428,13 @@ fn a_failing_webhook_is_logged_and_counted_without_its_token() {
 
     // Both receivers fail, again and again: counted, and logged with their endpoint.
     wait_until("failed deliveries to both receivers", || {
-        let metrics = client()
-            .get(server.url("/metrics"))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
+        let metrics = get_text(&server, "/metrics");
         notifications(&metrics, "failing", "retried") >= 2.0
             && notifications(&metrics, "closed", "retried") >= 2.0
     });
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    let alerts = client()
-        .get(server.url("/api/v1/alerts"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    let rules_api = client()
-        .get(server.url("/api/v1/rules"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = get_text(&server, "/metrics");
+    let alerts = get_text(&server, "/api/v1/alerts");
+    let rules_api = get_text(&server, "/api/v1/rules");
     let log = server.stop();
     let failures: Vec<&str> = log
         .lines()
@@ -493,4 +473,14 @@ fn a_failing_webhook_is_logged_and_counted_without_its_token() {
             );
         }
     }
+}
+
+/// GET `path` of `server`: the body as text.
+fn get_text(server: &LoggedServer, path: &str) -> String {
+    client()
+        .get(server.url(path))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
 }
