@@ -11,8 +11,12 @@
 //! A statement reads the latest lake version of each table it names plus the hot rows
 //! not in that version, so a datapoint is visible as soon as its write was
 //! acknowledged. Queries are read-only (DDL, DML, COPY and other statements are
-//! refused), bounded in memory and time, and see only the accounts their credential
-//! allows ([`access`]).
+//! refused), and see only the accounts their credential allows ([`access`]), through
+//! a scan no expression of theirs reaches below ([`table::AccountFilter`]). Every
+//! statement passes [`guard`] before it is parsed (size, expression depth, settings,
+//! `EXPLAIN`) and runs under [`limits`]: one memory pool for all clients with each
+//! statement's limit inside it, and caps on statements at once. What this guarantees,
+//! and to whom: `SECURITY.md` at the repository's root.
 
 pub mod access;
 pub mod bounded;
