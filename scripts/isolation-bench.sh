@@ -46,7 +46,7 @@ FLEETLAKE_RETENTION__METRICS=0s "$FLEETLAKE" compact --data-dir "$WORK/lake" \
     --vacuum-grace 0s >/dev/null 2>&1
 
 "$PYTHON" - "$WORK" "$BASELINE" "$FLEETLAKE" "$RUNS" <<'EOF'
-import os, re, subprocess, sys, time
+import os, re, subprocess, sys, threading, time
 import psycopg
 
 work, base, new, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -63,6 +63,8 @@ def serve(binary, config):
         line = proc.stderr.readline()
         m = re.search(r"postgres listening addr=127\.0\.0\.1:(\d+)", line)
         if m:
+            # Keep reading the log: a full pipe would stop the server at its next line.
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
             return proc, int(m.group(1))
     raise SystemExit(f"{binary} did not start")
 
