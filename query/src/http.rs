@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
+use datafusion::error::DataFusionError;
 use futures::StreamExt;
 use serde::Deserialize;
 use tracing::debug;
@@ -133,49 +134,39 @@ async fn run_sql(
         },
         Err(e) => Err(e),
     };
+    // The rendered body counts against the statement's memory limit too: past it, the
+    // error is the statement's, mapped below like any other.
+    let result = result.and_then(|(mut output, admitted)| {
+        let body = render(format, &output.schema, &output.batches).map_err(|e| {
+            QueryError::Sql(Box::new(DataFusionError::Execution(format!(
+                "cannot render result: {e}"
+            ))))
+        })?;
+        output.batches.clear();
+        output.reserve(body.len())?;
+        Ok((body, output, admitted))
+    });
     let response = match result {
-        // The rendered body counts against the statement's memory limit too.
-        Ok((mut output, admitted)) => match render(format, &output.schema, &output.batches)
-            .map_err(|e| format!("cannot render result: {e}"))
-            .and_then(|body| {
-                output.batches.clear();
-                output
-                    .reserve(body.len())
-                    .map(|()| body)
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(body) => {
-                ::metrics::counter!(m::QUERIES, "status" => "ok", "protocol" => "http")
-                    .increment(1);
-                // The statement keeps its memory and its place under the caps until
-                // the body was handed to the connection: a client that reads slowly
-                // holds them, not memory outside every limit.
-                let statement = (output, admitted);
-                let chunks = futures::stream::iter([Ok::<_, std::convert::Infallible>(
-                    bytes::Bytes::from(body),
-                )])
-                .chain(futures::stream::once(async move {
-                    drop(statement);
-                    Ok(bytes::Bytes::new())
-                }));
-                (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, format.content_type())],
-                    axum::body::Body::from_stream(chunks),
-                )
-                    .into_response()
-            }
-            Err(message) if message.contains("memory limit") => {
-                ::metrics::counter!(m::QUERIES, "status" => "memory_limit", "protocol" => "http")
-                    .increment(1);
-                error(StatusCode::UNPROCESSABLE_ENTITY, &message)
-            }
-            Err(message) => {
-                ::metrics::counter!(m::QUERIES, "status" => "error", "protocol" => "http")
-                    .increment(1);
-                error(StatusCode::BAD_REQUEST, &message)
-            }
-        },
+        Ok((body, output, admitted)) => {
+            ::metrics::counter!(m::QUERIES, "status" => "ok", "protocol" => "http").increment(1);
+            // The statement keeps its memory and its place under the caps until
+            // the body was handed to the connection: a client that reads slowly
+            // holds them, not memory outside every limit.
+            let statement = (output, admitted);
+            let chunks = futures::stream::iter([Ok::<_, std::convert::Infallible>(
+                bytes::Bytes::from(body),
+            )])
+            .chain(futures::stream::once(async move {
+                drop(statement);
+                Ok(bytes::Bytes::new())
+            }));
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, format.content_type())],
+                axum::body::Body::from_stream(chunks),
+            )
+                .into_response()
+        }
         Err(e) => {
             let (status, label) = match &e {
                 QueryError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),

@@ -49,7 +49,7 @@ owner_teams = ["blue"]
     )
 }
 
-fn registry() -> String {
+fn registry_records() -> String {
     (0..4)
         .map(|i| {
             serde_json::json!({
@@ -440,10 +440,6 @@ fn isolation_and_limits_hold_against_an_attacker_on_every_channel() {
     // The process is still up and answers.
     assert_eq!(server_sql(&server, "SELECT 1 AS n"), "1");
     server.stop();
-}
-
-fn registry_records() -> String {
-    registry()
 }
 
 /// `SELECT` one value as the unrestricted user, over HTTP.
