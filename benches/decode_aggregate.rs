@@ -15,8 +15,9 @@ use base64::Engine;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fleetlake_aggregate::buffer::HotBuffer;
 use fleetlake_aggregate::lake::sort_for_lake;
+use fleetlake_ingest::Format;
 use fleetlake_ingest::firehose::{Decoded, decode_request};
-use fleetlake_ingest::{Format, Table};
+use fleetlake_model::Table;
 
 const DATAPOINTS: usize = 10_000;
 

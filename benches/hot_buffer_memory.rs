@@ -18,7 +18,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use fleetlake_aggregate::buffer::{HotBuffer, latest_per_series};
-use fleetlake_ingest::{Decoder, Format, Table};
+use fleetlake_ingest::{Decoder, Format};
+use fleetlake_model::Table;
 
 struct Counting;
 

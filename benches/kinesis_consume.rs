@@ -17,12 +17,13 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use fleetlake_aggregate::buffer::HotBuffer;
+use fleetlake_ingest::Format;
 use fleetlake_ingest::kinesis::{
     ApiError, IteratorFrom, KinesisApi, Record, RecordsPage, Shard, ShardsPage, StartPosition,
     StreamConfig, run_stream,
 };
-use fleetlake_ingest::sink::{SinkError, StreamSink};
-use fleetlake_ingest::{Format, Table};
+use fleetlake_model::Table;
+use fleetlake_model::sink::{SinkError, StreamSink};
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 
@@ -184,6 +185,24 @@ impl StreamSink for BufferSink {
 
     fn committed_positions(&self) -> Vec<(Table, BTreeMap<String, String>)> {
         Vec::new()
+    }
+
+    fn read_positions(
+        &self,
+        _keys: Vec<String>,
+    ) -> BoxFuture<'_, fleetlake_model::sink::PositionsResult> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn hold_positions(
+        &self,
+        _positions: Vec<(Table, BTreeMap<String, String>)>,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn commit_without(&self, _keys: Vec<String>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
     }
 }
 

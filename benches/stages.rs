@@ -29,7 +29,8 @@ use fleetlake_aggregate::buffer::HotBuffer;
 use fleetlake_aggregate::lake::{DEFAULT_ROW_GROUP_ROWS, sort_for_lake, writer_properties};
 use fleetlake_aggregate::wal::{Wal, encode_rows};
 use fleetlake_ingest::metric_stream::{BaseStats, MetricsBatchBuilder, SeriesId};
-use fleetlake_ingest::{Decoder, Format, Table};
+use fleetlake_ingest::{Decoder, Format};
+use fleetlake_model::Table;
 
 use crate::fleet::{Fleet, METRICS};
 

@@ -318,7 +318,7 @@ async fn backfill(config: &Config, args: &Args, plan: &Plan) -> anyhow::Result<(
         .expect("valid template");
     let counters = Counters::default();
     let started = Instant::now();
-    let sink: &dyn fleetlake_ingest::RowSink = &aggregator;
+    let sink: &dyn fleetlake_model::RowSink = &aggregator;
     let checkpoint = &checkpoint;
     let failed: Vec<bool> = futures::stream::iter(targets.iter().cloned())
         .map(|(account, region)| {

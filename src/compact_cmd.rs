@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fleetlake_aggregate::lake::{CompactStats, TableLake};
 use fleetlake_aggregate::rollup::{Roller, Rollup};
-use fleetlake_ingest::Table;
+use fleetlake_model::Table;
 
 use crate::config::Config;
 

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use arrow::array::RecordBatch;
 use fleetlake_aggregate::{AggregateConfig, Aggregator};
-use fleetlake_ingest::{DecodeStats, Decoder, Format, RowSink, SinkError, Table};
+use fleetlake_ingest::{DecodeStats, Decoder, Format};
+use fleetlake_model::{RowSink, SinkError, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 

@@ -27,7 +27,7 @@ struct HotBuffer(Aggregator);
 impl HotData for HotBuffer {
     fn snapshot(
         &self,
-        table: fleetlake_ingest::Table,
+        table: fleetlake_model::Table,
         lake_version: Option<i64>,
     ) -> Vec<arrow::array::RecordBatch> {
         self.0.snapshot(table, lake_version)
@@ -129,8 +129,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // One sink for Firehose (rows) and Kinesis (rows with positions).
     let (sink, stream_sink): (
-        Arc<dyn fleetlake_ingest::RowSink>,
-        Arc<dyn fleetlake_ingest::sink::StreamSink>,
+        Arc<dyn fleetlake_model::RowSink>,
+        Arc<dyn fleetlake_model::sink::StreamSink>,
     ) = match &coverage {
         Some(coverage) => {
             let tracked = Arc::new(fleetlake_ingest::gaps::Tracked::new(

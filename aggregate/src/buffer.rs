@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 
-use fleetlake_ingest::schema::Table;
+use fleetlake_model::schema::Table;
 
-use crate::keys::{KeyHasher, row_keys};
+use fleetlake_model::keys::{KeyHasher, row_keys};
 
 /// How long the rows of a finished flush stay visible through the buffer, covering a
 /// query that loaded the lake just before that commit.

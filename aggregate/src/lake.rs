@@ -29,11 +29,11 @@ use deltalake::kernel::{StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
-use fleetlake_ingest::schema::{DAY_COLUMN, Table, col as c, conform, dead_col, logs_col};
+use fleetlake_model::schema::{DAY_COLUMN, Table, col as c, conform, dead_col, logs_col};
 
-use crate::keys::{row_keys, scan_column};
 use crate::location::LakeLocation;
 use crate::rollup::Rollup;
+use fleetlake_model::keys::{row_keys, scan_column};
 
 /// Application id of the transaction action carrying the last WAL sequence `writer`
 /// committed.

@@ -19,7 +19,6 @@
 //! them, and a flush takes every table's rows and the positions at one instant, so
 //! each table's commit carries exactly the positions its rows cover.
 pub mod buffer;
-pub mod keys;
 pub mod lake;
 pub mod location;
 pub mod metrics;
@@ -40,8 +39,8 @@ use tracing::{error, info, warn};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fleetlake_ingest::sink::{StreamSink, sequence_le};
-use fleetlake_ingest::{RowSink, SinkError, Table};
+use fleetlake_model::sink::{StreamSink, sequence_le};
+use fleetlake_model::{RowSink, SinkError, Table};
 
 use crate::buffer::{FlushJob, HotBuffer};
 use crate::lake::{
@@ -670,7 +669,7 @@ impl StreamSink for Aggregator {
     fn read_positions(
         &self,
         keys: Vec<String>,
-    ) -> BoxFuture<'_, fleetlake_ingest::sink::PositionsResult> {
+    ) -> BoxFuture<'_, fleetlake_model::sink::PositionsResult> {
         Box::pin(async move {
             let mut out = Vec::new();
             for state in &self.shared.tables {

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use datafusion::prelude::SessionContext;
-use fleetlake_ingest::{Decoder, Format, RowSink, Table};
+use fleetlake_ingest::{Decoder, Format};
+use fleetlake_model::{RowSink, Table};
 use proptest::prelude::*;
 
 use crate::lake::{LakeOptions, TableLake};
@@ -340,9 +341,9 @@ proptest! {
         ] {
         prop_assert_eq!(sorted.num_rows(), rows.len());
         let s = |i: usize| sorted.column(i).as_string::<i32>();
-        let dims = sorted.column(fleetlake_ingest::schema::col::DIMENSIONS).as_map();
+        let dims = sorted.column(fleetlake_model::schema::col::DIMENSIONS).as_map();
         let time = sorted
-            .column(fleetlake_ingest::schema::col::TIME)
+            .column(fleetlake_model::schema::col::TIME)
             .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
         let key = |i: usize| {
             let d: Vec<(String, String)> = (dims.value_offsets()[i] as usize
@@ -355,11 +356,11 @@ proptest! {
                 })
                 .collect();
             (
-                s(fleetlake_ingest::schema::col::ACCOUNT_ID).value(i).to_string(),
-                s(fleetlake_ingest::schema::col::NAMESPACE).value(i).to_string(),
-                s(fleetlake_ingest::schema::col::METRIC_NAME).value(i).to_string(),
+                s(fleetlake_model::schema::col::ACCOUNT_ID).value(i).to_string(),
+                s(fleetlake_model::schema::col::NAMESPACE).value(i).to_string(),
+                s(fleetlake_model::schema::col::METRIC_NAME).value(i).to_string(),
                 d,
-                s(fleetlake_ingest::schema::col::REGION).value(i).to_string(),
+                s(fleetlake_model::schema::col::REGION).value(i).to_string(),
                 time.value(i),
             )
         };
@@ -367,7 +368,7 @@ proptest! {
             prop_assert!(key(i - 1) <= key(i), "row {} before row {}", i - 1, i);
         }
         let sum = |b: &arrow::array::RecordBatch| -> f64 {
-            b.column(fleetlake_ingest::schema::col::SUM)
+            b.column(fleetlake_model::schema::col::SUM)
                 .as_primitive::<arrow::datatypes::Float64Type>()
                 .values()
                 .iter()
@@ -376,5 +377,57 @@ proptest! {
         let before: f64 = batches.iter().map(sum).sum();
         prop_assert_eq!(sum(&sorted), before);
         }
+    }
+}
+
+/// Row identity ([`fleetlake_model::keys`]) of decoded rows.
+mod keys {
+    use fleetlake_ingest::metric_stream::MetricsBatchBuilder;
+    use fleetlake_model::Table;
+    use fleetlake_model::keys::{RowKey, row_keys};
+
+    fn keys(lines: &str) -> Vec<RowKey> {
+        let mut b = MetricsBatchBuilder::new();
+        assert!(b.push_record(lines.as_bytes()).is_empty());
+        row_keys(Table::Metrics, &b.finish())
+    }
+
+    fn line(account: &str, dims: &str, ts: i64, sum: f64, unit: &str) -> String {
+        format!(
+            r#"{{"account_id":"{account}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{dims},"timestamp":{ts},"value":{{"count":1,"sum":{sum},"min":0,"max":1}},"unit":"{unit}"}}"#
+        )
+    }
+
+    #[test]
+    fn key_ignores_values_and_unit_but_not_identity() {
+        let k = keys(
+            &[
+                line("1", r#"{"FunctionName":"a"}"#, 60_000, 1.0, "Count"),
+                line("1", r#"{"FunctionName":"a"}"#, 60_000, 9.0, "None"),
+                line("1", r#"{"FunctionName":"a"}"#, 120_000, 1.0, "Count"),
+                line("1", r#"{"FunctionName":"b"}"#, 60_000, 1.0, "Count"),
+                line("2", r#"{"FunctionName":"a"}"#, 60_000, 1.0, "Count"),
+                line("1", r#"{"Function":"Namea"}"#, 60_000, 1.0, "Count"),
+            ]
+            .join("\n"),
+        );
+        assert_eq!(k[0], k[1]);
+        assert_eq!(k[0].series, k[2].series);
+        assert_ne!(k[0].point, k[2].point);
+        for other in &k[3..] {
+            assert_ne!(k[0].series, other.series);
+        }
+    }
+
+    #[test]
+    fn dimension_order_on_the_wire_does_not_matter() {
+        let k = keys(
+            &[
+                line("1", r#"{"A":"1","B":"2"}"#, 60_000, 1.0, "Count"),
+                line("1", r#"{"B":"2","A":"1"}"#, 60_000, 1.0, "Count"),
+            ]
+            .join("\n"),
+        );
+        assert_eq!(k[0], k[1]);
     }
 }

@@ -40,7 +40,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 use deltalake::kernel::Transaction;
-use fleetlake_ingest::schema::{Table, conform};
+use fleetlake_model::schema::{Table, conform};
 
 use crate::lake::{LakeError, LakeOptions, OPERATION_KEY, TableLake, is_conflict, sort_for_lake};
 use crate::location::LakeLocation;

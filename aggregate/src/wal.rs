@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
-use fleetlake_ingest::schema::Table;
+use fleetlake_model::schema::Table;
 use tracing::{info, warn};
 
 const HEADER_LEN: usize = 16;

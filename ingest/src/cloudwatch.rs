@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metric_stream::{BaseStats, MetricsBatchBuilder, SeriesId};
 use crate::metrics as m;
-use crate::{RowSink, SinkError, Table};
+use fleetlake_model::{RowSink, SinkError, Table};
 
 /// Queries per GetMetricData call (CloudWatch's limit).
 pub const MAX_QUERIES: usize = 500;

@@ -22,7 +22,7 @@ use arrow::datatypes::{DataType, Field};
 use serde::Deserialize;
 
 use crate::otel::Problem;
-use crate::schema::{LIST_ELEMENT, day_of_millis, logs_schema};
+use fleetlake_model::schema::{LIST_ELEMENT, day_of_millis, logs_schema};
 
 /// Largest decompressed size of one record: a Kinesis or Firehose record is at most
 /// 1 MiB compressed, and log text compresses well, but not this well.
@@ -419,8 +419,8 @@ pub fn whole_objects_len(json: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::logs_col;
     use arrow::array::AsArray;
+    use fleetlake_model::schema::logs_col;
 
     const DATA: &str = r#"{"messageType":"DATA_MESSAGE","owner":"123456789012","logGroup":"/aws/lambda/f","logStream":"s","subscriptionFilters":["fleet"],"logEvents":[{"id":"1","timestamp":1700000000000,"message":"hello"},{"id":"2","timestamp":1700000001000,"message":"world","extractedFields":{"@aws.region":"eu-west-1"}}]}"#;
     const CONTROL: &str = r#"{"messageType":"CONTROL_MESSAGE","owner":"CloudwatchLogs","logGroup":"","logStream":"","subscriptionFilters":[],"logEvents":[{"id":"","timestamp":1741312971934,"message":"CWL CONTROL MESSAGE: Checking health of destination Firehose."}]}"#;

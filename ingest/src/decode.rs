@@ -19,7 +19,7 @@ use crate::cwlogs::LogsBatchBuilder;
 use crate::kpl;
 use crate::metric_stream::MetricsBatchBuilder;
 use crate::otel::{self, OtelVersion};
-use crate::schema::{Table, day_of_millis, dead_letters_schema};
+use fleetlake_model::schema::{Table, day_of_millis, dead_letters_schema};
 
 /// The record formats fleetlake reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -408,8 +408,8 @@ mod tests {
         assert_eq!(rows.len(), 2);
         let (table, dead) = &rows[1];
         assert_eq!(*table, Table::DeadLetters);
-        use crate::schema::dead_col;
         use arrow::array::AsArray;
+        use fleetlake_model::schema::dead_col;
         let col = |i| dead.column(i).as_string::<i32>().value(0).to_string();
         assert_eq!(col(dead_col::POSITION), "request r record 0 line 2");
         assert_eq!(col(dead_col::DATA_BASE64), "bm9wZQ==");

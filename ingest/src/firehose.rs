@@ -29,8 +29,8 @@ use tracing::{debug, warn};
 
 use crate::decode::{DecodeStats, Decoder, Format};
 use crate::metrics as m;
-use crate::schema::Table;
-use crate::sink::{RowSink, SinkError};
+use fleetlake_model::schema::Table;
+use fleetlake_model::sink::{RowSink, SinkError};
 
 /// Header carrying the request id, identical across retries of one request.
 pub const REQUEST_ID_HEADER: &str = "x-amz-firehose-request-id";

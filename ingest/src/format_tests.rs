@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use crate::decode::{Decoder, Format};
 use crate::kpl::{self, Deaggregated};
-use crate::schema::Table;
+use fleetlake_model::schema::Table;
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!(

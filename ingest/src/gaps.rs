@@ -15,9 +15,9 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
 use futures::future::BoxFuture;
 
-use crate::Table;
-use crate::schema::col;
-use crate::sink::{PositionsResult, RowSink, SinkError, StreamSink};
+use fleetlake_model::Table;
+use fleetlake_model::schema::col;
+use fleetlake_model::sink::{PositionsResult, RowSink, SinkError, StreamSink};
 
 const MINUTE_MS: i64 = 60_000;
 

@@ -33,8 +33,8 @@ use tracing::{debug, info, warn};
 use crate::decode::{DecodeStats, Decoder, Format};
 use crate::lease::{Lease, LeaseLost, LeaseSettings, LeaseWatch};
 use crate::metrics as m;
-use crate::schema::Table;
-use crate::sink::{SHARD_END, SinkError, StreamSink, sequence_le};
+use fleetlake_model::schema::Table;
+use fleetlake_model::sink::{SHARD_END, SinkError, StreamSink, sequence_le};
 
 /// Where a shard with no committed position starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use arrow::array::{AsArray, RecordBatch};
 
 use super::*;
-use crate::schema::col;
+use fleetlake_model::schema::col;
 
 fn datapoint(account: &str, minute: i64) -> Vec<u8> {
     format!(
@@ -178,7 +178,10 @@ impl StreamSink for FakeSink {
         self.committed.clone()
     }
 
-    fn read_positions(&self, keys: Vec<String>) -> BoxFuture<'_, crate::sink::PositionsResult> {
+    fn read_positions(
+        &self,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, fleetlake_model::sink::PositionsResult> {
         let found = match &self.lake {
             Some(lake) => {
                 let mut positions = lake.lock().unwrap().clone();

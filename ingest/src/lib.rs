@@ -13,14 +13,15 @@
 //!  (ListMetrics, paced, retried)  finds in what the sinks took) ────────────> RowSink
 //! ```
 //!
-//! Decoders emit Arrow record batches of the [`schema`] tables (`metrics`, `logs`,
-//! `dead_letters`), each metric and log row tagged with its account id. History
-//! and holes come from CloudWatch's own API ([`cloudwatch`]), with the same rows and
-//! de-duplication key as streamed data; [`gaps`] finds the holes as data arrives.
-//! Data goes next to a [`sink::RowSink`], which the aggregate stage implements; a source acknowledges
-//! its sender only after the sink's `write` returned `Ok`, i.e. once the data is
-//! durable. Kinesis rows go to a [`sink::StreamSink`] with the shard positions they
-//! reach: the stream keeps them, so they need no write-ahead log, and the positions are
+//! Decoders emit Arrow record batches of the model's tables (`metrics`, `logs`,
+//! `dead_letters`; see [`fleetlake_model::schema`]), each metric and log row tagged
+//! with its account id. History and holes come from CloudWatch's own API
+//! ([`cloudwatch`]), with the same rows and de-duplication key as streamed data;
+//! [`gaps`] finds the holes as data arrives. Data goes next to a
+//! [`fleetlake_model::RowSink`], which the aggregate stage implements; a source
+//! acknowledges its sender only after the sink's `write` returned `Ok`, i.e. once the
+//! data is durable. Kinesis rows go to a [`fleetlake_model::StreamSink`] with the shard
+//! positions they reach: the stream keeps them, so they need no write-ahead log, and the positions are
 //! committed with the rows. Several instances share a stream's shards through a
 //! DynamoDB lease table ([`lease`]). Whatever a decoder cannot read goes to
 //! `dead_letters` with its raw bytes, never dropped silently.
@@ -36,12 +37,8 @@ pub mod lease;
 pub mod metric_stream;
 pub mod metrics;
 pub mod otel;
-pub mod schema;
-pub mod sink;
 
 #[cfg(test)]
 mod format_tests;
 
 pub use decode::{DecodeStats, Decoder, Format};
-pub use schema::Table;
-pub use sink::{RowSink, SinkError};

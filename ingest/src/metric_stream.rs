@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use smallvec::SmallVec;
 
-use crate::schema::{MAP_ENTRIES, day_of_millis, metrics_schema};
+use fleetlake_model::schema::{MAP_ENTRIES, day_of_millis, metrics_schema};
 
 /// One metric-stream datapoint as it appears on the wire, borrowing from the record.
 #[derive(Debug, Deserialize)]
@@ -371,9 +371,9 @@ impl MetricsBatchBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::col;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Float64Type, TimestampMicrosecondType};
+    use fleetlake_model::schema::col;
 
     const SAMPLE: &str = r#"{"metric_stream_name":"MyMetricStream","account_id":"1234567890","region":"us-east-1","namespace":"AWS/EC2","metric_name":"DiskWriteOps","dimensions":{"InstanceId":"i-123456789012"},"timestamp":1611929698000,"value":{"count":3.0,"sum":20.0,"max":18.0,"min":0.0,"p99":17.56,"p99.9":17.8764,"TM(25%:75%)":16.43},"unit":"Seconds"}"#;
 

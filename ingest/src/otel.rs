@@ -802,7 +802,7 @@ mod tests {
         assert_eq!((outcome.messages, outcome.datapoints), (2, 3));
         assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
         let batch = out.finish();
-        let time = batch.column(crate::schema::col::TIME);
+        let time = batch.column(fleetlake_model::schema::col::TIME);
         let time = time
             .as_any()
             .downcast_ref::<arrow::array::TimestampMicrosecondArray>()

@@ -32,7 +32,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_aggregate::rollup::{Rollup, rollup_sql};
-use fleetlake_ingest::schema::{Table, conform};
+use fleetlake_model::schema::{Table, conform};
 use futures::StreamExt;
 
 use crate::access::Principal;

@@ -417,7 +417,7 @@ mod tests {
         let rows = |d: &mut fleetlake_ingest::Decoder| -> usize {
             d.finish()
                 .iter()
-                .filter(|(t, _)| *t != fleetlake_ingest::Table::DeadLetters)
+                .filter(|(t, _)| *t != fleetlake_model::Table::DeadLetters)
                 .map(|(_, b)| b.num_rows())
                 .sum()
         };

@@ -9,9 +9,9 @@
 //! Both are hashed with xxh3 over the strings separated by 0xFF, a byte that never
 //! occurs in UTF-8, so different field splits cannot collide by concatenation.
 
+use crate::schema::{Table, col, dead_col, logs_col};
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::TimestampMicrosecondType;
-use fleetlake_ingest::schema::{Table, col, dead_col, logs_col};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
 /// A `Hasher` for keys that are already xxh3 hashes ([`RowKey`]'s `series` and
@@ -171,55 +171,4 @@ fn metrics_keys(batch: &RecordBatch) -> Vec<RowKey> {
             }
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use fleetlake_ingest::metric_stream::MetricsBatchBuilder;
-
-    fn keys(lines: &str) -> Vec<RowKey> {
-        let mut b = MetricsBatchBuilder::new();
-        assert!(b.push_record(lines.as_bytes()).is_empty());
-        row_keys(Table::Metrics, &b.finish())
-    }
-
-    fn line(account: &str, dims: &str, ts: i64, sum: f64, unit: &str) -> String {
-        format!(
-            r#"{{"account_id":"{account}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{dims},"timestamp":{ts},"value":{{"count":1,"sum":{sum},"min":0,"max":1}},"unit":"{unit}"}}"#
-        )
-    }
-
-    #[test]
-    fn key_ignores_values_and_unit_but_not_identity() {
-        let k = keys(
-            &[
-                line("1", r#"{"FunctionName":"a"}"#, 60_000, 1.0, "Count"),
-                line("1", r#"{"FunctionName":"a"}"#, 60_000, 9.0, "None"),
-                line("1", r#"{"FunctionName":"a"}"#, 120_000, 1.0, "Count"),
-                line("1", r#"{"FunctionName":"b"}"#, 60_000, 1.0, "Count"),
-                line("2", r#"{"FunctionName":"a"}"#, 60_000, 1.0, "Count"),
-                line("1", r#"{"Function":"Namea"}"#, 60_000, 1.0, "Count"),
-            ]
-            .join("\n"),
-        );
-        assert_eq!(k[0], k[1]);
-        assert_eq!(k[0].series, k[2].series);
-        assert_ne!(k[0].point, k[2].point);
-        for other in &k[3..] {
-            assert_ne!(k[0].series, other.series);
-        }
-    }
-
-    #[test]
-    fn dimension_order_on_the_wire_does_not_matter() {
-        let k = keys(
-            &[
-                line("1", r#"{"A":"1","B":"2"}"#, 60_000, 1.0, "Count"),
-                line("1", r#"{"B":"2","A":"1"}"#, 60_000, 1.0, "Count"),
-            ]
-            .join("\n"),
-        );
-        assert_eq!(k[0], k[1]);
-    }
 }

@@ -1,4 +1,5 @@
-//! The seam between ingest and the stage after it.
+//! The seams between ingest and the write path: every source hands rows to one of
+//! these traits, which the aggregate stage implements.
 
 use arrow::array::RecordBatch;
 use futures::future::BoxFuture;
@@ -15,9 +16,7 @@ pub trait RowSink: Send + Sync + 'static {
 
     /// Whether a write would be taken now; a source asks before it reads and decodes a
     /// request, so that an overloaded or failing sink costs a refused sender nothing.
-    fn admit(&self) -> Result<(), SinkError> {
-        Ok(())
-    }
+    fn admit(&self) -> Result<(), SinkError>;
 }
 
 /// Why a sink could not take a batch. Nothing of the batch was acknowledged.
@@ -54,34 +53,20 @@ pub trait StreamSink: Send + Sync + 'static {
 
     /// Each table's committed position of each of `keys`, read from the lake now (the
     /// newest commit that names it: another instance may have committed it).
-    fn read_positions(&self, keys: Vec<String>) -> BoxFuture<'_, PositionsResult> {
-        let found = self
-            .committed_positions()
-            .into_iter()
-            .map(|(table, mut positions)| {
-                positions.retain(|k, _| keys.contains(k));
-                (table, positions)
-            })
-            .collect();
-        Box::pin(async move { Ok(found) })
-    }
+    fn read_positions(&self, keys: Vec<String>) -> BoxFuture<'_, PositionsResult>;
 
     /// Carries `positions` (as [`StreamSink::read_positions`] found them) in the
     /// commits from now on: this instance reads those shards now. Never in the middle
     /// of a commit.
     fn hold_positions(
         &self,
-        _positions: Vec<(Table, std::collections::BTreeMap<String, String>)>,
-    ) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
+        positions: Vec<(Table, std::collections::BTreeMap<String, String>)>,
+    ) -> BoxFuture<'_, ()>;
 
     /// Commits what is buffered now, positions included, then stops carrying the
     /// positions of `keys`, with no other commit in between: their shards go to another
     /// instance, which resumes from what this commit holds.
-    fn commit_without(&self, _keys: Vec<String>) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(async { Ok(()) })
-    }
+    fn commit_without(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), SinkError>>;
 }
 
 /// Positions per table, keyed by shard key.
