@@ -4,6 +4,10 @@
 //! Rows enter in write-ahead-log order ([`HotBuffer::insert`]) and leave in flushes:
 //! [`HotBuffer::begin_flush`] moves the open generation aside (still queryable) and
 //! hands it to the lake writer, [`HotBuffer::complete_flush`] drops it once committed.
+//! The buffer belongs to one owner (the writer); readers get a [`BufferView`]
+//! ([`HotBuffer::view`]): an immutable picture of the queryable rows that shares the
+//! row chunks with the buffer, so publishing one after every group commit costs a
+//! pointer per chunk, not a copy of the rows.
 //!
 //! De-duplication on (account, region, namespace, metric, dimensions, time):
 //! - against the buffer, by an exact set of datapoint keys;
@@ -14,6 +18,7 @@
 //!   has the lake's overall latest time as watermark.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{BooleanArray, RecordBatch};
@@ -27,9 +32,15 @@ use fleetlake_model::keys::{KeyHasher, row_keys};
 /// query that loaded the lake just before that commit.
 const RECENT_RETENTION: Duration = Duration::from_secs(10);
 
+/// Rows published together: an immutable, shared slice of batches.
+type Chunk = Arc<[RecordBatch]>;
+
 #[derive(Debug, Default)]
 struct Generation {
-    batches: Vec<RecordBatch>,
+    /// Visible rows already in a view, in the chunks the views share.
+    chunks: Vec<Chunk>,
+    /// Visible rows inserted since the last view.
+    pending: Vec<RecordBatch>,
     suspects: Vec<RecordBatch>,
     keys: HashSet<u128, KeyHasher>,
     /// Latest time of the visible rows (epoch µs).
@@ -42,8 +53,26 @@ struct Generation {
 }
 
 impl Generation {
-    fn absorb(&mut self, newer: Generation) {
-        self.batches.extend(newer.batches);
+    /// Moves the pending rows into a chunk of their own.
+    fn seal(&mut self) {
+        if !self.pending.is_empty() {
+            self.chunks
+                .push(Arc::from(std::mem::take(&mut self.pending)));
+        }
+    }
+
+    /// The visible rows.
+    fn batches(&self) -> impl Iterator<Item = &RecordBatch> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.iter())
+            .chain(&self.pending)
+    }
+
+    fn absorb(&mut self, mut newer: Generation) {
+        self.seal();
+        newer.seal();
+        self.chunks.extend(newer.chunks);
         self.suspects.extend(newer.suspects);
         self.keys.extend(newer.keys);
         self.max_time = self.max_time.max(newer.max_time);
@@ -107,7 +136,7 @@ pub struct HotBuffer {
     /// have been made: a query reading a later version finds those rows in the lake.
     flushing_base: Option<i64>,
     /// Finished flushes still visible here: lake version, when, rows, their bytes.
-    recent: VecDeque<(i64, Instant, Vec<RecordBatch>, usize)>,
+    recent: VecDeque<(i64, Instant, Chunk, usize)>,
     watermarks: HashMap<u64, i64, KeyHasher>,
     default_watermark: i64,
     lake_max_time: i64,
@@ -128,6 +157,11 @@ impl HotBuffer {
             default_watermark: max,
             lake_max_time: max,
         }
+    }
+
+    /// The table whose rows this buffer holds.
+    pub fn table(&self) -> Table {
+        self.table
     }
 
     /// Adds the rows of WAL record `seq`, dropping those already buffered.
@@ -178,7 +212,7 @@ impl HotBuffer {
         };
         if let Some(b) = take(visible, outcome.visible) {
             self.open.bytes += b.get_array_memory_size();
-            self.open.batches.push(b);
+            self.open.pending.push(b);
         }
         if let Some(b) = take(suspect, outcome.suspects) {
             self.open.bytes += b.get_array_memory_size();
@@ -258,8 +292,10 @@ impl HotBuffer {
             .max_time
             .unwrap_or(i64::MIN)
             .max(self.lake_max_time);
+        let mut flushing = flushing;
+        flushing.seal();
         let job = FlushJob {
-            batches: flushing.batches.clone(),
+            batches: flushing.batches().cloned().collect(),
             suspects: flushing.suspects.clone(),
             seq: flushing.last_seq,
             max_time,
@@ -303,7 +339,8 @@ impl HotBuffer {
         }
         let now = Instant::now();
         let bytes = written.iter().map(RecordBatch::get_array_memory_size).sum();
-        self.recent.push_back((version, now, written, bytes));
+        self.recent
+            .push_back((version, now, Arc::from(written), bytes));
         self.prune_recent(now);
     }
 
@@ -321,13 +358,11 @@ impl HotBuffer {
     /// and flushing generations (suspects excluded), plus rows of flushes committed
     /// after that version.
     pub fn snapshot(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
-        let mut out: Vec<RecordBatch> = self.open.batches.clone();
-        let committed = matches!(
-            (self.flushing_base, lake_version),
-            (Some(base), Some(v)) if v > base
-        );
-        if let Some(flushing) = self.flushing.as_ref().filter(|_| !committed) {
-            out.extend(flushing.batches.iter().cloned());
+        let mut out: Vec<RecordBatch> = self.open.batches().cloned().collect();
+        if !flushing_committed(self.flushing_base, lake_version) {
+            if let Some(flushing) = &self.flushing {
+                out.extend(flushing.batches().cloned());
+            }
         }
         for (version, _, batches, _) in &self.recent {
             if lake_version.is_none_or(|v| *version > v) {
@@ -335,6 +370,82 @@ impl HotBuffer {
             }
         }
         out
+    }
+
+    /// An immutable picture of the queryable rows as they are now, for readers on
+    /// other threads ([`BufferView::visible`] answers as [`HotBuffer::snapshot`] would
+    /// have at this moment).
+    pub fn view(&mut self) -> BufferView {
+        self.open.seal();
+        if let Some(flushing) = &mut self.flushing {
+            flushing.seal();
+        }
+        BufferView {
+            open: self.open.chunks.clone(),
+            flushing: self
+                .flushing
+                .as_ref()
+                .map(|g| g.chunks.clone())
+                .unwrap_or_default(),
+            flushing_base: self.flushing_base,
+            recent: self
+                .recent
+                .iter()
+                .map(|(version, _, rows, _)| (*version, Arc::clone(rows)))
+                .collect(),
+            rows: self.rows(),
+            bytes: self.bytes(),
+        }
+    }
+
+    /// Records that the flushing generation's commit failed: its rows stay here, and
+    /// no lake version holds them (the next flush takes them again).
+    pub fn flush_failed(&mut self) {
+        self.flushing_base = None;
+    }
+}
+
+/// Whether a query reading `lake_version` finds the flushing generation's rows in the
+/// lake, the generation being committed on top of `base`.
+fn flushing_committed(base: Option<i64>, lake_version: Option<i64>) -> bool {
+    matches!((base, lake_version), (Some(base), Some(v)) if v > base)
+}
+
+/// The queryable rows of one table's hot buffer at one instant (see
+/// [`HotBuffer::view`]); cheap to clone, shared by every reader.
+#[derive(Debug, Clone, Default)]
+pub struct BufferView {
+    open: Vec<Chunk>,
+    flushing: Vec<Chunk>,
+    flushing_base: Option<i64>,
+    recent: Vec<(i64, Chunk)>,
+    rows: usize,
+    bytes: usize,
+}
+
+impl BufferView {
+    /// The rows a query that reads lake version `lake_version` must add to the lake's.
+    pub fn visible(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
+        let mut out: Vec<RecordBatch> = self.open.iter().flat_map(|c| c.iter().cloned()).collect();
+        if !flushing_committed(self.flushing_base, lake_version) {
+            out.extend(self.flushing.iter().flat_map(|c| c.iter().cloned()));
+        }
+        for (version, rows) in &self.recent {
+            if lake_version.is_none_or(|v| *version > v) {
+                out.extend(rows.iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// Rows held (open and flushing, suspects included).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Approximate bytes held (see [`HotBuffer::bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 

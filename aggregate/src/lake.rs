@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU64;
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
@@ -127,6 +128,9 @@ pub enum LakeError {
         #[source]
         source: arrow::error::ArrowError,
     },
+    /// The writer (which owns the hot buffers and the WAL) has stopped.
+    #[error("the write-ahead log writer has stopped")]
+    WriterStopped,
 }
 
 /// Rows per row group unless configured (`lake.row_group_rows`).
@@ -165,6 +169,27 @@ pub struct TableLake {
     rollup: Option<Rollup>,
     /// Commits up to this version were looked at for other writers' latest times.
     seen_version: i64,
+    /// Shared with the process's other handles of this table (see [`CommitGate`]):
+    /// this handle's maintenance commits (compaction, retention, vacuum) go through it.
+    gate: Option<Arc<CommitGate>>,
+}
+
+/// Orders the commits one process makes to one table through several handles: the
+/// flush's (which holds the gate from the moment its rows may be committed until the
+/// hot buffer knows the version) and maintenance's (which holds it only for each
+/// commit, never while it reads and rewrites files). It also keeps the latest version
+/// committed through any of them, so the flush knows which version its commit builds on
+/// without reloading the log.
+#[derive(Debug, Default)]
+pub struct CommitGate {
+    latest: tokio::sync::Mutex<Option<i64>>,
+}
+
+impl CommitGate {
+    /// Waits for the gate; the guard holds the latest version committed through it.
+    pub async fn enter(&self) -> tokio::sync::MutexGuard<'_, Option<i64>> {
+        self.latest.lock().await
+    }
 }
 
 impl TableLake {
@@ -252,7 +277,31 @@ impl TableLake {
             writer: writer.to_string(),
             rollup,
             seen_version: -1,
+            gate: None,
         })
+    }
+
+    /// Makes this handle's maintenance commits go through `gate`.
+    pub fn with_commit_gate(mut self, gate: Arc<CommitGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Enters `gate`, if there is one; [`TableLake::record`] then notes the version.
+    async fn enter_gate(
+        gate: &Option<Arc<CommitGate>>,
+    ) -> Option<tokio::sync::MutexGuard<'_, Option<i64>>> {
+        match gate {
+            Some(gate) => Some(gate.enter().await),
+            None => None,
+        }
+    }
+
+    /// Records in the entered gate that this handle is now at its current version.
+    fn record(&self, entered: &mut Option<tokio::sync::MutexGuard<'_, Option<i64>>>) {
+        if let (Some(latest), Some(version)) = (entered.as_mut(), self.version()) {
+            **latest = (**latest).max(Some(version));
+        }
     }
 
     /// The table's URL.
@@ -566,6 +615,8 @@ impl TableLake {
                 }
             }
         }
+        let gate = self.gate.clone();
+        let mut entered = Self::enter_gate(&gate).await;
         let (table, metrics) = self
             .table
             .clone()
@@ -577,6 +628,8 @@ impl TableLake {
             .await
             .map_err(|e| self.delta_err(e))?;
         self.table = table;
+        self.record(&mut entered);
+        drop(entered);
         stats.vacuumed = metrics.files_deleted.len();
         Ok(stats)
     }
@@ -665,6 +718,8 @@ impl TableLake {
                 }
             }
         }
+        let gate = self.gate.clone();
+        let mut entered = Self::enter_gate(&gate).await;
         let commit = CommitBuilder::from(
             CommitProperties::default()
                 .with_metadata([(OPERATION_KEY.to_string(), "compact".into())]),
@@ -682,6 +737,7 @@ impl TableLake {
         match commit {
             Ok(_) => {
                 self.refresh().await?;
+                self.record(&mut entered);
                 Ok(Some((rows, written)))
             }
             Err(e) => {
@@ -717,6 +773,8 @@ impl TableLake {
             return Ok(0);
         }
         let before = col(DAY_COLUMN).lt(lit(ScalarValue::Date32(Some(cutoff))));
+        let gate = self.gate.clone();
+        let mut entered = Self::enter_gate(&gate).await;
         let (table, metrics) = self
             .table
             .clone()
@@ -729,6 +787,8 @@ impl TableLake {
             .await
             .map_err(|e| self.delta_err(e))?;
         self.table = table;
+        self.record(&mut entered);
+        drop(entered);
         tracing::info!(table = %self.location, files = metrics.num_removed_files, ?keep, "removed expired day partitions");
         Ok(metrics.num_removed_files)
     }

@@ -1,0 +1,207 @@
+//! Flushes: each table's hot buffer into its Delta table, one commit per table carrying
+//! the WAL sequence and the stream positions its rows cover; then the WAL is truncated
+//! as far as every table allows.
+//!
+//! A flush takes every table's rows and the positions at one instant from the writer
+//! ([`Command::BeginFlush`]), checks rows that may already be in the lake, sorts and
+//! commits them through the table's [`CommitGate`] (so a maintenance commit of the same
+//! table never slips between "the rows may be in the lake now" and "they are, as
+//! version V"), and tells the writer. Maintenance never holds the gate while it
+//! rewrites files, so a flush waits at most for one of its commits.
+
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use crate::buffer;
+use crate::health::Stage;
+use crate::lake::{LakeError, sort_for_lake, split_at_time, without_points};
+use crate::metrics as m;
+use crate::writer::{Command, TableFlush, Written};
+use crate::{Shared, TableSlot};
+
+/// First wait after a failed flush; doubled at each further failure up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Flushes at each interval, or when the writer asks (enough rows, or a write refused
+/// for room); after a failure, on a backoff schedule instead.
+pub(crate) async fn flush_loop(shared: std::sync::Arc<Shared>) {
+    let mut backoff = RETRY_FIRST;
+    let mut failing = false;
+    loop {
+        if failing {
+            // The lake refused the last commit: writes are refused meanwhile, so retry
+            // on the backoff schedule alone, not at the next interval.
+            tokio::time::sleep(backoff).await;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(shared.config.flush_interval) => {}
+                _ = shared.outlet.flush_now.notified() => {}
+            }
+        }
+        match flush_once(&shared).await {
+            Ok(()) => {
+                if failing {
+                    info!("the lake takes commits again");
+                }
+                shared.outlet.faults.recover(Stage::Lake);
+                failing = false;
+                backoff = RETRY_FIRST;
+            }
+            Err(error) => {
+                ::metrics::counter!(m::FLUSH_FAILURES).increment(1);
+                shared.outlet.faults.fail(Stage::Lake, &error.to_string());
+                if failing {
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                failing = true;
+                error!(%error, retry_in = ?backoff, "lake flush failed; refusing writes until it succeeds");
+            }
+        }
+    }
+}
+
+/// Flushes every table, then truncates the WAL as far as all tables allow.
+pub(crate) async fn flush_once(shared: &Shared) -> Result<(), LakeError> {
+    let _one_at_a_time = shared.flushing.lock().await;
+    flush_locked(shared).await
+}
+
+/// One flush of every table; the caller holds the flush lock.
+pub(crate) async fn flush_locked(shared: &Shared) -> Result<(), LakeError> {
+    let (done, flushes) = oneshot::channel();
+    shared.command(Command::BeginFlush { done }).await?;
+    let flushes = flushes.await.map_err(|_| LakeError::WriterStopped)?;
+    let mut first_error = None;
+    for flush in flushes {
+        let slot = &shared.tables[flush.table.index()];
+        if let Err(error) = flush_table(shared, slot, flush).await {
+            error!(table = %slot.table, %error, "lake flush failed");
+            first_error.get_or_insert(error);
+        }
+    }
+    shared.command(Command::Truncate).await?;
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn flush_table(
+    shared: &Shared,
+    slot: &TableSlot,
+    flush: TableFlush,
+) -> Result<(), LakeError> {
+    let table = slot.table;
+    let TableFlush { job, positions, .. } = flush;
+    let mut lake = slot.lake.lock().await;
+    let Some(job) = job else {
+        if let Some(positions) = positions {
+            // No rows, but the streams moved on (records for other tables, control
+            // messages): the table commits that it holds everything up to there.
+            let empty = vec![RecordBatch::new_empty(table.schema())];
+            let mut latest = slot.gate.enter().await;
+            lake.append(empty, None, None, Some(&positions)).await?;
+            *latest = (*latest).max(lake.version());
+            drop(latest);
+            let (done, committed) = oneshot::channel();
+            shared
+                .command(Command::Committed {
+                    table,
+                    written: None,
+                    positions: Some(positions),
+                    done,
+                })
+                .await?;
+            committed.await.map_err(|_| LakeError::WriterStopped)?;
+        }
+        return Ok(());
+    };
+    let started = Instant::now();
+    let mut batches = job.batches;
+    let mut job_suspects = job.suspects;
+    // Rows of this writer at or before the latest time another writer committed since
+    // may be in the lake through it (a retry sent to the other instance): check them too.
+    if let Some(others) = lake.others_max_time().await? {
+        let (after, maybe_there) = split_at_time(table, batches, others);
+        batches = after;
+        job_suspects.extend(maybe_there);
+    }
+    if !job_suspects.is_empty() {
+        let existing = lake.existing_points(&job_suspects).await?;
+        let suspects: usize = job_suspects.iter().map(|b| b.num_rows()).sum();
+        if !existing.is_empty() {
+            ::metrics::counter!(m::DUPLICATES, "table" => table.name(), "stage" => "lake")
+                .increment(existing.len() as u64);
+        }
+        info!(
+            %table,
+            suspects,
+            already_in_lake = existing.len(),
+            "checked redelivered rows against the lake"
+        );
+        batches.extend(without_points(table, job_suspects, &existing));
+    }
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let sorted = if rows == 0 {
+        // Everything was already in the lake: commit no rows, only the WAL position,
+        // so the redelivery is not checked again after a restart.
+        vec![RecordBatch::new_empty(table.schema())]
+    } else {
+        vec![
+            sort_for_lake(table, &batches).map_err(|source| LakeError::Arrow {
+                table: table.name().into(),
+                source,
+            })?,
+        ]
+    };
+    let mut latest = slot.gate.enter().await;
+    // The version this commit builds on: the handle's own, or a later one that
+    // maintenance committed through the gate.
+    let base = lake.version().max(*latest);
+    shared.command(Command::Committing { table, base }).await?;
+    let committing = Instant::now();
+    let appended = lake
+        .append(
+            sorted.clone(),
+            Some(job.seq),
+            Some(job.max_time),
+            positions.as_ref(),
+        )
+        .await;
+    let version = match appended {
+        Ok(version) => version,
+        Err(error) => {
+            drop(latest);
+            shared.command(Command::FlushFailed { table }).await?;
+            return Err(error);
+        }
+    };
+    *latest = (*latest).max(Some(version));
+    ::metrics::histogram!(m::COMMIT_SECONDS, "table" => table.name())
+        .record(committing.elapsed().as_secs_f64());
+    let latest_times = buffer::latest_per_series(table, &sorted);
+    ::metrics::gauge!(m::FLUSHED_SERIES, "table" => table.name()).set(latest_times.len() as f64);
+    let (done, committed) = oneshot::channel();
+    shared
+        .command(Command::Committed {
+            table,
+            written: Some(Written {
+                version,
+                rows: sorted,
+                latest: latest_times,
+            }),
+            positions,
+            done,
+        })
+        .await?;
+    committed.await.map_err(|_| LakeError::WriterStopped)?;
+    drop(latest);
+    drop(lake);
+    ::metrics::counter!(m::FLUSHED_ROWS, "table" => table.name()).increment(rows as u64);
+    ::metrics::histogram!(m::FLUSH_SECONDS, "table" => table.name())
+        .record(started.elapsed().as_secs_f64());
+    info!(%table, rows, version, wal_seq = job.seq, elapsed = ?started.elapsed(), "committed flush to lake");
+    Ok(())
+}

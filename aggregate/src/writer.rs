@@ -1,0 +1,451 @@
+//! The writer: one thread that owns the write-ahead log, the hot buffers and the
+//! stream positions. Everything that changes them is a [`Command`] on its bounded
+//! queue, handled in order; after each change it publishes an immutable [`Published`]
+//! snapshot, which queries and admission read without taking a lock (the shape of
+//! InfluxDB 3's WAL → queryable buffer).
+//!
+//! A write is acknowledged only after, in this order: its record is appended to the log
+//! with the rest of its group, the log is fsync'd, its rows are applied to the hot
+//! buffers, and a snapshot holding them is published. A group whose append or fsync
+//! fails is cut from the log and refused as a whole; nothing of it is applied.
+//!
+//! The flush loop (`flush.rs`) asks the writer for each table's rows and positions at
+//! one instant ([`Command::BeginFlush`]), commits them to the lake itself, and tells the
+//! writer how that went ([`Command::Committing`], [`Command::Committed`],
+//! [`Command::FlushFailed`]); the writer never waits for the lake.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use arrow::array::RecordBatch;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{error, warn};
+
+use fleetlake_model::Table;
+use fleetlake_model::keys::KeyHasher;
+
+use crate::buffer::{BufferView, FlushJob, HotBuffer};
+use crate::health::{Faults, Stage};
+use crate::metrics as m;
+use crate::positions::{Positions, advance, least_positions, merge_positions};
+use crate::wal::{Mark, Wal, WalError};
+
+/// Rows of any tables, as a write brings them.
+pub(crate) type Rows = Vec<(Table, RecordBatch)>;
+
+/// Bound of the writer's queue: writers wait (back-pressure), never an unbounded buffer.
+/// Also the most writes one group commit takes.
+pub(crate) const QUEUE: usize = 1024;
+
+/// The log the writer appends to: the WAL, or a fake in tests.
+pub(crate) trait Log: Send + 'static {
+    /// A position in the log to cut back to.
+    type Mark: Copy + Send;
+    /// Where the log ends now.
+    fn mark(&self) -> Self::Mark;
+    /// Appends a record (not yet durable); returns its sequence number.
+    fn append(&mut self, payload: &[u8]) -> Result<u64, WalError>;
+    /// Makes everything appended durable.
+    fn sync(&mut self) -> Result<(), WalError>;
+    /// Cuts the log back to `mark`.
+    fn rollback(&mut self, mark: Self::Mark) -> Result<(), WalError>;
+    /// Deletes the segments holding only records through `seq`.
+    fn remove_through(&mut self, seq: u64) -> Result<usize, WalError>;
+}
+
+impl Log for Wal {
+    type Mark = Mark;
+    fn mark(&self) -> Mark {
+        Wal::mark(self)
+    }
+    fn append(&mut self, payload: &[u8]) -> Result<u64, WalError> {
+        Wal::append(self, payload)
+    }
+    fn sync(&mut self) -> Result<(), WalError> {
+        Wal::sync(self)
+    }
+    fn rollback(&mut self, mark: Mark) -> Result<(), WalError> {
+        Wal::rollback(self, mark)
+    }
+    fn remove_through(&mut self, seq: u64) -> Result<usize, WalError> {
+        Wal::remove_through(self, seq)
+    }
+}
+
+/// What the writer is asked to do.
+pub(crate) enum Command {
+    /// Make `rows` (encoded as `payload`) durable and visible, then answer.
+    Append {
+        payload: Vec<u8>,
+        rows: Rows,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Make rows of a replayable stream visible and record the positions they reach
+    /// (no log: the stream keeps them), then answer.
+    Positioned {
+        rows: Rows,
+        positions: Vec<(String, String)>,
+        done: oneshot::Sender<()>,
+    },
+    /// Hand every table's rows, and the positions its commit carries, to a flush.
+    BeginFlush {
+        done: oneshot::Sender<Vec<TableFlush>>,
+    },
+    /// The flush of `table` is about to commit on top of lake version `base`.
+    Committing { table: Table, base: Option<i64> },
+    /// The flush of `table` committed: the rows `written` as lake `version` (none for a
+    /// commit of positions only), and `positions`.
+    Committed {
+        table: Table,
+        written: Option<Written>,
+        positions: Option<Positions>,
+        done: oneshot::Sender<()>,
+    },
+    /// The flush of `table` did not commit; its rows stay for the next one.
+    FlushFailed { table: Table },
+    /// Delete the log segments every table has committed.
+    Truncate,
+    /// Carry `positions` (as the lake holds them) in commits from now on.
+    HoldPositions {
+        positions: Vec<(Table, Positions)>,
+        done: oneshot::Sender<()>,
+    },
+    /// Stop carrying the positions of `keys`.
+    DropPositions {
+        keys: Vec<String>,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Rows a flush wrote, as lake `version`, with the latest time of each series in them.
+pub(crate) struct Written {
+    pub version: i64,
+    pub rows: Vec<RecordBatch>,
+    pub latest: HashMap<u64, i64, KeyHasher>,
+}
+
+/// What one table's flush takes: the rows (if any) and the positions to commit (if they
+/// moved).
+pub(crate) struct TableFlush {
+    pub table: Table,
+    pub job: Option<FlushJob>,
+    pub positions: Option<Positions>,
+}
+
+/// What the writer publishes after every change.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Each table's queryable rows, by [`Table::index`].
+    pub views: Vec<BufferView>,
+    /// The last WAL sequence applied to the buffers.
+    pub applied_seq: u64,
+}
+
+impl Published {
+    /// Rows and bytes held by all hot buffers.
+    pub fn buffered(&self) -> (usize, usize) {
+        self.views.iter().fold((0, 0), |(rows, bytes), v| {
+            (rows + v.rows(), bytes + v.bytes())
+        })
+    }
+}
+
+/// What the writer shares with everyone else.
+#[derive(Debug)]
+pub(crate) struct Outlet {
+    pub published: ArcSwap<Published>,
+    pub faults: Faults,
+    /// Woken when the open rows reach `flush_rows`, or a write was refused for room.
+    pub flush_now: Notify,
+    pub flush_rows: usize,
+}
+
+impl Outlet {
+    pub(crate) fn new(flush_rows: usize) -> Self {
+        Self {
+            published: ArcSwap::from_pointee(Published::default()),
+            faults: Faults::default(),
+            flush_now: Notify::new(),
+            flush_rows,
+        }
+    }
+}
+
+/// The writer's state: only its thread touches it.
+pub(crate) struct Writer<L: Log> {
+    log: L,
+    buffers: Vec<HotBuffer>,
+    /// Stream positions reached by the rows in the buffers (and before).
+    reached: Positions,
+    /// Per table, the positions its lake holds every row up to.
+    committed: Vec<Positions>,
+    applied_seq: u64,
+    outlet: Arc<Outlet>,
+}
+
+/// A write waiting in the group being committed.
+struct Pending {
+    payload: Vec<u8>,
+    rows: Rows,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+impl<L: Log> Writer<L> {
+    /// A writer over `log`, with `buffers` (by table index, replayed records already in
+    /// them), the positions reached and committed, and the last applied sequence.
+    pub(crate) fn new(
+        log: L,
+        buffers: Vec<HotBuffer>,
+        reached: Positions,
+        committed: Vec<Positions>,
+        applied_seq: u64,
+        outlet: Arc<Outlet>,
+    ) -> Self {
+        let mut writer = Self {
+            log,
+            buffers,
+            reached,
+            committed,
+            applied_seq,
+            outlet,
+        };
+        writer.publish();
+        writer
+    }
+
+    /// Handles commands until every sender is gone.
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut group: Vec<Pending> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(command) = next {
+                match command {
+                    Command::Append {
+                        payload,
+                        rows,
+                        done,
+                    } => {
+                        group.push(Pending {
+                            payload,
+                            rows,
+                            done,
+                        });
+                        if group.len() >= QUEUE {
+                            self.commit_group(&mut group);
+                        }
+                    }
+                    other => {
+                        // Writes queued before it are answered first.
+                        self.commit_group(&mut group);
+                        self.handle(other);
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            self.commit_group(&mut group);
+        }
+    }
+
+    /// Appends the group, fsyncs once, applies, publishes, then acknowledges.
+    fn commit_group(&mut self, group: &mut Vec<Pending>) {
+        if group.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mark = self.log.mark();
+        let mut appended = Vec::with_capacity(group.len());
+        let mut failure: Option<String> = None;
+        for write in group.drain(..) {
+            if failure.is_none() {
+                match self.log.append(&write.payload) {
+                    Ok(seq) => {
+                        ::metrics::counter!(m::WAL_BYTES).increment(write.payload.len() as u64);
+                        appended.push((seq, write.rows, write.done));
+                        continue;
+                    }
+                    Err(e) => failure = Some(e.to_string()),
+                }
+            }
+            let _ = write.done.send(Err(failure.clone().unwrap_or_default()));
+        }
+        if failure.is_none() {
+            let syncing = Instant::now();
+            match self.log.sync() {
+                Ok(()) => ::metrics::histogram!(m::WAL_SYNC_SECONDS)
+                    .record(syncing.elapsed().as_secs_f64()),
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        if let Some(reason) = failure {
+            // Nothing of this group is acknowledged, and none of it stays in the log:
+            // a partial record would stop replay in front of later ones.
+            let cut = self.log.rollback(mark).err();
+            error!(error = %reason, cut_failed = ?cut.as_ref().map(ToString::to_string), "write-ahead log append failed");
+            self.outlet.faults.fail(Stage::Wal, &reason);
+            ::metrics::counter!(m::WAL_FAILURES).increment(1);
+            for (_, _, done) in appended {
+                let _ = done.send(Err(format!("write-ahead log: {reason}")));
+            }
+            return;
+        }
+        self.outlet.faults.recover(Stage::Wal);
+        ::metrics::histogram!(m::WAL_GROUP_SECONDS).record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(m::WAL_GROUP_SIZE).record(appended.len() as f64);
+        ::metrics::counter!(m::WAL_RECORDS).increment(appended.len() as u64);
+        let writes: Vec<(u64, &[(Table, RecordBatch)])> = appended
+            .iter()
+            .map(|(seq, rows, _)| (*seq, rows.as_slice()))
+            .collect();
+        let open_rows = self.apply(&writes);
+        if let Some((last, _, _)) = appended.last() {
+            self.applied_seq = *last;
+        }
+        self.publish();
+        for (_, _, done) in appended {
+            let _ = done.send(Ok(()));
+        }
+        self.maybe_flush(open_rows);
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Append { .. } => unreachable!("appends are grouped by `run`"),
+            Command::Positioned {
+                rows,
+                positions,
+                done,
+            } => {
+                // No log record: the rows ride with the last applied one, which keeps
+                // the table's committed WAL sequence and truncation correct.
+                let open_rows = self.apply(&[(self.applied_seq, &rows)]);
+                advance(&mut self.reached, positions);
+                self.publish();
+                let _ = done.send(());
+                self.maybe_flush(open_rows);
+            }
+            Command::BeginFlush { done } => {
+                let flushes = self
+                    .buffers
+                    .iter_mut()
+                    .zip(&self.committed)
+                    .map(|(buffer, committed)| {
+                        let merged = merge_positions(committed, &self.reached);
+                        TableFlush {
+                            table: buffer.table(),
+                            job: buffer.begin_flush(),
+                            positions: (merged != *committed).then_some(merged),
+                        }
+                    })
+                    .collect();
+                self.publish();
+                let _ = done.send(flushes);
+            }
+            Command::Committing { table, base } => {
+                self.buffers[table.index()].committing_on(base);
+                self.publish();
+            }
+            Command::Committed {
+                table,
+                written,
+                positions,
+                done,
+            } => {
+                if let Some(written) = written {
+                    let buffer = &mut self.buffers[table.index()];
+                    buffer.complete_flush_known(written.version, written.rows, written.latest);
+                    ::metrics::gauge!(m::TRACKED_SERIES, "table" => table.name())
+                        .set(buffer.tracked_series() as f64);
+                }
+                if let Some(positions) = positions {
+                    self.committed[table.index()] = positions;
+                }
+                self.publish();
+                let _ = done.send(());
+            }
+            Command::FlushFailed { table } => {
+                self.buffers[table.index()].flush_failed();
+                self.publish();
+            }
+            Command::Truncate => {
+                let through = self.truncatable_through();
+                if through > 0 {
+                    if let Err(error) = self.log.remove_through(through) {
+                        warn!(%error, "could not remove committed write-ahead log segments");
+                    }
+                }
+            }
+            Command::HoldPositions { positions, done } => {
+                for (table, found) in &positions {
+                    self.committed[table.index()]
+                        .extend(found.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+                self.reached
+                    .extend(least_positions(self.buffers.len(), &positions));
+                let _ = done.send(());
+            }
+            Command::DropPositions { keys, done } => {
+                for key in &keys {
+                    self.reached.remove(key);
+                    for committed in &mut self.committed {
+                        committed.remove(key);
+                    }
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Inserts the rows of `writes` (WAL sequence, rows of any tables) into the hot
+    /// buffers, counting duplicates; returns the rows the next flush takes.
+    fn apply(&mut self, writes: &[(u64, &[(Table, RecordBatch)])]) -> usize {
+        let mut open_rows = 0;
+        for buffer in &mut self.buffers {
+            let table = buffer.table();
+            let mut duplicates = 0;
+            for (seq, rows) in writes {
+                for (t, batch) in *rows {
+                    if *t == table {
+                        duplicates += buffer.insert(*seq, batch).duplicates;
+                    }
+                }
+            }
+            if duplicates > 0 {
+                ::metrics::counter!(m::DUPLICATES, "table" => table.name(), "stage" => "buffer")
+                    .increment(duplicates as u64);
+            }
+            open_rows += buffer.open_rows();
+        }
+        open_rows
+    }
+
+    fn maybe_flush(&self, open_rows: usize) {
+        if open_rows >= self.outlet.flush_rows {
+            self.outlet.flush_now.notify_one();
+        }
+    }
+
+    /// Publishes the buffers' views and updates the buffer gauges.
+    fn publish(&mut self) {
+        let views: Vec<BufferView> = self.buffers.iter_mut().map(HotBuffer::view).collect();
+        for (buffer, view) in self.buffers.iter().zip(&views) {
+            let table = buffer.table().name();
+            ::metrics::gauge!(m::BUFFER_ROWS, "table" => table).set(view.rows() as f64);
+            ::metrics::gauge!(m::BUFFER_BYTES, "table" => table).set(view.bytes() as f64);
+        }
+        self.outlet.published.store(Arc::new(Published {
+            views,
+            applied_seq: self.applied_seq,
+        }));
+    }
+
+    /// The WAL sequence through which every table has committed what it holds.
+    fn truncatable_through(&self) -> u64 {
+        self.buffers
+            .iter()
+            .filter_map(HotBuffer::pending_since)
+            .map(|first| first.saturating_sub(1))
+            .fold(self.applied_seq, u64::min)
+    }
+}

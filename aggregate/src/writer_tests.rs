@@ -1,0 +1,238 @@
+//! The writer's ordering, with a log that records what happens to it: a write is
+//! acknowledged only after its group was appended, fsync'd, applied and published; a
+//! failed fsync acknowledges nothing, applies nothing and cuts the group from the log.
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use tokio::sync::{mpsc, oneshot};
+
+use fleetlake_ingest::metric_stream::MetricsBatchBuilder;
+use fleetlake_model::Table;
+
+use crate::buffer::HotBuffer;
+use crate::positions::Positions;
+use crate::wal::WalError;
+use crate::writer::{Command, Log, Outlet, Writer};
+
+/// What happened to the fake log, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Append(u64),
+    Sync,
+    Rollback(u64),
+}
+
+/// A log kept in memory whose fsync waits for the test's go-ahead and can fail.
+struct FakeLog {
+    events: Arc<Mutex<Vec<Event>>>,
+    next: u64,
+    /// Each fsync waits for one message: `true` succeeds, `false` fails.
+    syncs: std_mpsc::Receiver<bool>,
+    /// Told when an fsync starts waiting.
+    syncing: std_mpsc::Sender<()>,
+}
+
+impl Log for FakeLog {
+    type Mark = u64;
+    fn mark(&self) -> u64 {
+        self.next
+    }
+    fn append(&mut self, _payload: &[u8]) -> Result<u64, WalError> {
+        self.next += 1;
+        self.events.lock().unwrap().push(Event::Append(self.next));
+        Ok(self.next)
+    }
+    fn sync(&mut self) -> Result<(), WalError> {
+        self.syncing.send(()).unwrap();
+        let ok = self.syncs.recv().unwrap_or(false);
+        if ok {
+            self.events.lock().unwrap().push(Event::Sync);
+            Ok(())
+        } else {
+            Err(WalError::Io {
+                path: "fake".into(),
+                source: std::io::Error::other("disk full"),
+            })
+        }
+    }
+    fn rollback(&mut self, mark: u64) -> Result<(), WalError> {
+        self.next = mark;
+        self.events.lock().unwrap().push(Event::Rollback(mark));
+        Ok(())
+    }
+    fn remove_through(&mut self, _seq: u64) -> Result<usize, WalError> {
+        Ok(0)
+    }
+}
+
+fn batch(account: &str, minute: i64) -> RecordBatch {
+    let line = format!(
+        r#"{{"account_id":"{account}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{{}},"timestamp":{},"value":{{"count":1,"sum":1,"min":1,"max":1}},"unit":"Count"}}"#,
+        minute * 60_000
+    );
+    let mut b = MetricsBatchBuilder::new();
+    assert!(b.push_record(line.as_bytes()).is_empty());
+    b.finish()
+}
+
+struct Harness {
+    commands: mpsc::Sender<Command>,
+    outlet: Arc<Outlet>,
+    events: Arc<Mutex<Vec<Event>>>,
+    syncs: std_mpsc::Sender<bool>,
+    syncing: std_mpsc::Receiver<()>,
+}
+
+fn start() -> Harness {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let (syncs_tx, syncs_rx) = std_mpsc::channel();
+    let (syncing_tx, syncing_rx) = std_mpsc::channel();
+    let log = FakeLog {
+        events: Arc::clone(&events),
+        next: 0,
+        syncs: syncs_rx,
+        syncing: syncing_tx,
+    };
+    let outlet = Arc::new(Outlet::new(usize::MAX));
+    let buffers = Table::ALL
+        .iter()
+        .map(|t| HotBuffer::new(*t, None))
+        .collect();
+    let writer = Writer::new(
+        log,
+        buffers,
+        Positions::new(),
+        vec![Positions::new(); Table::ALL.len()],
+        0,
+        Arc::clone(&outlet),
+    );
+    let (commands, queue) = mpsc::channel(16);
+    std::thread::spawn(move || writer.run(queue));
+    Harness {
+        commands,
+        outlet,
+        events,
+        syncs: syncs_tx,
+        syncing: syncing_rx,
+    }
+}
+
+impl Harness {
+    fn append(&self, rows: RecordBatch) -> oneshot::Receiver<Result<(), String>> {
+        let (done, acked) = oneshot::channel();
+        self.commands
+            .blocking_send(Command::Append {
+                payload: vec![1, 2, 3],
+                rows: vec![(Table::Metrics, rows)],
+                done,
+            })
+            .unwrap();
+        acked
+    }
+
+    fn visible(&self) -> usize {
+        self.outlet.published.load().views[Table::Metrics.index()]
+            .visible(None)
+            .iter()
+            .map(RecordBatch::num_rows)
+            .sum()
+    }
+}
+
+#[test]
+fn a_write_is_acknowledged_after_fsync_and_once_visible() {
+    let h = start();
+    let mut acked = h.append(batch("1", 1));
+    // The writer is inside fsync now: nothing is acknowledged, nothing visible.
+    h.syncing.recv().unwrap();
+    assert!(
+        acked.try_recv().is_err(),
+        "acknowledged before fsync returned"
+    );
+    assert_eq!(h.visible(), 0, "visible before fsync returned");
+    assert_eq!(*h.events.lock().unwrap(), [Event::Append(1)]);
+    h.syncs.send(true).unwrap();
+    assert_eq!(acked.blocking_recv().unwrap(), Ok(()));
+    // At the moment of the acknowledgement the rows were already published.
+    assert_eq!(h.visible(), 1);
+    assert_eq!(*h.events.lock().unwrap(), [Event::Append(1), Event::Sync]);
+    assert_eq!(h.outlet.published.load().applied_seq, 1);
+}
+
+#[test]
+fn a_failed_fsync_acknowledges_nothing_applies_nothing_and_cuts_the_group() {
+    let h = start();
+    let first = h.append(batch("1", 1));
+    h.syncing.recv().unwrap();
+    // Two more writes queue up behind the fsync and form the next group.
+    let second = h.append(batch("2", 1));
+    let third = h.append(batch("3", 1));
+    h.syncs.send(true).unwrap();
+    assert_eq!(first.blocking_recv().unwrap(), Ok(()));
+    h.syncing.recv().unwrap();
+    h.syncs.send(false).unwrap();
+    assert!(second.blocking_recv().unwrap().is_err());
+    assert!(third.blocking_recv().unwrap().is_err());
+    assert_eq!(h.visible(), 1, "a refused write became visible");
+    assert_eq!(
+        *h.events.lock().unwrap(),
+        [
+            Event::Append(1),
+            Event::Sync,
+            Event::Append(2),
+            Event::Append(3),
+            Event::Rollback(1)
+        ]
+    );
+    assert!(h.outlet.faults.get(crate::health::Stage::Wal).is_some());
+    // The log goes on after the cut: the next write reuses the sequence.
+    let fourth = h.append(batch("4", 1));
+    h.syncing.recv().unwrap();
+    h.syncs.send(true).unwrap();
+    assert_eq!(fourth.blocking_recv().unwrap(), Ok(()));
+    assert_eq!(h.visible(), 2);
+    assert!(h.outlet.faults.get(crate::health::Stage::Wal).is_none());
+    assert_eq!(h.events.lock().unwrap().last(), Some(&Event::Sync));
+    assert_eq!(h.outlet.published.load().applied_seq, 2);
+}
+
+#[test]
+fn a_flush_takes_the_rows_and_positions_of_one_instant() {
+    let h = start();
+    let (done, written) = oneshot::channel();
+    h.commands
+        .blocking_send(Command::Positioned {
+            rows: vec![(Table::Metrics, batch("1", 1))],
+            positions: vec![("stream/shard-0".into(), "100".into())],
+            done,
+        })
+        .unwrap();
+    written.blocking_recv().unwrap();
+    let (done, taken) = oneshot::channel();
+    h.commands
+        .blocking_send(Command::BeginFlush { done })
+        .unwrap();
+    let flushes = taken.blocking_recv().unwrap();
+    let metrics = &flushes[Table::Metrics.index()];
+    assert_eq!(
+        metrics.job.as_ref().map(|j| j.batches.len()),
+        Some(1),
+        "the positioned rows are in the flush"
+    );
+    // Every table commits the positions, rows or not.
+    for flush in &flushes {
+        assert_eq!(
+            flush
+                .positions
+                .as_ref()
+                .and_then(|p| p.get("stream/shard-0")),
+            Some(&"100".to_string()),
+            "{}",
+            flush.table
+        );
+    }
+    // Rows being flushed stay visible until the commit is known.
+    assert_eq!(h.visible(), 1);
+}
