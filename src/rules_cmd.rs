@@ -48,7 +48,11 @@ pub(crate) fn check(config: &Config, files: &[PathBuf]) -> anyhow::Result<()> {
         errors.extend(found);
     }
     let (sql, _) = engine(config)?;
-    errors.extend(runtime()?.block_on(fleetlake_alert_rules::check::check(&groups, &sql)));
+    errors.extend(
+        runtime()?
+            .block_on(fleetlake_alert_rules::check::check(&groups, &sql))
+            .context("checking rules against the lake's schema")?,
+    );
     if !errors.is_empty() {
         for e in &errors {
             eprintln!("{e}");

@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::{ReceiverConfig, ReceiverKind};
+use crate::error::AlertError;
 use crate::redact;
 use crate::state::{Instance, Labels};
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 
 /// PagerDuty's limit on `summary`.
 pub const SUMMARY_MAX: usize = 1024;
@@ -343,19 +344,13 @@ pub fn webhook_payload(
     })
 }
 
-/// How one delivery attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Accepted (2xx).
-    Delivered,
-    /// Refused for good (4xx other than 408 and 429): do not send again.
-    Rejected(String),
-    /// Try again later (429, 408, 5xx, network error).
-    Retry(String),
-}
-
-/// Posts one message.
-pub async fn send(client: &reqwest::Client, receiver: &ReceiverConfig, body: &Value) -> Outcome {
+/// Posts one message. A refusal is an [`AlertError::Notify`], retryable for 429, 408,
+/// 5xx and network errors, not for other 4xx (do not send it again).
+pub async fn send(
+    client: &reqwest::Client,
+    receiver: &ReceiverConfig,
+    body: &Value,
+) -> Result<(), AlertError> {
     let response = client
         .post(receiver.endpoint())
         .timeout(receiver.timeout)
@@ -366,18 +361,26 @@ pub async fn send(client: &reqwest::Client, receiver: &ReceiverConfig, body: &Va
     // routing key may reach a log line: reqwest's errors lose their URL, and what the
     // receiver answered (which may echo the request) is scrubbed.
     let secrets = receiver.secrets();
+    let failed = |message: String, retryable: bool| AlertError::Notify {
+        receiver: receiver.name.clone(),
+        message,
+        retryable,
+    };
     match response {
-        Err(e) => Outcome::Retry(redact::scrub(&redact::reqwest_error(e), &secrets)),
+        Err(e) => Err(failed(
+            redact::scrub(&redact::reqwest_error(e), &secrets),
+            true,
+        )),
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
             let text = truncate(&redact::scrub(&text, &secrets), 500);
             if status.is_success() {
-                Outcome::Delivered
-            } else if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
-                Outcome::Retry(format!("{status}: {text}"))
+                Ok(())
             } else {
-                Outcome::Rejected(format!("{status}: {text}"))
+                let retryable =
+                    status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error();
+                Err(failed(format!("{status}: {text}"), retryable))
             }
         }
     }
@@ -396,10 +399,9 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    /// How long to wait before an event for `key` may go, at `per_minute`; takes the
-    /// token when the answer is zero.
-    pub fn wait(&self, key: &str, per_minute: u32) -> Duration {
-        let now = now_ms();
+    /// How long to wait before an event for `key` may go at `now` (epoch ms), at
+    /// `per_minute`; takes the token when the answer is zero.
+    pub fn wait(&self, key: &str, per_minute: u32, now: i64) -> Duration {
         let capacity = per_minute as f64;
         let rate = capacity / 60_000.0;
         let mut buckets = self.buckets.lock().expect("rate limit lock");
@@ -448,15 +450,17 @@ mod tests {
     #[test]
     fn rate_limit_allows_a_burst_then_spaces_events() {
         let limits = RateLimits::default();
+        let now = 1_000_000;
         for _ in 0..3 {
-            assert_eq!(limits.wait("k", 3), Duration::ZERO);
+            assert_eq!(limits.wait("k", 3, now), Duration::ZERO);
         }
-        let wait = limits.wait("k", 3);
-        assert!(
-            wait > Duration::from_secs(15) && wait <= Duration::from_secs(20),
-            "{wait:?}"
-        );
-        assert_eq!(limits.wait("other", 3), Duration::ZERO);
+        let wait = limits.wait("k", 3, now);
+        assert!(wait.abs_diff(Duration::from_secs(20)) <= Duration::from_millis(1));
+        // A token comes back every 20 s.
+        let wait = limits.wait("k", 3, now + 5_000);
+        assert!(wait.abs_diff(Duration::from_secs(15)) <= Duration::from_millis(1));
+        assert_eq!(limits.wait("k", 3, now + 21_000), Duration::ZERO);
+        assert_eq!(limits.wait("other", 3, now), Duration::ZERO);
     }
 
     #[test]
