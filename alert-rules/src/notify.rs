@@ -1,12 +1,13 @@
 //! Notifications: the payloads of PagerDuty Events API v2, Alertmanager's
 //! `/api/v2/alerts` and Alertmanager's webhook, and their delivery from the durable
-//! outbox (retries with backoff on 429, 5xx and network errors, none on other 4xx,
-//! a rate limit per PagerDuty routing key).
+//! outbox (retries with exponential backoff and jitter on 429, 5xx and network errors,
+//! none on other 4xx, a rate limit per PagerDuty routing key).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -386,10 +387,23 @@ pub async fn send(
     }
 }
 
-/// The wait before attempt `attempts + 1`: `initial` doubled per failure, at most `max`.
+/// The wait before attempt `attempts + 1` (`attempts` ≥ 1 failures so far): an
+/// exponential backoff from `initial`, doubled per failure up to `max`, with jitter
+/// (backon's: a random part of up to the same again, so that receivers recovering
+/// from an outage are not hit by every retry at once), never more than `max`.
+/// Attempts are not limited in number: the outbox gives up after `give_up_after`.
 pub fn backoff(attempts: u32, initial: Duration, max: Duration) -> Duration {
-    let factor = 1u32 << attempts.saturating_sub(1).min(20);
-    initial.saturating_mul(factor).min(max)
+    let initial = initial.min(max);
+    let mut delays = ExponentialBuilder::default()
+        .with_jitter()
+        .with_factor(2.0)
+        .with_min_delay(initial)
+        .with_max_delay(max)
+        .without_max_times()
+        .build();
+    // Past 32 doublings every delay is the maximum.
+    let n = attempts.clamp(1, 32) as usize;
+    delays.nth(n - 1).unwrap_or(max).min(max)
 }
 
 /// Token buckets per PagerDuty routing key.
@@ -441,10 +455,26 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_max() {
+    fn backoff_doubles_with_jitter_up_to_the_max() {
         let (i, m) = (Duration::from_secs(1), Duration::from_secs(10));
-        let waits: Vec<u64> = (1..=6).map(|a| backoff(a, i, m).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        for attempts in 1..=40 {
+            // Without jitter: 1, 2, 4, 8, 10, 10, ... seconds.
+            let base = (i * 2u32.pow(attempts.min(20) - 1)).min(m);
+            for _ in 0..50 {
+                let wait = backoff(attempts, i, m);
+                assert!(
+                    wait >= base && wait <= (base * 2).min(m),
+                    "attempt {attempts}: {wait:?} not in [{base:?}, {:?}]",
+                    (base * 2).min(m)
+                );
+            }
+        }
+        // Jitter spreads the waits.
+        let waits: std::collections::BTreeSet<Duration> =
+            (0..20).map(|_| backoff(2, i, m)).collect();
+        assert!(waits.len() > 1, "{waits:?}");
+        // A maximum below the first wait is the wait.
+        assert_eq!(backoff(1, m, i), i);
     }
 
     #[test]
