@@ -1269,6 +1269,416 @@ impl Alerting {
 mod tests {
     use super::*;
 
+    use arrow::array::{ArrayRef, Float64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+    use fleetlake_model::clock::{Clock, ManualClock};
+
+    /// 2026-11-28T15:00:00Z.
+    const T0: i64 = 1_795_878_000_000;
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    /// What the fake query engine answers.
+    enum Answer {
+        /// One row per account: `account_id`, `value`.
+        Rows(Vec<(&'static str, f64)>),
+        /// Rows without a `value` column: the rule is wrong.
+        NoValue,
+        /// The engine is down.
+        Down,
+    }
+
+    struct FakeSql(Mutex<Answer>);
+
+    impl FakeSql {
+        fn answer(&self, answer: Answer) {
+            *self.0.lock().unwrap() = answer;
+        }
+    }
+
+    #[async_trait]
+    impl SqlSource for FakeSql {
+        async fn query(&self, _sql: &str) -> Result<Vec<RecordBatch>, AlertError> {
+            let (accounts, values): (Vec<&str>, Option<Vec<f64>>) = match &*self.0.lock().unwrap() {
+                Answer::Rows(rows) => {
+                    let (accounts, values) = rows.iter().copied().unzip();
+                    (accounts, Some(values))
+                }
+                Answer::NoValue => (vec!["111111111111"], None),
+                Answer::Down => {
+                    return Err(AlertError::Unavailable(
+                        "lake unavailable: connection refused".into(),
+                    ));
+                }
+            };
+            let mut fields = vec![Field::new("account_id", DataType::Utf8, false)];
+            let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(accounts))];
+            if let Some(values) = values {
+                fields.push(Field::new(VALUE_COLUMN, DataType::Float64, false));
+                columns.push(Arc::new(Float64Array::from(values)));
+            }
+            Ok(vec![
+                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap(),
+            ])
+        }
+
+        async fn plan(&self, _sql: &str) -> Result<SchemaRef, AlertError> {
+            unreachable!("evaluation does not plan")
+        }
+    }
+
+    /// The `alerts` table: the states of the transitions committed.
+    #[derive(Default)]
+    struct FakeLog(Mutex<Vec<(String, String)>>);
+
+    #[async_trait]
+    impl TransitionLog for FakeLog {
+        async fn append(&self, rows: RecordBatch, _seq: u64) -> Result<(), AlertError> {
+            let column = |name: &str| {
+                rows.column_by_name(name)
+                    .unwrap()
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+            };
+            let from = column("previous_state");
+            let to = column("state");
+            self.0.lock().unwrap().extend(from.into_iter().zip(to));
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        alerting: Alerting,
+        clock: Arc<ManualClock>,
+        sql: Arc<FakeSql>,
+        log: Arc<FakeLog>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn receiver(name: &str, kind: ReceiverKind) -> ReceiverConfig {
+        ReceiverConfig {
+            name: name.into(),
+            kind,
+            url: Some("http://127.0.0.1:9".into()),
+            routing_key: (kind == ReceiverKind::Pagerduty).then(|| "r".repeat(32)),
+            rate_limit_per_minute: 120,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// One group (interval 1m) of one rule with `for: {for_}`; PagerDuty and an
+    /// Alertmanager get every alert.
+    fn harness(for_: &str) -> Harness {
+        let yaml = format!(
+            "groups:\n  - name: g\n    interval: 1m\n    rules:\n      - alert: Errors\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: {for_}\n"
+        );
+        let groups = crate::rules::parse(Path::new("t.rules.yml"), &yaml).unwrap();
+        let route = |receiver: &str, continue_: bool| crate::config::RouteConfig {
+            matchers: Vec::new(),
+            receiver: receiver.into(),
+            continue_,
+        };
+        let config = AlertingConfig {
+            receivers: vec![
+                receiver("pd", ReceiverKind::Pagerduty),
+                receiver("am", ReceiverKind::Alertmanager),
+            ],
+            routes: vec![route("pd", true), route("am", false)],
+            ..AlertingConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at(T0);
+        let sql = Arc::new(FakeSql(Mutex::new(Answer::Rows(Vec::new()))));
+        let log = Arc::new(FakeLog::default());
+        let alerting = Alerting::open(AlertingParts {
+            config,
+            groups,
+            sql: sql.clone(),
+            log: log.clone(),
+            registry: Registry::empty(),
+            state_dir: dir.path().to_path_buf(),
+            external_url: "http://fleetlake".into(),
+            clock: clock.clone(),
+        })
+        .unwrap();
+        Harness {
+            alerting,
+            clock,
+            sql,
+            log,
+            _dir: dir,
+        }
+    }
+
+    impl Harness {
+        async fn round(&self) -> Round {
+            self.alerting.evaluate_group(0).await
+        }
+
+        /// `(state, activeAt, firedAt)` of every instance.
+        fn states(&self) -> Vec<(String, Value, Value)> {
+            self.alerting
+                .alerts(None)
+                .into_iter()
+                .map(|a| {
+                    (
+                        a["state"].as_str().unwrap().to_string(),
+                        a["activeAt"].clone(),
+                        a["firedAt"].clone(),
+                    )
+                })
+                .collect()
+        }
+
+        /// The PagerDuty events queued: `event_action` of each.
+        fn pages(&self) -> Vec<String> {
+            let p = self.alerting.inner.state.lock().unwrap();
+            p.outbox
+                .get("pd")
+                .into_iter()
+                .flatten()
+                .map(|m| m.body["event_action"].as_str().unwrap().to_string())
+                .collect()
+        }
+
+        /// The Alertmanager messages queued (coalesced: at most one per rule).
+        fn alertmanager(&self) -> Vec<Message> {
+            let p = self.alerting.inner.state.lock().unwrap();
+            p.outbox.get("am").into_iter().flatten().cloned().collect()
+        }
+
+        fn transitions(&self) -> Vec<(String, String)> {
+            self.log.0.lock().unwrap().clone()
+        }
+    }
+
+    fn pair(from: &str, to: &str) -> (String, String) {
+        (from.to_string(), to.to_string())
+    }
+
+    #[tokio::test]
+    async fn inactive_then_pending_then_firing_after_for_then_resolved() {
+        let h = harness("2m");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        let active_at = json!(rfc3339(T0));
+        assert_eq!(
+            h.states(),
+            [("pending".into(), active_at.clone(), Value::Null)]
+        );
+        assert!(h.pages().is_empty());
+
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(h.states()[0].0, "pending", "1m is not yet `for: 2m`");
+        assert!(h.pages().is_empty());
+
+        h.clock.advance(MINUTE);
+        h.round().await;
+        let fired_at = json!(rfc3339(T0 + 120_000));
+        assert_eq!(h.states(), [("firing".into(), active_at.clone(), fired_at)]);
+        assert_eq!(h.pages(), ["trigger"]);
+
+        h.sql.answer(Answer::Rows(Vec::new()));
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(h.states()[0].0, "resolved");
+        assert_eq!(h.pages(), ["trigger", "resolve"]);
+        assert_eq!(
+            h.transitions(),
+            [
+                pair("inactive", "pending"),
+                pair("pending", "firing"),
+                pair("firing", "resolved")
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn pending_that_clears_before_for_never_notifies() {
+        let h = harness("5m");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        for _ in 0..4 {
+            h.round().await;
+            h.clock.advance(MINUTE);
+        }
+        assert_eq!(h.states()[0].0, "pending");
+        h.sql.answer(Answer::Rows(Vec::new()));
+        h.round().await;
+        assert!(h.states().is_empty());
+        h.clock.advance(10 * MINUTE);
+        h.round().await;
+        assert!(h.pages().is_empty());
+        assert!(h.alertmanager().is_empty());
+        assert_eq!(
+            h.transitions(),
+            [pair("inactive", "pending"), pair("pending", "inactive")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_firing_alert_pages_once_and_is_sent_to_alertmanager_every_round() {
+        let h = harness("0s");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        let mut last_id = 0;
+        for round in 0..5 {
+            h.round().await;
+            assert_eq!(
+                h.pages(),
+                ["trigger"],
+                "round {round}: PagerDuty is paged once"
+            );
+            // Alertmanager gets the rule's state each round, valid for 4 intervals from
+            // now: the newest message replaces the one still waiting.
+            let am = h.alertmanager();
+            assert_eq!(am.len(), 1, "round {round}");
+            assert!(am[0].id > last_id);
+            last_id = am[0].id;
+            let now = T0 + round * 60_000;
+            assert_eq!(am[0].created_ms, now);
+            assert_eq!(am[0].body[0]["endsAt"], json!(rfc3339(now + 4 * 60_000)));
+            h.clock.advance(MINUTE);
+        }
+        // Resolved: sent as such for `resend_resolved_for` (15m), then forgotten.
+        h.sql.answer(Answer::Rows(Vec::new()));
+        let resolved_at = h.clock.now_ms();
+        h.round().await;
+        assert_eq!(h.pages(), ["trigger", "resolve"]);
+        h.clock.advance(10 * MINUTE);
+        h.round().await;
+        let am = h.alertmanager();
+        assert_eq!(am[0].body[0]["endsAt"], json!(rfc3339(resolved_at)));
+        let id = am[0].id;
+        h.clock.advance(10 * MINUTE);
+        h.round().await;
+        assert!(h.states().is_empty());
+        assert_eq!(h.alertmanager()[0].id, id, "nothing new once forgotten");
+    }
+
+    #[tokio::test]
+    async fn an_engine_outage_keeps_states_and_is_not_a_rule_error() {
+        let h = harness("2m");
+        h.sql.answer(Answer::Rows(vec![
+            ("111111111111", 5.0),
+            ("222222222222", 7.0),
+        ]));
+        h.round().await;
+        h.clock.advance(2 * MINUTE);
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        // 111 fires; 222 is gone (it never fired).
+        assert_eq!(h.states().len(), 1);
+        assert_eq!(h.pages(), ["trigger"]);
+        let before = h.states();
+        let transitions = h.transitions();
+
+        h.sql.answer(Answer::Down);
+        for _ in 0..3 {
+            h.clock.advance(MINUTE);
+            let round = h.round().await;
+            assert_eq!(round.unavailable, 1);
+            assert_eq!(round.evaluated, 0);
+            assert!(round.rule_errors.is_empty(), "{:?}", round.rule_errors);
+        }
+        assert_eq!(h.states(), before, "an outage resolves nothing");
+        assert_eq!(h.pages(), ["trigger"]);
+        assert_eq!(h.transitions(), transitions);
+
+        // Back: still the same alert, not paged again.
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.clock.advance(MINUTE);
+        let round = h.round().await;
+        assert_eq!((round.evaluated, round.unavailable), (1, 0));
+        assert_eq!(h.states(), before);
+        assert_eq!(h.pages(), ["trigger"]);
+    }
+
+    #[tokio::test]
+    async fn an_outage_does_not_restart_a_pending_alert() {
+        let h = harness("2m");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        h.sql.answer(Answer::Down);
+        h.clock.advance(MINUTE);
+        h.round().await;
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(
+            h.states()[0].0,
+            "firing",
+            "active since T0, `for` has passed"
+        );
+        assert_eq!(h.states()[0].1, json!(rfc3339(T0)));
+    }
+
+    #[tokio::test]
+    async fn a_bad_rule_is_reported_as_the_rules_failure() {
+        let h = harness("0s");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        h.sql.answer(Answer::NoValue);
+        h.clock.advance(MINUTE);
+        let round = h.round().await;
+        assert_eq!((round.evaluated, round.unavailable), (0, 0));
+        let [(alert, error)] = &round.rule_errors[..] else {
+            panic!("{:?}", round.rule_errors);
+        };
+        assert_eq!(alert, "Errors");
+        assert!(
+            matches!(error, AlertError::Rule(m) if m.contains("no `value` column")),
+            "{error:?}"
+        );
+        // Its alerts stay as they were.
+        assert_eq!(h.states()[0].0, "firing");
+        assert_eq!(h.pages(), ["trigger"]);
+    }
+
+    #[tokio::test]
+    async fn a_silence_mutes_until_it_ends_by_the_clock() {
+        let h = harness("0s");
+        let ends = T0 + 10 * 60_000;
+        let id = h
+            .alerting
+            .add_silence(
+                vec![Matcher::parse("account_id=\"111111111111\"").unwrap()],
+                None,
+                ends,
+                "maintenance".into(),
+                "test".into(),
+            )
+            .unwrap();
+        assert_eq!(
+            h.alerting.silences(|_| true)[0]["status"]["state"],
+            "active"
+        );
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        assert_eq!(h.states()[0].0, "firing");
+        assert!(h.pages().is_empty(), "silenced");
+        h.clock.advance(9 * MINUTE);
+        h.round().await;
+        assert!(h.pages().is_empty(), "still silenced");
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(h.pages(), ["trigger"], "the silence ended at {ends}");
+        assert_eq!(
+            h.alerting.silences(|_| true)[0]["status"]["state"],
+            "expired"
+        );
+        // A silence in the past is refused.
+        let late = h.alerting.add_silence(
+            vec![Matcher::parse("account_id=\"1\"").unwrap()],
+            None,
+            ends,
+            String::new(),
+            String::new(),
+        );
+        assert!(matches!(late, Err(AlertError::Invalid(_))), "{late:?}");
+        assert!(h.alerting.expire_silence(&id));
+    }
+
     fn silence(matchers: &[&str]) -> Silence {
         Silence {
             id: "s".into(),
