@@ -430,3 +430,25 @@ async fn expire_silence(
         error(StatusCode::NOT_FOUND, &format!("no silence with id {id:?}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fleetlake_query::limits::Busy;
+
+    use super::*;
+
+    #[test]
+    fn query_failures_are_the_rules_or_the_services() {
+        let rule = rule_or_outage(QueryError::Timeout(Duration::from_secs(30)));
+        assert!(matches!(rule, AlertError::Rule(_)), "{rule:?}");
+        for outage in [
+            QueryError::Lake("s3: connection refused".into()),
+            QueryError::Busy(Busy::Server(8)),
+        ] {
+            let e = rule_or_outage(outage);
+            assert!(e.is_unavailable(), "{e:?}");
+        }
+    }
+}

@@ -108,6 +108,9 @@ pub(crate) fn eval(config: &Config, files: &[PathBuf], format: &str) -> anyhow::
                             writeln!(out, "  {{{}}} {}", labels.join(", "), s.value)?;
                         }
                     }
+                    Err(e) if e.is_unavailable() => {
+                        bail!("{}/{}: query engine unavailable: {e}", group.name, rule.alert);
+                    }
                     Err(e) => {
                         failed += 1;
                         eprintln!("{}: {}/{}: {e}", rule.expr_position, group.name, rule.alert);

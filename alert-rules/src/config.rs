@@ -28,7 +28,8 @@ pub struct AlertingConfig {
     /// How long resolved alerts are still sent to Alertmanager receivers.
     #[serde(with = "humantime_serde")]
     pub resend_resolved_for: Duration,
-    /// First wait before a failed notification is sent again (doubled each time).
+    /// First wait before a failed notification is sent again (doubled each time, plus a
+    /// random part of up to as much again, at most `retry_max`).
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
     /// Longest wait between two attempts.
