@@ -21,8 +21,8 @@ use deltalake::protocol::SaveMode;
 use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_alert_rules::engine::ACCOUNT_ID;
 use fleetlake_alert_rules::matchers::Matcher;
-use fleetlake_alert_rules::{Alerting, Registry, RuleGroup, SqlSource, TransitionLog};
-use fleetlake_query::{Access, Principal, QueryEngine, SideTable};
+use fleetlake_alert_rules::{AlertError, Alerting, Registry, RuleGroup, SqlSource, TransitionLog};
+use fleetlake_query::{Access, Principal, QueryEngine, QueryError, SideTable};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -35,7 +35,7 @@ const ALERTS_APP_ID: &str = "fleetlake.alerts";
 /// The account registry the configuration names (empty if none).
 pub(crate) fn registry(config: &Config) -> anyhow::Result<Registry> {
     match &config.accounts.file {
-        Some(file) => Registry::load(file).map_err(anyhow::Error::msg),
+        Some(file) => Ok(Registry::load(file)?),
         None => Ok(Registry::empty()),
     }
 }
@@ -68,21 +68,32 @@ pub(crate) fn load_rules(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<Rul
 /// Rules' SQL, run by the query engine with full access.
 pub(crate) struct EngineSql(pub(crate) Arc<QueryEngine>);
 
+/// A query's failure as alerting sees it: the rule's fault (its SQL, its data, its
+/// limits), or the service's (the lake unreadable, the engine overloaded), which is no
+/// rule's failure.
+fn rule_or_outage(e: QueryError) -> AlertError {
+    if e.is_user_error() && !matches!(e, QueryError::Busy(_)) {
+        AlertError::Rule(e.to_string())
+    } else {
+        AlertError::Unavailable(e.to_string())
+    }
+}
+
 #[async_trait]
 impl SqlSource for EngineSql {
-    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, String> {
+    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, AlertError> {
         self.0
             .run(sql, &Principal::unrestricted("alerting"))
             .await
             .map(|out| out.batches)
-            .map_err(|e| e.to_string())
+            .map_err(rule_or_outage)
     }
 
-    async fn plan(&self, sql: &str) -> Result<SchemaRef, String> {
+    async fn plan(&self, sql: &str) -> Result<SchemaRef, AlertError> {
         self.0
             .plan(sql, &Principal::unrestricted("alerting"))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(rule_or_outage)
     }
 }
 
@@ -101,18 +112,14 @@ impl LakeAlerts {
         }
     }
 
-    async fn open(&self) -> Result<DeltaTable, String> {
+    async fn open(&self) -> Result<DeltaTable, AlertError> {
         let name = fleetlake_alert_rules::table::TABLE;
-        let mut table = self
-            .lake
-            .open_or_new(name)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut table = self.lake.open_or_new(name).await.map_err(unavailable)?;
         if table.version().is_none() {
             let schema: StructType = fleetlake_alert_rules::table::schema()
                 .as_ref()
                 .try_into_kernel()
-                .map_err(|e| e.to_string())?;
+                .map_err(unavailable)?;
             table = match table
                 .create()
                 .with_table_name(name)
@@ -124,7 +131,7 @@ impl LakeAlerts {
                 Ok(table) => table,
                 Err(e) => match self.lake.open(name).await {
                     Ok(Some(table)) => table,
-                    _ => return Err(e.to_string()),
+                    _ => return Err(unavailable(e)),
                 },
             };
         }
@@ -132,23 +139,28 @@ impl LakeAlerts {
     }
 }
 
+/// The lake could not be read or written: the service's fault, retried later.
+fn unavailable(e: impl std::fmt::Display) -> AlertError {
+    AlertError::Unavailable(e.to_string())
+}
+
 #[async_trait]
 impl TransitionLog for LakeAlerts {
-    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), String> {
+    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), AlertError> {
         let mut guard = self.table.lock().await;
         let table = match guard.take() {
             Some(mut table) => {
-                table.update_state().await.map_err(|e| e.to_string())?;
+                table.update_state().await.map_err(unavailable)?;
                 table
             }
             None => self.open().await?,
         };
         let done = table
             .snapshot()
-            .map_err(|e| e.to_string())?
+            .map_err(unavailable)?
             .transaction_version(table.log_store().as_ref(), ALERTS_APP_ID)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(unavailable)?;
         if done.is_some_and(|v| v >= seq as i64) {
             *guard = Some(table);
             return Ok(());
@@ -167,7 +179,7 @@ impl TransitionLog for LakeAlerts {
                 *guard = Some(table);
                 Ok(())
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(unavailable(e)),
         }
     }
 }
@@ -189,8 +201,8 @@ pub(crate) fn open(
         registry,
         state_dir: config.data_dir.join("alerting"),
         external_url,
+        clock: fleetlake_model::clock::system(),
     })
-    .map_err(anyhow::Error::msg)
     .context("starting alerting")
 }
 
@@ -376,7 +388,7 @@ async fn add_silence(State(api): State<Api>, headers: HeaderMap, body: String) -
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid silence: {e}")),
     };
-    let parsed = (|| -> Result<_, String> {
+    let parsed = (|| -> Result<_, AlertError> {
         let matchers = body.matchers;
         let starts = body
             .starts_at
@@ -416,5 +428,27 @@ async fn expire_silence(
         reply(StatusCode::OK, json!({"status": "success"}))
     } else {
         error(StatusCode::NOT_FOUND, &format!("no silence with id {id:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fleetlake_query::limits::Busy;
+
+    use super::*;
+
+    #[test]
+    fn query_failures_are_the_rules_or_the_services() {
+        let rule = rule_or_outage(QueryError::Timeout(Duration::from_secs(30)));
+        assert!(matches!(rule, AlertError::Rule(_)), "{rule:?}");
+        for outage in [
+            QueryError::Lake("s3: connection refused".into()),
+            QueryError::Busy(Busy::Server(8)),
+        ] {
+            let e = rule_or_outage(outage);
+            assert!(e.is_unavailable(), "{e:?}");
+        }
     }
 }

@@ -16,6 +16,7 @@ use aws_sdk_cloudwatch::config::{
     SharedCredentialsProvider, retry::RetryConfig, timeout::TimeoutConfig,
 };
 use fleetlake_ingest::cloudwatch::{self as cw, Checkpoint, Counters, Limits, Plan, Target};
+use fleetlake_model::Clock;
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -85,7 +86,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     crate::serve::init_tracing("warn,buoyant_kernel=off,deltalake_core=warn");
-    let now_ms = fleetlake_alert_rules::time::now_ms();
+    let now_ms = fleetlake_model::clock::SystemClock.now_ms();
     let start = parse_time(&args.start, now_ms).context("--start")?;
     let end = parse_time(&args.end, now_ms).context("--end")?;
     let period = u32::try_from(args.period.as_secs())

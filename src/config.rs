@@ -851,7 +851,7 @@ impl Config {
         if self.lake.row_group_rows == 0 {
             bail!("lake.row_group_rows must be at least 1");
         }
-        self.alerting.validate().map_err(anyhow::Error::msg)?;
+        self.alerting.validate()?;
         self.gap_fill.validate()?;
         if self.accounts.reload_interval.is_zero() {
             bail!("accounts.reload_interval must be positive");

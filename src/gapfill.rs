@@ -17,6 +17,7 @@ use arrow::array::{AsArray, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use fleetlake_ingest::cloudwatch::{self as cw, Counters, Limits, Target};
 use fleetlake_ingest::gaps::{Coverage, Hole};
+use fleetlake_model::Clock;
 use fleetlake_model::RowSink;
 use fleetlake_query::{Principal, QueryEngine};
 use futures::StreamExt;
@@ -76,7 +77,7 @@ async fn seed_from_lake(
         return Ok(());
     };
     let from = (newest - SEED_WINDOW_MS)
-        .max(fleetlake_alert_rules::time::now_ms() - lookback.as_millis() as i64);
+        .max(fleetlake_model::clock::SystemClock.now_ms() - lookback.as_millis() as i64);
     let sql = format!(
         "SELECT account_id, region, CAST(max(time) AS BIGINT) AS t FROM metrics \
          WHERE time >= to_timestamp_millis({from}) GROUP BY account_id, region"
@@ -143,7 +144,7 @@ pub(crate) async fn run_task(
     loop {
         ticks.tick().await;
         let ms = |d: Duration| d.as_millis() as i64;
-        let now = fleetlake_alert_rules::time::now_ms();
+        let now = fleetlake_model::clock::SystemClock.now_ms();
         let mut work: Vec<(Hole, u32)> = coverage
             .holes(
                 now,

@@ -48,7 +48,11 @@ pub(crate) fn check(config: &Config, files: &[PathBuf]) -> anyhow::Result<()> {
         errors.extend(found);
     }
     let (sql, _) = engine(config)?;
-    errors.extend(runtime()?.block_on(fleetlake_alert_rules::check::check(&groups, &sql)));
+    errors.extend(
+        runtime()?
+            .block_on(fleetlake_alert_rules::check::check(&groups, &sql))
+            .context("checking rules against the lake's schema")?,
+    );
     if !errors.is_empty() {
         for e in &errors {
             eprintln!("{e}");
@@ -103,6 +107,9 @@ pub(crate) fn eval(config: &Config, files: &[PathBuf], format: &str) -> anyhow::
                                 s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
                             writeln!(out, "  {{{}}} {}", labels.join(", "), s.value)?;
                         }
+                    }
+                    Err(e) if e.is_unavailable() => {
+                        bail!("{}/{}: query engine unavailable: {e}", group.name, rule.alert);
                     }
                     Err(e) => {
                         failed += 1;

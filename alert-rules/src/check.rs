@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 
 use crate::engine::{SqlSource, check_label_column};
+use crate::error::AlertError;
 use crate::registry::LABEL_FIELDS;
 use crate::rules::{ALERTNAME, Position, RuleError, RuleGroup, VALUE_COLUMN};
 
@@ -56,8 +57,13 @@ fn referenced_labels(template: &str) -> BTreeSet<String> {
     out
 }
 
-/// Checks every rule of `groups` against `sql`'s schema; the problems found.
-pub async fn check(groups: &[RuleGroup], sql: &dyn SqlSource) -> Vec<RuleError> {
+/// Checks every rule of `groups` against `sql`'s schema; the problems found. Fails
+/// (with [`AlertError::Unavailable`]) when the query engine cannot plan at all: that
+/// is no rule's fault.
+pub async fn check(
+    groups: &[RuleGroup],
+    sql: &dyn SqlSource,
+) -> Result<Vec<RuleError>, AlertError> {
     let mut errors = Vec::new();
     for group in groups {
         for rule in &group.rules {
@@ -70,8 +76,10 @@ pub async fn check(groups: &[RuleGroup], sql: &dyn SqlSource) -> Vec<RuleError> 
             };
             let schema = match sql.plan(&rule.expr).await {
                 Ok(schema) => schema,
+                Err(e) if e.is_unavailable() => return Err(e),
                 Err(e) => {
-                    err(sql_position(at, &e), e);
+                    let message = e.to_string();
+                    err(sql_position(at, &message), message);
                     continue;
                 }
             };
@@ -104,7 +112,7 @@ pub async fn check(groups: &[RuleGroup], sql: &dyn SqlSource) -> Vec<RuleError> 
                     continue;
                 }
                 if let Err(e) = check_label_column(field.name(), field.data_type()) {
-                    err(at.clone(), e);
+                    err(at.clone(), e.to_string());
                 }
                 labels.insert(field.name().clone());
             }
@@ -140,7 +148,7 @@ pub async fn check(groups: &[RuleGroup], sql: &dyn SqlSource) -> Vec<RuleError> 
             }
         }
     }
-    errors
+    Ok(errors)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::AlertError;
 use crate::matchers::Matcher;
 
 /// Where PagerDuty's Events API v2 takes events.
@@ -27,7 +28,8 @@ pub struct AlertingConfig {
     /// How long resolved alerts are still sent to Alertmanager receivers.
     #[serde(with = "humantime_serde")]
     pub resend_resolved_for: Duration,
-    /// First wait before a failed notification is sent again (doubled each time).
+    /// First wait before a failed notification is sent again (doubled each time, plus a
+    /// random part of up to as much again, at most `retry_max`).
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
     /// Longest wait between two attempts.
@@ -196,77 +198,85 @@ pub struct SilenceConfig {
 
 impl AlertingConfig {
     /// Checks receivers, routes and silences against each other.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), AlertError> {
+        let bad = |at: &str, message: &str| AlertError::Config {
+            at: at.to_string(),
+            message: message.to_string(),
+        };
         let mut names = std::collections::BTreeSet::new();
         for (i, r) in self.receivers.iter().enumerate() {
             let at = format!("alerting.receivers[{i}] ({})", r.name);
             if !names.insert(r.name.as_str()) {
-                return Err(format!("{at}: receiver name used twice"));
+                return Err(bad(&at, "receiver name used twice"));
             }
             if r.url.as_deref().is_some_and(|u| u.trim().is_empty()) {
-                return Err(format!("{at}: url is set but empty"));
+                return Err(bad(&at, "url is set but empty"));
             }
             if r.routing_key
                 .as_deref()
                 .is_some_and(|k| k.trim().is_empty())
             {
-                return Err(format!("{at}: routing_key is set but empty"));
+                return Err(bad(&at, "routing_key is set but empty"));
             }
             match r.kind {
                 ReceiverKind::Pagerduty => {
                     let key = r.routing_key.as_deref().unwrap_or_default();
                     if key.len() != 32 {
-                        return Err(format!(
-                            "{at}: routing_key must be PagerDuty's 32-character integration key"
+                        return Err(bad(
+                            &at,
+                            "routing_key must be PagerDuty's 32-character integration key",
                         ));
                     }
                 }
                 ReceiverKind::Alertmanager | ReceiverKind::Webhook => {
                     if r.url.as_deref().is_none_or(str::is_empty) {
-                        return Err(format!("{at}: url is required"));
+                        return Err(bad(&at, "url is required"));
                     }
                 }
             }
             if let Some(url) = &r.url
                 && !(url.starts_with("http://") || url.starts_with("https://"))
             {
-                return Err(format!("{at}: url must be http:// or https://"));
+                return Err(bad(&at, "url must be http:// or https://"));
             }
             if r.rate_limit_per_minute == 0 {
-                return Err(format!("{at}: rate_limit_per_minute must be more than 0"));
+                return Err(bad(&at, "rate_limit_per_minute must be more than 0"));
             }
         }
         let known = |name: &str| names.contains(name);
         for (i, route) in self.routes.iter().enumerate() {
             if !known(&route.receiver) {
-                return Err(format!(
-                    "alerting.routes[{i}]: no receiver named {:?}",
-                    route.receiver
+                return Err(bad(
+                    &format!("alerting.routes[{i}]"),
+                    &format!("no receiver named {:?}", route.receiver),
                 ));
             }
         }
         if let Some(d) = &self.default_receiver
             && !known(d)
         {
-            return Err(format!(
-                "alerting.default_receiver: no receiver named {d:?}"
+            return Err(bad(
+                "alerting.default_receiver",
+                &format!("no receiver named {d:?}"),
             ));
         }
         if let Some(share) = self.storm_share
             && !(share > 0.0 && share <= 1.0)
         {
-            return Err("alerting.storm_share must be in (0, 1]".into());
+            return Err(bad("alerting.storm_share", "must be in (0, 1]"));
         }
         for (i, s) in self.silences.iter().enumerate() {
             crate::time::parse_rfc3339(&s.ends_at)
-                .map_err(|e| format!("alerting.silences[{i}].ends_at: {e}"))?;
+                .map_err(|e| bad(&format!("alerting.silences[{i}].ends_at"), &e.to_string()))?;
             if let Some(start) = &s.starts_at {
-                crate::time::parse_rfc3339(start)
-                    .map_err(|e| format!("alerting.silences[{i}].starts_at: {e}"))?;
+                crate::time::parse_rfc3339(start).map_err(|e| {
+                    bad(&format!("alerting.silences[{i}].starts_at"), &e.to_string())
+                })?;
             }
             if s.matchers.is_empty() {
-                return Err(format!(
-                    "alerting.silences[{i}]: needs at least one matcher"
+                return Err(bad(
+                    &format!("alerting.silences[{i}]"),
+                    "needs at least one matcher",
                 ));
             }
         }

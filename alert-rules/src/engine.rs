@@ -22,31 +22,41 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{debug, error, info, warn};
 
+use fleetlake_model::clock::SharedClock;
+
 use crate::config::{AlertingConfig, ReceiverConfig, ReceiverKind};
+use crate::error::AlertError;
 use crate::matchers::{Matcher, all_match};
-use crate::notify::{self, FleetIncident, Message, Outcome, RateLimits};
+use crate::notify::{self, FleetIncident, Message, RateLimits};
 use crate::redact;
 use crate::registry::{LABEL_FIELDS, Registry, Snapshot};
 use crate::rules::{ALERTNAME, Rule, RuleGroup, VALUE_COLUMN};
 use crate::state::{self, AlertState, Instance, Labels, Sample, Transition, state_name};
 use crate::table::{self, TransitionRow};
-use crate::time::{now_ms, parse_rfc3339, rfc3339};
+use crate::time::{parse_rfc3339, rfc3339};
 
 /// Runs SQL for the evaluator (the query stage, with full access).
+///
+/// Errors are [`AlertError::Rule`] when the SQL is at fault (it does not parse or
+/// plan, names what does not exist, fails on its data or its limits) and
+/// [`AlertError::Unavailable`] when the service is (the lake or its store cannot be
+/// read, the engine is overloaded): the evaluator keeps the rule's alerts as they are
+/// either way, but only the first counts as the rule's failure.
 #[async_trait]
 pub trait SqlSource: Send + Sync + 'static {
     /// Runs `sql`; the result's rows.
-    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, String>;
+    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, AlertError>;
     /// Plans `sql` without running it; the result's schema.
-    async fn plan(&self, sql: &str) -> Result<SchemaRef, String>;
+    async fn plan(&self, sql: &str) -> Result<SchemaRef, AlertError>;
 }
 
 /// Where transitions go (the lake's `alerts` table).
 #[async_trait]
 pub trait TransitionLog: Send + Sync + 'static {
     /// Commits the transitions of evaluation `seq`; does nothing if `seq` was
-    /// committed before.
-    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), String>;
+    /// committed before. A lake that cannot be written is [`AlertError::Unavailable`];
+    /// the transitions stay queued and are tried again after the next evaluation.
+    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), AlertError>;
 }
 
 /// The label naming an alert's AWS account.
@@ -150,6 +160,7 @@ pub struct Alerting {
 struct Inner {
     config: AlertingConfig,
     groups: Vec<RuleGroup>,
+    clock: SharedClock,
     sql: Arc<dyn SqlSource>,
     log: Arc<dyn TransitionLog>,
     registry: Registry,
@@ -163,16 +174,27 @@ struct Inner {
 }
 
 /// A rule's result as the evaluator reads it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RuleResult {
     /// The group.
     pub group: String,
     /// The rule.
     pub alert: String,
     /// Its instances now, or why the evaluation failed.
-    pub samples: Result<Vec<Sample>, String>,
+    pub samples: Result<Vec<Sample>, AlertError>,
     /// How long the SQL took.
     pub took: Duration,
+}
+
+/// What one evaluation of a group came to.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Rules whose result was applied to their alerts.
+    pub evaluated: usize,
+    /// Rules that failed on their own terms (SQL, result columns, templates), with why.
+    pub rule_errors: Vec<(String, AlertError)>,
+    /// Rules not evaluated because the query engine was unavailable.
+    pub unavailable: usize,
 }
 
 fn rule_key(group: &str, alert: &str) -> String {
@@ -186,16 +208,16 @@ pub fn to_samples(
     rule: &Rule,
     batches: &[RecordBatch],
     registry: &Snapshot,
-) -> Result<Vec<Sample>, String> {
+) -> Result<Vec<Sample>, AlertError> {
     let mut samples = Vec::new();
     let mut seen = BTreeSet::new();
     for batch in batches {
         let schema = batch.schema();
         let value_index = schema
             .index_of(VALUE_COLUMN)
-            .map_err(|_| format!("the result has no `{VALUE_COLUMN}` column"))?;
+            .map_err(|_| AlertError::Rule(format!("the result has no `{VALUE_COLUMN}` column")))?;
         let values = cast(batch.column(value_index), &DataType::Float64)
-            .map_err(|e| format!("`{VALUE_COLUMN}` is not a number: {e}"))?;
+            .map_err(|e| AlertError::Rule(format!("`{VALUE_COLUMN}` is not a number: {e}")))?;
         let values = values.as_primitive::<Float64Type>();
         let mut label_columns = Vec::new();
         for (i, field) in schema.fields().iter().enumerate() {
@@ -204,7 +226,7 @@ pub fn to_samples(
             }
             check_label_column(field.name(), field.data_type())?;
             let text = cast(batch.column(i), &DataType::Utf8)
-                .map_err(|e| format!("column {}: {e}", field.name()))?;
+                .map_err(|e| AlertError::Rule(format!("column {}: {e}", field.name())))?;
             label_columns.push((field.name().clone(), text));
         }
         for row in 0..batch.num_rows() {
@@ -232,21 +254,21 @@ pub fn to_samples(
             for (name, template) in &rule.labels {
                 let v = template
                     .render(&labels, value)
-                    .map_err(|e| format!("label {name}: {e}"))?;
+                    .map_err(|e| AlertError::Rule(format!("label {name}: {e}")))?;
                 labels.insert(name.clone(), v);
             }
             let mut annotations = Labels::new();
             for (name, template) in &rule.annotations {
                 let v = template
                     .render(&labels, value)
-                    .map_err(|e| format!("annotation {name}: {e}"))?;
+                    .map_err(|e| AlertError::Rule(format!("annotation {name}: {e}")))?;
                 annotations.insert(name.clone(), v);
             }
             let fingerprint = state::fingerprint(&labels);
             if !seen.insert(fingerprint.clone()) {
-                return Err(format!(
+                return Err(AlertError::Rule(format!(
                     "two rows have the same labels {labels:?}: add the column that tells them apart or aggregate"
-                ));
+                )));
             }
             samples.push(Sample {
                 fingerprint,
@@ -260,16 +282,16 @@ pub fn to_samples(
 }
 
 /// Whether a column can be a label.
-pub fn check_label_column(name: &str, data_type: &DataType) -> Result<(), String> {
+pub fn check_label_column(name: &str, data_type: &DataType) -> Result<(), AlertError> {
     if !crate::rules::is_label_name(name) {
-        return Err(format!(
+        return Err(AlertError::Rule(format!(
             "column {name:?} is not a valid label name (use AS to rename it)"
-        ));
+        )));
     }
     if data_type.is_nested() {
-        return Err(format!(
+        return Err(AlertError::Rule(format!(
             "column {name} is {data_type}: labels must be scalar (e.g. dimensions['FunctionName'])"
-        ));
+        )));
     }
     Ok(())
 }
@@ -288,16 +310,27 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl Inner {
+    /// Writes the state file: write, fsync, rename.
+    fn write_state(&self, state: &Persisted) -> Result<(), AlertError> {
+        serde_json::to_vec(state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomically(&self.path, &bytes))
+            .map_err(|source| AlertError::State {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Saves the state; a failure is counted and logged (the state stays in memory and
+    /// the next change tries again).
     fn save(&self, state: &Persisted) {
         let started = Instant::now();
-        let result = serde_json::to_vec(state)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| write_atomically(&self.path, &bytes));
+        let result = self.write_state(state);
         metrics::histogram!("fleetlake_alert_state_save_seconds")
             .record(started.elapsed().as_secs_f64());
-        if let Err(e) = result {
+        if let Err(error) = result {
             metrics::counter!("fleetlake_alert_state_save_failures_total").increment(1);
-            error!(path = %self.path.display(), error = %e, "cannot save the alert state");
+            error!(%error, "cannot save the alert state");
         }
     }
 
@@ -471,12 +504,12 @@ impl Inner {
                         name,
                         &rule.alert,
                         vec![fleet_am_alert(
-                            &storm_key, &incident, now, None, &external, true,
+                            &storm_key, &incident, now, None, now, &external, true,
                         )],
                         &external,
                     ),
                     ReceiverKind::Alertmanager => json!([fleet_am_alert(
-                        &storm_key, &incident, now, None, &external, false
+                        &storm_key, &incident, now, None, now, &external, false
                     )]),
                 };
                 let coalesce =
@@ -541,6 +574,7 @@ impl Inner {
                             &incident,
                             storm.since,
                             Some(now),
+                            now,
                             &external,
                             true,
                         )],
@@ -551,6 +585,7 @@ impl Inner {
                         &incident,
                         storm.since,
                         Some(now),
+                        now,
                         &external,
                         false
                     )]),
@@ -692,6 +727,7 @@ impl Inner {
                             &incident,
                             storm.since,
                             Some(now + valid_for),
+                            now,
                             &external,
                             false
                         )]);
@@ -757,10 +793,10 @@ impl Inner {
                     p.unwritten.retain(|(s, _)| *s > seq);
                     self.save(&p);
                 }
-                Err(e) => {
-                    metrics::counter!("fleetlake_alert_transition_write_failures_total")
+                Err(error) => {
+                    metrics::counter!("fleetlake_alert_transition_write_failures_total", "kind" => error.label())
                         .increment(1);
-                    warn!(error = %e, seq, "alert transitions not committed yet; retrying at the next evaluation");
+                    warn!(%error, kind = error.label(), seq, "alert transitions not committed yet; retrying at the next evaluation");
                     return;
                 }
             }
@@ -781,7 +817,7 @@ impl Inner {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
                 continue;
             };
-            let now = now_ms();
+            let now = self.clock.now_ms();
             if message.next_attempt_ms > now {
                 let wait = Duration::from_millis((message.next_attempt_ms - now) as u64);
                 tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
@@ -789,7 +825,7 @@ impl Inner {
             }
             if receiver.kind == ReceiverKind::Pagerduty {
                 let key = receiver.routing_key.as_deref().unwrap_or_default();
-                let wait = self.limits.wait(key, receiver.rate_limit_per_minute);
+                let wait = self.limits.wait(key, receiver.rate_limit_per_minute, now);
                 if !wait.is_zero() {
                     metrics::counter!("fleetlake_notifications_rate_limited_total", "receiver" => name.clone())
                         .increment(1);
@@ -802,20 +838,20 @@ impl Inner {
             let p = &mut *guard;
             let queue = p.outbox.entry(name.clone()).or_default();
             let result = match &outcome {
-                Outcome::Delivered => {
+                Ok(()) => {
                     debug!(receiver = %name, kind = %message.kind, "notification delivered");
                     queue.retain(|m| m.id != message.id);
                     "sent"
                 }
-                Outcome::Rejected(why) => {
+                Err(why) if !why.is_retryable() => {
                     // The body carries a PagerDuty event's routing key.
                     let body = redact::scrub(&message.body.to_string(), &secrets);
                     error!(receiver = %name, %endpoint, kind = %message.kind, %why, %body, "notification refused; not retried");
                     queue.retain(|m| m.id != message.id);
                     "failed"
                 }
-                Outcome::Retry(why) => {
-                    let now = now_ms();
+                Err(why) => {
+                    let now = self.clock.now_ms();
                     if now - message.created_ms > self.config.give_up_after.as_millis() as i64 {
                         error!(receiver = %name, %endpoint, kind = %message.kind, %why, "notification dropped after retrying for too long");
                         queue.retain(|m| m.id != message.id);
@@ -880,6 +916,7 @@ fn fleet_am_alert(
     incident: &FleetIncident<'_>,
     since: i64,
     ends: Option<i64>,
+    now: i64,
     external: &str,
     for_webhook: bool,
 ) -> Value {
@@ -894,7 +931,7 @@ fn fleet_am_alert(
         ),
         ("accounts".to_string(), incident.accounts.join(",")),
     ]);
-    let resolved = ends.is_some_and(|e| e <= now_ms());
+    let resolved = ends.is_some_and(|e| e <= now);
     notify::AmAlert {
         fingerprint: key,
         labels: incident.labels,
@@ -948,25 +985,34 @@ pub struct AlertingParts {
     pub state_dir: PathBuf,
     /// Base URL for links.
     pub external_url: String,
+    /// Where "now" comes from (the system clock in the service, a manual one in
+    /// tests).
+    pub clock: SharedClock,
 }
 
 impl Alerting {
     /// Loads the state file (if any) and prepares evaluation and delivery.
-    pub fn open(parts: AlertingParts) -> Result<Self, String> {
+    pub fn open(parts: AlertingParts) -> Result<Self, AlertError> {
         parts.config.validate()?;
-        std::fs::create_dir_all(&parts.state_dir)
-            .map_err(|e| format!("{}: {e}", parts.state_dir.display()))?;
+        std::fs::create_dir_all(&parts.state_dir).map_err(|source| AlertError::State {
+            path: parts.state_dir.clone(),
+            source,
+        })?;
         let path = parts.state_dir.join("alert-state.json");
+        let unreadable = |source: std::io::Error| AlertError::State {
+            path: path.clone(),
+            source,
+        };
         let mut state: Persisted = match std::fs::read(&path) {
             Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?
+                serde_json::from_slice(&bytes).map_err(|e| unreadable(std::io::Error::from(e)))?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(unreadable(e)),
         };
         // Silences from the configuration are replaced at each start.
         state.silences.retain(|s| !s.id.starts_with("config-"));
-        let now = now_ms();
+        let now = parts.clock.now_ms();
         for (i, s) in parts.config.silences.iter().enumerate() {
             state.silences.push(Silence {
                 id: format!("config-{i}"),
@@ -997,11 +1043,15 @@ impl Alerting {
         let client = reqwest::Client::builder()
             .user_agent(concat!("fleetlake/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AlertError::Config {
+                at: "alerting.receivers".into(),
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config: parts.config,
                 groups: parts.groups,
+                clock: parts.clock,
                 sql: parts.sql,
                 log: parts.log,
                 registry: parts.registry,
@@ -1060,24 +1110,37 @@ impl Alerting {
         }
     }
 
-    /// Evaluates group `index` once, now.
-    pub async fn evaluate_group(&self, index: usize) {
+    /// Evaluates group `index` once, now (the clock's time when each rule's SQL is
+    /// sent). A rule that fails keeps its alerts as they were (none resolves, none
+    /// starts); a failure of the rule's own is counted against it
+    /// (`fleetlake_rule_evaluation_failures_total`), an outage of the query engine is
+    /// not (`fleetlake_rule_evaluation_unavailable_total`).
+    pub async fn evaluate_group(&self, index: usize) -> Round {
         let group = &self.inner.groups[index];
         let started = Instant::now();
         let mut wrote = false;
+        let mut round = Round::default();
         for rule in &group.rules {
-            let now = now_ms();
+            let now = self.inner.clock.now_ms();
             let result = self.run_rule(group, rule).await;
             metrics::histogram!("fleetlake_rule_evaluation_seconds", "group" => group.name.clone())
                 .record(result.took.as_secs_f64());
             match result.samples {
                 Ok(samples) => {
+                    round.evaluated += 1;
                     wrote |= self.inner.apply(group, rule, samples, now).is_some();
                 }
-                Err(e) => {
+                Err(error) if error.is_unavailable() => {
+                    round.unavailable += 1;
+                    metrics::counter!("fleetlake_rule_evaluation_unavailable_total", "group" => group.name.clone())
+                        .increment(1);
+                    warn!(group = %group.name, alert = %rule.alert, %error, "query engine unavailable; the rule's alerts stay as they were until it answers");
+                }
+                Err(error) => {
                     metrics::counter!("fleetlake_rule_evaluation_failures_total", "group" => group.name.clone(), "alert" => rule.alert.clone())
                         .increment(1);
-                    warn!(group = %group.name, alert = %rule.alert, error = %e, "rule evaluation failed; its alerts stay as they were");
+                    warn!(group = %group.name, alert = %rule.alert, %error, kind = error.label(), "rule evaluation failed; its alerts stay as they were");
+                    round.rule_errors.push((rule.alert.clone(), error));
                 }
             }
         }
@@ -1095,6 +1158,7 @@ impl Alerting {
         if wrote || pending {
             self.inner.write_transitions().await;
         }
+        round
     }
 
     /// Active and recently resolved instances, as the HTTP API shows them.
@@ -1141,7 +1205,7 @@ impl Alerting {
     /// The silences `visible` keeps (a caller limited to some accounts sees only those
     /// about its accounts), as the HTTP API shows them.
     pub fn silences(&self, visible: impl Fn(&Silence) -> bool) -> Vec<Value> {
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let p = self.inner.state.lock().expect("alert state lock");
         p.silences
             .iter()
@@ -1158,14 +1222,18 @@ impl Alerting {
         ends_at: i64,
         comment: String,
         created_by: String,
-    ) -> Result<String, String> {
+    ) -> Result<String, AlertError> {
         if matchers.is_empty() {
-            return Err("a silence needs at least one matcher".into());
+            return Err(AlertError::Invalid(
+                "a silence needs at least one matcher".into(),
+            ));
         }
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let starts_at = starts_at.unwrap_or(now);
         if ends_at <= starts_at || ends_at <= now {
-            return Err("endsAt must be after startsAt and in the future".into());
+            return Err(AlertError::Invalid(
+                "endsAt must be after startsAt and in the future".into(),
+            ));
         }
         let mut p = self.inner.state.lock().expect("alert state lock");
         p.next_message += 1;
@@ -1186,7 +1254,7 @@ impl Alerting {
 
     /// Ends silence `id` now; false if there is no such silence.
     pub fn expire_silence(&self, id: &str) -> bool {
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let mut p = self.inner.state.lock().expect("alert state lock");
         let Some(s) = p.silences.iter_mut().find(|s| s.id == id) else {
             return false;
@@ -1200,6 +1268,416 @@ impl Alerting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use arrow::array::{ArrayRef, Float64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+    use fleetlake_model::clock::{Clock, ManualClock};
+
+    /// 2026-11-28T15:00:00Z.
+    const T0: i64 = 1_795_878_000_000;
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    /// What the fake query engine answers.
+    enum Answer {
+        /// One row per account: `account_id`, `value`.
+        Rows(Vec<(&'static str, f64)>),
+        /// Rows without a `value` column: the rule is wrong.
+        NoValue,
+        /// The engine is down.
+        Down,
+    }
+
+    struct FakeSql(Mutex<Answer>);
+
+    impl FakeSql {
+        fn answer(&self, answer: Answer) {
+            *self.0.lock().unwrap() = answer;
+        }
+    }
+
+    #[async_trait]
+    impl SqlSource for FakeSql {
+        async fn query(&self, _sql: &str) -> Result<Vec<RecordBatch>, AlertError> {
+            let (accounts, values): (Vec<&str>, Option<Vec<f64>>) = match &*self.0.lock().unwrap() {
+                Answer::Rows(rows) => {
+                    let (accounts, values) = rows.iter().copied().unzip();
+                    (accounts, Some(values))
+                }
+                Answer::NoValue => (vec!["111111111111"], None),
+                Answer::Down => {
+                    return Err(AlertError::Unavailable(
+                        "lake unavailable: connection refused".into(),
+                    ));
+                }
+            };
+            let mut fields = vec![Field::new("account_id", DataType::Utf8, false)];
+            let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(accounts))];
+            if let Some(values) = values {
+                fields.push(Field::new(VALUE_COLUMN, DataType::Float64, false));
+                columns.push(Arc::new(Float64Array::from(values)));
+            }
+            Ok(vec![
+                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap(),
+            ])
+        }
+
+        async fn plan(&self, _sql: &str) -> Result<SchemaRef, AlertError> {
+            unreachable!("evaluation does not plan")
+        }
+    }
+
+    /// The `alerts` table: the states of the transitions committed.
+    #[derive(Default)]
+    struct FakeLog(Mutex<Vec<(String, String)>>);
+
+    #[async_trait]
+    impl TransitionLog for FakeLog {
+        async fn append(&self, rows: RecordBatch, _seq: u64) -> Result<(), AlertError> {
+            let column = |name: &str| {
+                rows.column_by_name(name)
+                    .unwrap()
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+            };
+            let from = column("previous_state");
+            let to = column("state");
+            self.0.lock().unwrap().extend(from.into_iter().zip(to));
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        alerting: Alerting,
+        clock: Arc<ManualClock>,
+        sql: Arc<FakeSql>,
+        log: Arc<FakeLog>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn receiver(name: &str, kind: ReceiverKind) -> ReceiverConfig {
+        ReceiverConfig {
+            name: name.into(),
+            kind,
+            url: Some("http://127.0.0.1:9".into()),
+            routing_key: (kind == ReceiverKind::Pagerduty).then(|| "r".repeat(32)),
+            rate_limit_per_minute: 120,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// One group (interval 1m) of one rule with `for: {for_}`; PagerDuty and an
+    /// Alertmanager get every alert.
+    fn harness(for_: &str) -> Harness {
+        let yaml = format!(
+            "groups:\n  - name: g\n    interval: 1m\n    rules:\n      - alert: Errors\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: {for_}\n"
+        );
+        let groups = crate::rules::parse(Path::new("t.rules.yml"), &yaml).unwrap();
+        let route = |receiver: &str, continue_: bool| crate::config::RouteConfig {
+            matchers: Vec::new(),
+            receiver: receiver.into(),
+            continue_,
+        };
+        let config = AlertingConfig {
+            receivers: vec![
+                receiver("pd", ReceiverKind::Pagerduty),
+                receiver("am", ReceiverKind::Alertmanager),
+            ],
+            routes: vec![route("pd", true), route("am", false)],
+            ..AlertingConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at(T0);
+        let sql = Arc::new(FakeSql(Mutex::new(Answer::Rows(Vec::new()))));
+        let log = Arc::new(FakeLog::default());
+        let alerting = Alerting::open(AlertingParts {
+            config,
+            groups,
+            sql: sql.clone(),
+            log: log.clone(),
+            registry: Registry::empty(),
+            state_dir: dir.path().to_path_buf(),
+            external_url: "http://fleetlake".into(),
+            clock: clock.clone(),
+        })
+        .unwrap();
+        Harness {
+            alerting,
+            clock,
+            sql,
+            log,
+            _dir: dir,
+        }
+    }
+
+    impl Harness {
+        async fn round(&self) -> Round {
+            self.alerting.evaluate_group(0).await
+        }
+
+        /// `(state, activeAt, firedAt)` of every instance.
+        fn states(&self) -> Vec<(String, Value, Value)> {
+            self.alerting
+                .alerts(None)
+                .into_iter()
+                .map(|a| {
+                    (
+                        a["state"].as_str().unwrap().to_string(),
+                        a["activeAt"].clone(),
+                        a["firedAt"].clone(),
+                    )
+                })
+                .collect()
+        }
+
+        /// The PagerDuty events queued: `event_action` of each.
+        fn pages(&self) -> Vec<String> {
+            let p = self.alerting.inner.state.lock().unwrap();
+            p.outbox
+                .get("pd")
+                .into_iter()
+                .flatten()
+                .map(|m| m.body["event_action"].as_str().unwrap().to_string())
+                .collect()
+        }
+
+        /// The Alertmanager messages queued (coalesced: at most one per rule).
+        fn alertmanager(&self) -> Vec<Message> {
+            let p = self.alerting.inner.state.lock().unwrap();
+            p.outbox.get("am").into_iter().flatten().cloned().collect()
+        }
+
+        fn transitions(&self) -> Vec<(String, String)> {
+            self.log.0.lock().unwrap().clone()
+        }
+    }
+
+    fn pair(from: &str, to: &str) -> (String, String) {
+        (from.to_string(), to.to_string())
+    }
+
+    #[tokio::test]
+    async fn inactive_then_pending_then_firing_after_for_then_resolved() {
+        let h = harness("2m");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        let active_at = json!(rfc3339(T0));
+        assert_eq!(
+            h.states(),
+            [("pending".into(), active_at.clone(), Value::Null)]
+        );
+        assert!(h.pages().is_empty());
+
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(h.states()[0].0, "pending", "1m is not yet `for: 2m`");
+        assert!(h.pages().is_empty());
+
+        h.clock.advance(MINUTE);
+        h.round().await;
+        let fired_at = json!(rfc3339(T0 + 120_000));
+        assert_eq!(h.states(), [("firing".into(), active_at.clone(), fired_at)]);
+        assert_eq!(h.pages(), ["trigger"]);
+
+        h.sql.answer(Answer::Rows(Vec::new()));
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(h.states()[0].0, "resolved");
+        assert_eq!(h.pages(), ["trigger", "resolve"]);
+        assert_eq!(
+            h.transitions(),
+            [
+                pair("inactive", "pending"),
+                pair("pending", "firing"),
+                pair("firing", "resolved")
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn pending_that_clears_before_for_never_notifies() {
+        let h = harness("5m");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        for _ in 0..4 {
+            h.round().await;
+            h.clock.advance(MINUTE);
+        }
+        assert_eq!(h.states()[0].0, "pending");
+        h.sql.answer(Answer::Rows(Vec::new()));
+        h.round().await;
+        assert!(h.states().is_empty());
+        h.clock.advance(10 * MINUTE);
+        h.round().await;
+        assert!(h.pages().is_empty());
+        assert!(h.alertmanager().is_empty());
+        assert_eq!(
+            h.transitions(),
+            [pair("inactive", "pending"), pair("pending", "inactive")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_firing_alert_pages_once_and_is_sent_to_alertmanager_every_round() {
+        let h = harness("0s");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        let mut last_id = 0;
+        for round in 0..5 {
+            h.round().await;
+            assert_eq!(
+                h.pages(),
+                ["trigger"],
+                "round {round}: PagerDuty is paged once"
+            );
+            // Alertmanager gets the rule's state each round, valid for 4 intervals from
+            // now: the newest message replaces the one still waiting.
+            let am = h.alertmanager();
+            assert_eq!(am.len(), 1, "round {round}");
+            assert!(am[0].id > last_id);
+            last_id = am[0].id;
+            let now = T0 + round * 60_000;
+            assert_eq!(am[0].created_ms, now);
+            assert_eq!(am[0].body[0]["endsAt"], json!(rfc3339(now + 4 * 60_000)));
+            h.clock.advance(MINUTE);
+        }
+        // Resolved: sent as such for `resend_resolved_for` (15m), then forgotten.
+        h.sql.answer(Answer::Rows(Vec::new()));
+        let resolved_at = h.clock.now_ms();
+        h.round().await;
+        assert_eq!(h.pages(), ["trigger", "resolve"]);
+        h.clock.advance(10 * MINUTE);
+        h.round().await;
+        let am = h.alertmanager();
+        assert_eq!(am[0].body[0]["endsAt"], json!(rfc3339(resolved_at)));
+        let id = am[0].id;
+        h.clock.advance(10 * MINUTE);
+        h.round().await;
+        assert!(h.states().is_empty());
+        assert_eq!(h.alertmanager()[0].id, id, "nothing new once forgotten");
+    }
+
+    #[tokio::test]
+    async fn an_engine_outage_keeps_states_and_is_not_a_rule_error() {
+        let h = harness("2m");
+        h.sql.answer(Answer::Rows(vec![
+            ("111111111111", 5.0),
+            ("222222222222", 7.0),
+        ]));
+        h.round().await;
+        h.clock.advance(2 * MINUTE);
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        // 111 fires; 222 is gone (it never fired).
+        assert_eq!(h.states().len(), 1);
+        assert_eq!(h.pages(), ["trigger"]);
+        let before = h.states();
+        let transitions = h.transitions();
+
+        h.sql.answer(Answer::Down);
+        for _ in 0..3 {
+            h.clock.advance(MINUTE);
+            let round = h.round().await;
+            assert_eq!(round.unavailable, 1);
+            assert_eq!(round.evaluated, 0);
+            assert!(round.rule_errors.is_empty(), "{:?}", round.rule_errors);
+        }
+        assert_eq!(h.states(), before, "an outage resolves nothing");
+        assert_eq!(h.pages(), ["trigger"]);
+        assert_eq!(h.transitions(), transitions);
+
+        // Back: still the same alert, not paged again.
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.clock.advance(MINUTE);
+        let round = h.round().await;
+        assert_eq!((round.evaluated, round.unavailable), (1, 0));
+        assert_eq!(h.states(), before);
+        assert_eq!(h.pages(), ["trigger"]);
+    }
+
+    #[tokio::test]
+    async fn an_outage_does_not_restart_a_pending_alert() {
+        let h = harness("2m");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        h.sql.answer(Answer::Down);
+        h.clock.advance(MINUTE);
+        h.round().await;
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(
+            h.states()[0].0,
+            "firing",
+            "active since T0, `for` has passed"
+        );
+        assert_eq!(h.states()[0].1, json!(rfc3339(T0)));
+    }
+
+    #[tokio::test]
+    async fn a_bad_rule_is_reported_as_the_rules_failure() {
+        let h = harness("0s");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        h.sql.answer(Answer::NoValue);
+        h.clock.advance(MINUTE);
+        let round = h.round().await;
+        assert_eq!((round.evaluated, round.unavailable), (0, 0));
+        let [(alert, error)] = &round.rule_errors[..] else {
+            panic!("{:?}", round.rule_errors);
+        };
+        assert_eq!(alert, "Errors");
+        assert!(
+            matches!(error, AlertError::Rule(m) if m.contains("no `value` column")),
+            "{error:?}"
+        );
+        // Its alerts stay as they were.
+        assert_eq!(h.states()[0].0, "firing");
+        assert_eq!(h.pages(), ["trigger"]);
+    }
+
+    #[tokio::test]
+    async fn a_silence_mutes_until_it_ends_by_the_clock() {
+        let h = harness("0s");
+        let ends = T0 + 10 * 60_000;
+        let id = h
+            .alerting
+            .add_silence(
+                vec![Matcher::parse("account_id=\"111111111111\"").unwrap()],
+                None,
+                ends,
+                "maintenance".into(),
+                "test".into(),
+            )
+            .unwrap();
+        assert_eq!(
+            h.alerting.silences(|_| true)[0]["status"]["state"],
+            "active"
+        );
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        assert_eq!(h.states()[0].0, "firing");
+        assert!(h.pages().is_empty(), "silenced");
+        h.clock.advance(9 * MINUTE);
+        h.round().await;
+        assert!(h.pages().is_empty(), "still silenced");
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(h.pages(), ["trigger"], "the silence ended at {ends}");
+        assert_eq!(
+            h.alerting.silences(|_| true)[0]["status"]["state"],
+            "expired"
+        );
+        // A silence in the past is refused.
+        let late = h.alerting.add_silence(
+            vec![Matcher::parse("account_id=\"1\"").unwrap()],
+            None,
+            ends,
+            String::new(),
+            String::new(),
+        );
+        assert!(matches!(late, Err(AlertError::Invalid(_))), "{late:?}");
+        assert!(h.alerting.expire_silence(&id));
+    }
 
     fn silence(matchers: &[&str]) -> Silence {
         Silence {

@@ -12,10 +12,19 @@
 //!
 //! The SQL itself runs in the query stage; this crate sees it through [`SqlSource`],
 //! and writes the `alerts` table through [`TransitionLog`]: the binary wires both.
+//! Failures are [`AlertError`]s, whose variant says whose fault they are: an outage of
+//! the query engine is not counted against the rule that was being evaluated.
+//!
+//! Every decision by the time of day (evaluation time, `for`, `keep_firing_for`,
+//! silences, storm start, outbox retries) asks the [`SharedClock`] given in
+//! [`AlertingParts`], so tests move time by hand.
+//!
+//! [`SharedClock`]: fleetlake_model::clock::SharedClock
 
 pub mod check;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod matchers;
 pub mod notify;
 pub mod redact;
@@ -27,6 +36,7 @@ pub mod template;
 pub mod time;
 
 pub use config::AlertingConfig;
-pub use engine::{Alerting, AlertingParts, SqlSource, TransitionLog};
+pub use engine::{Alerting, AlertingParts, Round, SqlSource, TransitionLog};
+pub use error::AlertError;
 pub use registry::Registry;
 pub use rules::{RuleError, RuleGroup};

@@ -8,6 +8,8 @@ use std::fmt;
 use regex::Regex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::error::AlertError;
+
 /// How a matcher compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -41,15 +43,16 @@ impl PartialEq for Matcher {
 
 impl Matcher {
     /// A matcher from its parts.
-    pub fn new(name: &str, op: Op, value: &str) -> Result<Self, String> {
+    pub fn new(name: &str, op: Op, value: &str) -> Result<Self, AlertError> {
         if !crate::rules::is_label_name(name) {
-            return Err(format!("invalid label name {name:?}"));
+            return Err(AlertError::Invalid(format!("invalid label name {name:?}")));
         }
         let regex = match op {
-            Op::Regex | Op::NotRegex => Some(
-                Regex::new(&format!("^(?:{value})$"))
-                    .map_err(|e| format!("invalid regular expression {value:?}: {e}"))?,
-            ),
+            Op::Regex | Op::NotRegex => {
+                Some(Regex::new(&format!("^(?:{value})$")).map_err(|e| {
+                    AlertError::Invalid(format!("invalid regular expression {value:?}: {e}"))
+                })?)
+            }
             _ => None,
         };
         Ok(Self {
@@ -61,11 +64,13 @@ impl Matcher {
     }
 
     /// Parses `name OP "value"` (quotes optional for simple values).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, AlertError> {
         let text = text.trim();
+        let bad =
+            |why: &dyn std::fmt::Display| AlertError::Invalid(format!("matcher {text:?}: {why}"));
         let at = text
             .find(['=', '!'])
-            .ok_or_else(|| format!("matcher {text:?}: expected name=\"value\""))?;
+            .ok_or_else(|| bad(&"expected name=\"value\""))?;
         let name = text[..at].trim();
         let rest = &text[at..];
         let (op, value) = if let Some(v) = rest.strip_prefix("=~") {
@@ -77,19 +82,18 @@ impl Matcher {
         } else if let Some(v) = rest.strip_prefix('=') {
             (Op::Equal, v)
         } else {
-            return Err(format!("matcher {text:?}: expected =, !=, =~ or !~"));
+            return Err(bad(&"expected =, !=, =~ or !~"));
         };
         let value = value.trim();
         let value = if let Some(inner) = value.strip_prefix('"') {
             let inner = inner
                 .strip_suffix('"')
-                .ok_or_else(|| format!("matcher {text:?}: unclosed quote"))?;
-            serde_json::from_str::<String>(&format!("\"{inner}\""))
-                .map_err(|e| format!("matcher {text:?}: {e}"))?
+                .ok_or_else(|| bad(&"unclosed quote"))?;
+            serde_json::from_str::<String>(&format!("\"{inner}\"")).map_err(|e| bad(&e))?
         } else {
             value.to_string()
         };
-        Self::new(name, op, &value).map_err(|e| format!("matcher {text:?}: {e}"))
+        Self::new(name, op, &value).map_err(|e| bad(&e))
     }
 
     /// Every value this matcher accepts, when that is a short list decided safely: an

@@ -1,19 +1,21 @@
 //! Notifications: the payloads of PagerDuty Events API v2, Alertmanager's
 //! `/api/v2/alerts` and Alertmanager's webhook, and their delivery from the durable
-//! outbox (retries with backoff on 429, 5xx and network errors, none on other 4xx,
-//! a rate limit per PagerDuty routing key).
+//! outbox (retries with exponential backoff and jitter on 429, 5xx and network errors,
+//! none on other 4xx, a rate limit per PagerDuty routing key).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::{ReceiverConfig, ReceiverKind};
+use crate::error::AlertError;
 use crate::redact;
 use crate::state::{Instance, Labels};
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 
 /// PagerDuty's limit on `summary`.
 pub const SUMMARY_MAX: usize = 1024;
@@ -343,19 +345,13 @@ pub fn webhook_payload(
     })
 }
 
-/// How one delivery attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Accepted (2xx).
-    Delivered,
-    /// Refused for good (4xx other than 408 and 429): do not send again.
-    Rejected(String),
-    /// Try again later (429, 408, 5xx, network error).
-    Retry(String),
-}
-
-/// Posts one message.
-pub async fn send(client: &reqwest::Client, receiver: &ReceiverConfig, body: &Value) -> Outcome {
+/// Posts one message. A refusal is an [`AlertError::Notify`], retryable for 429, 408,
+/// 5xx and network errors, not for other 4xx (do not send it again).
+pub async fn send(
+    client: &reqwest::Client,
+    receiver: &ReceiverConfig,
+    body: &Value,
+) -> Result<(), AlertError> {
     let response = client
         .post(receiver.endpoint())
         .timeout(receiver.timeout)
@@ -366,27 +362,48 @@ pub async fn send(client: &reqwest::Client, receiver: &ReceiverConfig, body: &Va
     // routing key may reach a log line: reqwest's errors lose their URL, and what the
     // receiver answered (which may echo the request) is scrubbed.
     let secrets = receiver.secrets();
+    let failed = |message: String, retryable: bool| AlertError::Notify {
+        receiver: receiver.name.clone(),
+        message,
+        retryable,
+    };
     match response {
-        Err(e) => Outcome::Retry(redact::scrub(&redact::reqwest_error(e), &secrets)),
+        Err(e) => Err(failed(
+            redact::scrub(&redact::reqwest_error(e), &secrets),
+            true,
+        )),
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
             let text = truncate(&redact::scrub(&text, &secrets), 500);
             if status.is_success() {
-                Outcome::Delivered
-            } else if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
-                Outcome::Retry(format!("{status}: {text}"))
+                Ok(())
             } else {
-                Outcome::Rejected(format!("{status}: {text}"))
+                let retryable =
+                    status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error();
+                Err(failed(format!("{status}: {text}"), retryable))
             }
         }
     }
 }
 
-/// The wait before attempt `attempts + 1`: `initial` doubled per failure, at most `max`.
+/// The wait before attempt `attempts + 1` (`attempts` ≥ 1 failures so far): an
+/// exponential backoff from `initial`, doubled per failure up to `max`, with jitter
+/// (backon's: a random part of up to the same again, so that receivers recovering
+/// from an outage are not hit by every retry at once), never more than `max`.
+/// Attempts are not limited in number: the outbox gives up after `give_up_after`.
 pub fn backoff(attempts: u32, initial: Duration, max: Duration) -> Duration {
-    let factor = 1u32 << attempts.saturating_sub(1).min(20);
-    initial.saturating_mul(factor).min(max)
+    let initial = initial.min(max);
+    let mut delays = ExponentialBuilder::default()
+        .with_jitter()
+        .with_factor(2.0)
+        .with_min_delay(initial)
+        .with_max_delay(max)
+        .without_max_times()
+        .build();
+    // Past 32 doublings every delay is the maximum.
+    let n = attempts.clamp(1, 32) as usize;
+    delays.nth(n - 1).unwrap_or(max).min(max)
 }
 
 /// Token buckets per PagerDuty routing key.
@@ -396,10 +413,9 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    /// How long to wait before an event for `key` may go, at `per_minute`; takes the
-    /// token when the answer is zero.
-    pub fn wait(&self, key: &str, per_minute: u32) -> Duration {
-        let now = now_ms();
+    /// How long to wait before an event for `key` may go at `now` (epoch ms), at
+    /// `per_minute`; takes the token when the answer is zero.
+    pub fn wait(&self, key: &str, per_minute: u32, now: i64) -> Duration {
         let capacity = per_minute as f64;
         let rate = capacity / 60_000.0;
         let mut buckets = self.buckets.lock().expect("rate limit lock");
@@ -439,24 +455,42 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_max() {
+    fn backoff_doubles_with_jitter_up_to_the_max() {
         let (i, m) = (Duration::from_secs(1), Duration::from_secs(10));
-        let waits: Vec<u64> = (1..=6).map(|a| backoff(a, i, m).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        for attempts in 1..=40 {
+            // Without jitter: 1, 2, 4, 8, 10, 10, ... seconds.
+            let base = (i * 2u32.pow(attempts.min(20) - 1)).min(m);
+            for _ in 0..50 {
+                let wait = backoff(attempts, i, m);
+                assert!(
+                    wait >= base && wait <= (base * 2).min(m),
+                    "attempt {attempts}: {wait:?} not in [{base:?}, {:?}]",
+                    (base * 2).min(m)
+                );
+            }
+        }
+        // Jitter spreads the waits.
+        let waits: std::collections::BTreeSet<Duration> =
+            (0..20).map(|_| backoff(2, i, m)).collect();
+        assert!(waits.len() > 1, "{waits:?}");
+        // A maximum below the first wait is the wait.
+        assert_eq!(backoff(1, m, i), i);
     }
 
     #[test]
     fn rate_limit_allows_a_burst_then_spaces_events() {
         let limits = RateLimits::default();
+        let now = 1_000_000;
         for _ in 0..3 {
-            assert_eq!(limits.wait("k", 3), Duration::ZERO);
+            assert_eq!(limits.wait("k", 3, now), Duration::ZERO);
         }
-        let wait = limits.wait("k", 3);
-        assert!(
-            wait > Duration::from_secs(15) && wait <= Duration::from_secs(20),
-            "{wait:?}"
-        );
-        assert_eq!(limits.wait("other", 3), Duration::ZERO);
+        let wait = limits.wait("k", 3, now);
+        assert!(wait.abs_diff(Duration::from_secs(20)) <= Duration::from_millis(1));
+        // A token comes back every 20 s.
+        let wait = limits.wait("k", 3, now + 5_000);
+        assert!(wait.abs_diff(Duration::from_secs(15)) <= Duration::from_millis(1));
+        assert_eq!(limits.wait("k", 3, now + 21_000), Duration::ZERO);
+        assert_eq!(limits.wait("other", 3, now), Duration::ZERO);
     }
 
     #[test]

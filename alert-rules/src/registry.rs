@@ -14,6 +14,8 @@ use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
+use crate::error::AlertError;
+
 /// The registry's fields, in the order of the `accounts` table's columns.
 pub const FIELDS: [&str; 10] = [
     "account_id",
@@ -69,10 +71,16 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Parses a registry file's text: a JSON array of records, or one record per line.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    /// Errors are [`AlertError::Registry`] without a file name (the caller knows it).
+    pub fn parse(text: &str) -> Result<Self, AlertError> {
+        let bad = |line: Option<usize>, message: String| AlertError::Registry {
+            file: PathBuf::new(),
+            line,
+            message,
+        };
         let trimmed = text.trim_start();
         let records: Vec<Account> = if trimmed.starts_with('[') {
-            serde_json::from_str(text).map_err(|e| format!("line {}: {e}", e.line()))?
+            serde_json::from_str(text).map_err(|e| bad(Some(e.line()), e.to_string()))?
         } else {
             let mut records = Vec::new();
             for (i, line) in text.lines().enumerate() {
@@ -80,17 +88,20 @@ impl Snapshot {
                     continue;
                 }
                 records
-                    .push(serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?);
+                    .push(serde_json::from_str(line).map_err(|e| bad(Some(i + 1), e.to_string()))?);
             }
             records
         };
         let mut accounts = BTreeMap::new();
         for record in records {
             if record.account_id.trim().is_empty() {
-                return Err("a record has an empty account_id".into());
+                return Err(bad(None, "a record has an empty account_id".into()));
             }
             if let Some(old) = accounts.insert(record.account_id.clone(), record) {
-                return Err(format!("account {} appears twice", old.account_id));
+                return Err(bad(
+                    None,
+                    format!("account {} appears twice", old.account_id),
+                ));
             }
         }
         Ok(Self { accounts })
@@ -157,7 +168,7 @@ impl Registry {
     }
 
     /// Loads `file`; fails if it cannot be read or parsed.
-    pub fn load(file: &Path) -> Result<Self, String> {
+    pub fn load(file: &Path) -> Result<Self, AlertError> {
         let registry = Self {
             file: Some(file.to_path_buf()),
             ..Self::default()
@@ -173,19 +184,30 @@ impl Registry {
 
     /// Reads the file again if it changed since it was last read. `Ok(true)` when a new
     /// version was loaded; on error the previous version stays.
-    pub fn reload(&self) -> Result<bool, String> {
+    pub fn reload(&self) -> Result<bool, AlertError> {
         let Some(file) = &self.file else {
             return Ok(false);
         };
-        let describe = |e: String| format!("account registry {}: {e}", file.display());
+        let unreadable = |e: std::io::Error| AlertError::Registry {
+            file: file.clone(),
+            line: None,
+            message: e.to_string(),
+        };
         let modified = std::fs::metadata(file)
             .and_then(|m| m.modified())
-            .map_err(|e| describe(e.to_string()))?;
+            .map_err(unreadable)?;
         if *self.modified.read().expect("registry lock") == Some(modified) {
             return Ok(false);
         }
-        let text = std::fs::read_to_string(file).map_err(|e| describe(e.to_string()))?;
-        let snapshot = Snapshot::parse(&text).map_err(describe)?;
+        let text = std::fs::read_to_string(file).map_err(unreadable)?;
+        let snapshot = Snapshot::parse(&text).map_err(|e| match e {
+            AlertError::Registry { line, message, .. } => AlertError::Registry {
+                file: file.clone(),
+                line,
+                message,
+            },
+            other => other,
+        })?;
         let count = snapshot.len();
         *self.current.write().expect("registry lock") = Arc::new(snapshot);
         *self.modified.write().expect("registry lock") = Some(modified);
@@ -245,7 +267,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&file, "{not json\n").unwrap();
         let err = registry.reload().unwrap_err();
-        assert!(err.contains("line 1"), "{err}");
+        assert!(
+            matches!(&err, AlertError::Registry { file: f, line: Some(1), .. } if f == &file),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("line 1"), "{err}");
         assert_eq!(registry.snapshot().len(), 2);
 
         std::thread::sleep(Duration::from_millis(20));
@@ -258,6 +284,6 @@ mod tests {
     #[test]
     fn duplicate_accounts_are_refused() {
         let e = Snapshot::parse("{\"account_id\":\"1\"}\n{\"account_id\":\"1\"}\n").unwrap_err();
-        assert!(e.contains("twice"));
+        assert!(e.to_string().contains("twice"), "{e}");
     }
 }

@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::error::AlertError;
 use crate::template::Template;
 
 /// The column of a rule's result that holds the alert's value.
@@ -144,12 +145,16 @@ pub fn is_label_name(name: &str) -> bool {
 }
 
 /// A duration as Prometheus writes them (`30s`, `5m`, `1h30m`, `1d`, `500ms`).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, AlertError> {
     let text = text.trim();
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    let bad = || format!("invalid duration {text:?} (use e.g. 30s, 5m, 1h30m, 1d)");
+    let bad = || {
+        AlertError::Invalid(format!(
+            "invalid duration {text:?} (use e.g. 30s, 5m, 1h30m, 1d)"
+        ))
+    };
     let mut total = Duration::ZERO;
     let mut rest = text;
     if rest.is_empty() {
@@ -246,7 +251,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<RuleGroup>, Vec<RuleError>> 
                 }
                 Ok(d) => d,
                 Err(e) => {
-                    err(&i.referenced, e);
+                    err(&i.referenced, e.to_string());
                     DEFAULT_INTERVAL
                 }
             },
@@ -291,7 +296,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<RuleGroup>, Vec<RuleError>> 
             let mut duration = |d: &Option<Spanned<String>>| match d {
                 None => Duration::ZERO,
                 Some(d) => parse_duration(&d.value).unwrap_or_else(|e| {
-                    err(&d.referenced, e);
+                    err(&d.referenced, e.to_string());
                     Duration::ZERO
                 }),
             };

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use gtmpl::{Context, Func, FuncError, Value};
 
+use crate::error::AlertError;
+
 /// Prometheus defines these before every alert template.
 const PRELUDE: &str = "{{$labels := .Labels}}{{$value := .Value}}";
 
@@ -169,7 +171,7 @@ const FUNCS: [(&str, Func); 6] = [
 
 impl Template {
     /// Parses `text`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, AlertError> {
         if !text.contains("{{") {
             return Ok(Self {
                 text: text.to_string(),
@@ -180,15 +182,15 @@ impl Template {
         // after a space ("{{ $value "), so that error is found here.
         let last_open = text.rfind("{{").unwrap_or_default();
         if !text[last_open + 2..].contains("}}") {
-            return Err(format!(
+            return Err(AlertError::Rule(format!(
                 "unclosed action at byte {last_open}: no `}}}}` after `{{{{`"
-            ));
+            )));
         }
         let mut template = gtmpl::Template::default();
         template.add_funcs(&FUNCS);
         template
             .parse(format!("{PRELUDE}{text}"))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AlertError::Rule(e.to_string()))?;
         Ok(Self {
             text: text.to_string(),
             parsed: Some(Arc::new(template)),
@@ -201,7 +203,11 @@ impl Template {
     }
 
     /// Expands the template for one alert instance.
-    pub fn render(&self, labels: &BTreeMap<String, String>, value: f64) -> Result<String, String> {
+    pub fn render(
+        &self,
+        labels: &BTreeMap<String, String>,
+        value: f64,
+    ) -> Result<String, AlertError> {
         let Some(parsed) = &self.parsed else {
             return Ok(self.text.clone());
         };
@@ -214,7 +220,7 @@ impl Template {
         data.insert("Value".into(), Value::from(value));
         parsed
             .render(&Context::from(data))
-            .map_err(|e| e.to_string())
+            .map_err(|e| AlertError::Rule(e.to_string()))
     }
 }
 

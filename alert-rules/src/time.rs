@@ -1,11 +1,9 @@
-//! Times: milliseconds since the epoch, written as RFC 3339.
+//! Times: milliseconds since the epoch, written as RFC 3339. "Now" comes from a
+//! [`fleetlake_model::clock::Clock`], never from here.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-/// Now, in epoch milliseconds.
-pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
+use crate::error::AlertError;
 
 /// `ms` as RFC 3339 UTC with milliseconds (`2026-11-28T15:00:00.000Z`).
 pub fn rfc3339(ms: i64) -> String {
@@ -15,10 +13,10 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 /// Parses an RFC 3339 time into epoch milliseconds.
-pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
+pub fn parse_rfc3339(text: &str) -> Result<i64, AlertError> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
-        .map_err(|e| format!("{text:?} is not an RFC 3339 time: {e}"))
+        .map_err(|e| AlertError::Invalid(format!("{text:?} is not an RFC 3339 time: {e}")))
 }
 
 #[cfg(test)]
