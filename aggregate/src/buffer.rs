@@ -359,10 +359,10 @@ impl HotBuffer {
     /// after that version.
     pub fn snapshot(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
         let mut out: Vec<RecordBatch> = self.open.batches().cloned().collect();
-        if !flushing_committed(self.flushing_base, lake_version) {
-            if let Some(flushing) = &self.flushing {
-                out.extend(flushing.batches().cloned());
-            }
+        if let Some(flushing) = &self.flushing
+            && !flushing_committed(self.flushing_base, lake_version)
+        {
+            out.extend(flushing.batches().cloned());
         }
         for (version, _, batches, _) in &self.recent {
             if lake_version.is_none_or(|v| *version > v) {

@@ -370,10 +370,10 @@ impl<L: Log> Writer<L> {
             }
             Command::Truncate => {
                 let through = self.truncatable_through();
-                if through > 0 {
-                    if let Err(error) = self.log.remove_through(through) {
-                        warn!(%error, "could not remove committed write-ahead log segments");
-                    }
+                if through > 0
+                    && let Err(error) = self.log.remove_through(through)
+                {
+                    warn!(%error, "could not remove committed write-ahead log segments");
                 }
             }
             Command::HoldPositions { positions, done } => {
