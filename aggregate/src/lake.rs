@@ -174,6 +174,25 @@ pub struct TableLake {
     gate: Option<Arc<CommitGate>>,
 }
 
+/// A point where a test can hold compaction: after it rewrote its files, before it
+/// commits them.
+#[cfg(test)]
+pub(crate) mod pause {
+    use std::sync::OnceLock;
+
+    use tokio::sync::Notify;
+
+    /// Once set: compaction says when it reached the point, then waits to be let go.
+    pub(crate) static MERGE: OnceLock<(Notify, Notify)> = OnceLock::new();
+
+    pub(super) async fn before_merge_commit() {
+        if let Some((reached, go)) = MERGE.get() {
+            reached.notify_one();
+            go.notified().await;
+        }
+    }
+}
+
 /// Orders the commits one process makes to one table through several handles: the
 /// flush's (which holds the gate from the moment its rows may be committed until the
 /// hot buffer knows the version) and maintenance's (which holds it only for each
@@ -718,6 +737,8 @@ impl TableLake {
                 }
             }
         }
+        #[cfg(test)]
+        pause::before_merge_commit().await;
         let gate = self.gate.clone();
         let mut entered = Self::enter_gate(&gate).await;
         let commit = CommitBuilder::from(

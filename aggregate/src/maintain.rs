@@ -2,10 +2,12 @@
 //! the roll-ups of `metrics` into `metrics_5m` and `metrics_1h`.
 //!
 //! Maintenance works on its own handles of the tables, never the flush's: merging files
-//! takes as long as it takes while flushes go on. Its commits pass through each table's
-//! [`CommitGate`](crate::lake::CommitGate), held only for the commit itself. Compaction
-//! commits are no-data-change rewrites of files it read, so appends committed meanwhile
-//! never conflict with them.
+//! takes as long as it takes while flushes go on. Its commits to `metrics`, `logs` and
+//! `dead_letters` pass through each table's [`CommitGate`](crate::lake::CommitGate),
+//! held only for the commit itself. (The roll-up tables have no flush whose visibility
+//! depends on knowing their versions; their writers rely on Delta's conflict checks.)
+//! Compaction commits are no-data-change rewrites of files it read, so appends committed
+//! meanwhile never conflict with them.
 
 use std::sync::Weak;
 use std::time::Duration;

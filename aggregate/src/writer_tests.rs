@@ -236,3 +236,91 @@ fn a_flush_takes_the_rows_and_positions_of_one_instant() {
     // Rows being flushed stay visible until the commit is known.
     assert_eq!(h.visible(), 1);
 }
+
+/// Compaction rewrites files on its own table handle and passes the commit gate only to
+/// commit: a flush goes through while a merge is under way. (When compaction held the
+/// flush's table lock for the whole merge, this flush waited, and Firehose got 503s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_commits_while_compaction_merges() {
+    use std::time::Duration;
+
+    use fleetlake_model::RowSink;
+
+    use crate::lake::{LakeOptions, pause};
+    use crate::location::LakeLocation;
+    use crate::{AggregateConfig, Aggregator, CompactionConfig};
+
+    let (reached, go) = pause::MERGE.get_or_init(Default::default);
+    let dir = tempfile::tempdir().unwrap();
+    let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
+    let aggregator = Aggregator::open(AggregateConfig {
+        wal_dir: dir.path().join("wal"),
+        lake_location: lake.clone(),
+        flush_interval: Duration::from_secs(3600),
+        flush_rows: usize::MAX,
+        max_buffered_rows: usize::MAX,
+        max_buffered_bytes: usize::MAX,
+        wal_segment_bytes: 1 << 20,
+        lake: LakeOptions::default(),
+        compaction: Some(CompactionConfig {
+            interval: Duration::from_millis(50),
+            min_files: 2,
+            vacuum_grace: Duration::from_secs(3600),
+            retention: Default::default(),
+        }),
+        rollup_interval: None,
+    })
+    .await
+    .unwrap();
+    // Three small files in one day partition: work for compaction.
+    for minute in 0..3 {
+        let rows = vec![(Table::Metrics, batch("1", minute))];
+        aggregator.write(rows).await.unwrap();
+        aggregator.flush().await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), reached.notified())
+        .await
+        .expect("compaction merged the files and waits before its commit");
+    // Compaction is in the middle of its merge: a write and its flush go through.
+    aggregator
+        .write(vec![(Table::Metrics, batch("2", 5))])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), aggregator.flush())
+        .await
+        .expect("a flush does not wait for a compaction's merge")
+        .unwrap();
+    go.notify_one();
+    // The rewrite commits on top of the flush, and every row is there once.
+    let mut table = None;
+    for _ in 0..600 {
+        let t = deltalake::open_table(lake.table_url(Table::Metrics.name()))
+            .await
+            .unwrap();
+        // Three files merged into one, beside the flush's: two.
+        if t.get_file_uris().unwrap().count() == 2 {
+            table = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let table = table.expect("compaction committed after the flush");
+    let ctx = datafusion::prelude::SessionContext::new();
+    table.update_datafusion_session(&ctx.state()).unwrap();
+    ctx.register_table("metrics", table.table_provider().await.unwrap())
+        .unwrap();
+    let rows = ctx
+        .sql("SELECT count(*) FROM metrics")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let count = rows[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(count, 4);
+}

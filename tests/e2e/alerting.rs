@@ -14,7 +14,9 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::support::{FirehoseRequest, Server, account_id, cli, client, free_port, wait_until};
+use crate::support::{
+    FirehoseRequest, Server, account_id, cli, client, free_port, settle_alerting, wait_until,
+};
 
 /// The integration key the fake PagerDuty accepts.
 const ROUTING_KEY: &str = "R0UT1NGKEYR0UT1NGKEYR0UT1NGKEY32";
@@ -443,7 +445,7 @@ fn pages_trigger_and_resolve_once_each_in_order_and_429_is_retried() {
     errors(&server, "m2", 2, &[(0, 1.0)]);
     wait_until("the resolve", || fake.accepted().len() >= 2);
     // A few more evaluations: nothing else may be sent.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    settle_alerting(&server, 3);
     assert_eq!(
         actions(&fake.accepted()),
         vec![
@@ -532,7 +534,7 @@ fn a_kill_in_the_middle_sends_nothing_twice_and_loses_nothing() {
     // After the restart the queued trigger goes out, once.
     let server = setup.start();
     wait_until("the trigger", || !fake.accepted().is_empty());
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    settle_alerting(&server, 3);
     assert_eq!(fake.accepted().len(), 1, "{:?}", fake.accepted());
 
     // Killed while firing and notified: the next start neither re-pages nor forgets.
@@ -543,7 +545,7 @@ fn a_kill_in_the_middle_sends_nothing_twice_and_loses_nothing() {
             .metrics_text()
             .contains("fleetlake_rule_group_evaluations_total")
     });
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    settle_alerting(&server, 3);
     assert_eq!(
         fake.accepted().len(),
         1,
@@ -557,7 +559,7 @@ fn a_kill_in_the_middle_sends_nothing_twice_and_loses_nothing() {
     // The data came back from the write-ahead log; the account recovers: one resolve.
     errors(&server, "k2", 2, &[(0, 0.0)]);
     wait_until("the resolve", || fake.accepted().len() == 2);
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    settle_alerting(&server, 3);
     let sent = actions(&fake.accepted());
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert_eq!(
@@ -626,7 +628,7 @@ fn a_400_is_not_retried_and_silences_stop_pages_but_not_evaluation() {
             .any(|a| a["labels"]["account_id"] == "100000000001" && a["state"] == "firing")
     });
     wait_until("the refused trigger", || !fake.statuses().is_empty());
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    settle_alerting(&server, 3);
     assert_eq!(
         fake.statuses(),
         vec![400],
@@ -684,7 +686,7 @@ fn a_fleet_of_6000_accounts_pages_3_then_one_fleet_incident_for_2000() {
         .collect();
     errors(&server, "f1", 1, &values);
     wait_until("3 pages", || fake.accepted().len() >= 3);
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    settle_alerting(&server, 3);
     let pages = fake.accepted();
     assert_eq!(pages.len(), 3, "{pages:?}");
     let mut paged: Vec<String> = pages
@@ -719,7 +721,7 @@ fn a_fleet_of_6000_accounts_pages_3_then_one_fleet_incident_for_2000() {
     assert_eq!(storm, 2000);
     errors(&server, "f2", 2, &values);
     wait_until("the fleet incident", || fake.accepted().len() >= 4);
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    settle_alerting(&server, 3);
     let pages = fake.accepted();
     assert_eq!(pages.len(), 4, "one fleet incident, not {storm} pages");
     let incident = &pages[3];

@@ -681,3 +681,33 @@ pub fn wait_until(what: &str, mut probe: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The sum of all samples of metric `name` (any labels) in a Prometheus exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let base = series.split('{').next()?;
+            if base == name {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
+}
+
+/// Waits until the alert engine has finished `rounds` more evaluation rounds and its
+/// outbox is empty: whatever those rounds decided to send has been sent (or dropped).
+/// What a test asserts after this about "nothing more was sent" cannot pass just
+/// because no evaluation ran.
+pub fn settle_alerting(server: &Server, rounds: u32) {
+    const ROUNDS: &str = "fleetlake_rule_group_evaluations_total";
+    let start = metric_sum(&server.metrics_text(), ROUNDS);
+    wait_until("alert evaluation rounds and an empty outbox", || {
+        let text = server.metrics_text();
+        metric_sum(&text, ROUNDS) >= start + f64::from(rounds)
+            && metric_sum(&text, "fleetlake_outbox_messages") == 0.0
+    });
+}
