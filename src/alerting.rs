@@ -13,12 +13,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use deltalake::DeltaTable;
+use deltalake::kernel::StructType;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
 use fleetlake_aggregate::location::LakeLocation;
+use fleetlake_aggregate::store::{CommitMeta, DeltaLake, Lake, WriteSettings};
 use fleetlake_alert_rules::engine::ACCOUNT_ID;
 use fleetlake_alert_rules::matchers::Matcher;
 use fleetlake_alert_rules::{AlertError, Alerting, Registry, RuleGroup, SqlSource, TransitionLog};
@@ -101,7 +100,7 @@ impl SqlSource for EngineSql {
 /// the evaluation's sequence number, so a retry after a crash commits nothing twice.
 pub(crate) struct LakeAlerts {
     lake: LakeLocation,
-    table: tokio::sync::Mutex<Option<DeltaTable>>,
+    table: tokio::sync::Mutex<Option<Box<dyn Lake>>>,
 }
 
 impl LakeAlerts {
@@ -112,7 +111,7 @@ impl LakeAlerts {
         }
     }
 
-    async fn open(&self) -> Result<DeltaTable, AlertError> {
+    async fn open(&self) -> Result<Box<dyn Lake>, AlertError> {
         let name = fleetlake_alert_rules::table::TABLE;
         let mut table = self.lake.open_or_new(name).await.map_err(unavailable)?;
         if table.version().is_none() {
@@ -135,7 +134,12 @@ impl LakeAlerts {
                 },
             };
         }
-        Ok(table)
+        let location = self.lake.table_url(name).to_string();
+        Ok(Box::new(DeltaLake::new(
+            table,
+            location,
+            WriteSettings::default(),
+        )))
     }
 }
 
@@ -148,39 +152,28 @@ fn unavailable(e: impl std::fmt::Display) -> AlertError {
 impl TransitionLog for LakeAlerts {
     async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), AlertError> {
         let mut guard = self.table.lock().await;
-        let table = match guard.take() {
-            Some(mut table) => {
-                table.update_state().await.map_err(unavailable)?;
-                table
+        let mut lake = match guard.take() {
+            Some(mut lake) => {
+                lake.refresh().await.map_err(unavailable)?;
+                lake
             }
             None => self.open().await?,
         };
-        let done = table
-            .snapshot()
-            .map_err(unavailable)?
-            .transaction_version(table.log_store().as_ref(), ALERTS_APP_ID)
+        let done = lake
+            .app_transaction(ALERTS_APP_ID)
             .await
             .map_err(unavailable)?;
         if done.is_some_and(|v| v >= seq as i64) {
-            *guard = Some(table);
+            *guard = Some(lake);
             return Ok(());
         }
-        let written =
-            table
-                .clone()
-                .write(vec![rows])
-                .with_save_mode(SaveMode::Append)
-                .with_commit_properties(CommitProperties::default().with_application_transactions(
-                    vec![Transaction::new(ALERTS_APP_ID, seq as i64)],
-                ))
-                .await;
-        match written {
-            Ok(table) => {
-                *guard = Some(table);
-                Ok(())
-            }
-            Err(e) => Err(unavailable(e)),
-        }
+        let meta = CommitMeta {
+            transactions: vec![(ALERTS_APP_ID.to_string(), seq as i64)],
+            metadata: Vec::new(),
+        };
+        lake.append(vec![rows], meta).await.map_err(unavailable)?;
+        *guard = Some(lake);
+        Ok(())
     }
 }
 

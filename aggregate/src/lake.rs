@@ -15,7 +15,6 @@
 //! version, so the commit info is where it goes; it is the same atomic commit.
 
 use std::collections::{BTreeMap, HashSet};
-use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -23,10 +22,8 @@ use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record
 use arrow::datatypes::TimestampMicrosecondType;
 use datafusion::prelude::{SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
-use deltalake::DeltaTable;
+use deltalake::kernel::StructType;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::{StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
@@ -34,6 +31,7 @@ use fleetlake_model::schema::{DAY_COLUMN, Table, col as c, conform, dead_col, lo
 
 use crate::location::LakeLocation;
 use crate::rollup::Rollup;
+use crate::store::{CommitMeta, DeltaLake, Lake, WriteSettings, operation};
 use fleetlake_model::keys::{row_keys, scan_column};
 
 /// Application id of the transaction action carrying the last WAL sequence `writer`
@@ -161,7 +159,8 @@ impl Default for LakeOptions {
 #[derive(Debug)]
 pub struct TableLake {
     kind: Table,
-    table: DeltaTable,
+    /// The store behind the seam: delta-rs, or a fault injector in front of it.
+    lake: Box<dyn Lake>,
     location: String,
     options: LakeOptions,
     writer: String,
@@ -288,9 +287,21 @@ impl TableLake {
                 },
             };
         }
+        let properties =
+            writer_properties(options.zstd_level, options.row_group_rows).map_err(|source| {
+                LakeError::Arrow {
+                    table: location.clone(),
+                    source,
+                }
+            })?;
+        let settings = WriteSettings {
+            partition_by: vec![DAY_COLUMN.to_string()],
+            properties: Some(properties),
+            target_file_bytes: Some(options.target_file_bytes),
+        };
         Ok(Self {
             kind,
-            table,
+            lake: Box::new(DeltaLake::new(table, location.clone(), settings)),
             location,
             options,
             writer: writer.to_string(),
@@ -298,6 +309,12 @@ impl TableLake {
             seen_version: -1,
             gate: None,
         })
+    }
+
+    /// Puts `wrap` in front of the handle's store (a fault injector, in tests).
+    pub fn wrap_lake(mut self, wrap: impl FnOnce(Box<dyn Lake>) -> Box<dyn Lake>) -> Self {
+        self.lake = wrap(self.lake);
+        self
     }
 
     /// Makes this handle's maintenance commits go through `gate`.
@@ -336,11 +353,7 @@ impl TableLake {
     }
 
     pub(crate) async fn app_version(&self, app_id: &str) -> Result<Option<i64>, LakeError> {
-        let state = self.table.snapshot().map_err(|e| self.delta_err(e))?;
-        state
-            .transaction_version(self.table.log_store().as_ref(), app_id)
-            .await
-            .map_err(|e| self.delta_err(e))
+        self.lake.app_transaction(app_id).await
     }
 
     /// The last WAL sequence number committed to the table (0 if none).
@@ -361,7 +374,7 @@ impl TableLake {
     /// The stream positions of the latest commit that carries any (empty if none).
     pub async fn stream_positions(&self) -> Result<BTreeMap<String, String>, LakeError> {
         use futures::TryStreamExt;
-        let mut history = self.table.history(None);
+        let mut history = self.lake.table().history(None);
         while let Some(info) = history.try_next().await.map_err(|e| self.delta_err(e))? {
             if let Some(serde_json::Value::Object(map)) = info.info.get(STREAM_POSITIONS_KEY) {
                 return Ok(map
@@ -381,7 +394,7 @@ impl TableLake {
     ) -> Result<BTreeMap<String, String>, LakeError> {
         use futures::TryStreamExt;
         let mut found = BTreeMap::new();
-        let mut history = self.table.history(None);
+        let mut history = self.lake.table().history(None);
         while found.len() < keys.len()
             && let Some(info) = history.try_next().await.map_err(|e| self.delta_err(e))?
         {
@@ -401,10 +414,7 @@ impl TableLake {
 
     /// Loads the table's latest version (commits of other writers included).
     pub async fn refresh(&mut self) -> Result<(), LakeError> {
-        self.table
-            .update_incremental(None)
-            .await
-            .map_err(|e| self.delta_err(e))
+        self.lake.refresh().await
     }
 
     /// The latest row time that other writers committed since this was last asked
@@ -423,7 +433,7 @@ impl TableLake {
             self.seen_version + 1
         };
         let mut max = None;
-        let log = self.table.log_store();
+        let log = self.lake.table().log_store();
         for version in from..=latest {
             let Some(bytes) = log
                 .read_commit_entry(version as u64)
@@ -455,7 +465,7 @@ impl TableLake {
 
     /// The table version currently loaded.
     pub fn version(&self) -> Option<i64> {
-        self.table.version().map(|v| v as i64)
+        self.lake.version()
     }
 
     /// The de-duplication keys of those `candidates` rows that the table already holds.
@@ -488,10 +498,16 @@ impl TableLake {
             return Ok(HashSet::new());
         }
         let ctx = SessionContext::new();
-        self.table
+        self.lake
+            .table()
             .update_datafusion_session(&ctx.state())
             .map_err(|e| self.delta_err(e))?;
-        let provider = self.table.table_provider().await.map_err(query_err)?;
+        let provider = self
+            .lake
+            .table()
+            .table_provider()
+            .await
+            .map_err(query_err)?;
         let ts = |v: i64| {
             lit(ScalarValue::TimestampMicrosecond(
                 Some(v),
@@ -541,7 +557,8 @@ impl TableLake {
     /// The URIs of the table's current data files.
     pub fn file_uris(&self) -> Result<Vec<String>, LakeError> {
         Ok(self
-            .table
+            .lake
+            .table()
             .get_file_uris()
             .map_err(|e| self.delta_err(e))?
             .collect())
@@ -550,7 +567,12 @@ impl TableLake {
     /// Data files per day partition (`day=YYYY-MM-DD`), from the current snapshot.
     fn files_per_day(&self) -> Result<std::collections::BTreeMap<String, usize>, LakeError> {
         let mut days = std::collections::BTreeMap::new();
-        for uri in self.table.get_file_uris().map_err(|e| self.delta_err(e))? {
+        for uri in self
+            .lake
+            .table()
+            .get_file_uris()
+            .map_err(|e| self.delta_err(e))?
+        {
             if let Some(day) = uri
                 .split('/')
                 .find_map(|part| part.strip_prefix(&format!("{DAY_COLUMN}=")))
@@ -582,22 +604,19 @@ impl TableLake {
         self.refresh().await?;
         let target = self.options.target_file_bytes.max(1);
         let mut small: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
-        {
-            let snapshot = self.table.snapshot().map_err(|e| self.delta_err(e))?;
-            for file in snapshot.log_data() {
-                let path = file.path().to_string();
-                let Some(day) = path
-                    .split('/')
-                    .find_map(|part| part.strip_prefix(&format!("{DAY_COLUMN}=")))
-                else {
-                    continue;
-                };
-                if (file.size() as u64) < target / 2 {
-                    small
-                        .entry(day.to_string())
-                        .or_default()
-                        .push((path, file.size()));
-                }
+        for file in self.lake.files()? {
+            let Some(day) = file
+                .path
+                .split('/')
+                .find_map(|part| part.strip_prefix(&format!("{DAY_COLUMN}=")))
+            else {
+                continue;
+            };
+            if (file.size as u64) < target / 2 {
+                small
+                    .entry(day.to_string())
+                    .or_default()
+                    .push((file.path.clone(), file.size));
             }
         }
         for (day, files) in small {
@@ -636,20 +655,9 @@ impl TableLake {
         }
         let gate = self.gate.clone();
         let mut entered = Self::enter_gate(&gate).await;
-        let (table, metrics) = self
-            .table
-            .clone()
-            .vacuum()
-            .with_retention_period(
-                chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX),
-            )
-            .with_enforce_retention_duration(false)
-            .await
-            .map_err(|e| self.delta_err(e))?;
-        self.table = table;
+        stats.vacuumed = self.lake.vacuum(grace).await?;
         self.record(&mut entered);
         drop(entered);
-        stats.vacuumed = metrics.files_deleted.len();
         Ok(stats)
     }
 
@@ -660,9 +668,6 @@ impl TableLake {
         &mut self,
         files: &[(String, i64)],
     ) -> Result<Option<(usize, usize)>, LakeError> {
-        use deltalake::kernel::Action;
-        use deltalake::kernel::transaction::CommitBuilder;
-        use deltalake::protocol::DeltaOperation;
         use deltalake::writer::{DeltaWriter, RecordBatchWriter};
         let location = self.location.clone();
         let query_err = |source| LakeError::Query {
@@ -673,7 +678,7 @@ impl TableLake {
             table: location.clone(),
             source,
         };
-        let root = self.table.table_url().clone();
+        let root = self.lake.table().table_url().clone();
         let uris = files
             .iter()
             .map(|(path, _)| {
@@ -693,7 +698,8 @@ impl TableLake {
             .with_target_partitions(uris.len().max(1))
             .with_batch_size(8192);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        self.table
+        self.lake
+            .table()
             .update_datafusion_session(&ctx.state())
             .map_err(|e| self.delta_err(e))?;
         let mut frame = read_data_files(&ctx, self.kind, uris)
@@ -712,7 +718,7 @@ impl TableLake {
             .await
             .map_err(query_err)?;
         let schema = self.kind.schema();
-        let mut writer = RecordBatchWriter::for_table(&self.table)
+        let mut writer = RecordBatchWriter::for_table(self.lake.table())
             .map_err(|e| self.delta_err(e))?
             .with_writer_properties(self.writer_properties().map_err(arrow_err)?)
             .with_target_file_size(self.options.target_file_bytes);
@@ -722,54 +728,19 @@ impl TableLake {
             rows += batch.num_rows();
             writer.write(batch).await.map_err(|e| self.delta_err(e))?;
         }
-        let mut actions: Vec<Action> = Vec::new();
-        for mut add in writer.flush().await.map_err(|e| self.delta_err(e))? {
-            add.data_change = false;
-            actions.push(Action::Add(add));
-        }
-        let written = actions.len();
-        {
-            let snapshot = self.table.snapshot().map_err(|e| self.delta_err(e))?;
-            let wanted: HashSet<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
-            for file in snapshot.log_data() {
-                if wanted.contains(file.path().as_ref()) {
-                    actions.push(Action::Remove(file.remove_action(false)));
-                }
-            }
-        }
+        let adds = writer.flush().await.map_err(|e| self.delta_err(e))?;
+        let written = adds.len();
+        let removes: Vec<String> = files.iter().map(|(path, _)| path.clone()).collect();
         #[cfg(test)]
         pause::before_merge_commit().await;
         let gate = self.gate.clone();
         let mut entered = Self::enter_gate(&gate).await;
-        let commit = CommitBuilder::from(
-            CommitProperties::default()
-                .with_metadata([(OPERATION_KEY.to_string(), "compact".into())]),
-        )
-        .with_actions(actions)
-        .build(
-            Some(self.table.snapshot().map_err(|e| self.delta_err(e))?),
-            self.table.log_store(),
-            DeltaOperation::Optimize {
-                predicate: None,
-                target_size: self.options.target_file_bytes as i64,
-            },
-        )
-        .await;
-        match commit {
-            Ok(_) => {
-                self.refresh().await?;
-                self.record(&mut entered);
-                Ok(Some((rows, written)))
-            }
-            Err(e) => {
-                if is_conflict(&e) {
-                    self.refresh().await?;
-                    Ok(None)
-                } else {
-                    Err(self.delta_err(e))
-                }
-            }
-        }
+        let committed = self
+            .lake
+            .rewrite(adds, &removes, operation("compact"))
+            .await?;
+        self.record(&mut entered);
+        Ok(committed.map(|_| (rows, written)))
     }
 
     /// Removes the day partitions older than `keep` before `now` (whole days: a day is
@@ -793,25 +764,16 @@ impl TableLake {
         if !expired {
             return Ok(0);
         }
-        let before = col(DAY_COLUMN).lt(lit(ScalarValue::Date32(Some(cutoff))));
         let gate = self.gate.clone();
         let mut entered = Self::enter_gate(&gate).await;
-        let (table, metrics) = self
-            .table
-            .clone()
-            .delete()
-            .with_predicate(before)
-            .with_commit_properties(
-                CommitProperties::default()
-                    .with_metadata([(OPERATION_KEY.to_string(), "retention".into())]),
-            )
-            .await
-            .map_err(|e| self.delta_err(e))?;
-        self.table = table;
+        let removed = self
+            .lake
+            .delete_days_before(DAY_COLUMN, cutoff, operation("retention"))
+            .await?;
         self.record(&mut entered);
         drop(entered);
-        tracing::info!(table = %self.location, files = metrics.num_removed_files, ?keep, "removed expired day partitions");
-        Ok(metrics.num_removed_files)
+        tracing::info!(table = %self.location, files = removed, ?keep, "removed expired day partitions");
+        Ok(removed)
     }
 
     /// Commits `batches` (sorted as the lake keeps them) with `transactions`, in one
@@ -819,10 +781,13 @@ impl TableLake {
     pub async fn append_with(
         &mut self,
         batches: Vec<RecordBatch>,
-        transactions: Vec<Transaction>,
+        transactions: Vec<(String, i64)>,
     ) -> Result<i64, LakeError> {
-        let commit = CommitProperties::default().with_application_transactions(transactions);
-        self.write_commit(batches, commit).await
+        let meta = CommitMeta {
+            transactions,
+            metadata: Vec::new(),
+        };
+        self.lake.append(batches, meta).await
     }
 
     /// Commits `batches` (sorted as the lake keeps them) together with what they
@@ -837,13 +802,10 @@ impl TableLake {
     ) -> Result<i64, LakeError> {
         let mut transactions = Vec::new();
         if let Some(seq) = wal_seq {
-            transactions.push(Transaction::new(wal_app_id(&self.writer), seq as i64));
+            transactions.push((wal_app_id(&self.writer), seq as i64));
         }
         if let Some(time) = max_time {
-            transactions.push(Transaction::new(
-                max_time_app_id(self.kind, &self.writer),
-                time,
-            ));
+            transactions.push((max_time_app_id(self.kind, &self.writer), time));
         }
         // Who committed, and the latest row time: other writers de-duplicate against it.
         let mut metadata = vec![(WRITER_KEY.to_string(), self.writer.clone().into())];
@@ -860,66 +822,15 @@ impl TableLake {
                 serde_json::Value::Object(map),
             ));
         }
-        let commit = CommitProperties::default()
-            .with_application_transactions(transactions)
-            .with_metadata(metadata);
-        self.write_commit(batches, commit).await
-    }
-
-    /// Appends `batches` in one commit with `commit`'s transactions and metadata.
-    async fn write_commit(
-        &mut self,
-        batches: Vec<RecordBatch>,
-        commit: CommitProperties,
-    ) -> Result<i64, LakeError> {
-        let properties = self
-            .writer_properties()
-            .map_err(|source| LakeError::Arrow {
-                table: self.location.clone(),
-                source,
-            })?;
-        // One partition from input to file: with more, DataFusion deals the sorted
-        // rows round-robin over partitions in 8,192-row batches and delta-rs merges
-        // them back by day in arrival order, so files lose the lake's sort order (and
-        // with it pruning, compression and compaction's merge of sorted files).
-        let one_partition = std::collections::HashMap::from([(
-            "datafusion.execution.target_partitions".to_string(),
-            "1".to_string(),
-        )]);
-        let ctx = deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(
-            &one_partition,
-        )
-        .map_err(|e| self.delta_err(e))?
-        .into_inner();
-        self.table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| self.delta_err(e))?;
-        let written = self
-            .table
-            .clone()
-            .write(batches)
-            .with_session_state(std::sync::Arc::new(ctx.state()))
-            .with_save_mode(SaveMode::Append)
-            .with_partition_columns([DAY_COLUMN])
-            .with_writer_properties(properties)
-            .with_target_file_size(NonZeroU64::new(self.options.target_file_bytes))
-            .with_commit_properties(commit)
-            .await;
-        match written {
-            Ok(table) => {
-                self.table = table;
-                Ok(self.version().unwrap_or_default())
-            }
-            Err(e) => {
-                if is_conflict(&e) {
-                    // A commit of another writer removed rows this one's snapshot had
-                    // (retention), or won the same transaction: a retry must start from
-                    // the table as it is now.
-                    self.refresh().await?;
-                }
-                Err(self.delta_err(e))
-            }
-        }
+        self.lake
+            .append(
+                batches,
+                CommitMeta {
+                    transactions,
+                    metadata,
+                },
+            )
+            .await
     }
 }
 

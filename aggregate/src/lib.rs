@@ -25,6 +25,7 @@
 //! them, and a flush takes every table's rows and the positions at one instant, so
 //! each table's commit carries exactly the positions its rows cover.
 pub mod buffer;
+pub mod faulty;
 mod flush;
 pub mod health;
 pub mod lake;
@@ -35,6 +36,7 @@ pub mod metrics;
 mod model_tests;
 pub mod positions;
 pub mod rollup;
+pub mod store;
 pub mod wal;
 pub mod writer;
 #[cfg(test)]
@@ -61,6 +63,7 @@ use crate::lake::{CommitGate, LakeError, LakeOptions, TableLake};
 use crate::metrics as m;
 use crate::positions::{Positions, least_positions};
 use crate::rollup::Roller;
+use crate::store::Lake;
 use crate::wal::{Wal, WalError, encode_rows};
 use crate::writer::{Command, Outlet, Writer};
 
@@ -188,6 +191,9 @@ fn writer_id(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
     Ok(id)
 }
 
+/// Wraps a table handle's store: `(table name, store) → store`.
+pub type LakeWrap = Arc<dyn Fn(&str, Box<dyn Lake>) -> Box<dyn Lake> + Send + Sync>;
+
 /// One lake table as the flush sees it.
 pub(crate) struct TableSlot {
     pub(crate) table: Table,
@@ -208,6 +214,8 @@ pub(crate) struct Shared {
     /// One flush at a time (and no position hand-over in the middle of one).
     pub(crate) flushing: tokio::sync::Mutex<()>,
     pub(crate) writer_id: String,
+    /// Put in front of every table handle's store (tests inject faults with it).
+    pub(crate) wrap: Option<LakeWrap>,
     pub(crate) config: AggregateConfig,
     _lock: std::fs::File,
 }
@@ -289,6 +297,16 @@ impl Aggregator {
     /// Opens the lake's tables and the WAL, replays what the tables have not committed,
     /// and starts the writer, the flush loop and maintenance.
     pub async fn open(config: AggregateConfig) -> Result<Self, AggregateError> {
+        Self::open_with(config, None).await
+    }
+
+    /// As [`Aggregator::open`], with `wrap` in front of every table handle's store
+    /// (the flush's and maintenance's): how tests put a
+    /// [`FaultyLake`](crate::faulty::FaultyLake) in the path.
+    pub async fn open_with(
+        config: AggregateConfig,
+        wrap: Option<LakeWrap>,
+    ) -> Result<Self, AggregateError> {
         m::describe();
         let lock = lock_wal_dir(&config.wal_dir)?;
         let writer = writer_id(&config.wal_dir)?;
@@ -303,6 +321,9 @@ impl Aggregator {
                 &writer,
             )
             .await?;
+            if let Some(wrap) = &wrap {
+                lake = lake.wrap_lake(|store| wrap(table.name(), store));
+            }
             committed.push(lake.committed_seq().await?);
             // The latest time in the table: this writer's, or another's if later.
             let latest = match (lake.max_time().await?, lake.others_max_time().await?) {
@@ -374,6 +395,7 @@ impl Aggregator {
             outlet,
             flushing: tokio::sync::Mutex::new(()),
             writer_id: writer,
+            wrap,
             config,
             _lock: lock,
         });

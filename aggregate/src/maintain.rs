@@ -60,6 +60,10 @@ async fn open_handles(
         )
         .await?
         .with_commit_gate(std::sync::Arc::clone(&slot.gate));
+        let lake = match &shared.wrap {
+            Some(wrap) => lake.wrap_lake(|store| wrap(slot.table.name(), store)),
+            None => lake,
+        };
         out.push((lake, slot.table.name()));
     }
     if shared.config.rollup_interval.is_some() {

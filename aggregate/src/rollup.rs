@@ -39,7 +39,6 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
-use deltalake::kernel::Transaction;
 use fleetlake_model::schema::{Table, conform};
 
 use crate::lake::{LakeError, LakeOptions, OPERATION_KEY, TableLake, is_conflict, sort_for_lake};
@@ -491,7 +490,7 @@ impl Roller {
                 match table
                     .append_with(
                         vec![batch],
-                        vec![Transaction::new(SOURCE_VERSION_APP_ID, through)],
+                        vec![(SOURCE_VERSION_APP_ID.to_string(), through)],
                     )
                     .await
                 {

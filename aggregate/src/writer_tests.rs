@@ -304,7 +304,15 @@ async fn a_flush_commits_while_compaction_merges() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let table = table.expect("compaction committed after the flush");
+    table.expect("compaction committed after the flush");
+    assert_eq!(lake_rows(&lake).await, 4);
+}
+
+/// Rows in the lake's `metrics` table now.
+async fn lake_rows(lake: &crate::location::LakeLocation) -> i64 {
+    let table = deltalake::open_table(lake.table_url(Table::Metrics.name()))
+        .await
+        .unwrap();
     let ctx = datafusion::prelude::SessionContext::new();
     table.update_datafusion_session(&ctx.state()).unwrap();
     ctx.register_table("metrics", table.table_provider().await.unwrap())
@@ -316,11 +324,142 @@ async fn a_flush_commits_while_compaction_merges() {
         .collect()
         .await
         .unwrap();
-    let count = rows[0]
+    rows[0]
         .column(0)
         .as_any()
         .downcast_ref::<arrow::array::Int64Array>()
         .unwrap()
-        .value(0);
-    assert_eq!(count, 4);
+        .value(0)
+}
+
+/// An aggregator over a fresh lake whose `metrics` store follows `script`.
+async fn faulty_aggregator(
+    dir: &std::path::Path,
+    script: &crate::faulty::FaultScript,
+) -> (crate::Aggregator, crate::location::LakeLocation) {
+    use std::time::Duration;
+
+    use crate::faulty::FaultyLake;
+    use crate::lake::LakeOptions;
+    use crate::location::LakeLocation;
+    use crate::{AggregateConfig, Aggregator, LakeWrap};
+
+    let lake = LakeLocation::local(&dir.join("lake")).unwrap();
+    let script = script.clone();
+    let wrap: LakeWrap = Arc::new(move |name, store| {
+        if name == "metrics" {
+            Box::new(FaultyLake::new(store, script.clone()))
+        } else {
+            store
+        }
+    });
+    let aggregator = Aggregator::open_with(
+        AggregateConfig {
+            wal_dir: dir.join("wal"),
+            lake_location: lake.clone(),
+            flush_interval: Duration::from_secs(3600),
+            flush_rows: usize::MAX,
+            max_buffered_rows: usize::MAX,
+            max_buffered_bytes: usize::MAX,
+            wal_segment_bytes: 1 << 20,
+            lake: LakeOptions::default(),
+            compaction: None,
+            rollup_interval: None,
+        },
+        Some(wrap),
+    )
+    .await
+    .unwrap();
+    (aggregator, lake)
+}
+
+fn visible_rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+/// A commit the store refuses keeps its rows queryable in the hot buffer, and the
+/// next flush commits them, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_keeps_the_rows_and_the_next_flush_commits_them_once() {
+    use fleetlake_model::RowSink;
+
+    use crate::faulty::{Fault, FaultScript};
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = FaultScript::default();
+    let (aggregator, lake) = faulty_aggregator(dir.path(), &script).await;
+    aggregator
+        .write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    script.push(Fault::Fail);
+    assert!(aggregator.flush().await.is_err());
+    assert_eq!(script.pending(), 0, "the flush tried to commit");
+    assert_eq!(lake_rows(&lake).await, 0);
+    assert_eq!(
+        visible_rows(&aggregator.snapshot(Table::Metrics, None)),
+        1,
+        "refused rows stay queryable"
+    );
+    // More rows meanwhile: the retry takes both.
+    aggregator
+        .write(vec![(Table::Metrics, batch("2", 1))])
+        .await
+        .unwrap();
+    aggregator.flush().await.unwrap();
+    assert_eq!(lake_rows(&lake).await, 2);
+    let latest = deltalake::open_table(lake.table_url("metrics"))
+        .await
+        .unwrap()
+        .version()
+        .map(|v| v as i64);
+    assert_eq!(
+        visible_rows(&aggregator.snapshot(Table::Metrics, latest)),
+        0,
+        "a query reading the new version finds the rows in the lake, not twice"
+    );
+}
+
+/// Another writer's commit lands between this flush's start and its commit: the rows
+/// go in once, and a query reading the other writer's version (which lacks them) still
+/// finds them in the hot buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_loses_the_race_to_another_writer_still_lands_once_and_stays_visible() {
+    use fleetlake_model::RowSink;
+
+    use crate::faulty::{Fault, FaultScript};
+    use crate::store::CommitMeta;
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = FaultScript::default();
+    let (aggregator, lake) = faulty_aggregator(dir.path(), &script).await;
+    aggregator
+        .write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    let before = deltalake::open_table(lake.table_url("metrics"))
+        .await
+        .unwrap()
+        .version()
+        .unwrap() as i64;
+    script.push(Fault::OtherWriterFirst(CommitMeta {
+        transactions: vec![("another-writer".into(), 7)],
+        metadata: vec![("fleetlake.writer".into(), "another-writer".into())],
+    }));
+    aggregator.flush().await.unwrap();
+    let table = deltalake::open_table(lake.table_url("metrics"))
+        .await
+        .unwrap();
+    let after = table.version().unwrap() as i64;
+    assert_eq!(after, before + 2, "the other writer's commit, then ours");
+    assert_eq!(lake_rows(&lake).await, 1);
+    assert_eq!(
+        visible_rows(&aggregator.snapshot(Table::Metrics, Some(before + 1))),
+        1,
+        "a query at the other writer's version sees the rows through the buffer"
+    );
+    assert_eq!(
+        visible_rows(&aggregator.snapshot(Table::Metrics, Some(after))),
+        0
+    );
 }
