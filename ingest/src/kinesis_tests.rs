@@ -52,12 +52,67 @@ struct FakeKinesis {
     get_records_calls: Mutex<usize>,
     page: usize,
     calls: Mutex<Vec<String>>,
+    /// Listings of every shard (ListShards calls without a NextToken).
+    listings: Mutex<usize>,
+    /// Per shard, the GetRecords calls answered at its end (no record left to return).
+    end_reads: Mutex<HashMap<String, usize>>,
 }
+
+/// How many more times every open shard must be read at its end before a test takes
+/// it that nothing more arrives.
+const QUIET_READS: usize = 3;
 
 impl FakeKinesis {
     fn shard(&self, id: &str) -> &FakeShard {
         self.shards.iter().find(|s| s.shard.id == id).unwrap()
     }
+
+    fn listings(&self) -> usize {
+        *self.listings.lock().unwrap()
+    }
+
+    fn end_reads(&self, id: &str) -> usize {
+        self.end_reads.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+
+    /// Waits until the consumers have gone past every point where more records would
+    /// have come: the shards listed twice more (by any consumer; a shard to start, or
+    /// to start again, would have been started), then every open shard read at its end
+    /// `QUIET_READS` more times. A reader writes what a call returned before it makes
+    /// the next call, so whatever the first `QUIET_READS - 1` of those reads returned
+    /// (a late record, a shard read again from its start) has reached the sink.
+    async fn quiesce(&self) {
+        let listed = self.listings();
+        wait_for("two more listings of the shards", || {
+            self.listings() >= listed + 2
+        })
+        .await;
+        let before: Vec<(&str, usize)> = self
+            .shards
+            .iter()
+            .filter(|s| !s.closed)
+            .map(|s| (s.shard.id.as_str(), self.end_reads(&s.shard.id)))
+            .collect();
+        for (id, reads) in before {
+            wait_for(
+                &format!("{id} read at its end {QUIET_READS} more times"),
+                || self.end_reads(id) >= reads + QUIET_READS,
+            )
+            .await;
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms; panics naming `what` if it does not hold within 60 s (far
+/// more than any of these tests needs).
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..6000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
 }
 
 impl KinesisApi for FakeKinesis {
@@ -68,6 +123,9 @@ impl KinesisApi for FakeKinesis {
     ) -> BoxFuture<'a, Result<ShardsPage, ApiError>> {
         // Pages of one shard, to exercise NextToken.
         let at: usize = next_token.map_or(0, |t| t.parse().unwrap());
+        if at == 0 {
+            *self.listings.lock().unwrap() += 1;
+        }
         let shard = self.shards[at].shard.clone();
         let next = (at + 1 < self.shards.len()).then(|| (at + 1).to_string());
         Box::pin(async move {
@@ -127,6 +185,14 @@ impl KinesisApi for FakeKinesis {
         let (id, index) = iterator.split_once(':').unwrap();
         let index: usize = index.parse().unwrap();
         let shard = self.shard(id);
+        if fault.is_none() && index == shard.records.len() {
+            *self
+                .end_reads
+                .lock()
+                .unwrap()
+                .entry(id.to_string())
+                .or_default() += 1;
+        }
         let end = (index + self.page.min(limit as usize)).min(shard.records.len());
         let page = RecordsPage {
             records: shard.records[index..end].to_vec(),
@@ -263,25 +329,23 @@ fn stream_config() -> StreamConfig {
     }
 }
 
-/// Runs the consumer until `sink` holds `expected` metrics rows (or 20 s pass), then
+/// Runs the consumer until `sink` holds `expected` metrics rows and the consumer has
+/// gone past the point where more would have come (see [`FakeKinesis::quiesce`]), then
 /// stops it.
 async fn consume(api: Arc<FakeKinesis>, sink: Arc<FakeSink>, expected: usize) {
     let (stop, shutdown) = watch::channel(false);
     let consumer = tokio::spawn(run_stream(
         stream_config(),
-        api,
+        Arc::clone(&api) as Arc<dyn KinesisApi>,
         Arc::clone(&sink) as Arc<dyn StreamSink>,
         None,
         shutdown,
     ));
-    for _ in 0..2000 {
-        if sink.points().len() >= expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // A little longer, to see that nothing more arrives.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_for(&format!("{expected} metrics rows"), || {
+        sink.points().len() >= expected
+    })
+    .await;
+    api.quiesce().await;
     stop.send(true).unwrap();
     consumer.await.unwrap().unwrap();
 }
@@ -612,13 +676,11 @@ async fn two_consumers_split_the_shards_through_the_lease_table() {
             ))
         })
         .collect();
-    for _ in 0..500 {
-        if sinks.iter().map(|s| s.points().len()).sum::<usize>() >= 40 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for("40 metrics rows", || {
+        sinks.iter().map(|s| s.points().len()).sum::<usize>() >= 40
+    })
+    .await;
+    api.quiesce().await;
     stop.send(true).unwrap();
     for consumer in consumers {
         consumer.await.unwrap().unwrap();
@@ -650,12 +712,10 @@ async fn a_lease_taken_away_ends_the_consumer() {
         shutdown,
     ));
     let key = "fleet/shardId-000000000001";
-    for _ in 0..500 {
-        if store.items.lock().unwrap().contains_key(key) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("the lease of shard 1 taken", || {
+        store.items.lock().unwrap().contains_key(key)
+    })
+    .await;
     // Another instance takes it (as if "a" had missed its renewals).
     use crate::lease::LeaseStore;
     let mut stolen = false;
@@ -702,22 +762,19 @@ async fn a_late_instance_gets_its_share_handed_over_without_a_record_read_twice(
         ))
     };
     let first = start("a", &sinks[0]);
-    for _ in 0..500 {
-        if sinks[0].points().len() >= 40 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("40 metrics rows read by \"a\"", || {
+        sinks[0].points().len() >= 40
+    })
+    .await;
     assert_eq!(store.owned_by("a"), 4);
     let second = start("b", &sinks[1]);
-    for _ in 0..500 {
-        if store.owned_by("b") == 2 && store.owned_by("a") == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("two leases handed over from \"a\" to \"b\"", || {
+        store.owned_by("b") == 2 && store.owned_by("a") == 2
+    })
+    .await;
+    // "b" has read the shards it took to their end, where "a" left them.
+    api.quiesce().await;
     assert_eq!((store.owned_by("a"), store.owned_by("b")), (2, 2));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     stop.send(true).unwrap();
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
@@ -744,18 +801,22 @@ async fn children_start_at_their_first_record_and_ended_leases_are_released() {
     config.start = StartPosition::Latest;
     let consumer = tokio::spawn(run_stream(
         config,
-        api,
+        Arc::clone(&api) as Arc<dyn KinesisApi>,
         Arc::clone(&sink) as Arc<dyn StreamSink>,
         leases(&store, "a"),
         shutdown,
     ));
-    for _ in 0..500 {
-        if sink.points().len() >= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_for("5 metrics rows", || sink.points().len() >= 5).await;
+    wait_for("the parent's lease released", || {
+        store
+            .items
+            .lock()
+            .unwrap()
+            .get("fleet/shardId-000000000001")
+            .is_some_and(|(owner, _)| owner.is_none())
+    })
+    .await;
+    api.quiesce().await;
     stop.send(true).unwrap();
     consumer.await.unwrap().unwrap();
     let accounts: Vec<_> = sink.points().into_iter().map(|(a, _)| a).collect();
