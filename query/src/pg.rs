@@ -274,19 +274,20 @@ impl Passwords {
     }
 }
 
+/// Fails if the operating system cannot give random bytes, which SCRAM salts are
+/// made of: the service checks at start rather than salt from anything weaker.
+pub fn check_randomness() -> std::io::Result<()> {
+    let mut probe = [0u8; 16];
+    getrandom::fill(&mut probe)
+        .map_err(|e| std::io::Error::other(format!("no random source for SCRAM salts: {e}")))
+}
+
+/// A SCRAM salt from the operating system's random source. The service refuses to
+/// start without one (see [`check_randomness`]): a salt anyone can predict
+/// would let a stolen verifier be attacked with precomputed tables.
 fn rand_salt() -> [u8; 16] {
-    use std::hash::{BuildHasher, Hasher};
     let mut salt = [0u8; 16];
-    for chunk in salt.chunks_mut(8) {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default(),
-        );
-        chunk.copy_from_slice(&hasher.finish().to_le_bytes());
-    }
+    getrandom::fill(&mut salt).expect("the operating system has no random source");
     salt
 }
 
@@ -1063,5 +1064,17 @@ impl ExtendedQueryHandler for Queries {
         )
         .await
         .map(Response::Query)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn salts_come_from_the_operating_system_and_differ() {
+        check_randomness().unwrap();
+        let salts: std::collections::HashSet<[u8; 16]> = (0..64).map(|_| rand_salt()).collect();
+        assert_eq!(salts.len(), 64);
     }
 }
