@@ -67,6 +67,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     // Before anything is announced: a SIGTERM from then on shuts down gracefully.
     let shutdown = shutdown_signal().context("installing signal handlers")?;
+    fleetlake_query::pg::check_randomness()?;
     config.prepare_dirs()?;
     let prometheus = PrometheusBuilder::new()
         .install_recorder()

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metric_stream::{BaseStats, MetricsBatchBuilder, SeriesId};
 use crate::metrics as m;
+use crate::retry::RetryPolicy;
 use fleetlake_model::{RowSink, SinkError, Table};
 
 /// Queries per GetMetricData call (CloudWatch's limit).
@@ -237,7 +238,8 @@ pub struct Limits {
     pub datapoints_per_second: f64,
     /// Attempts per call before the account is given up (throttling, 5xx, timeouts).
     pub max_attempts: u32,
-    /// First wait after a failed attempt; doubled each time, up to 20 s, with jitter.
+    /// First wait after a failed attempt; doubled each time, up to 20 s, with full jitter
+    /// (each wait drawn between zero and that).
     pub initial_backoff: Duration,
 }
 
@@ -458,18 +460,14 @@ fn classify<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> (bool, bool) 
     }
 }
 
-async fn backoff(limits: &Limits, attempt: u32) {
-    let base = limits
-        .initial_backoff
-        .saturating_mul(1 << attempt.min(16))
-        .min(Duration::from_secs(20));
-    // Full jitter between half and the whole wait, so that throttled accounts spread out.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let fraction = 0.5 + f64::from(nanos % 1000) / 2000.0;
-    tokio::time::sleep(base.mul_f64(fraction)).await;
+/// The retry policy of one call: the README's numbers (first wait doubling up to
+/// 20 s, full jitter), `max_attempts` attempts in all.
+fn retry_policy(limits: &Limits) -> RetryPolicy {
+    RetryPolicy::attempts(
+        limits.initial_backoff,
+        Duration::from_secs(20),
+        limits.max_attempts.max(1),
+    )
 }
 
 /// Runs `call` until it succeeds, fails for good, or runs out of attempts.
@@ -485,6 +483,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, SdkError<E, R>>>,
 {
+    let mut waits = retry_policy(limits).waits();
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -496,17 +495,18 @@ where
                     Counters::add(&counters.throttled, 1);
                     metrics::counter!(m::BACKFILL_THROTTLED, "call" => name).increment(1);
                 }
-                if !retry || attempt >= limits.max_attempts.max(1) {
+                let wait = if retry { waits.next() } else { None };
+                let Some(wait) = wait else {
                     metrics::counter!(m::BACKFILL_ERRORS, "call" => name).increment(1);
                     return Err(BackfillError::Api {
                         call: name,
                         attempts: attempt,
                         message: DisplayErrorContext(&error).to_string(),
                     });
-                }
+                };
                 Counters::add(&counters.retries, 1);
-                tracing::debug!(call = name, attempt, error = %DisplayErrorContext(&error), "retrying");
-                backoff(limits, attempt - 1).await;
+                tracing::debug!(call = name, attempt, error = %DisplayErrorContext(&error), ?wait, "retrying");
+                tokio::time::sleep(wait).await;
             }
         }
     }

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::decode::{DecodeStats, Decoder, Format};
 use crate::lease::{Lease, LeaseLost, LeaseSettings, LeaseWatch};
 use crate::metrics as m;
+use crate::retry::RetryPolicy;
 use fleetlake_model::schema::Table;
 use fleetlake_model::sink::{SHARD_END, SinkError, StreamSink, sequence_le};
 
@@ -347,34 +348,6 @@ impl KinesisApi for SdkKinesis {
     }
 }
 
-/// Exponential backoff with a ceiling.
-#[derive(Debug)]
-struct Backoff {
-    first: Duration,
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(first: Duration, max: Duration) -> Self {
-        Self {
-            first,
-            next: first,
-            max,
-        }
-    }
-
-    fn next_wait(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
-        wait
-    }
-
-    fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
-
 /// Where a shard resumes, from the positions every table committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Resume {
@@ -471,7 +444,8 @@ pub async fn run_stream(
     // Per reader: its own stop signal, and word that it has stopped (after its last
     // write), for handing a shard to another instance.
     let mut readers: HashMap<String, (watch::Sender<bool>, oneshot::Receiver<()>)> = HashMap::new();
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut backoff =
+        RetryPolicy::forever(Duration::from_millis(500), Duration::from_secs(30)).waits();
     let mut next_list = tokio::time::Instant::now();
     // The first leases are taken a renewal interval after joining, so that instances
     // started together see each other's heartbeats and split the shards.
@@ -649,7 +623,8 @@ impl Coordinator {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<Self> {
         let key = crate::lease::heartbeat_key(&settings.owner);
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff =
+            RetryPolicy::forever(Duration::from_millis(500), Duration::from_secs(30)).waits();
         loop {
             let attempt = async {
                 settings.store.ensure_table().await?;
@@ -921,7 +896,8 @@ async fn read_shard(
     info!(stream = %stream.name, shard = %shard.id, after = ?last_seq, "reading shard");
     let mut failures = 0;
     let mut iterator: Option<String> = None;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff =
+        RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(10)).waits();
     loop {
         if *shutdown.borrow() {
             return;
@@ -1085,7 +1061,8 @@ async fn write(
     positions: Vec<(String, String)>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff =
+        RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5)).waits();
     loop {
         match sink.write_positioned(rows.clone(), positions.clone()).await {
             Ok(()) => return true,

@@ -37,6 +37,7 @@ pub mod lease;
 pub mod metric_stream;
 pub mod metrics;
 pub mod otel;
+pub mod retry;
 
 #[cfg(test)]
 mod format_tests;

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Data,
     /// A valid statement uses something this service does not support.
     Unsupported,
+    /// The statement would write: the lake is read-only over SQL.
+    ReadOnly,
     /// The caller's credential may not do this.
     Forbidden,
     /// The statement is too long or too deeply nested.
@@ -55,6 +57,7 @@ impl ErrorKind {
             Self::Mismatch => "42804",
             Self::Data => "22000",
             Self::Unsupported => "0A000",
+            Self::ReadOnly => "25006",
             Self::Forbidden => "42501",
             Self::TooComplex => "54001",
             Self::OutOfMemory => "53200",
@@ -77,6 +80,7 @@ impl ErrorKind {
             | Self::Mismatch
             | Self::Data
             | Self::Unsupported
+            | Self::ReadOnly
             | Self::TooComplex => 400,
             Self::Forbidden => 403,
             Self::OutOfMemory => 422,
@@ -90,7 +94,7 @@ impl ErrorKind {
     /// The `status` label of the query counters.
     pub fn label(self) -> &'static str {
         match self {
-            Self::Forbidden => "refused",
+            Self::Forbidden | Self::ReadOnly => "refused",
             Self::TooComplex => "too_complex",
             Self::OutOfMemory => "memory_limit",
             Self::Busy => "busy",
@@ -110,7 +114,7 @@ impl ErrorKind {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 17] = [
+    const ALL: [ErrorKind; 18] = [
         ErrorKind::Syntax,
         ErrorKind::UndefinedColumn,
         ErrorKind::AmbiguousColumn,
@@ -120,6 +124,7 @@ mod tests {
         ErrorKind::Mismatch,
         ErrorKind::Data,
         ErrorKind::Unsupported,
+        ErrorKind::ReadOnly,
         ErrorKind::Forbidden,
         ErrorKind::TooComplex,
         ErrorKind::OutOfMemory,
@@ -140,6 +145,7 @@ mod tests {
                 400 if kind == ErrorKind::Data => "22",
                 400 if kind == ErrorKind::Unsupported => "0A",
                 400 if kind == ErrorKind::TooComplex => "54",
+                400 if kind == ErrorKind::ReadOnly => "25",
                 400 | 403 => "42",
                 422 | 429 => "53",
                 499 => "57",

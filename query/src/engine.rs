@@ -7,6 +7,7 @@
 //! each table through an [`AccountFilter`].
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
+use datafusion::common::TableReference;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
@@ -29,9 +31,14 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, FunctionArguments, ObjectName, visit_expressions,
+};
 use deltalake::DeltaTable;
 use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_aggregate::rollup::{Rollup, rollup_sql};
+use fleetlake_model::ErrorKind;
 use fleetlake_model::schema::{Table, conform};
 use futures::StreamExt;
 
@@ -111,51 +118,201 @@ impl Default for QueryLimits {
     }
 }
 
-/// Why a query failed.
+/// Why a query failed. [`QueryError::kind`] classifies it, once: the HTTP status,
+/// the Postgres SQLSTATE and the `status` label of the query counters all come from
+/// the kind.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    /// The SQL is invalid, refused, or failed while running.
+    /// The SQL is invalid or failed while running (classified by the error's
+    /// structure: see [`kind_of`]).
     #[error("{0}")]
     Sql(#[source] Box<DataFusionError>),
+    /// Planning failed on a name the caller's catalog does not hold: a table
+    /// ([`ErrorKind::UndefinedTable`]) or a function
+    /// ([`ErrorKind::UndefinedFunction`]), found by resolving the statement's names
+    /// before it was planned. The message is the planner's.
+    #[error("{1}")]
+    Undefined(ErrorKind, #[source] Box<DataFusionError>),
     /// The query ran past its time limit.
     #[error("canceling statement due to statement timeout ({0:?})")]
     Timeout(Duration),
+    /// The client canceled the statement.
+    #[error("canceling statement due to user request")]
+    Canceled,
     /// The lake has no tables (nothing was ever ingested into this data directory).
     #[error("no lake tables under {0}: start `fleetlake serve` with this data directory first")]
     NoTable(String),
     /// The lake could not be read.
     #[error("lake unavailable: {0}")]
     Lake(String),
-    /// The statement is too long or too deep to plan (SQLSTATE 54001, HTTP 400).
+    /// The statement is too long or too deep to plan.
     #[error("{0}")]
     TooComplex(#[from] TooComplex),
-    /// The statement is not allowed (its SQLSTATE and message).
+    /// The statement is not allowed: why (a write, a setting, a privilege), and the
+    /// message.
     #[error("{1}")]
-    Refused(&'static str, String),
-    /// Too many statements are running (SQLSTATE 53300, HTTP 429).
+    Refused(ErrorKind, String),
+    /// Too many statements are running.
     #[error("{0}")]
     Busy(#[from] Busy),
 }
 
 impl QueryError {
-    /// Whether the failure is the query's fault rather than the service's.
-    pub fn is_user_error(&self) -> bool {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Sql(e) => !matches!(
-                e.find_root(),
-                DataFusionError::IoError(_)
-                    | DataFusionError::ObjectStore(_)
-                    | DataFusionError::ParquetError(_)
-            ),
-            Self::Timeout(_) | Self::TooComplex(_) | Self::Refused(..) | Self::Busy(_) => true,
-            Self::NoTable(_) | Self::Lake(_) => false,
+            Self::Sql(e) => kind_of(e),
+            Self::Undefined(kind, _) | Self::Refused(kind, _) => *kind,
+            Self::Timeout(_) => ErrorKind::Timeout,
+            Self::Canceled => ErrorKind::Canceled,
+            Self::NoTable(_) | Self::Lake(_) => ErrorKind::Unavailable,
+            Self::TooComplex(_) => ErrorKind::TooComplex,
+            Self::Busy(_) => ErrorKind::Busy,
         }
     }
 
-    /// Whether the query went past its memory limit.
-    pub fn is_resources_exhausted(&self) -> bool {
-        matches!(self, Self::Sql(e) if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)))
+    /// Whether the failure is the query's fault rather than the service's.
+    pub fn is_user_error(&self) -> bool {
+        self.kind().is_user_error()
     }
+}
+
+/// What kind of failure a DataFusion error is, from its structure (the innermost
+/// DataFusion error of its chain).
+pub fn kind_of(error: &DataFusionError) -> ErrorKind {
+    use datafusion::common::SchemaError;
+    use datafusion::sql::sqlparser::parser::ParserError;
+    match error.find_root() {
+        DataFusionError::SQL(e, _) if matches!(**e, ParserError::RecursionLimitExceeded) => {
+            ErrorKind::TooComplex
+        }
+        DataFusionError::SQL(..) => ErrorKind::Syntax,
+        DataFusionError::SchemaError(e, _) => match e.as_ref() {
+            SchemaError::FieldNotFound { .. } => ErrorKind::UndefinedColumn,
+            SchemaError::AmbiguousReference { .. } => ErrorKind::AmbiguousColumn,
+            _ => ErrorKind::Mismatch,
+        },
+        DataFusionError::Plan(_) => ErrorKind::Mismatch,
+        DataFusionError::NotImplemented(_) => ErrorKind::Unsupported,
+        DataFusionError::ResourcesExhausted(_) => ErrorKind::OutOfMemory,
+        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => ErrorKind::Data,
+        DataFusionError::IoError(_)
+        | DataFusionError::ObjectStore(_)
+        | DataFusionError::ParquetError(_) => ErrorKind::Unavailable,
+        // A table of the lake that could not be resolved (see `LakeSchema::table`).
+        DataFusionError::External(e) => match e.downcast_ref::<QueryError>() {
+            Some(error) => error.kind(),
+            None => ErrorKind::Internal,
+        },
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// Plans `statement` in `state`.
+///
+/// The tables and functions it names are resolved first, against the caller's
+/// catalog as DataFusion resolves them: if planning then fails on one the catalog
+/// does not hold, the error is [`QueryError::Undefined`] with the planner's message.
+/// A table hidden from a caller limited to some accounts is not in its catalog, so it
+/// fails exactly as a table that does not exist.
+pub async fn plan_statement(
+    state: &SessionState,
+    statement: DfStatement,
+) -> Result<LogicalPlan, QueryError> {
+    let undefined = undefined_name(state, &statement);
+    state
+        .statement_to_plan(statement)
+        .await
+        .map_err(|e| match undefined {
+            Some(kind) if matches!(e.find_root(), DataFusionError::Plan(_)) => {
+                QueryError::Undefined(kind, Box::new(e))
+            }
+            _ => QueryError::Sql(Box::new(e)),
+        })
+}
+
+/// Parses `sql` (one statement) as the session's dialect and plans it read-only: a
+/// statement that would write is refused ([`ErrorKind::ReadOnly`]).
+pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPlan, QueryError> {
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state
+        .sql_to_statement(sql, &dialect)
+        .map_err(|e| QueryError::Sql(Box::new(e)))?;
+    let plan = plan_statement(state, statement).await?;
+    verify_read_only(&plan)?;
+    Ok(plan)
+}
+
+/// Refuses a plan that would write (DDL, DML, `SET` of the engine).
+pub fn verify_read_only(plan: &LogicalPlan) -> Result<(), QueryError> {
+    read_only()
+        .verify_plan(plan)
+        .map_err(|e| QueryError::Refused(ErrorKind::ReadOnly, e.to_string()))
+}
+
+/// The kind of the first name of `statement` the session cannot resolve: a table
+/// (or view) not in its catalog, else a function it has not registered.
+fn undefined_name(state: &SessionState, statement: &DfStatement) -> Option<ErrorKind> {
+    let references = state.resolve_table_references(statement).ok()?;
+    let defaults = &state.config().options().catalog;
+    let table_missing = references.into_iter().any(|reference| {
+        let resolved = reference.resolve(&defaults.default_catalog, &defaults.default_schema);
+        // A table function (`generate_series(...)`) is a relation too.
+        !state
+            .table_functions()
+            .contains_key(resolved.table.as_ref())
+            && !state
+                .schema_for_ref(TableReference::full(
+                    Arc::clone(&resolved.catalog),
+                    Arc::clone(&resolved.schema),
+                    Arc::clone(&resolved.table),
+                ))
+                .is_ok_and(|schema| schema.table_exist(&resolved.table))
+    });
+    if table_missing {
+        return Some(ErrorKind::UndefinedTable);
+    }
+    let DfStatement::Statement(statement) = statement else {
+        return None;
+    };
+    let normalize = state
+        .config()
+        .options()
+        .sql_parser
+        .enable_ident_normalization;
+    let unknown = visit_expressions(statement.as_ref(), |expr| match expr {
+        SqlExpr::Function(function)
+            if !matches!(function.args, FunctionArguments::None)
+                && !is_function(state, &function.name, normalize) =>
+        {
+            ControlFlow::Break(())
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    unknown.is_break().then_some(ErrorKind::UndefinedFunction)
+}
+
+/// Whether the session has a function of `name`, looked up as DataFusion's planner
+/// does: a compound name as written, a simple one normalized.
+fn is_function(state: &SessionState, name: &ObjectName, normalize: bool) -> bool {
+    let name = match name.0.as_slice() {
+        [part] => match part.as_ident() {
+            Some(ident) if ident.quote_style.is_none() && normalize => {
+                ident.value.to_ascii_lowercase()
+            }
+            Some(ident) => ident.value.clone(),
+            None => return true,
+        },
+        _ => name.to_string(),
+    };
+    // Planned by the SQL planner itself, not looked up.
+    matches!(
+        name.as_str(),
+        "unnest" | "unnest_outer" | "make_map" | "map"
+    ) || state.scalar_functions().contains_key(&name)
+        || state.aggregate_functions().contains_key(&name)
+        || state.window_functions().contains_key(&name)
+        || state.higher_order_functions().contains_key(&name)
 }
 
 /// A query's result.
@@ -538,7 +695,7 @@ impl QueryEngine {
         admitted: &Admitted,
     ) -> Result<(SchemaRef, SendableRecordBatchStream), QueryError> {
         check_plan(&plan, principal.accounts.is_some())
-            .map_err(|(code, message)| QueryError::Refused(code, message))?;
+            .map_err(|(kind, message)| QueryError::Refused(kind, message))?;
         let sql_err = |e| QueryError::Sql(Box::new(e));
         let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
         let physical = state.create_physical_plan(&plan).await.map_err(sql_err)?;
@@ -613,11 +770,8 @@ impl QueryEngine {
     pub async fn plan(&self, sql: &str, principal: &Principal) -> Result<SchemaRef, QueryError> {
         self.check_text(sql)?;
         let ctx = self.session(principal)?;
-        let frame = ctx
-            .sql_with_options(sql, read_only())
-            .await
-            .map_err(|e| QueryError::Sql(Box::new(e)))?;
-        Ok(Arc::new(frame.schema().as_arrow().clone()))
+        let plan = plan_read_only(&ctx.state(), sql).await?;
+        Ok(Arc::new(plan.schema().as_arrow().clone()))
     }
 
     /// Runs one read-only SQL statement for `principal`, within the limits; fails
@@ -648,11 +802,8 @@ impl QueryEngine {
         let ctx = self.session(principal)?;
         let sql_err = |e| QueryError::Sql(Box::new(e));
         let run = async {
-            let frame = ctx
-                .sql_with_options(sql, read_only())
-                .await
-                .map_err(sql_err)?;
-            let (state, plan) = frame.into_parts();
+            let state = ctx.state();
+            let plan = plan_read_only(&state, sql).await?;
             let (schema, mut stream) = self.execute(&state, plan, principal, admitted).await?;
             let reservation = admitted.pool.results();
             let mut batches = Vec::new();
@@ -683,4 +834,158 @@ fn read_only() -> SQLOptions {
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(dir: &tempfile::TempDir, limits: QueryLimits) -> QueryEngine {
+        QueryEngine::new(LakeLocation::local(dir.path()).unwrap(), None).with_limits(limits)
+    }
+
+    async fn failure(engine: &QueryEngine, principal: &Principal, sql: &str) -> QueryError {
+        match engine.run(sql, principal).await {
+            Ok(output) => panic!("{sql}: answered {:?}", output.batches),
+            Err(error) => error,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_failure_has_the_kind_its_structure_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir, QueryLimits::default());
+        let ops = Principal::unrestricted("ops");
+        for (sql, kind, sqlstate) in [
+            ("SELEC 1", ErrorKind::Syntax, "42601"),
+            (
+                "SELECT no_such_column FROM metrics",
+                ErrorKind::UndefinedColumn,
+                "42703",
+            ),
+            (
+                "SELECT * FROM no_such_table",
+                ErrorKind::UndefinedTable,
+                "42P01",
+            ),
+            (
+                "SELECT * FROM nosuch.metrics",
+                ErrorKind::UndefinedTable,
+                "42P01",
+            ),
+            (
+                "SELECT no_such_function(value) FROM metrics",
+                ErrorKind::UndefinedFunction,
+                "42883",
+            ),
+            (
+                "SELECT count(*) FROM (SELECT no_such_function(1) AS x) AS t",
+                ErrorKind::UndefinedFunction,
+                "42883",
+            ),
+            ("SELECT 1 / 0", ErrorKind::Data, "22000"),
+            ("SELECT CAST('x' AS INT)", ErrorKind::Data, "22000"),
+            ("SELECT 'a' + 1", ErrorKind::Mismatch, "42804"),
+            ("CREATE TABLE t (a INT)", ErrorKind::ReadOnly, "25006"),
+        ] {
+            let error = failure(&engine, &ops, sql).await;
+            assert_eq!(error.kind(), kind, "{sql}: {error}");
+            assert_eq!(error.kind().sqlstate(), sqlstate, "{sql}");
+            assert_eq!(error.kind().label(), kind.label(), "{sql}");
+        }
+        // Names that only look unknown to the catalog plan as usual.
+        for sql in [
+            "SELECT count(*) FROM generate_series(1, 3)",
+            "WITH t AS (SELECT 1 AS a) SELECT a FROM t",
+            "SELECT table_name FROM information_schema.tables",
+            "SELECT row_number() OVER () FROM metrics",
+        ] {
+            engine.run(sql, &ops).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hidden_table_fails_as_one_that_does_not_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir, QueryLimits::default());
+        let tenant = Principal::limited_to("tenant", ["100000000001".to_string()]);
+        let hidden = Table::ALL
+            .into_iter()
+            .find(|t| t.schema().column_with_name(ACCOUNT_COLUMN).is_none())
+            .expect("a table without accounts")
+            .name();
+        let ops = Principal::unrestricted("ops");
+        engine
+            .run(&format!("SELECT count(*) FROM {hidden}"), &ops)
+            .await
+            .unwrap();
+        let seen = failure(&engine, &tenant, &format!("SELECT * FROM {hidden}")).await;
+        let missing = failure(&engine, &tenant, "SELECT * FROM no_such_table").await;
+        assert_eq!(seen.kind(), ErrorKind::UndefinedTable);
+        assert_eq!(missing.kind(), ErrorKind::UndefinedTable);
+        assert_eq!(
+            seen.to_string().replace(hidden, "no_such_table"),
+            missing.to_string()
+        );
+        let explain = failure(&engine, &tenant, "EXPLAIN VERBOSE SELECT 1").await;
+        assert_eq!(explain.kind().sqlstate(), "42501");
+        assert_eq!(explain.kind().http_status(), 403);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn limits_have_kinds_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let ops = Principal::unrestricted("ops");
+
+        let timed = engine(
+            &dir,
+            QueryLimits {
+                timeout: Some(Duration::from_millis(50)),
+                ..QueryLimits::default()
+            },
+        );
+        let timeout = failure(
+            &timed,
+            &ops,
+            "SELECT count(*) FROM generate_series(1, 100000) a, generate_series(1, 100000) b",
+        )
+        .await;
+        assert_eq!(timeout.kind(), ErrorKind::Timeout);
+        let canceled = QueryError::Canceled;
+        assert_eq!(timeout.kind().sqlstate(), "57014");
+        assert_eq!(canceled.kind().sqlstate(), "57014");
+        assert_eq!(timeout.kind().label(), "timeout");
+        assert_eq!(canceled.kind().label(), "canceled");
+        assert_ne!(timeout.kind().http_status(), canceled.kind().http_status());
+
+        let small = engine(
+            &dir,
+            QueryLimits {
+                memory_limit: Some(1 << 20),
+                ..QueryLimits::default()
+            },
+        );
+        let memory = failure(
+            &small,
+            &ops,
+            "SELECT value FROM generate_series(1, 1000000)",
+        )
+        .await;
+        assert_eq!(memory.kind(), ErrorKind::OutOfMemory, "{memory}");
+        assert_eq!(memory.kind().sqlstate(), "53200");
+        assert_eq!(memory.kind().http_status(), 422);
+
+        let one = engine(
+            &dir,
+            QueryLimits {
+                max_concurrent: 1,
+                ..QueryLimits::default()
+            },
+        );
+        let _running = one.admit(&ops).unwrap();
+        let busy = one.admit(&ops).unwrap_err();
+        assert_eq!(busy.kind(), ErrorKind::Busy);
+        assert_eq!(busy.kind().sqlstate(), "53300");
+        assert_eq!(busy.kind().http_status(), 429);
+    }
 }

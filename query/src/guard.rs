@@ -17,6 +17,7 @@ use datafusion::sql::sqlparser::ast::{ContextModifier, Expr, ObjectName, Reset, 
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+use fleetlake_model::ErrorKind;
 
 /// Bounds on a statement's text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,8 +186,8 @@ pub enum Setting {
     Reset(Option<String>),
 }
 
-/// A refused setting: SQLSTATE and message.
-pub type Refused = (&'static str, String);
+/// A refused statement: why, and the message.
+pub type Refused = (ErrorKind, String);
 
 /// Settings clients may change: display settings the Postgres front end keeps per
 /// connection, and `statement_timeout`, which can only lower the server's timeout
@@ -221,11 +222,14 @@ fn setting_name(name: &ObjectName) -> String {
 
 fn refused(name: &str) -> Refused {
     if SESSION_SETTINGS.contains(&name) || ALREADY_SO.contains(&name) {
-        return ("42601", format!("invalid value for parameter \"{name}\""));
+        return (
+            ErrorKind::Syntax,
+            format!("invalid value for parameter \"{name}\""),
+        );
     }
     if name.starts_with("datafusion.") || name == "datafusion" {
         return (
-            "42501",
+            ErrorKind::Forbidden,
             format!(
                 "permission denied to set parameter \"{name}\": the query engine's settings are \
                  fixed by the server"
@@ -233,7 +237,7 @@ fn refused(name: &str) -> Refused {
         );
     }
     (
-        "42704",
+        ErrorKind::UndefinedObject,
         format!(
             "unrecognized configuration parameter \"{name}\" (settable: {})",
             SESSION_SETTINGS.join(", ")
@@ -309,7 +313,7 @@ pub fn setting(statement: &Statement) -> Option<Result<Setting, Refused>> {
         }
         Set::SetNamesDefault {} => Ok(Setting::Accepted),
         Set::SetTransaction { .. } => Ok(Setting::Accepted),
-        Set::SetNames { .. } => Err(("0A000", "only UTF8 is supported".into())),
+        Set::SetNames { .. } => Err((ErrorKind::Unsupported, "only UTF8 is supported".into())),
         Set::ParenthesizedAssignments { variables, .. } => Err(refused(
             &variables.first().map(setting_name).unwrap_or_default(),
         )),
@@ -320,10 +324,13 @@ pub fn setting(statement: &Statement) -> Option<Result<Setting, Refused>> {
                 .unwrap_or_default(),
         )),
         Set::SetRole { .. } | Set::SetSessionAuthorization(_) => Err((
-            "42501",
+            ErrorKind::Forbidden,
             "permission denied: the role is the one you logged in as".into(),
         )),
-        _ => Err(("42501", format!("permission denied: {statement}"))),
+        _ => Err((
+            ErrorKind::Forbidden,
+            format!("permission denied: {statement}"),
+        )),
     })
 }
 
@@ -340,7 +347,7 @@ pub fn check_plan(plan: &LogicalPlan, limited: bool) -> Result<(), Refused> {
     };
     if shows_data {
         return Err((
-            "42501",
+            ErrorKind::Forbidden,
             "permission denied: EXPLAIN VERBOSE and EXPLAIN ANALYZE show statistics of every \
              account's data; a credential limited to some accounts may use EXPLAIN alone"
                 .into(),
@@ -449,10 +456,10 @@ mod tests {
             let decision = setting(&parse(sql)).unwrap();
             assert!(decision.is_err(), "{sql}: {decision:?}");
         }
-        let (code, _) = setting(&parse("SET \"datafusion\".runtime.memory_limit = '64G'"))
+        let (kind, _) = setting(&parse("SET \"datafusion\".runtime.memory_limit = '64G'"))
             .unwrap()
             .unwrap_err();
-        assert_eq!(code, "42501");
+        assert_eq!(kind.sqlstate(), "42501");
     }
 
     #[test]

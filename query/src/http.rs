@@ -168,21 +168,10 @@ async fn run_sql(
                 .into_response()
         }
         Err(e) => {
-            let (status, label) = match &e {
-                QueryError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
-                QueryError::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "busy"),
-                QueryError::TooComplex(_) => (StatusCode::BAD_REQUEST, "too_complex"),
-                QueryError::Refused("42501", _) => (StatusCode::FORBIDDEN, "refused"),
-                QueryError::Refused(..) => (StatusCode::BAD_REQUEST, "refused"),
-                e if e.is_resources_exhausted() => {
-                    (StatusCode::UNPROCESSABLE_ENTITY, "memory_limit")
-                }
-                e if e.is_user_error() => (StatusCode::BAD_REQUEST, "error"),
-                QueryError::NoTable(_) | QueryError::Lake(_) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "error")
-                }
-                _ => (StatusCode::INTERNAL_SERVER_ERROR, "error"),
-            };
+            let kind = e.kind();
+            let status = StatusCode::from_u16(kind.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let label = kind.label();
             ::metrics::counter!(m::QUERIES, "status" => label, "protocol" => "http").increment(1);
             debug!(error = %e, user = %principal.name, "query failed");
             let mut response = error(status, &e.to_string());

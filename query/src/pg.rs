@@ -29,7 +29,6 @@ use bytes::Bytes;
 use datafusion::common::ParamValues;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::execution::context::SQLOptions;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
@@ -45,6 +44,7 @@ use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser
 use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
 use datafusion_postgres::pgwire;
+use fleetlake_model::ErrorKind;
 use futures::{Sink, Stream, StreamExt, stream};
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
@@ -70,7 +70,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::access::{Access, Principal};
-use crate::engine::{Admitted, CATALOG, QueryEngine, QueryError};
+use crate::engine::{Admitted, CATALOG, QueryEngine, QueryError, plan_statement, verify_read_only};
 use crate::guard::{self, Setting};
 use crate::metrics as m;
 
@@ -274,19 +274,20 @@ impl Passwords {
     }
 }
 
+/// Fails if the operating system cannot give random bytes, which SCRAM salts are
+/// made of: the service checks at start rather than salt from anything weaker.
+pub fn check_randomness() -> std::io::Result<()> {
+    let mut probe = [0u8; 16];
+    getrandom::fill(&mut probe)
+        .map_err(|e| std::io::Error::other(format!("no random source for SCRAM salts: {e}")))
+}
+
+/// A SCRAM salt from the operating system's random source. The service refuses to
+/// start without one (see [`check_randomness`]): a salt anyone can predict
+/// would let a stolen verifier be attacked with precomputed tables.
 fn rand_salt() -> [u8; 16] {
-    use std::hash::{BuildHasher, Hasher};
     let mut salt = [0u8; 16];
-    for chunk in salt.chunks_mut(8) {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default(),
-        );
-        chunk.copy_from_slice(&hasher.finish().to_le_bytes());
-    }
+    getrandom::fill(&mut salt).expect("the operating system has no random source");
     salt
 }
 
@@ -429,48 +430,18 @@ fn pg_error(code: &str, message: impl Into<String>) -> PgWireError {
     )))
 }
 
-/// SQLSTATE of a DataFusion error.
-fn sqlstate(error: &DataFusionError) -> &'static str {
-    use datafusion::common::SchemaError;
-    match error.find_root() {
-        DataFusionError::SQL(..) => "42601",
-        DataFusionError::SchemaError(e, _) => match e.as_ref() {
-            SchemaError::FieldNotFound { .. } => "42703",
-            SchemaError::AmbiguousReference { .. } => "42702",
-            _ => "42P18",
-        },
-        DataFusionError::Plan(message) if message.contains("not found") => {
-            if message.contains("table") {
-                "42P01"
-            } else {
-                "42704"
-            }
-        }
-        DataFusionError::Plan(message) if message.contains("Invalid function") => "42883",
-        DataFusionError::Plan(_) => "42804",
-        DataFusionError::NotImplemented(_) => "0A000",
-        DataFusionError::ResourcesExhausted(_) => "53200",
-        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => "22000",
-        DataFusionError::IoError(_)
-        | DataFusionError::ObjectStore(_)
-        | DataFusionError::ParquetError(_) => "58030",
-        _ => "XX000",
-    }
-}
-
 fn df_error(error: DataFusionError) -> PgWireError {
-    pg_error(sqlstate(&error), error.to_string())
+    query_error(QueryError::Sql(Box::new(error)))
 }
 
+/// The Postgres error of `error`: the SQLSTATE of its kind.
 fn query_error(error: QueryError) -> PgWireError {
-    match error {
-        QueryError::Sql(e) => df_error(*e),
-        QueryError::Timeout(_) => pg_error("57014", "canceling statement due to statement timeout"),
-        QueryError::NoTable(_) | QueryError::Lake(_) => pg_error("58030", error.to_string()),
-        QueryError::TooComplex(_) => pg_error("54001", error.to_string()),
-        QueryError::Refused(code, message) => pg_error(code, message),
-        QueryError::Busy(_) => pg_error("53300", error.to_string()),
-    }
+    let message = match &error {
+        // Postgres' own words, without the limit.
+        QueryError::Timeout(_) => "canceling statement due to statement timeout".to_string(),
+        other => other.to_string(),
+    };
+    pg_error(error.kind().sqlstate(), message)
 }
 
 /// `SET` and `RESET`, decided on the parsed statement ([`guard::setting`]): the
@@ -479,24 +450,16 @@ fn settle(statement: Statement) -> PgWireResult<Statement> {
     match guard::setting(&statement) {
         None | Some(Ok(Setting::Accepted | Setting::Reset(_))) => Ok(statement),
         Some(Ok(Setting::Hook(normalized))) => Ok(*normalized),
-        Some(Err((code, message))) => {
-            ::metrics::counter!(m::QUERIES, "status" => "refused", "protocol" => "postgres")
+        Some(Err((kind, message))) => {
+            ::metrics::counter!(m::QUERIES, "status" => kind.label(), "protocol" => "postgres")
                 .increment(1);
-            Err(pg_error(code, message))
+            Err(query_error(QueryError::Refused(kind, message)))
         }
     }
 }
 
-fn canceled() -> PgWireError {
-    pg_error("57014", "canceling statement due to user request")
-}
-
-fn timed_out() -> PgWireError {
-    pg_error("57014", "canceling statement due to statement timeout")
-}
-
 /// Why `statement` may not run here, if it may not.
-fn refusal(statement: &Statement) -> Option<PgWireError> {
+fn refusal(statement: &Statement) -> Option<QueryError> {
     match statement {
         Statement::Query(_)
         | Statement::ShowVariable { .. }
@@ -528,8 +491,8 @@ fn refusal(statement: &Statement) -> Option<PgWireError> {
                 [first, ..] => first.to_string(),
                 [] => String::new(),
             };
-            Some(pg_error(
-                "25006",
+            Some(QueryError::Refused(
+                ErrorKind::ReadOnly,
                 format!(
                     "cannot execute {verb} in a read-only transaction: fleetlake's SQL is read-only"
                 ),
@@ -608,8 +571,9 @@ fn wire_batch(batch: RecordBatch, wire: &SchemaRef) -> PgWireResult<RecordBatch>
             }
         })
         .collect::<Result<Vec<ArrayRef>, _>>()
-        .map_err(|e| pg_error("22000", e.to_string()))?;
-    RecordBatch::try_new(Arc::clone(wire), columns).map_err(|e| pg_error("22000", e.to_string()))
+        .map_err(|e| pg_error(ErrorKind::Data.sqlstate(), e.to_string()))?;
+    RecordBatch::try_new(Arc::clone(wire), columns)
+        .map_err(|e| pg_error(ErrorKind::Data.sqlstate(), e.to_string()))
 }
 
 /// The rest of a result after its first batch, stopped by cancel or the deadline.
@@ -618,6 +582,7 @@ fn guarded(
     cancel: Arc<CancelFlag>,
     id: u64,
     deadline: Instant,
+    timeout: Duration,
 ) -> impl Stream<Item = PgWireResult<RecordBatch>> + Send {
     stream::unfold(Some(stream), move |state| {
         let cancel = Arc::clone(&cancel);
@@ -625,8 +590,10 @@ fn guarded(
             let mut stream = state?;
             let next = tokio::select! {
                 biased;
-                _ = cancel.canceled(id) => Some(Err(canceled())),
-                _ = tokio::time::sleep_until(deadline.into()) => Some(Err(timed_out())),
+                _ = cancel.canceled(id) => Some(Err(query_error(QueryError::Canceled))),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    Some(Err(query_error(QueryError::Timeout(timeout))))
+                }
                 batch = stream.next() => batch.map(|b| b.map_err(df_error)),
             };
             match next {
@@ -694,27 +661,17 @@ impl Core {
         format: &Format,
     ) -> PgWireResult<QueryResponse> {
         let started = Instant::now();
-        let deadline = started + timeout;
         let id = conn.cancel.begin();
         let result = match self.engine.admit(&conn.principal) {
             Ok(admitted) => {
-                self.start(conn, id, deadline, statement, params, format, admitted)
+                self.start(conn, id, timeout, statement, params, format, admitted)
                     .await
             }
-            Err(error) => Err(query_error(error)),
+            Err(error) => Err(error),
         };
         let status = match &result {
             Ok(_) => "ok",
-            Err(PgWireError::UserError(info)) => match info.code.as_str() {
-                "57014" if info.message.contains("timeout") => "timeout",
-                "57014" => "canceled",
-                "53200" => "memory_limit",
-                "53300" => "busy",
-                "54001" => "too_complex",
-                "42501" => "refused",
-                _ => "error",
-            },
-            Err(_) => "error",
+            Err(error) => error.kind().label(),
         };
         ::metrics::counter!(m::QUERIES, "status" => status, "protocol" => "postgres").increment(1);
         ::metrics::histogram!(m::QUERY_SECONDS, "protocol" => "postgres")
@@ -722,7 +679,7 @@ impl Core {
         if let Err(error) = &result {
             debug!(user = %conn.principal.name, %error, "postgres statement failed");
         }
-        result
+        result.map_err(query_error)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -730,50 +687,53 @@ impl Core {
         &self,
         conn: &ConnState,
         id: u64,
-        deadline: Instant,
+        timeout: Duration,
         statement: &Statement,
         params: Option<&ParamValues>,
         format: &Format,
         admitted: Admitted,
-    ) -> PgWireResult<QueryResponse> {
+    ) -> Result<QueryResponse, QueryError> {
+        let deadline = Instant::now() + timeout;
+        let sql_err = |e| QueryError::Sql(Box::new(e));
         let work = async {
             let state = conn.ctx.state();
-            let mut plan = state
-                .statement_to_plan(DfStatement::Statement(Box::new(statement.clone())))
-                .await
-                .map_err(df_error)?;
-            SQLOptions::new()
-                .with_allow_ddl(false)
-                .with_allow_dml(false)
-                .with_allow_statements(false)
-                .verify_plan(&plan)
-                .map_err(|e| pg_error("25006", e.to_string()))?;
+            let statement = DfStatement::Statement(Box::new(statement.clone()));
+            let mut plan = plan_statement(&state, statement).await?;
+            verify_read_only(&plan)?;
             if let Some(params) = params {
-                plan = plan.replace_params_with_values(params).map_err(df_error)?;
+                plan = plan.replace_params_with_values(params).map_err(sql_err)?;
             }
             let (schema, mut stream) = self
                 .engine
                 .execute(&state, plan, &conn.principal, &admitted)
-                .await
-                .map_err(query_error)?;
+                .await?;
             // Blocking operators (aggregations, sorts, joins) do their work before the
             // first batch: under the deadline and the cancel request here.
-            let first = stream.next().await.transpose().map_err(df_error)?;
-            Ok::<_, PgWireError>((schema, first, stream))
+            let first = stream.next().await.transpose().map_err(sql_err)?;
+            Ok::<_, QueryError>((schema, first, stream))
         };
         let (schema, first, rest) = tokio::select! {
             biased;
-            _ = conn.cancel.canceled(id) => return Err(canceled()),
-            _ = tokio::time::sleep_until(deadline.into()) => return Err(timed_out()),
+            _ = conn.cancel.canceled(id) => return Err(QueryError::Canceled),
+            _ = tokio::time::sleep_until(deadline.into()) => return Err(QueryError::Timeout(timeout)),
             started = work => started?,
         };
-        let fields = Arc::new(pg_fields(&schema, format)?);
+        let fields = Arc::new(
+            pg_fields(&schema, format)
+                .map_err(|e| QueryError::Refused(ErrorKind::Unsupported, e.to_string()))?,
+        );
         let wire = wire_schema(&schema);
         // The batch being sent counts against the statement's memory; the statement
         // keeps its places under the caps until its last row is sent.
         let reservation = admitted.pool().results();
         let batches = stream::iter(first.map(Ok))
-            .chain(guarded(rest, Arc::clone(&conn.cancel), id, deadline))
+            .chain(guarded(
+                rest,
+                Arc::clone(&conn.cancel),
+                id,
+                deadline,
+                timeout,
+            ))
             .map(move |batch| {
                 let _statement = &admitted;
                 let batch = batch?;
@@ -797,14 +757,15 @@ impl Core {
     /// Parses a query string; a syntax error is counted as a failed statement.
     fn parse(&self, sql: &str) -> PgWireResult<Vec<Statement>> {
         if let Err(error) = self.engine.check_text(sql) {
-            ::metrics::counter!(m::QUERIES, "status" => "too_complex", "protocol" => "postgres")
+            ::metrics::counter!(m::QUERIES, "status" => error.kind().label(), "protocol" => "postgres")
                 .increment(1);
             return Err(query_error(error));
         }
         self.parser.parse(sql).map_err(|e| {
-            ::metrics::counter!(m::QUERIES, "status" => "error", "protocol" => "postgres")
+            let kind = ErrorKind::Syntax;
+            ::metrics::counter!(m::QUERIES, "status" => kind.label(), "protocol" => "postgres")
                 .increment(1);
-            pg_error("42601", format!("syntax error: {e}"))
+            pg_error(kind.sqlstate(), format!("syntax error: {e}"))
         })
     }
 }
@@ -896,9 +857,9 @@ impl SimpleQueryHandler for Queries {
                 }
             };
             if let Some(error) = refusal(&statement) {
-                ::metrics::counter!(m::QUERIES, "status" => "refused", "protocol" => "postgres")
+                ::metrics::counter!(m::QUERIES, "status" => error.kind().label(), "protocol" => "postgres")
                     .increment(1);
-                responses.push(to_response(Err(error)).0);
+                responses.push(to_response(Err(query_error(error))).0);
                 break;
             }
             if let Some(response) = session_command(client, &statement) {
@@ -989,15 +950,15 @@ impl QueryParser for Parser {
         }
         if statements.len() > 1 {
             return Err(pg_error(
-                "42601",
+                ErrorKind::Syntax.sqlstate(),
                 "cannot insert multiple commands into a prepared statement",
             ));
         }
         let statement = settle(statements.remove(0))?;
         if let Some(error) = refusal(&statement) {
-            ::metrics::counter!(m::QUERIES, "status" => "refused", "protocol" => "postgres")
+            ::metrics::counter!(m::QUERIES, "status" => error.kind().label(), "protocol" => "postgres")
                 .increment(1);
-            return Err(error);
+            return Err(query_error(error));
         }
         let text = statement.to_string();
         if matches!(
@@ -1017,12 +978,12 @@ impl QueryParser for Parser {
                 return Ok(Some((text, Some((statement, plan?)))));
             }
         }
-        let plan = conn
-            .ctx
-            .state()
-            .statement_to_plan(DfStatement::Statement(Box::new(statement.clone())))
-            .await
-            .map_err(df_error)?;
+        let plan = plan_statement(
+            &conn.ctx.state(),
+            DfStatement::Statement(Box::new(statement.clone())),
+        )
+        .await
+        .map_err(query_error)?;
         Ok(Some((text, Some((statement, plan)))))
     }
 
@@ -1103,5 +1064,17 @@ impl ExtendedQueryHandler for Queries {
         )
         .await
         .map(Response::Query)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn salts_come_from_the_operating_system_and_differ() {
+        check_randomness().unwrap();
+        let salts: std::collections::HashSet<[u8; 16]> = (0..64).map(|_| rand_salt()).collect();
+        assert_eq!(salts.len(), 64);
     }
 }

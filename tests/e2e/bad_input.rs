@@ -305,22 +305,24 @@ fn bad_input_gets_the_documented_answer_and_the_service_keeps_serving() {
         server.sql("SELECT count(*) AS n FROM dead_letters WHERE position LIKE 'request mixed %'");
     assert_eq!(dead[0]["n"], 7, "{dead:?}");
     let metrics_text = server.metrics_text();
-    // Failed statements are counted for both protocols: the three HTTP 400s above and
-    // the empty body; the two psql errors.
-    let failed = |protocol: &str| -> u64 {
+    // Failed statements are counted for both protocols, by kind: of the HTTP 400s
+    // above, the syntax error and the empty body as errors, the write as refused (as
+    // on Postgres); the two psql errors.
+    let failed = |protocol: &str, status: &str| -> u64 {
         metrics_text
             .lines()
             .find(|l| {
                 l.starts_with("fleetlake_query_total{")
-                    && l.contains("status=\"error\"")
+                    && l.contains(&format!("status=\"{status}\""))
                     && l.contains(&format!("protocol=\"{protocol}\""))
             })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    assert!(failed("http") >= 3, "{metrics_text}");
-    assert_eq!(failed("postgres"), 2, "{metrics_text}");
+    assert!(failed("http", "error") >= 2, "{metrics_text}");
+    assert!(failed("http", "refused") >= 1, "{metrics_text}");
+    assert_eq!(failed("postgres", "error"), 2, "{metrics_text}");
     assert!(metrics_text.contains("fleetlake_ingest_dead_letters_total"));
     assert!(metrics_text.contains("status=\"413\""));
     assert!(metrics_text.contains("status=\"415\""));
