@@ -54,7 +54,11 @@ pub(crate) async fn flush_loop(shared: std::sync::Arc<Shared>) {
             }
             Err(error) => {
                 ::metrics::counter!(m::FLUSH_FAILURES).increment(1);
-                shared.outlet.faults.fail(Stage::Lake, &error.to_string());
+                let now = shared.clock.now();
+                shared
+                    .outlet
+                    .faults
+                    .fail(Stage::Lake, &error.to_string(), now);
                 if failing {
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }

@@ -71,7 +71,8 @@ impl Faults {
         self.slot(stage).load_full().map(|f| (*f).clone())
     }
 
-    pub(crate) fn fail(&self, stage: Stage, error: &str) {
+    /// Records that `stage` failed with `error` at `now`.
+    pub(crate) fn fail(&self, stage: Stage, error: &str, now: std::time::SystemTime) {
         let slot = self.slot(stage);
         let fault = match slot.load_full() {
             Some(previous) => Fault {
@@ -81,7 +82,7 @@ impl Faults {
             },
             None => Fault {
                 error: error.to_string(),
-                since: std::time::SystemTime::now(),
+                since: now,
                 failures: 1,
             },
         };

@@ -54,7 +54,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use fleetlake_model::sink::StreamSink;
-use fleetlake_model::{RowSink, SinkError, Table};
+use fleetlake_model::{RowSink, SharedClock, SinkError, Table};
 
 use crate::buffer::HotBuffer;
 use crate::health::Stage;
@@ -176,12 +176,10 @@ fn writer_id(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e).into()),
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let seed = format!("{now}/{}/{}", std::process::id(), wal_dir.display());
-    let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()));
+    // Random: two writers with one id would take each other's commits for their own.
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| io(std::io::Error::other(e)))?;
+    let id = format!("{:016x}", u64::from_le_bytes(bytes));
     let tmp = wal_dir.join("WRITER_ID.tmp");
     std::fs::write(&tmp, &id).map_err(io)?;
     std::fs::File::open(&tmp)
@@ -193,6 +191,25 @@ fn writer_id(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
 
 /// Wraps a table handle's store: `(table name, store) → store`.
 pub type LakeWrap = Arc<dyn Fn(&str, Box<dyn Lake>) -> Box<dyn Lake> + Send + Sync>;
+
+/// What the aggregator takes from outside besides its configuration: the seams tests
+/// replace.
+#[derive(Clone)]
+pub struct Seams {
+    /// Put in front of every table handle's store (tests inject faults with it).
+    pub lake: Option<LakeWrap>,
+    /// Where "now" comes from (retention's cut-off, fault times).
+    pub clock: SharedClock,
+}
+
+impl Default for Seams {
+    fn default() -> Self {
+        Self {
+            lake: None,
+            clock: fleetlake_model::clock::system(),
+        }
+    }
+}
 
 /// One lake table as the flush sees it.
 pub(crate) struct TableSlot {
@@ -216,6 +233,7 @@ pub(crate) struct Shared {
     pub(crate) writer_id: String,
     /// Put in front of every table handle's store (tests inject faults with it).
     pub(crate) wrap: Option<LakeWrap>,
+    pub(crate) clock: SharedClock,
     pub(crate) config: AggregateConfig,
     _lock: std::fs::File,
 }
@@ -297,17 +315,15 @@ impl Aggregator {
     /// Opens the lake's tables and the WAL, replays what the tables have not committed,
     /// and starts the writer, the flush loop and maintenance.
     pub async fn open(config: AggregateConfig) -> Result<Self, AggregateError> {
-        Self::open_with(config, None).await
+        Self::open_with(config, Seams::default()).await
     }
 
-    /// As [`Aggregator::open`], with `wrap` in front of every table handle's store
-    /// (the flush's and maintenance's): how tests put a
-    /// [`FaultyLake`](crate::faulty::FaultyLake) in the path.
-    pub async fn open_with(
-        config: AggregateConfig,
-        wrap: Option<LakeWrap>,
-    ) -> Result<Self, AggregateError> {
+    /// As [`Aggregator::open`], with `seams`: a wrapper in front of every table
+    /// handle's store (the flush's and maintenance's; how tests put a
+    /// [`FaultyLake`](crate::faulty::FaultyLake) in the path) and the clock.
+    pub async fn open_with(config: AggregateConfig, seams: Seams) -> Result<Self, AggregateError> {
         m::describe();
+        let Seams { lake: wrap, clock } = seams;
         let lock = lock_wal_dir(&config.wal_dir)?;
         let writer = writer_id(&config.wal_dir)?;
         let mut tables = Vec::new();
@@ -374,7 +390,7 @@ impl Aggregator {
                 "replayed write-ahead log"
             );
         }
-        let outlet = Arc::new(Outlet::new(config.flush_rows));
+        let outlet = Arc::new(Outlet::new(config.flush_rows, Arc::clone(&clock)));
         let (commands, queue) = mpsc::channel(writer::QUEUE);
         let committed_positions = opened.into_iter().map(|(_, p)| p).collect();
         let wal_writer = Writer::new(
@@ -396,6 +412,7 @@ impl Aggregator {
             flushing: tokio::sync::Mutex::new(()),
             writer_id: writer,
             wrap,
+            clock,
             config,
             _lock: lock,
         });

@@ -23,6 +23,9 @@ use crate::{CompactionConfig, Shared};
 /// is gone.
 pub(crate) async fn compaction_loop(shared: Weak<Shared>, config: CompactionConfig) {
     let mut tables: Vec<(TableLake, &'static str)> = Vec::new();
+    let Some(clock) = shared.upgrade().map(|s| std::sync::Arc::clone(&s.clock)) else {
+        return;
+    };
     loop {
         tokio::time::sleep(config.interval).await;
         let Some(strong) = shared.upgrade() else {
@@ -40,7 +43,7 @@ pub(crate) async fn compaction_loop(shared: Weak<Shared>, config: CompactionConf
         // Not kept alive across a run: a stopping aggregator is not held up.
         drop(strong);
         for (lake, name) in &mut tables {
-            maintain(lake, name, &config).await;
+            maintain(lake, name, &config, clock.now()).await;
         }
     }
 }
@@ -81,12 +84,14 @@ async fn open_handles(
 }
 
 /// Retention, then compaction (and vacuum) of one table.
-async fn maintain(lake: &mut TableLake, name: &'static str, config: &CompactionConfig) {
+async fn maintain(
+    lake: &mut TableLake,
+    name: &'static str,
+    config: &CompactionConfig,
+    now: std::time::SystemTime,
+) {
     if let Some(keep) = config.retention.get(name) {
-        match lake
-            .apply_retention(*keep, std::time::SystemTime::now())
-            .await
-        {
+        match lake.apply_retention(*keep, now).await {
             Ok(files) => {
                 ::metrics::counter!(m::RETENTION_FILES, "table" => name).increment(files as u64)
             }

@@ -23,8 +23,8 @@ use arrow::array::RecordBatch;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, warn};
 
-use fleetlake_model::Table;
 use fleetlake_model::keys::KeyHasher;
+use fleetlake_model::{SharedClock, Table};
 
 use crate::buffer::{BufferView, FlushJob, HotBuffer};
 use crate::health::{Faults, Stage};
@@ -160,15 +160,17 @@ pub(crate) struct Outlet {
     /// Woken when the open rows reach `flush_rows`, or a write was refused for room.
     pub flush_now: Notify,
     pub flush_rows: usize,
+    pub clock: SharedClock,
 }
 
 impl Outlet {
-    pub(crate) fn new(flush_rows: usize) -> Self {
+    pub(crate) fn new(flush_rows: usize, clock: SharedClock) -> Self {
         Self {
             published: ArcSwap::from_pointee(Published::default()),
             faults: Faults::default(),
             flush_now: Notify::new(),
             flush_rows,
+            clock,
         }
     }
 }
@@ -283,7 +285,8 @@ impl<L: Log> Writer<L> {
             // a partial record would stop replay in front of later ones.
             let cut = self.log.rollback(mark).err();
             error!(error = %reason, cut_failed = ?cut.as_ref().map(ToString::to_string), "write-ahead log append failed");
-            self.outlet.faults.fail(Stage::Wal, &reason);
+            let now = self.outlet.clock.now();
+            self.outlet.faults.fail(Stage::Wal, &reason, now);
             ::metrics::counter!(m::WAL_FAILURES).increment(1);
             for (_, _, done) in appended {
                 let _ = done.send(Err(format!("write-ahead log: {reason}")));

@@ -95,7 +95,7 @@ fn start() -> Harness {
         syncs: syncs_rx,
         syncing: syncing_tx,
     };
-    let outlet = Arc::new(Outlet::new(usize::MAX));
+    let outlet = Arc::new(Outlet::new(usize::MAX, fleetlake_model::clock::system()));
     let buffers = Table::ALL
         .iter()
         .map(|t| HotBuffer::new(*t, None))
@@ -342,7 +342,7 @@ async fn faulty_aggregator(
     use crate::faulty::FaultyLake;
     use crate::lake::LakeOptions;
     use crate::location::LakeLocation;
-    use crate::{AggregateConfig, Aggregator, LakeWrap};
+    use crate::{AggregateConfig, Aggregator, LakeWrap, Seams};
 
     let lake = LakeLocation::local(&dir.join("lake")).unwrap();
     let script = script.clone();
@@ -366,7 +366,10 @@ async fn faulty_aggregator(
             compaction: None,
             rollup_interval: None,
         },
-        Some(wrap),
+        Seams {
+            lake: Some(wrap),
+            ..Seams::default()
+        },
     )
     .await
     .unwrap();

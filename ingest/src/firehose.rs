@@ -13,7 +13,9 @@
 use std::borrow::Cow;
 use std::io::Read;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+
+use fleetlake_model::Clock as _;
 
 use axum::Router;
 use axum::body::Body;
@@ -98,11 +100,9 @@ impl Rejection {
     }
 }
 
+/// Now, from the model's wall clock.
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+    fleetlake_model::clock::SystemClock.now_ms()
 }
 
 /// The protocol's response: `{"requestId", "timestamp", "errorMessage"?}` as JSON.
