@@ -1,4 +1,5 @@
 //! fleetlake's alerting stage: rules evaluated **once over the whole fleet**.
+//! `ARCHITECTURE.md` at the repository root shows where it sits.
 //!
 //! ```text
 //!  rule files (YAML, expr = SQL) ─> every group's interval: SQL over lake + hot buffer

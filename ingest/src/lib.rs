@@ -1,4 +1,5 @@
-//! fleetlake's first stage: sources and decoders.
+//! fleetlake's first stage: sources and decoders. `ARCHITECTURE.md` at the
+//! repository root shows where it sits.
 //!
 //! ```text
 //!  Firehose HTTP POST ──> firehose::router ──> decode::Decoder ──────────────> RowSink

@@ -1,5 +1,5 @@
 //! fleetlake's query stage: SQL over the lake plus the hot buffer, for people, tools
-//! and dashboards.
+//! and dashboards. `ARCHITECTURE.md` at the repository root shows where it sits.
 //!
 //! ```text
 //!  lake (Delta tables) ──┐                                   ┌─> HTTP /api/v1/sql
