@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # fleetlake against DuckDB, in one run, on one fleet's CloudWatch Metric Streams JSON
 # (default 6,000 accounts x 4 Lambda functions x 5 metrics x 10 minutes = 1.2 million
-# datapoints, gzip'd NDJSON made by `fleetlake loadgen --to files`):
+# datapoints, gzip'd NDJSON made by `fleetlake-loadgen --to files`):
 #
-#   1. input      `fleetlake loadgen --to files`
+#   1. input      `fleetlake-loadgen --to files`
 #   2. fleetlake  `replay` of the files into a fresh lake (a commit per FLUSH_ROWS rows,
 #                 as a running service makes them), then `compact`: wall time and peak
 #                 RSS of each; bytes per datapoint of the `metrics` table's active files
@@ -16,7 +16,7 @@
 #                 server's Postgres endpoint, DuckDB over the same (compacted) Parquet
 #                 files, and DuckDB over its own file; answers compared (the run fails
 #                 if they differ); peak RSS of the server and of each DuckDB process
-#   5. Firehose   `fleetlake serve` (WAL on) fed by `loadgen --to firehose` at full rate
+#   5. Firehose   `fleetlake serve` (WAL on) fed by `fleetlake-loadgen --to firehose` at full rate
 #                 for SUSTAIN: acknowledged rate, request latency, committed rate (to the
 #                 server's exit after SIGTERM, which commits what it buffered), peak RSS;
 #                 count(*) in the lake must equal the acknowledged datapoints. Then a
@@ -29,7 +29,8 @@
 # Environment: ACCOUNTS (6000), FUNCTIONS (4), MINUTES (10), SUSTAIN (60s),
 # SUSTAIN_MINUTES (300 fleet-minutes made for the sustained run: 36 M datapoints), RUNS (5),
 # SEED (1), FLUSH_ROWS (replay commit size, 200000), STEP_TIMEOUT (seconds any one step
-# may take, 1800), FLEETLAKE (the binary; built with `cargo build --release` if unset),
+# may take, 1800), FLEETLAKE (the binary; built with `cargo build --release` if unset,
+# with `fleetlake-loadgen`), LOADGEN (`fleetlake-loadgen` beside FLEETLAKE if unset),
 # PYTHON (with deltalake, pyarrow, psycopg; the test venv's if unset; duckdb is
 # installed into it when missing).
 set -euo pipefail
@@ -48,9 +49,14 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 VISIBILITY_S=30
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 if [[ -z "${FLEETLAKE:-}" ]]; then
-    cargo build --release --locked --bin fleetlake >&2
+    cargo build --release --locked --bin fleetlake --bin fleetlake-loadgen >&2
     FLEETLAKE=$PWD/target/release/fleetlake
 fi
+LOADGEN=${LOADGEN:-$(dirname "$FLEETLAKE")/fleetlake-loadgen}
+[[ -x $LOADGEN ]] || {
+    echo "perf-bench: no $LOADGEN: build it (cargo build --release --bin fleetlake-loadgen) or set LOADGEN" >&2
+    exit 1
+}
 "$PYTHON" -c 'import duckdb, psycopg, deltalake' 2>/dev/null \
     || "$PYTHON" -m pip install --quiet 'duckdb>=1.1' 'psycopg[binary]>=3.1' 'deltalake>=1.0'
 
@@ -108,14 +114,14 @@ json.dump(report, open(sys.argv[2], "w"))
 EOF
 }
 
-# loadgen_firehose NAME SECONDS ARGS...: `fleetlake loadgen ... --to firehose --report
+# loadgen_firehose NAME SECONDS ARGS...: `fleetlake-loadgen ... --to firehose --report
 # json` bounded by SECONDS; its report into results/NAME.json. loadgen exits with an
 # error when datapoints were rejected (after retrying): the run goes on with its report
 # (the rejected count is in the table), and fails only without one.
 loadgen_firehose() {
     local name=$1 limit=$2
     shift 2
-    if ! timeout "$limit" "$FLEETLAKE" loadgen "$@" --to firehose --report json \
+    if ! timeout "$limit" "$LOADGEN" "$@" --to firehose --report json \
         >"$WORK/logs/$name.out" 2>"$WORK/logs/$name.err"; then
         tail -n 5 "$WORK/logs/$name.err" >&2
         json_report "$WORK/logs/$name.out" "$R/$name.json"
@@ -192,9 +198,9 @@ stop_server() {
 # ---------------------------------------------------------------------------------
 # 1. Input: gzip'd Metric Streams JSON files.
 # ---------------------------------------------------------------------------------
-INPUT_SOURCE="fleetlake loadgen"
-say "input: fleetlake loadgen, $ACCOUNTS accounts x $FUNCTIONS functions x $MINUTES minutes"
-timed loadgen-files "$FLEETLAKE" loadgen --seed "$SEED" --accounts "$ACCOUNTS" \
+INPUT_SOURCE="fleetlake-loadgen"
+say "input: fleetlake-loadgen, $ACCOUNTS accounts x $FUNCTIONS functions x $MINUTES minutes"
+timed loadgen-files "$LOADGEN" --seed "$SEED" --accounts "$ACCOUNTS" \
     --functions "$FUNCTIONS" --minutes "$MINUTES" --to files --out "$WORK/input" --report json
 json_report "$WORK/logs/loadgen-files.out" "$R/input.json"
 DATAPOINTS=$(jget "$R/input.json" datapoints_sent)
