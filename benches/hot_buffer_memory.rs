@@ -10,7 +10,7 @@
 //! minute is in (rows, keys, per-series maxima and watermarks), after a second
 //! minute, and what stays once both are flushed (the per-series watermarks).
 
-#[path = "../src/loadgen/fleet.rs"]
+#[path = "../src/bin/fleetlake-loadgen/fleet.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod fleet;
 

@@ -18,7 +18,7 @@
 //!
 //! `cargo bench --bench stages`
 
-#[path = "../src/loadgen/fleet.rs"]
+#[path = "../src/bin/fleetlake-loadgen/fleet.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod fleet;
 

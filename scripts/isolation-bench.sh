@@ -5,9 +5,10 @@
 #   base  the binary before the isolation work (BASELINE, required)
 #   new   this tree's binary (FLEETLAKE; built with `cargo build --release` if unset)
 #
-# The lake: `fleetlake loadgen --to files` (ACCOUNTS x FUNCTIONS x 5 metrics x
-# MINUTES), replayed and compacted by the new binary. Queries, as an unrestricted
-# user (`ops`) and as a user limited to one account (`tenant`):
+# The lake: `fleetlake-loadgen --to files` (ACCOUNTS x FUNCTIONS x 5 metrics x
+# MINUTES; LOADGEN, by default `fleetlake-loadgen` beside FLEETLAKE), replayed and
+# compacted by the new binary. Queries, as an unrestricted user (`ops`) and as a user
+# limited to one account (`tenant`):
 #   - one account's metrics (ops names the account; the tenant's scope is it);
 #   - the same over the last half of the time range;
 #   - a fleet-wide top 10 (ops);
@@ -16,8 +17,8 @@
 #
 #   BASELINE=/path/to/old/fleetlake scripts/isolation-bench.sh [WORK_DIR]
 #
-# Environment: ACCOUNTS (6000), FUNCTIONS (4), MINUTES (10), RUNS (5), PYTHON (with
-# psycopg; the test venv's if unset).
+# Environment: ACCOUNTS (6000), FUNCTIONS (4), MINUTES (10), RUNS (5), LOADGEN, PYTHON
+# (with psycopg; the test venv's if unset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/fleetlake-isolation-bench.XXXXXX)}
@@ -28,16 +29,21 @@ RUNS=${RUNS:-5}
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 : "${BASELINE:?set BASELINE to the binary to compare with}"
 if [[ -z "${FLEETLAKE:-}" ]]; then
-    cargo build --release --locked --bin fleetlake >&2
+    cargo build --release --locked --bin fleetlake --bin fleetlake-loadgen >&2
     FLEETLAKE=$PWD/target/release/fleetlake
 fi
+LOADGEN=${LOADGEN:-$(dirname "$FLEETLAKE")/fleetlake-loadgen}
+[[ -x $LOADGEN ]] || {
+    echo "no $LOADGEN: build it (cargo build --release --bin fleetlake-loadgen) or set LOADGEN" >&2
+    exit 1
+}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 rm -rf "$WORK"/{input,lake} "$WORK/results.md"
 mkdir -p "$WORK/input"
 
 echo "== input: $ACCOUNTS accounts x $FUNCTIONS functions x $MINUTES minutes" >&2
-"$FLEETLAKE" loadgen --seed 1 --accounts "$ACCOUNTS" --functions "$FUNCTIONS" \
+"$LOADGEN" --seed 1 --accounts "$ACCOUNTS" --functions "$FUNCTIONS" \
     --minutes "$MINUTES" --to files --out "$WORK/input" --report json >/dev/null
 echo "== replay and compact" >&2
 FLEETLAKE_RETENTION__METRICS=0s "$FLEETLAKE" replay --data-dir "$WORK/lake" --format json \

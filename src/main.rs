@@ -15,7 +15,6 @@ mod backfill;
 mod compact_cmd;
 mod config;
 mod gapfill;
-mod loadgen;
 mod query_cmd;
 mod replay;
 mod rules_cmd;
@@ -123,10 +122,6 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         vacuum_grace: std::time::Duration,
     },
-    /// Send a synthetic fleet's metric streams (and Lambda logs) to a Firehose
-    /// endpoint, a Kinesis stream or files, at a chosen rate; deterministic for a seed;
-    /// reports datapoints sent, acknowledged, rejected and request latency.
-    Loadgen(Box<loadgen::Args>),
     /// Alert rules: check rule files, or evaluate them once against the lake.
     Rules {
         #[command(subcommand)]
@@ -220,7 +215,6 @@ fn main() -> std::process::ExitCode {
         Command::Backfill {
             command: BackfillCommand::Cloudwatch { common, args },
         } => load(&common, None, None).and_then(|config| backfill::run(&config, *args)),
-        Command::Loadgen(args) => loadgen::run(*args),
         Command::Rules { command } => match command {
             RulesCommand::Check { common, files } => {
                 load(&common, None, None).and_then(|config| rules_cmd::check(&config, &files))

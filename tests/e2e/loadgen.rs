@@ -1,4 +1,4 @@
-//! `fleetlake loadgen` against the real service: Firehose (JSON with logs, OTel 1.0
+//! `fleetlake-loadgen` against the real service: Firehose (JSON with logs, OTel 1.0
 //! with the visibility probe), files through `replay`, and a Kinesis stream on
 //! kinesis-local consumed by the service. Every datapoint the report calls
 //! acknowledged is counted back in SQL, the same seed gives the same data whatever
@@ -14,18 +14,17 @@ const DATAPOINTS: u64 = 3_000;
 /// Fixed, so every target makes the same datapoints.
 const START: &str = "2026-11-20T10:00:00Z";
 
-/// Runs `fleetlake loadgen` with `args` (and `--report json`); exit status, report,
+/// Runs `fleetlake-loadgen` with `args` (and `--report json`); exit status, report,
 /// stderr.
 fn loadgen(args: &[&str], env: &[(&str, &str)]) -> (bool, serde_json::Value, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlake"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlake-loadgen"));
     command
-        .arg("loadgen")
         .args(["--report", "json", "--generators", "2"])
         .args(args);
     for (k, v) in env {
         command.env(k, v);
     }
-    let out = command.output().expect("run fleetlake loadgen");
+    let out = command.output().expect("run fleetlake-loadgen");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     let report = serde_json::from_str(&stdout)
@@ -70,6 +69,29 @@ fn fingerprint(rows: Vec<serde_json::Value>) -> (f64, f64, f64) {
 
 const FINGERPRINT: &str = "SELECT count(*) AS n, sum(sum) AS total, \
      count(DISTINCT account_id) AS accounts FROM metrics WHERE namespace = 'AWS/Lambda'";
+
+/// The load generator is a binary of its own; the service binary no longer has it.
+#[test]
+fn loadgen_is_its_own_binary() {
+    let help = Command::new(env!("CARGO_BIN_EXE_fleetlake-loadgen"))
+        .arg("--help")
+        .output()
+        .expect("run fleetlake-loadgen --help");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    assert!(
+        text.starts_with("Send a synthetic fleet's metric streams"),
+        "{text}"
+    );
+    for flag in ["--accounts", "--to", "--probe-visibility", "--report"] {
+        assert!(text.contains(flag), "{flag} missing from:\n{text}");
+    }
+    let old = Command::new(env!("CARGO_BIN_EXE_fleetlake"))
+        .args(["loadgen", "--help"])
+        .output()
+        .expect("run fleetlake loadgen --help");
+    assert!(!old.status.success(), "`fleetlake loadgen` still exists");
+}
 
 #[test]
 fn loadgen_feeds_firehose_files_and_kinesis_with_the_same_fleet() {

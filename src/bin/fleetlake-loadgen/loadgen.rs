@@ -1,4 +1,4 @@
-//! `fleetlake loadgen`: a synthetic fleet's metric streams (and optionally its Lambda
+//! `fleetlake-loadgen`'s work: a synthetic fleet's metric streams (and optionally its Lambda
 //! logs), sent as Firehose HTTP requests, written to files for `replay`, or put on a
 //! Kinesis stream, at a chosen rate, with a final report.
 //!
@@ -16,8 +16,6 @@
 //! and asks the service's SQL endpoint until it is returned: the time from its 200 to
 //! that answer is the acknowledged-to-visible latency.
 
-mod fleet;
-
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -30,7 +28,7 @@ use base64::Engine as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use self::fleet::Fleet;
+use crate::fleet::{self, Fleet};
 
 /// Record format of the metric stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -59,7 +57,7 @@ pub(crate) enum ReportFormat {
     Json,
 }
 
-/// `fleetlake loadgen` flags.
+/// `fleetlake-loadgen` flags.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Seed of the fleet: account ids, traffic, values, injected-error accounts.
