@@ -21,22 +21,22 @@ use crate::lake::{LakeError, sort_for_lake, split_at_time, without_points};
 use crate::metrics as m;
 use crate::writer::{Command, TableFlush, Written};
 use crate::{Shared, TableSlot};
+use fleetlake_model::retry::RetryPolicy;
 
-/// First wait after a failed flush; doubled at each further failure up to
-/// [`RETRY_MAX`].
-const RETRY_FIRST: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Waits after failed flushes: 0.5 s doubling to 30 s, full jitter.
+const RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(500), Duration::from_secs(30));
 
 /// Flushes at each interval, or when the writer asks (enough rows, or a write refused
 /// for room); after a failure, on a backoff schedule instead.
 pub(crate) async fn flush_loop(shared: std::sync::Arc<Shared>) {
-    let mut backoff = RETRY_FIRST;
+    let mut waits = RETRY.waits();
     let mut failing = false;
     loop {
         if failing {
             // The lake refused the last commit: writes are refused meanwhile, so retry
             // on the backoff schedule alone, not at the next interval.
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(waits.next_wait()).await;
         } else {
             tokio::select! {
                 _ = tokio::time::sleep(shared.config.flush_interval) => {}
@@ -50,7 +50,7 @@ pub(crate) async fn flush_loop(shared: std::sync::Arc<Shared>) {
                 }
                 shared.outlet.faults.recover(Stage::Lake);
                 failing = false;
-                backoff = RETRY_FIRST;
+                waits.reset();
             }
             Err(error) => {
                 ::metrics::counter!(m::FLUSH_FAILURES).increment(1);
@@ -59,11 +59,8 @@ pub(crate) async fn flush_loop(shared: std::sync::Arc<Shared>) {
                     .outlet
                     .faults
                     .fail(Stage::Lake, &error.to_string(), now);
-                if failing {
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
                 failing = true;
-                error!(%error, retry_in = ?backoff, "lake flush failed; refusing writes until it succeeds");
+                error!(%error, "lake flush failed; refusing writes until it succeeds");
             }
         }
     }

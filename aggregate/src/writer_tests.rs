@@ -246,32 +246,22 @@ async fn a_flush_commits_while_compaction_merges() {
 
     use fleetlake_model::RowSink;
 
-    use crate::lake::{LakeOptions, pause};
+    use crate::lake::pause;
     use crate::location::LakeLocation;
-    use crate::{AggregateConfig, Aggregator, CompactionConfig};
+    use crate::{Aggregator, CompactionConfig};
 
     let (reached, go) = pause::MERGE.get_or_init(Default::default);
     let dir = tempfile::tempdir().unwrap();
     let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
-    let aggregator = Aggregator::open(AggregateConfig {
-        wal_dir: dir.path().join("wal"),
-        lake_location: lake.clone(),
-        flush_interval: Duration::from_secs(3600),
-        flush_rows: usize::MAX,
-        max_buffered_rows: usize::MAX,
-        max_buffered_bytes: usize::MAX,
-        wal_segment_bytes: 1 << 20,
-        lake: LakeOptions::default(),
-        compaction: Some(CompactionConfig {
-            interval: Duration::from_millis(50),
-            min_files: 2,
-            vacuum_grace: Duration::from_secs(3600),
-            retention: Default::default(),
-        }),
-        rollup_interval: None,
-    })
-    .await
-    .unwrap();
+    let compaction = CompactionConfig {
+        interval: Duration::from_millis(50),
+        min_files: 2,
+        vacuum_grace: Duration::from_secs(3600),
+        retention: Default::default(),
+    };
+    let aggregator = Aggregator::open(test_config(dir.path(), &lake, Some(compaction)))
+        .await
+        .unwrap();
     // Three small files in one day partition: work for compaction.
     for minute in 0..3 {
         let rows = vec![(Table::Metrics, batch("1", minute))];
@@ -314,6 +304,35 @@ async fn a_flush_commits_while_compaction_merges() {
     assert_eq!(lake_rows(&lake).await, 4);
 }
 
+/// An aggregator's settings for a test in `dir`: nothing flushes or refuses by itself.
+fn test_config(
+    dir: &std::path::Path,
+    lake: &crate::location::LakeLocation,
+    compaction: Option<crate::CompactionConfig>,
+) -> crate::AggregateConfig {
+    crate::AggregateConfig {
+        wal_dir: dir.join("wal"),
+        lake_location: lake.clone(),
+        flush_interval: std::time::Duration::from_secs(3600),
+        flush_rows: usize::MAX,
+        max_buffered_rows: usize::MAX,
+        max_buffered_bytes: usize::MAX,
+        wal_segment_bytes: 1 << 20,
+        lake: crate::lake::LakeOptions::default(),
+        compaction,
+        rollup_interval: None,
+    }
+}
+
+/// The `metrics` table's latest version.
+async fn lake_version(lake: &crate::location::LakeLocation) -> Option<i64> {
+    deltalake::open_table(lake.table_url(Table::Metrics.name()))
+        .await
+        .unwrap()
+        .version()
+        .map(|v| v as i64)
+}
+
 /// Rows in the lake's `metrics` table now.
 async fn lake_rows(lake: &crate::location::LakeLocation) -> i64 {
     let table = deltalake::open_table(lake.table_url(Table::Metrics.name()))
@@ -343,12 +362,9 @@ async fn faulty_aggregator(
     dir: &std::path::Path,
     script: &crate::faulty::FaultScript,
 ) -> (crate::Aggregator, crate::location::LakeLocation) {
-    use std::time::Duration;
-
     use crate::faulty::FaultyLake;
-    use crate::lake::LakeOptions;
     use crate::location::LakeLocation;
-    use crate::{AggregateConfig, Aggregator, LakeWrap, Seams};
+    use crate::{Aggregator, LakeWrap, Seams};
 
     let lake = LakeLocation::local(&dir.join("lake")).unwrap();
     let script = script.clone();
@@ -360,18 +376,7 @@ async fn faulty_aggregator(
         }
     });
     let aggregator = Aggregator::open_with(
-        AggregateConfig {
-            wal_dir: dir.join("wal"),
-            lake_location: lake.clone(),
-            flush_interval: Duration::from_secs(3600),
-            flush_rows: usize::MAX,
-            max_buffered_rows: usize::MAX,
-            max_buffered_bytes: usize::MAX,
-            wal_segment_bytes: 1 << 20,
-            lake: LakeOptions::default(),
-            compaction: None,
-            rollup_interval: None,
-        },
+        test_config(dir, &lake, None),
         Seams {
             lake: Some(wrap),
             ..Seams::default()
@@ -417,11 +422,7 @@ async fn a_refused_commit_keeps_the_rows_and_the_next_flush_commits_them_once() 
         .unwrap();
     aggregator.flush().await.unwrap();
     assert_eq!(lake_rows(&lake).await, 2);
-    let latest = deltalake::open_table(lake.table_url("metrics"))
-        .await
-        .unwrap()
-        .version()
-        .map(|v| v as i64);
+    let latest = lake_version(&lake).await;
     assert_eq!(
         visible_rows(&aggregator.snapshot(Table::Metrics, latest)),
         0,
@@ -446,20 +447,13 @@ async fn a_commit_that_loses_the_race_to_another_writer_still_lands_once_and_sta
         .write(vec![(Table::Metrics, batch("1", 1))])
         .await
         .unwrap();
-    let before = deltalake::open_table(lake.table_url("metrics"))
-        .await
-        .unwrap()
-        .version()
-        .unwrap() as i64;
+    let before = lake_version(&lake).await.unwrap();
     script.push(Fault::OtherWriterFirst(CommitMeta {
         transactions: vec![("another-writer".into(), 7)],
         metadata: vec![("fleetlake.writer".into(), "another-writer".into())],
     }));
     aggregator.flush().await.unwrap();
-    let table = deltalake::open_table(lake.table_url("metrics"))
-        .await
-        .unwrap();
-    let after = table.version().unwrap() as i64;
+    let after = lake_version(&lake).await.unwrap();
     assert_eq!(after, before + 2, "the other writer's commit, then ours");
     assert_eq!(lake_rows(&lake).await, 1);
     assert_eq!(

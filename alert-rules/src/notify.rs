@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use fleetlake_model::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -387,23 +387,18 @@ pub async fn send(
     }
 }
 
-/// The wait before attempt `attempts + 1` (`attempts` ≥ 1 failures so far): an
-/// exponential backoff from `initial`, doubled per failure up to `max`, with jitter
-/// (backon's: a random part of up to the same again, so that receivers recovering
-/// from an outage are not hit by every retry at once), never more than `max`.
-/// Attempts are not limited in number: the outbox gives up after `give_up_after`.
+/// The wait before attempt `attempts + 1` (`attempts` ≥ 1 failures so far), by the
+/// service's one retry policy ([`RetryPolicy`]): `initial` doubled per failure up to
+/// `max`, with full jitter (a uniform draw below that), so that receivers recovering
+/// from an outage are not hit by every retry at once. Attempts are not limited in
+/// number: the outbox gives up after `give_up_after`.
 pub fn backoff(attempts: u32, initial: Duration, max: Duration) -> Duration {
-    let initial = initial.min(max);
-    let mut delays = ExponentialBuilder::default()
-        .with_jitter()
-        .with_factor(2.0)
-        .with_min_delay(initial)
-        .with_max_delay(max)
-        .without_max_times()
-        .build();
-    // Past 32 doublings every delay is the maximum.
-    let n = attempts.clamp(1, 32) as usize;
-    delays.nth(n - 1).unwrap_or(max).min(max)
+    let mut waits = RetryPolicy::forever(initial.min(max), max).waits();
+    // Past 32 doublings every wait is drawn below the maximum.
+    for _ in 1..attempts.clamp(1, 32) {
+        waits.next_wait();
+    }
+    waits.next_wait()
 }
 
 /// Token buckets per PagerDuty routing key.
@@ -455,26 +450,27 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_with_jitter_up_to_the_max() {
+    fn backoff_doubles_with_full_jitter_up_to_the_max() {
         let (i, m) = (Duration::from_secs(1), Duration::from_secs(10));
         for attempts in 1..=40 {
-            // Without jitter: 1, 2, 4, 8, 10, 10, ... seconds.
+            // Without jitter: 1, 2, 4, 8, 10, 10, ... seconds; full jitter draws below.
             let base = (i * 2u32.pow(attempts.min(20) - 1)).min(m);
-            for _ in 0..50 {
-                let wait = backoff(attempts, i, m);
-                assert!(
-                    wait >= base && wait <= (base * 2).min(m),
-                    "attempt {attempts}: {wait:?} not in [{base:?}, {:?}]",
-                    (base * 2).min(m)
-                );
+            let waits: Vec<Duration> = (0..50).map(|_| backoff(attempts, i, m)).collect();
+            for wait in &waits {
+                assert!(*wait <= base, "attempt {attempts}: {wait:?} over {base:?}");
             }
+            // The draws reach past half the schedule's value: it doubles.
+            assert!(
+                waits.iter().any(|w| *w > base / 2),
+                "attempt {attempts}: {waits:?}"
+            );
         }
         // Jitter spreads the waits.
         let waits: std::collections::BTreeSet<Duration> =
             (0..20).map(|_| backoff(2, i, m)).collect();
         assert!(waits.len() > 1, "{waits:?}");
-        // A maximum below the first wait is the wait.
-        assert_eq!(backoff(1, m, i), i);
+        // A maximum below the first wait bounds it.
+        assert!(backoff(1, m, i) <= i);
     }
 
     #[test]

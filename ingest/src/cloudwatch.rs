@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metric_stream::{BaseStats, MetricsBatchBuilder, SeriesId};
 use crate::metrics as m;
-use crate::retry::RetryPolicy;
+use fleetlake_model::retry::RetryPolicy;
 use fleetlake_model::{RowSink, SinkError, Table};
 
 /// Queries per GetMetricData call (CloudWatch's limit).

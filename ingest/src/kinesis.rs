@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::decode::{DecodeStats, Decoder, Format};
 use crate::lease::{Lease, LeaseLost, LeaseSettings, LeaseWatch};
 use crate::metrics as m;
-use crate::retry::RetryPolicy;
+use fleetlake_model::retry::RetryPolicy;
 use fleetlake_model::schema::Table;
 use fleetlake_model::sink::{SHARD_END, SinkError, StreamSink, sequence_le};
 

@@ -38,7 +38,6 @@ pub mod lease;
 pub mod metric_stream;
 pub mod metrics;
 pub mod otel;
-pub mod retry;
 
 #[cfg(test)]
 mod format_tests;

@@ -9,10 +9,12 @@
 //!   that need a write-ahead log, [`sink::StreamSink`] for replayable streams).
 //! - [`clock`]: where "now" comes from, so tests can move time by hand.
 //! - [`error`]: error kinds, each with its HTTP status and SQLSTATE.
+//! - [`retry`]: the one retry policy (exponential backoff, full jitter).
 
 pub mod clock;
 pub mod error;
 pub mod keys;
+pub mod retry;
 pub mod schema;
 pub mod sink;
 

@@ -1,4 +1,5 @@
-//! The one retry policy of the ingest side: exponential backoff with full jitter.
+//! The one retry policy of the service: exponential backoff with full jitter. Kinesis
+//! and CloudWatch calls, lake flushes and notification deliveries all wait by it.
 //!
 //! The schedule (first wait, doubling, ceiling, number of retries) is `backon`'s
 //! [`ExponentialBuilder`]; each wait is then drawn uniformly between zero and the
