@@ -357,24 +357,12 @@ impl HotBuffer {
     /// The queryable rows for a query that reads lake version `lake_version`: the open
     /// and flushing generations (suspects excluded), plus rows of flushes committed
     /// after that version.
-    pub fn snapshot(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
-        let mut out: Vec<RecordBatch> = self.open.batches().cloned().collect();
-        if let Some(flushing) = &self.flushing
-            && !flushing_committed(self.flushing_base, lake_version)
-        {
-            out.extend(flushing.batches().cloned());
-        }
-        for (version, _, batches, _) in &self.recent {
-            if lake_version.is_none_or(|v| *version > v) {
-                out.extend(batches.iter().cloned());
-            }
-        }
-        out
+    pub fn snapshot(&mut self, lake_version: Option<i64>) -> Vec<RecordBatch> {
+        self.view().visible(lake_version)
     }
 
     /// An immutable picture of the queryable rows as they are now, for readers on
-    /// other threads ([`BufferView::visible`] answers as [`HotBuffer::snapshot`] would
-    /// have at this moment).
+    /// other threads (see [`BufferView::visible`]).
     pub fn view(&mut self) -> BufferView {
         self.open.seal();
         if let Some(flushing) = &mut self.flushing {
