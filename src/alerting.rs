@@ -80,9 +80,9 @@ fn rule_or_outage(e: QueryError) -> AlertError {
 
 #[async_trait]
 impl SqlSource for EngineSql {
-    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, AlertError> {
+    async fn query(&self, sql: &str, at_ms: i64) -> Result<Vec<RecordBatch>, AlertError> {
         self.0
-            .run(sql, &Principal::unrestricted("alerting"))
+            .run_at(sql, &Principal::unrestricted("alerting"), at_ms)
             .await
             .map(|out| out.batches)
             .map_err(rule_or_outage)

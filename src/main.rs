@@ -164,10 +164,29 @@ enum RulesCommand {
         /// Output format.
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         format: String,
+        /// Evaluate as of this instant (RFC 3339, e.g. 2026-12-06T03:00:00Z) instead of
+        /// now: every rule's `now()` is that time, as in one round of the service. The
+        /// lake is read as it is now, so a rule without an upper time bound also sees
+        /// rows after the instant.
+        #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+        at: Option<i64>,
         /// Rule files.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+}
+
+/// An RFC 3339 instant SQL's `now()` can hold (a nanosecond timestamp: 1677-09-21 to
+/// 2262-04-11), in epoch milliseconds.
+fn parse_instant(text: &str) -> Result<i64, String> {
+    const LIMIT_MS: i64 = i64::MAX / 1_000_000;
+    let ms = fleetlake_alert_rules::time::parse_rfc3339(text).map_err(|e| e.to_string())?;
+    if !(-LIMIT_MS..=LIMIT_MS).contains(&ms) {
+        return Err(format!(
+            "{text:?} is outside the times SQL can hold (1677-09-21 to 2262-04-11)"
+        ));
+    }
+    Ok(ms)
 }
 
 fn load(
@@ -222,9 +241,10 @@ fn main() -> std::process::ExitCode {
             RulesCommand::Eval {
                 common,
                 format,
+                at,
                 files,
             } => load(&common, None, None)
-                .and_then(|config| rules_cmd::eval(&config, &files, &format)),
+                .and_then(|config| rules_cmd::eval(&config, &files, &format, at)),
         },
     };
     match result {

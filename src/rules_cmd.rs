@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use fleetlake_alert_rules::SqlSource;
 use fleetlake_alert_rules::engine::to_samples;
+use fleetlake_model::Clock as _;
 use fleetlake_query::QueryEngine;
 use serde_json::json;
 
@@ -68,18 +69,26 @@ pub(crate) fn check(config: &Config, files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Evaluates `files` once and prints each rule's instances.
-pub(crate) fn eval(config: &Config, files: &[PathBuf], format: &str) -> anyhow::Result<()> {
+/// Evaluates `files` once, as of `at` (epoch ms; now if not given), and prints each
+/// rule's instances.
+pub(crate) fn eval(
+    config: &Config,
+    files: &[PathBuf],
+    format: &str,
+    at: Option<i64>,
+) -> anyhow::Result<()> {
     let groups = load_rules(files)?;
     let (sql, registry) = engine(config)?;
     let snapshot = registry.snapshot();
+    // One instant for every rule, as a round of the service has.
+    let at = at.unwrap_or_else(|| fleetlake_model::clock::SystemClock.now_ms());
     let mut out = std::io::stdout().lock();
     let mut failed = 0;
     runtime()?.block_on(async {
         for group in &groups {
             for rule in &group.rules {
                 let started = std::time::Instant::now();
-                let samples = match sql.query(&rule.expr).await {
+                let samples = match sql.query(&rule.expr, at).await {
                     Ok(batches) => to_samples(rule, &batches, &snapshot),
                     Err(e) => Err(e),
                 };

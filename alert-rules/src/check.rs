@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use crate::engine::{SqlSource, check_label_column};
 use crate::error::AlertError;
-use crate::registry::LABEL_FIELDS;
+use crate::registry::{Account, LABEL_FIELDS};
 use crate::rules::{ALERTNAME, Position, RuleError, RuleGroup, VALUE_COLUMN};
 
 /// Where in the file a position inside the SQL text is (`Line: L, Column: C` in
@@ -39,8 +39,18 @@ fn sql_position(start: &Position, message: &str) -> Position {
 
 /// Labels a template refers to (`$labels.x`, `.Labels.x`).
 fn referenced_labels(template: &str) -> BTreeSet<String> {
+    referenced(template, &["$labels.", ".Labels."])
+}
+
+/// Fields of the account record a template refers to (`$account.x`, `.Account.x`).
+fn referenced_account_fields(template: &str) -> BTreeSet<String> {
+    referenced(template, &["$account.", ".Account."])
+}
+
+/// Names a template refers to after one of `prefixes`.
+fn referenced(template: &str, prefixes: &[&str]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for prefix in ["$labels.", ".Labels."] {
+    for prefix in prefixes {
         let mut rest = template;
         while let Some(at) = rest.find(prefix) {
             let after = &rest[at + prefix.len()..];
@@ -141,7 +151,16 @@ pub async fn check(
                         .iter()
                         .map(|l| (l.clone(), "x".to_string()))
                         .collect();
-                    if let Err(e) = template.render(&sample, 1.0) {
+                    // An account whose fields the template reads are numbers, which
+                    // both text and number functions take.
+                    let account = Account {
+                        account_id: "x".into(),
+                        fields: referenced_account_fields(template.text())
+                            .into_iter()
+                            .map(|f| (f, serde_json::json!(1)))
+                            .collect(),
+                    };
+                    if let Err(e) = template.render_for(&sample, 1.0, Some(&account)) {
                         err(at.clone(), format!("{kind} {name}: {e}"));
                     }
                 }

@@ -44,8 +44,9 @@ use crate::time::{parse_rfc3339, rfc3339};
 /// either way, but only the first counts as the rule's failure.
 #[async_trait]
 pub trait SqlSource: Send + Sync + 'static {
-    /// Runs `sql`; the result's rows.
-    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, AlertError>;
+    /// Runs `sql` as of `at_ms` (epoch ms): its `now()` is that instant, whatever the
+    /// wall clock says while it runs; the result's rows.
+    async fn query(&self, sql: &str, at_ms: i64) -> Result<Vec<RecordBatch>, AlertError>;
     /// Plans `sql` without running it; the result's schema.
     async fn plan(&self, sql: &str) -> Result<SchemaRef, AlertError>;
 }
@@ -241,7 +242,8 @@ pub fn to_samples(
                     labels.insert(name.clone(), column.value(row).to_string());
                 }
             }
-            if let Some(account) = labels.get("account_id").and_then(|a| registry.get(a)) {
+            let account = labels.get("account_id").and_then(|a| registry.get(a));
+            if let Some(account) = account {
                 for field in LABEL_FIELDS {
                     if !labels.contains_key(field)
                         && let Some(v) = account.get(field)
@@ -253,14 +255,14 @@ pub fn to_samples(
             labels.insert(ALERTNAME.into(), rule.alert.clone());
             for (name, template) in &rule.labels {
                 let v = template
-                    .render(&labels, value)
+                    .render_for(&labels, value, account)
                     .map_err(|e| AlertError::Rule(format!("label {name}: {e}")))?;
                 labels.insert(name.clone(), v);
             }
             let mut annotations = Labels::new();
             for (name, template) in &rule.annotations {
                 let v = template
-                    .render(&labels, value)
+                    .render_for(&labels, value, account)
                     .map_err(|e| AlertError::Rule(format!("annotation {name}: {e}")))?;
                 annotations.insert(name.clone(), v);
             }
@@ -1095,10 +1097,11 @@ impl Alerting {
         tasks
     }
 
-    /// Runs one rule's SQL and reads its instances, without changing any state.
-    pub async fn run_rule(&self, group: &RuleGroup, rule: &Rule) -> RuleResult {
+    /// Runs one rule's SQL as of `at_ms` and reads its instances, without changing
+    /// any state.
+    pub async fn run_rule(&self, group: &RuleGroup, rule: &Rule, at_ms: i64) -> RuleResult {
         let started = Instant::now();
-        let samples = match self.inner.sql.query(&rule.expr).await {
+        let samples = match self.inner.sql.query(&rule.expr, at_ms).await {
             Ok(batches) => to_samples(rule, &batches, &self.inner.registry.snapshot()),
             Err(e) => Err(e),
         };
@@ -1110,8 +1113,10 @@ impl Alerting {
         }
     }
 
-    /// Evaluates group `index` once, now (the clock's time when each rule's SQL is
-    /// sent). A rule that fails keeps its alerts as they were (none resolves, none
+    /// Evaluates group `index` once, now: one instant, the clock's time when the
+    /// round starts, is every rule's `now()` in SQL and the time of every transition
+    /// of the round, so rules of one group agree on their windows however long the
+    /// round takes (as Prometheus evaluates a group at one timestamp). A rule that fails keeps its alerts as they were (none resolves, none
     /// starts); a failure of the rule's own is counted against it
     /// (`fleetlake_rule_evaluation_failures_total`), an outage of the query engine is
     /// not (`fleetlake_rule_evaluation_unavailable_total`).
@@ -1120,9 +1125,9 @@ impl Alerting {
         let started = Instant::now();
         let mut wrote = false;
         let mut round = Round::default();
+        let now = self.inner.clock.now_ms();
         for rule in &group.rules {
-            let now = self.inner.clock.now_ms();
-            let result = self.run_rule(group, rule).await;
+            let result = self.run_rule(group, rule, now).await;
             metrics::histogram!("fleetlake_rule_evaluation_seconds", "group" => group.name.clone())
                 .record(result.took.as_secs_f64());
             match result.samples {
@@ -1287,29 +1292,48 @@ mod tests {
         Down,
     }
 
-    struct FakeSql(Mutex<Answer>);
+    struct FakeSql {
+        answer: Mutex<Answer>,
+        /// The instant each query was asked to run at, in order.
+        asked: Mutex<Vec<i64>>,
+        /// A clock each query moves on by a while: a slow engine.
+        slow: Mutex<Option<(Arc<ManualClock>, Duration)>>,
+    }
 
     impl FakeSql {
+        fn new() -> Self {
+            Self {
+                answer: Mutex::new(Answer::Rows(Vec::new())),
+                asked: Mutex::default(),
+                slow: Mutex::default(),
+            }
+        }
+
         fn answer(&self, answer: Answer) {
-            *self.0.lock().unwrap() = answer;
+            *self.answer.lock().unwrap() = answer;
         }
     }
 
     #[async_trait]
     impl SqlSource for FakeSql {
-        async fn query(&self, _sql: &str) -> Result<Vec<RecordBatch>, AlertError> {
-            let (accounts, values): (Vec<&str>, Option<Vec<f64>>) = match &*self.0.lock().unwrap() {
-                Answer::Rows(rows) => {
-                    let (accounts, values) = rows.iter().copied().unzip();
-                    (accounts, Some(values))
-                }
-                Answer::NoValue => (vec!["111111111111"], None),
-                Answer::Down => {
-                    return Err(AlertError::Unavailable(
-                        "lake unavailable: connection refused".into(),
-                    ));
-                }
-            };
+        async fn query(&self, _sql: &str, at_ms: i64) -> Result<Vec<RecordBatch>, AlertError> {
+            self.asked.lock().unwrap().push(at_ms);
+            if let Some((clock, took)) = &*self.slow.lock().unwrap() {
+                clock.advance(*took);
+            }
+            let (accounts, values): (Vec<&str>, Option<Vec<f64>>) =
+                match &*self.answer.lock().unwrap() {
+                    Answer::Rows(rows) => {
+                        let (accounts, values) = rows.iter().copied().unzip();
+                        (accounts, Some(values))
+                    }
+                    Answer::NoValue => (vec!["111111111111"], None),
+                    Answer::Down => {
+                        return Err(AlertError::Unavailable(
+                            "lake unavailable: connection refused".into(),
+                        ));
+                    }
+                };
             let mut fields = vec![Field::new("account_id", DataType::Utf8, false)];
             let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(accounts))];
             if let Some(values) = values {
@@ -1370,10 +1394,14 @@ mod tests {
     /// One group (interval 1m) of one rule with `for: {for_}`; PagerDuty and an
     /// Alertmanager get every alert.
     fn harness(for_: &str) -> Harness {
-        let yaml = format!(
+        harness_of(&format!(
             "groups:\n  - name: g\n    interval: 1m\n    rules:\n      - alert: Errors\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: {for_}\n"
-        );
-        let groups = crate::rules::parse(Path::new("t.rules.yml"), &yaml).unwrap();
+        ))
+    }
+
+    /// The rule file `yaml`; PagerDuty and an Alertmanager get every alert.
+    fn harness_of(yaml: &str) -> Harness {
+        let groups = crate::rules::parse(Path::new("t.rules.yml"), yaml).unwrap();
         let route = |receiver: &str, continue_: bool| crate::config::RouteConfig {
             matchers: Vec::new(),
             receiver: receiver.into(),
@@ -1389,7 +1417,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::at(T0);
-        let sql = Arc::new(FakeSql(Mutex::new(Answer::Rows(Vec::new()))));
+        let sql = Arc::new(FakeSql::new());
         let log = Arc::new(FakeLog::default());
         let alerting = Alerting::open(AlertingParts {
             config,
@@ -1493,6 +1521,33 @@ mod tests {
                 pair("firing", "resolved")
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn every_rule_of_a_round_is_evaluated_at_the_rounds_instant() {
+        let h = harness_of(
+            "groups:\n  - name: g\n    interval: 1m\n    rules:\n      - alert: A\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n      - alert: B\n        expr: SELECT account_id, 2.0 AS value FROM metrics\n",
+        );
+        // Each query takes 40 s of the clock: without one instant per round, rule B
+        // would look at a window 40 s later than rule A's.
+        *h.sql.slow.lock().unwrap() = Some((h.clock.clone(), Duration::from_secs(40)));
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        assert_eq!(*h.sql.asked.lock().unwrap(), [T0, T0]);
+        let active_at = json!(rfc3339(T0));
+        let states = h.states();
+        assert_eq!(states.len(), 2);
+        assert!(
+            states
+                .iter()
+                .all(|(state, at, _)| state == "firing" && *at == active_at),
+            "{states:?}"
+        );
+        // The next round starts when the clock says, after the slow one.
+        let next = h.clock.now_ms();
+        assert_eq!(next, T0 + 80_000);
+        h.round().await;
+        assert_eq!(*h.sql.asked.lock().unwrap(), [T0, T0, next, next]);
     }
 
     #[tokio::test]

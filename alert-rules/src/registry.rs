@@ -4,13 +4,21 @@
 //! It is the `accounts` table for joins, adds `account_name`, `environment` and
 //! `owner_team` to every alert about an account, and keeps accounts that are not
 //! `active` (retired, suspended) from paging anyone.
+//!
+//! Fields besides the standard ones ([`FIELDS`]) become columns of `accounts` too, typed
+//! from their values: `BIGINT` if every value is an integer, `DOUBLE` if every value is
+//! a number, `BOOLEAN` if every value is `true`/`false`, text otherwise. So a rule can
+//! compare with an account's own threshold (`a.error_rate_threshold`), and templates
+//! read every field of the alert's account as `$account.<field>`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +37,10 @@ pub const FIELDS: [&str; 10] = [
     "created_by",
     "lifecycle_state",
 ];
+
+/// At most this many fields besides [`FIELDS`] over the whole registry: each is a
+/// column of `accounts`.
+pub const MAX_EXTRA_FIELDS: usize = 256;
 
 /// The registry fields every alert about an account gets as labels.
 pub const LABEL_FIELDS: [&str; 3] = ["account_name", "environment", "owner_team"];
@@ -67,6 +79,46 @@ impl Account {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     accounts: BTreeMap<String, Account>,
+    /// Fields besides [`FIELDS`], by name, with their column types.
+    extra: Vec<(String, DataType)>,
+}
+
+/// What the values of one field have been so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Integer,
+    Number,
+    Boolean,
+    Text,
+}
+
+impl Kind {
+    fn of(value: &serde_json::Value) -> Option<Kind> {
+        match value {
+            serde_json::Value::Null => None,
+            serde_json::Value::Bool(_) => Some(Kind::Boolean),
+            serde_json::Value::Number(n) if n.is_i64() => Some(Kind::Integer),
+            serde_json::Value::Number(_) => Some(Kind::Number),
+            _ => Some(Kind::Text),
+        }
+    }
+
+    fn and(self, other: Kind) -> Kind {
+        match (self, other) {
+            (a, b) if a == b => a,
+            (Kind::Integer | Kind::Number, Kind::Integer | Kind::Number) => Kind::Number,
+            _ => Kind::Text,
+        }
+    }
+
+    fn data_type(self) -> DataType {
+        match self {
+            Kind::Integer => DataType::Int64,
+            Kind::Number => DataType::Float64,
+            Kind::Boolean => DataType::Boolean,
+            Kind::Text => DataType::Utf8,
+        }
+    }
 }
 
 impl Snapshot {
@@ -93,9 +145,37 @@ impl Snapshot {
             records
         };
         let mut accounts = BTreeMap::new();
+        let mut kinds: BTreeMap<String, Option<Kind>> = BTreeMap::new();
         for record in records {
             if record.account_id.trim().is_empty() {
                 return Err(bad(None, "a record has an empty account_id".into()));
+            }
+            for (name, value) in &record.fields {
+                if FIELDS.contains(&name.as_str()) {
+                    continue;
+                }
+                if name.is_empty() {
+                    return Err(bad(
+                        None,
+                        format!(
+                            "account {} has a field with an empty name",
+                            record.account_id
+                        ),
+                    ));
+                }
+                let kind = kinds.entry(name.clone()).or_default();
+                if let Some(new) = Kind::of(value) {
+                    *kind = Some(kind.map_or(new, |k| k.and(new)));
+                }
+            }
+            if kinds.len() > MAX_EXTRA_FIELDS {
+                return Err(bad(
+                    None,
+                    format!(
+                        "more than {MAX_EXTRA_FIELDS} fields besides the standard ones ({}): each is a column of `accounts`",
+                        FIELDS.join(", ")
+                    ),
+                ));
             }
             if let Some(old) = accounts.insert(record.account_id.clone(), record) {
                 return Err(bad(
@@ -104,7 +184,11 @@ impl Snapshot {
                 ));
             }
         }
-        Ok(Self { accounts })
+        let extra = kinds
+            .into_iter()
+            .map(|(name, kind)| (name, kind.unwrap_or(Kind::Text).data_type()))
+            .collect();
+        Ok(Self { accounts, extra })
     }
 
     /// The record of `account_id`.
@@ -127,23 +211,64 @@ impl Snapshot {
         self.accounts.values()
     }
 
+    /// The fields besides [`FIELDS`] and their column types, by name.
+    pub fn extra_fields(&self) -> &[(String, DataType)] {
+        &self.extra
+    }
+
+    /// Schema of the `accounts` table: [`schema`]'s columns, then the extra fields.
+    pub fn schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.extend(
+            self.extra
+                .iter()
+                .map(|(name, data_type)| Field::new(name, data_type.clone(), true)),
+        );
+        Arc::new(Schema::new(fields))
+    }
+
     /// The `accounts` table.
     pub fn to_batch(&self) -> RecordBatch {
-        let columns: Vec<ArrayRef> = FIELDS
-            .iter()
-            .map(|field| {
-                let mut b = StringBuilder::new();
-                for account in self.accounts.values() {
-                    b.append_option(account.get(field));
+        let text = |field: &str| {
+            let mut b = StringBuilder::new();
+            for account in self.accounts.values() {
+                b.append_option(account.get(field));
+            }
+            Arc::new(b.finish()) as ArrayRef
+        };
+        let mut columns: Vec<ArrayRef> = FIELDS.iter().map(|field| text(field)).collect();
+        for (name, data_type) in &self.extra {
+            let values = || self.accounts.values().map(|a| a.fields.get(name));
+            let column: ArrayRef = match data_type {
+                DataType::Int64 => {
+                    let mut b = Int64Builder::new();
+                    values().for_each(|v| b.append_option(v.and_then(|v| v.as_i64())));
+                    Arc::new(b.finish())
                 }
-                Arc::new(b.finish()) as ArrayRef
-            })
-            .collect();
-        RecordBatch::try_new(schema(), columns).expect("columns match the schema")
+                DataType::Float64 => {
+                    let mut b = Float64Builder::new();
+                    values().for_each(|v| b.append_option(v.and_then(|v| v.as_f64())));
+                    Arc::new(b.finish())
+                }
+                DataType::Boolean => {
+                    let mut b = BooleanBuilder::new();
+                    values().for_each(|v| b.append_option(v.and_then(|v| v.as_bool())));
+                    Arc::new(b.finish())
+                }
+                _ => text(name),
+            };
+            columns.push(column);
+        }
+        RecordBatch::try_new(self.schema(), columns).expect("columns match the schema")
     }
 }
 
-/// Schema of the `accounts` table.
+/// Schema of the `accounts` table's standard columns (every registry has them; extra
+/// fields follow, see [`Snapshot::schema`]).
 pub fn schema() -> SchemaRef {
     Arc::new(Schema::new(
         FIELDS
@@ -279,6 +404,64 @@ mod tests {
         assert!(registry.reload().unwrap());
         assert_eq!(registry.snapshot().len(), 1);
         assert!(!registry.reload().unwrap());
+    }
+
+    #[test]
+    fn extra_fields_are_typed_columns() {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{Float64Type, Int64Type};
+        let snap = Snapshot::parse(concat!(
+            r#"{"account_id":"1","owner_team":"payments","tier":"gold","error_rate_threshold":0.02,"max_functions":10,"paging":true,"tags":{"a":1}}"#,
+            "\n",
+            r#"{"account_id":"2","tier":3,"error_rate_threshold":1,"max_functions":null,"paging":false,"note":null}"#,
+            "\n",
+        ))
+        .unwrap();
+        let types: Vec<(&str, DataType)> = snap
+            .extra_fields()
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("error_rate_threshold", DataType::Float64),
+                ("max_functions", DataType::Int64),
+                ("note", DataType::Utf8),
+                ("paging", DataType::Boolean),
+                ("tags", DataType::Utf8),
+                ("tier", DataType::Utf8),
+            ]
+        );
+        let batch = snap.to_batch();
+        assert_eq!(batch.num_columns(), FIELDS.len() + 6);
+        let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+        let threshold = column("error_rate_threshold");
+        assert_eq!(
+            threshold.as_primitive::<Float64Type>().values(),
+            &[0.02, 1.0]
+        );
+        let max = column("max_functions");
+        assert_eq!(max.as_primitive::<Int64Type>().value(0), 10);
+        assert!(max.is_null(1));
+        let tier = column("tier");
+        assert_eq!(tier.as_string::<i32>().value(0), "gold");
+        assert_eq!(tier.as_string::<i32>().value(1), "3");
+        assert_eq!(column("tags").as_string::<i32>().value(0), r#"{"a":1}"#);
+        assert!(column("paging").as_boolean().value(0));
+        // The standard fields stay text whatever their values.
+        let owner = batch
+            .schema()
+            .field_with_name("owner_team")
+            .unwrap()
+            .clone();
+        assert_eq!(owner.data_type(), &DataType::Utf8);
+
+        let many: String = (0..=MAX_EXTRA_FIELDS)
+            .map(|i| format!("{{\"account_id\":\"{i}\",\"f{i}\":1}}\n"))
+            .collect();
+        let e = Snapshot::parse(&many).unwrap_err();
+        assert!(e.to_string().contains("more than 256 fields"), "{e}");
     }
 
     #[test]

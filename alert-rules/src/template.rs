@@ -10,9 +10,11 @@ use std::sync::Arc;
 use gtmpl::{Context, Func, FuncError, Value};
 
 use crate::error::AlertError;
+use crate::registry::Account;
 
-/// Prometheus defines these before every alert template.
-const PRELUDE: &str = "{{$labels := .Labels}}{{$value := .Value}}";
+/// Prometheus defines the first two before every alert template; `$account` is the
+/// registry record of the alert's account (every field, empty if none).
+const PRELUDE: &str = "{{$labels := .Labels}}{{$value := .Value}}{{$account := .Account}}";
 
 /// A parsed template.
 #[derive(Clone)]
@@ -202,15 +204,47 @@ impl Template {
         &self.text
     }
 
-    /// Expands the template for one alert instance.
+    /// Expands the template for one alert instance, without an account record.
     pub fn render(
         &self,
         labels: &BTreeMap<String, String>,
         value: f64,
     ) -> Result<String, AlertError> {
+        self.render_for(labels, value, None)
+    }
+
+    /// Expands the template for one alert instance about `account` (its registry
+    /// record, as `$account` / `.Account`: numbers stay numbers, so
+    /// `{{ $account.error_rate_threshold | humanizePercentage }}` works).
+    pub fn render_for(
+        &self,
+        labels: &BTreeMap<String, String>,
+        value: f64,
+        account: Option<&Account>,
+    ) -> Result<String, AlertError> {
         let Some(parsed) = &self.parsed else {
             return Ok(self.text.clone());
         };
+        let mut record: HashMap<String, Value> = HashMap::new();
+        if let Some(account) = account {
+            record.insert(
+                "account_id".into(),
+                Value::from(account.account_id.as_str()),
+            );
+            for (name, v) in &account.fields {
+                let v = match v {
+                    serde_json::Value::Null => Value::Nil,
+                    serde_json::Value::Bool(b) => Value::from(*b),
+                    serde_json::Value::Number(n) => match n.as_i64() {
+                        Some(i) => Value::from(i),
+                        None => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+                    },
+                    serde_json::Value::String(s) => Value::from(s.as_str()),
+                    other => Value::from(other.to_string()),
+                };
+                record.insert(name.clone(), v);
+            }
+        }
         let labels: HashMap<String, Value> = labels
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
@@ -218,6 +252,7 @@ impl Template {
         let mut data: HashMap<String, Value> = HashMap::new();
         data.insert("Labels".into(), Value::Map(labels));
         data.insert("Value".into(), Value::from(value));
+        data.insert("Account".into(), Value::Map(record));
         parsed
             .render(&Context::from(data))
             .map_err(|e| AlertError::Rule(e.to_string()))
@@ -227,6 +262,41 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accounts_record_is_there_with_its_types() {
+        let account: Account = serde_json::from_str(
+            r#"{"account_id":"123456789012","tier":"gold","error_rate_threshold":0.025,"max":3,"paging":true}"#,
+        )
+        .unwrap();
+        let labels = BTreeMap::new();
+        let render = |text: &str, account: Option<&Account>| {
+            Template::parse(text)
+                .unwrap()
+                .render_for(&labels, 0.1, account)
+                .unwrap()
+        };
+        assert_eq!(
+            render(
+                "{{ $account.tier | toUpper }} {{ $account.error_rate_threshold | humanizePercentage }} {{ .Account.account_id }}",
+                Some(&account)
+            ),
+            "GOLD 2.5% 123456789012"
+        );
+        assert_eq!(
+            render(
+                "{{ if $account.paging }}{{ $account.max }}{{ end }}",
+                Some(&account)
+            ),
+            "3"
+        );
+        // A field the record lacks, or no record at all, is Go's `<no value>`.
+        assert_eq!(
+            render("{{ $account.cost_centre }}", Some(&account)),
+            "<no value>"
+        );
+        assert_eq!(render("{{ $account.tier }}", None), "<no value>");
+    }
 
     fn render(text: &str, value: f64) -> String {
         let labels = BTreeMap::from([("account_id".to_string(), "123456789012".to_string())]);

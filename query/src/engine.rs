@@ -56,7 +56,8 @@ pub const SCHEMA: &str = "public";
 /// [`QueryEngine::with_table`].
 #[derive(Clone)]
 pub enum SideTable {
-    /// Rows made when a statement is planned (the account registry's current state).
+    /// Rows made when a statement is planned (the account registry's current state):
+    /// the columns they always have, then the rows, whose schema may add columns.
     Rows(SchemaRef, Arc<dyn Fn() -> RecordBatch + Send + Sync>),
     /// A Delta table of the lake under this name: empty, with this schema, until it
     /// exists.
@@ -559,9 +560,11 @@ impl LakeSchema {
                 (name, SideTable::Lake(schema)) => {
                     Some(self.lake.provider(name, Arc::clone(schema), None).await?)
                 }
-                (_, SideTable::Rows(schema, rows)) => {
+                (_, SideTable::Rows(_, rows)) => {
+                    // The rows' own schema: the declared columns and any more they
+                    // have now (the registry's extra fields).
                     let batch = rows();
-                    let table = MemTable::try_new(Arc::clone(schema), vec![vec![batch]])
+                    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
                         .map_err(|e| QueryError::Sql(Box::new(e)))?;
                     Some(Arc::new(table) as Arc<dyn TableProvider>)
                 }
@@ -790,6 +793,33 @@ impl QueryEngine {
         self.run_admitted(sql, principal, &admitted).await
     }
 
+    /// Runs one read-only SQL statement for `principal` as [`QueryEngine::run`] does,
+    /// with the statement's clock pinned at `at_ms` (epoch ms): `now()`,
+    /// `current_date` and `current_time` answer that instant, so statements
+    /// evaluated "at" one instant (an alert round, `rules eval --at`) agree on it
+    /// whatever the wall clock does while they run. The tables are read as they are
+    /// now: this moves no data back in time.
+    pub async fn run_at(
+        &self,
+        sql: &str,
+        principal: &Principal,
+        at_ms: i64,
+    ) -> Result<QueryOutput, QueryError> {
+        // `now()` is a nanosecond timestamp: 1677-09-21 to 2262-04-11.
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(at_ms)
+            .filter(|at| at.timestamp_nanos_opt().is_some())
+            .ok_or_else(|| {
+                QueryError::Refused(
+                    ErrorKind::Data,
+                    format!(
+                        "{at_ms} ms since the epoch is outside the times SQL can hold (1677-09-21 to 2262-04-11)"
+                    ),
+                )
+            })?;
+        let admitted = self.internal();
+        self.run_pinned(sql, principal, &admitted, Some(at)).await
+    }
+
     /// Runs one read-only SQL statement for `principal` as `admitted`, results held
     /// in the statement's memory.
     pub async fn run_admitted(
@@ -798,11 +828,26 @@ impl QueryEngine {
         principal: &Principal,
         admitted: &Admitted,
     ) -> Result<QueryOutput, QueryError> {
+        self.run_pinned(sql, principal, admitted, None).await
+    }
+
+    /// [`QueryEngine::run_admitted`], with the statement's `now()` at `at` if given
+    /// (else the time it is planned).
+    async fn run_pinned(
+        &self,
+        sql: &str,
+        principal: &Principal,
+        admitted: &Admitted,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<QueryOutput, QueryError> {
         self.check_text(sql)?;
         let ctx = self.session(principal)?;
         let sql_err = |e| QueryError::Sql(Box::new(e));
         let run = async {
-            let state = ctx.state();
+            let mut state = ctx.state();
+            if at.is_some() {
+                state.execution_props_mut().query_execution_start_time = at;
+            }
             let plan = plan_read_only(&state, sql).await?;
             let (schema, mut stream) = self.execute(&state, plan, principal, admitted).await?;
             let reservation = admitted.pool.results();
@@ -930,6 +975,53 @@ mod tests {
         let explain = failure(&engine, &tenant, "EXPLAIN VERBOSE SELECT 1").await;
         assert_eq!(explain.kind().sqlstate(), "42501");
         assert_eq!(explain.kind().http_status(), 403);
+    }
+
+    #[tokio::test]
+    async fn a_pinned_statement_reads_its_own_now() {
+        use arrow::array::AsArray;
+        use arrow::datatypes::{Date32Type, Int64Type};
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir, QueryLimits::default());
+        let ops = Principal::unrestricted("ops");
+        // 2021-03-04T05:06:07.089Z, long before the wall clock.
+        let at = 1_614_834_367_089_i64;
+        let clock = "SELECT CAST(now() AS BIGINT) AS ns, current_date AS d";
+        let window = "SELECT count(*) AS recent FROM generate_series(1, 3) \
+                      WHERE now() < TIMESTAMP '2022-01-01T00:00:00Z'";
+        let pinned = engine.run_at(clock, &ops, at).await.unwrap();
+        let batch = &pinned.batches[0];
+        assert_eq!(
+            batch.column(0).as_primitive::<Int64Type>().value(0),
+            at * 1_000_000
+        );
+        // 18,690 days after 1970-01-01 is 2021-03-04.
+        assert_eq!(
+            batch.column(1).as_primitive::<Date32Type>().value(0),
+            18_690
+        );
+        let recent = |out: QueryOutput| {
+            out.batches[0]
+                .column(0)
+                .as_primitive::<Int64Type>()
+                .value(0)
+        };
+        assert_eq!(recent(engine.run_at(window, &ops, at).await.unwrap()), 3);
+        // Unpinned, the same statements read the wall clock: past 2022, no rows pass.
+        let wall = engine.run(clock, &ops).await.unwrap();
+        assert!(
+            wall.batches[0]
+                .column(0)
+                .as_primitive::<Int64Type>()
+                .value(0)
+                > at * 1_000_000
+        );
+        assert_eq!(recent(engine.run(window, &ops).await.unwrap()), 0);
+        // An instant no calendar holds is the caller's error, not a crash.
+        for at in [i64::MAX, 10_000_000_000_000] {
+            let error = engine.run_at("SELECT now()", &ops, at).await.unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Data, "{at}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -983,9 +983,16 @@ fn the_shipped_example_rules_find_what_they_are_about() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let registry = dir.path().join("accounts.jsonl");
-    let records: Vec<String> = (0..8)
+    let mut records: Vec<String> = (0..8)
         .map(|i| account_record(i, if i == 5 { "suspended" } else { "active" }))
         .collect();
+    // Fields of the platform's own: accounts 0 and 1 set their error-rate thresholds.
+    for (i, tier, threshold) in [(0, "bronze", 0.5), (1, "platinum", 0.005)] {
+        let mut record: Value = serde_json::from_str(&records[i]).unwrap();
+        record["tier"] = json!(tier);
+        record["error_rate_threshold"] = json!(threshold);
+        records[i] = record.to_string();
+    }
     std::fs::write(&registry, records.join("\n")).unwrap();
     let config = dir.path().join("fleetlake.toml");
     std::fs::write(&config, format!("[accounts]\nfile = {registry:?}\n")).unwrap();
@@ -1069,23 +1076,31 @@ fn the_shipped_example_rules_find_what_they_are_about() {
     assert!(ok, "{err}");
 
     let examples = format!("{}/alert-rules/examples", env!("CARGO_MANIFEST_DIR"));
-    let (ok, out, err) = cli(&[
-        "rules",
-        "eval",
-        "--config",
-        c,
-        "--data-dir",
-        d,
-        "--format",
-        "json",
-        &format!("{examples}/lambda.rules.yml"),
-        &format!("{examples}/fleet.rules.yml"),
-    ]);
-    assert!(ok, "{err}");
-    let found: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (lambda, fleet) = (
+        format!("{examples}/lambda.rules.yml"),
+        format!("{examples}/fleet.rules.yml"),
+    );
+    // `rules eval --format json`, then `args`: one JSON object per alert instance.
+    let eval = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec![
+            "rules",
+            "eval",
+            "--config",
+            c,
+            "--data-dir",
+            d,
+            "--format",
+            "json",
+        ];
+        all.extend_from_slice(args);
+        let (ok, out, err) = cli(&all);
+        assert!(ok, "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let found = eval(&[&lambda, &fleet]);
+    let out = format!("{found:?}");
     let mut by_rule: Vec<(String, String, f64)> = found
         .iter()
         .map(|f| {
@@ -1145,6 +1160,98 @@ fn the_shipped_example_rules_find_what_they_are_about() {
             .ends_with("p99 duration 15s"),
         "{p99}"
     );
+
+    // Per-account thresholds: the registry's own fields are typed columns of
+    // `accounts` and `$account` in templates. Account 0 fails 20 % (its threshold is
+    // 50 %), account 1 fails 1 % (its threshold 0.5 %), the others 1 % (default 5 %).
+    let own = dir.path().join("own.rules.yml");
+    std::fs::write(
+        &own,
+        r#"groups:
+  - name: own
+    rules:
+      - alert: ErrorRateOverOwnThreshold
+        expr: |
+          SELECT m.account_id, m.errors / m.invocations AS value
+          FROM (SELECT account_id,
+                       sum(CASE WHEN metric_name = 'Errors' THEN sum END) AS errors,
+                       sum(CASE WHEN metric_name = 'Invocations' THEN sum END) AS invocations
+                FROM metrics
+                WHERE namespace = 'AWS/Lambda' AND time > now() - INTERVAL '5 minutes'
+                GROUP BY account_id) m
+          JOIN accounts a ON a.account_id = m.account_id
+          WHERE m.errors / m.invocations > coalesce(a.error_rate_threshold, 0.05)
+        labels:
+          tier: "{{ $account.tier }}"
+        annotations:
+          summary: "{{ $value | humanizePercentage }} of invocations fail in {{ $labels.account_id }}, over its {{ $account.error_rate_threshold | humanizePercentage }}"
+"#,
+    )
+    .unwrap();
+    let (ok, _, err) = cli(&[
+        "rules",
+        "check",
+        "--config",
+        c,
+        "--data-dir",
+        d,
+        own.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let found = eval(&[own.to_str().unwrap()]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["labels"]["account_id"], account_id(1));
+    assert_eq!(found[0]["labels"]["tier"], "platinum");
+    assert_eq!(
+        found[0]["annotations"]["summary"],
+        format!("1% of invocations fail in {}, over its 0.5%", account_id(1))
+    );
+
+    // As of 20 minutes from now, every rule's `now()` is that instant: the 5-minute
+    // windows hold nothing, and every active account has stopped reporting, for as
+    // long as the instant says.
+    let later = now + 20 * 60_000;
+    let at = fleetlake_alert_rules::time::rfc3339(later);
+    let mut stopped: Vec<(String, String, f64)> = eval(&["--at", &at, &lambda, &fleet])
+        .iter()
+        .map(|f| {
+            (
+                f["alert"].as_str().unwrap().to_string(),
+                f["labels"]["account_id"].as_str().unwrap().to_string(),
+                f["value"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let out = format!("{stopped:?}");
+    stopped.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let expected: Vec<(String, String, f64)> = [0, 1, 2, 3, 4, 6, 7]
+        .into_iter()
+        .map(|a| {
+            let last = if a == 6 { now - 30 * 60_000 } else { minute };
+            (
+                "AccountStoppedReporting".to_string(),
+                account_id(a),
+                (later - last) as f64 / 1000.0,
+            )
+        })
+        .collect();
+    assert_eq!(stopped.len(), expected.len(), "{out}");
+    for (got, want) in stopped.iter().zip(&expected) {
+        assert_eq!((&got.0, &got.1), (&want.0, &want.1), "{out}");
+        assert!((got.2 - want.2).abs() < 1e-3, "{got:?} against {want:?}");
+    }
+    // An instant SQL cannot hold is refused with the flag's name, before any rule runs.
+    let (ok, _, err) = cli(&[
+        "rules",
+        "eval",
+        "--data-dir",
+        d,
+        "--at",
+        "2300-01-01T00:00:00Z",
+        &fleet,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--at") && err.contains("2262-04-11"), "{err}");
 }
 
 /// SQL over HTTP with a bearer token; the JSON rows.
