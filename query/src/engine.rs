@@ -777,6 +777,16 @@ impl QueryEngine {
         Ok(Arc::new(plan.schema().as_arrow().clone()))
     }
 
+    /// How `sql` reads the `metrics` and `logs` rows (see [`crate::shape`]), planned
+    /// with full access.
+    pub async fn shape(&self, sql: &str) -> Result<crate::shape::Shape, QueryError> {
+        self.check_text(sql)?;
+        let ctx = self.session(&Principal::unrestricted("shape"))?;
+        let state = ctx.state();
+        let plan = plan_read_only(&state, sql).await?;
+        crate::shape::classify(&state, &plan).map_err(|e| QueryError::Sql(Box::new(e)))
+    }
+
     /// Runs one read-only SQL statement for `principal`, within the limits; fails
     /// with [`QueryError::NoTable`] while the lake has no table at all (a data
     /// directory nothing was ever ingested into).

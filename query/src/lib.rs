@@ -27,6 +27,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod pg;
+pub mod shape;
 pub mod table;
 pub mod tls;
 
