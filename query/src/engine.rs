@@ -57,7 +57,8 @@ pub const SCHEMA: &str = "public";
 #[derive(Clone)]
 pub enum SideTable {
     /// Rows made when a statement is planned (the account registry's current state):
-    /// the columns they always have, then the rows, whose schema may add columns.
+    /// the columns they always have, then the rows, whose schema may add columns
+    /// after those (seen by unrestricted callers only).
     Rows(SchemaRef, Arc<dyn Fn() -> RecordBatch + Send + Sync>),
     /// A Delta table of the lake under this name: empty, with this schema, until it
     /// exists.
@@ -560,10 +561,18 @@ impl LakeSchema {
                 (name, SideTable::Lake(schema)) => {
                     Some(self.lake.provider(name, Arc::clone(schema), None).await?)
                 }
-                (_, SideTable::Rows(_, rows)) => {
+                (_, SideTable::Rows(declared, rows)) => {
                     // The rows' own schema: the declared columns and any more they
-                    // have now (the registry's extra fields).
-                    let batch = rows();
+                    // have now (the registry's extra fields). A caller limited to
+                    // some accounts sees the declared ones only: what else an
+                    // operator keeps about an account is not the tenant's to read.
+                    let mut batch = rows();
+                    if self.principal.accounts.is_some() {
+                        let declared: Vec<usize> = (0..declared.fields().len()).collect();
+                        batch = batch
+                            .project(&declared)
+                            .map_err(|e| QueryError::Sql(Box::new(e.into())))?;
+                    }
                     let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
                         .map_err(|e| QueryError::Sql(Box::new(e)))?;
                     Some(Arc::new(table) as Arc<dyn TableProvider>)
@@ -985,6 +994,52 @@ mod tests {
         let explain = failure(&engine, &tenant, "EXPLAIN VERBOSE SELECT 1").await;
         assert_eq!(explain.kind().sqlstate(), "42501");
         assert_eq!(explain.kind().http_status(), 403);
+    }
+
+    #[tokio::test]
+    async fn a_limited_caller_sees_only_the_declared_columns_of_a_side_table() {
+        use arrow::array::{Float64Array, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        let dir = tempfile::tempdir().unwrap();
+        let declared = Arc::new(Schema::new(vec![Field::new(
+            ACCOUNT_COLUMN,
+            DataType::Utf8,
+            false,
+        )]));
+        let rows = Arc::new(|| {
+            let schema = Arc::new(Schema::new(vec![
+                Field::new(ACCOUNT_COLUMN, DataType::Utf8, false),
+                Field::new("risk_score", DataType::Float64, true),
+            ]));
+            RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from(vec!["100000000001", "100000000002"])),
+                    Arc::new(Float64Array::from(vec![0.9, 0.1])),
+                ],
+            )
+            .unwrap()
+        });
+        let engine = engine(&dir, QueryLimits::default())
+            .with_table("accounts", SideTable::Rows(declared, rows));
+        let ops = Principal::unrestricted("ops");
+        let out = engine
+            .run("SELECT account_id, risk_score FROM accounts", &ops)
+            .await
+            .unwrap();
+        assert_eq!(
+            out.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            2
+        );
+        let tenant = Principal::limited_to("tenant", ["100000000001".to_string()]);
+        let out = engine.run("SELECT * FROM accounts", &tenant).await.unwrap();
+        assert_eq!(out.schema.fields().len(), 1);
+        assert_eq!(
+            out.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            1
+        );
+        let hidden = failure(&engine, &tenant, "SELECT risk_score FROM accounts").await;
+        assert_eq!(hidden.kind(), ErrorKind::UndefinedColumn);
     }
 
     #[tokio::test]
