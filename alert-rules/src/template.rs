@@ -1,7 +1,8 @@
 //! Label and annotation templates: Go's text/template language (the `gtmpl` crate),
 //! with the variables and functions Prometheus gives alert templates: `$labels`,
 //! `$value`, `.Labels`, `.Value`, `humanize`, `humanizePercentage`,
-//! `humanizeDuration`, `toUpper`, `toLower`, `title`, plus Go's `printf`, `if`, …
+//! `humanizeDuration`, `toUpper`, `toLower`, `title`, plus Go's `printf`, `if`, …;
+//! and fleetlake's `$account` (`.Account`): the registry record of the alert's account.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
