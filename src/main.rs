@@ -176,16 +176,10 @@ enum RulesCommand {
     },
 }
 
-/// An RFC 3339 instant SQL's `now()` can hold (a nanosecond timestamp: 1677-09-21 to
-/// 2262-04-11), in epoch milliseconds.
+/// An RFC 3339 instant SQL's `now()` can hold, in epoch milliseconds.
 fn parse_instant(text: &str) -> Result<i64, String> {
-    const LIMIT_MS: i64 = i64::MAX / 1_000_000;
     let ms = fleetlake_alert_rules::time::parse_rfc3339(text).map_err(|e| e.to_string())?;
-    if !(-LIMIT_MS..=LIMIT_MS).contains(&ms) {
-        return Err(format!(
-            "{text:?} is outside the times SQL can hold (1677-09-21 to 2262-04-11)"
-        ));
-    }
+    fleetlake_query::engine::sql_instant(ms).map_err(|e| format!("{text:?}: {e}"))?;
     Ok(ms)
 }
 

@@ -211,11 +211,6 @@ impl Snapshot {
         self.accounts.values()
     }
 
-    /// The fields besides [`FIELDS`] and their column types, by name.
-    pub fn extra_fields(&self) -> &[(String, DataType)] {
-        &self.extra
-    }
-
     /// Schema of the `accounts` table: [`schema`]'s columns, then the extra fields.
     pub fn schema(&self) -> SchemaRef {
         let mut fields: Vec<Field> = schema()
@@ -417,10 +412,10 @@ mod tests {
             "\n",
         ))
         .unwrap();
-        let types: Vec<(&str, DataType)> = snap
-            .extra_fields()
+        let schema = snap.schema();
+        let types: Vec<(&str, DataType)> = schema.fields()[FIELDS.len()..]
             .iter()
-            .map(|(n, t)| (n.as_str(), t.clone()))
+            .map(|f| (f.name().as_str(), f.data_type().clone()))
             .collect();
         assert_eq!(
             types,

@@ -824,17 +824,7 @@ impl QueryEngine {
         principal: &Principal,
         at_ms: i64,
     ) -> Result<QueryOutput, QueryError> {
-        // `now()` is a nanosecond timestamp: 1677-09-21 to 2262-04-11.
-        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(at_ms)
-            .filter(|at| at.timestamp_nanos_opt().is_some())
-            .ok_or_else(|| {
-                QueryError::Refused(
-                    ErrorKind::Data,
-                    format!(
-                        "{at_ms} ms since the epoch is outside the times SQL can hold (1677-09-21 to 2262-04-11)"
-                    ),
-                )
-            })?;
+        let at = sql_instant(at_ms)?;
         let admitted = self.internal();
         self.run_pinned(sql, principal, &admitted, Some(at)).await
     }
@@ -864,8 +854,8 @@ impl QueryEngine {
         let sql_err = |e| QueryError::Sql(Box::new(e));
         let run = async {
             let mut state = ctx.state();
-            if at.is_some() {
-                state.execution_props_mut().query_execution_start_time = at;
+            if let Some(at) = at {
+                pin(&mut state, at);
             }
             let plan = plan_read_only(&state, sql).await?;
             let (schema, mut stream) = self.execute(&state, plan, principal, admitted).await?;
@@ -891,6 +881,28 @@ impl QueryEngine {
             None => run.await,
         }
     }
+}
+
+/// `at_ms` (epoch ms) as an instant a statement's `now()` can be pinned at: SQL's
+/// `now()` is a nanosecond timestamp, 1677-09-21 to 2262-04-11.
+pub fn sql_instant(at_ms: i64) -> Result<chrono::DateTime<chrono::Utc>, QueryError> {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(at_ms)
+        .filter(|at| at.timestamp_nanos_opt().is_some())
+        .ok_or_else(|| {
+            QueryError::Refused(
+                ErrorKind::Data,
+                format!(
+                    "{at_ms} ms since the epoch is outside the times SQL can hold (1677-09-21 to 2262-04-11)"
+                ),
+            )
+        })
+}
+
+/// Starts a statement in `state` whose `now()`, `current_date` and `current_time` are
+/// `at` (and whose generated names start afresh).
+pub(crate) fn pin(state: &mut SessionState, at: chrono::DateTime<chrono::Utc>) {
+    state.mark_start_execution();
+    state.execution_props_mut().query_execution_start_time = Some(at);
 }
 
 fn read_only() -> SQLOptions {

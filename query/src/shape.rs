@@ -36,6 +36,9 @@ pub const DELTA: Duration = Duration::from_secs(86_400 + 3_600 + 1);
 /// The first instant (2026-01-05T10:20:30Z, epoch ms); the second is `DELTA` later.
 const T0_MS: i64 = 1_767_608_430_000;
 
+/// Why a plan is not followed when its structure differs between the two instants.
+const CHANGES: &str = "its plan changes with the time it runs at";
+
 /// Aggregate functions whose partial states merge: what an incremental leaf may use.
 const MERGEABLE: [&str; 5] = ["sum", "count", "min", "max", "avg"];
 
@@ -162,12 +165,12 @@ impl fmt::Display for Shape {
 /// The shape of `plan` (a statement planned, not optimized, in `state`).
 pub fn classify(state: &SessionState, plan: &LogicalPlan) -> datafusion::error::Result<Shape> {
     let at = |ms: i64| -> datafusion::error::Result<LogicalPlan> {
-        // A fresh alias generator each time, so both plans name what they extract
-        // alike.
+        // Pinning starts the generated names afresh, so both plans name what they
+        // extract alike.
         let mut state = state.clone();
-        state.mark_start_execution();
-        state.execution_props_mut().query_execution_start_time =
-            chrono::DateTime::from_timestamp_millis(ms);
+        if let Some(at) = chrono::DateTime::from_timestamp_millis(ms) {
+            crate::engine::pin(&mut state, at);
+        }
         state.optimize(plan)
     };
     let p0 = at(T0_MS)?;
@@ -231,7 +234,7 @@ fn rows_table(plan: &LogicalPlan) -> Option<Table> {
 /// Walks `p0` and `p1` (one statement planned at two instants) together.
 fn walk(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(), String> {
     if std::mem::discriminant(p0) != std::mem::discriminant(p1) {
-        return Err("its plan changes with the time it runs at".into());
+        return Err(CHANGES.into());
     }
     if let (LogicalPlan::Aggregate(a0), LogicalPlan::Aggregate(a1)) = (p0, p1)
         && let Some((table, below)) = over_rows(&a0.input, &a1.input)
@@ -255,7 +258,7 @@ fn walk(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(), Str
     }
     let (i0, i1) = (p0.inputs(), p1.inputs());
     if i0.len() != i1.len() {
-        return Err("its plan changes with the time it runs at".into());
+        return Err(CHANGES.into());
     }
     for (a, b) in i0.into_iter().zip(i1) {
         walk(a, b, found)?;
@@ -275,7 +278,7 @@ fn subqueries(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(
     };
     let (s0, s1) = (collect(p0), collect(p1));
     if s0.len() != s1.len() {
-        return Err("its plan changes with the time it runs at".into());
+        return Err(CHANGES.into());
     }
     for (a, b) in s0.iter().zip(&s1) {
         walk(a, b, found)?;
@@ -367,7 +370,7 @@ impl Chain {
             let (i0, i1) = (n0.inputs(), n1.inputs());
             match (i0.first(), i1.first()) {
                 (Some(a), Some(b)) if i0.len() == 1 && i1.len() == 1 => (n0, n1) = (*a, *b),
-                _ => return Err("its plan changes with the time it runs at".into()),
+                _ => return Err(CHANGES.into()),
             }
         }
     }
