@@ -21,9 +21,11 @@ use fleetlake_aggregate::store::{CommitMeta, DeltaLake, Lake, WriteSettings};
 use fleetlake_alert_rules::engine::ACCOUNT_ID;
 use fleetlake_alert_rules::matchers::Matcher;
 use fleetlake_alert_rules::{AlertError, Alerting, Registry, RuleGroup, SqlSource, TransitionLog};
+use fleetlake_query::incremental::{Incremental, RowFeed};
 use fleetlake_query::{Access, Principal, QueryEngine, QueryError, SideTable};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::warn;
 
 use crate::config::Config;
 
@@ -65,7 +67,71 @@ pub(crate) fn load_rules(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<Rul
 }
 
 /// Rules' SQL, run by the query engine with full access.
-pub(crate) struct EngineSql(pub(crate) Arc<QueryEngine>);
+pub(crate) struct EngineSql {
+    engine: Arc<QueryEngine>,
+    /// Incremental evaluation, with every rule's SQL to prepare together at the first
+    /// round.
+    incremental: Option<(Arc<Incremental>, Vec<String>)>,
+    prepared: std::sync::atomic::AtomicBool,
+}
+
+impl EngineSql {
+    /// Every statement as SQL over the lake (and the hot buffer, if the engine has it).
+    pub(crate) fn scanning(engine: Arc<QueryEngine>) -> Self {
+        Self {
+            engine,
+            incremental: None,
+            prepared: false.into(),
+        }
+    }
+
+    /// Rules of the incremental shape from partial aggregates fed by `feed`, the
+    /// rest as SQL; `rules` are prepared together at the first round.
+    pub(crate) fn incremental(
+        engine: Arc<QueryEngine>,
+        feed: Arc<dyn RowFeed>,
+        rules: Vec<String>,
+    ) -> Self {
+        let incremental = Arc::new(Incremental::new(Arc::clone(&engine), feed));
+        Self {
+            engine,
+            incremental: Some((incremental, rules)),
+            prepared: false.into(),
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &QueryEngine {
+        &self.engine
+    }
+
+    /// `sql` at `at_ms` from partial aggregates, or `None` to run it as SQL.
+    async fn partials_result(&self, sql: &str, at_ms: i64) -> Option<Vec<RecordBatch>> {
+        use std::sync::atomic::Ordering;
+        let (incremental, rules) = self.incremental.as_ref()?;
+        if !self.prepared.load(Ordering::Acquire) {
+            let rules: Vec<&str> = rules.iter().map(String::as_str).collect();
+            match incremental.prepare(&rules, at_ms).await {
+                Ok(()) => self.prepared.store(true, Ordering::Release),
+                Err(error) => {
+                    warn!(%error, "could not prepare incremental evaluation yet; rules run as SQL")
+                }
+            }
+        }
+        match incremental.run(sql, at_ms).await {
+            Ok(Some(batches)) => {
+                metrics::counter!("fleetlake_rule_evaluations_total", "path" => "incremental")
+                    .increment(1);
+                Some(batches)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                warn!(%error, "incremental evaluation failed; the rule runs as SQL this round");
+                metrics::counter!("fleetlake_incremental_failures_total").increment(1);
+                None
+            }
+        }
+    }
+}
 
 /// A query's failure as alerting sees it: the rule's fault (its SQL, its data, its
 /// limits), or the service's (the lake unreadable, the engine overloaded), which is no
@@ -81,7 +147,11 @@ fn rule_or_outage(e: QueryError) -> AlertError {
 #[async_trait]
 impl SqlSource for EngineSql {
     async fn query(&self, sql: &str, at_ms: i64) -> Result<Vec<RecordBatch>, AlertError> {
-        self.0
+        if let Some(batches) = self.partials_result(sql, at_ms).await {
+            return Ok(batches);
+        }
+        metrics::counter!("fleetlake_rule_evaluations_total", "path" => "sql").increment(1);
+        self.engine
             .run_at(sql, &Principal::unrestricted("alerting"), at_ms)
             .await
             .map(|out| out.batches)
@@ -89,7 +159,7 @@ impl SqlSource for EngineSql {
     }
 
     async fn plan(&self, sql: &str) -> Result<SchemaRef, AlertError> {
-        self.0
+        self.engine
             .plan(sql, &Principal::unrestricted("alerting"))
             .await
             .map_err(rule_or_outage)
@@ -183,13 +253,24 @@ pub(crate) fn open(
     engine: Arc<QueryEngine>,
     registry: Registry,
     external_url: String,
+    feed: Arc<dyn RowFeed>,
 ) -> anyhow::Result<Alerting> {
     let groups = load_rules(&config.alerting.rule_files)?;
     let lake = config.lake_location()?;
+    let shared_lake = config.kinesis.iter().any(|k| k.lease_table.is_some());
+    let sql = if config.alerting.incremental.unwrap_or(!shared_lake) {
+        let rules = groups
+            .iter()
+            .flat_map(|g| g.rules.iter().map(|r| r.expr.clone()))
+            .collect();
+        EngineSql::incremental(engine, feed, rules)
+    } else {
+        EngineSql::scanning(engine)
+    };
     Alerting::open(fleetlake_alert_rules::AlertingParts {
         config: config.alerting.clone(),
         groups,
-        sql: Arc::new(EngineSql(engine)),
+        sql: Arc::new(sql),
         log: Arc::new(LakeAlerts::new(lake)),
         registry,
         state_dir: config.data_dir.join("alerting"),

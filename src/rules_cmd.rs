@@ -10,6 +10,7 @@ use fleetlake_alert_rules::SqlSource;
 use fleetlake_alert_rules::engine::to_samples;
 use fleetlake_model::Clock as _;
 use fleetlake_query::QueryEngine;
+use fleetlake_query::incremental::Incremental;
 use serde_json::json;
 
 use crate::alerting::{EngineSql, load_rules, registry, with_alert_tables};
@@ -28,7 +29,7 @@ fn engine(config: &Config) -> anyhow::Result<(EngineSql, fleetlake_alert_rules::
         QueryEngine::new(config.lake_location()?, None).with_limits(config.query.limits()),
         &registry,
     );
-    Ok((EngineSql(Arc::new(engine)), registry))
+    Ok((EngineSql::scanning(Arc::new(engine)), registry))
 }
 
 /// Validates `files`; every problem goes to stderr as `file:line:column: message`.
@@ -49,8 +50,9 @@ pub(crate) fn check(config: &Config, files: &[PathBuf]) -> anyhow::Result<()> {
         errors.extend(found);
     }
     let (sql, _) = engine(config)?;
+    let runtime = runtime()?;
     errors.extend(
-        runtime()?
+        runtime
             .block_on(fleetlake_alert_rules::check::check(&groups, &sql))
             .context("checking rules against the lake's schema")?,
     );
@@ -59,6 +61,15 @@ pub(crate) fn check(config: &Config, files: &[PathBuf]) -> anyhow::Result<()> {
             eprintln!("{e}");
         }
         bail!("{} error(s) in rule files", errors.len());
+    }
+    // How each rule is evaluated, and why.
+    for group in &groups {
+        for rule in &group.rules {
+            let path = runtime
+                .block_on(Incremental::path(sql.engine(), &rule.expr))
+                .with_context(|| format!("planning {}/{}", group.name, rule.alert))?;
+            println!("{}/{}: {path}", group.name, rule.alert);
+        }
     }
     let rules: usize = groups.iter().map(|g| g.rules.len()).sum();
     println!(

@@ -253,7 +253,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let scheme = if http_tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{addr}")
     });
-    let alerting = crate::alerting::open(&config, Arc::clone(&engine), registry, external_url)?;
+    let alerting = crate::alerting::open(
+        &config,
+        Arc::clone(&engine),
+        registry,
+        external_url,
+        Arc::new(aggregator.clone()),
+    )?;
     info!(
         groups = alerting.groups().len(),
         rules = alerting

@@ -166,6 +166,16 @@ impl HotBuffer {
 
     /// Adds the rows of WAL record `seq`, dropping those already buffered.
     pub fn insert(&mut self, seq: u64, batch: &RecordBatch) -> InsertOutcome {
+        self.insert_visible(seq, batch).0
+    }
+
+    /// As [`HotBuffer::insert`], also returning the rows that became visible (neither
+    /// duplicates nor suspects), if any.
+    pub fn insert_visible(
+        &mut self,
+        seq: u64,
+        batch: &RecordBatch,
+    ) -> (InsertOutcome, Option<RecordBatch>) {
         self.prune_recent(Instant::now());
         let keys = row_keys(self.table, batch);
         let mut visible = Vec::with_capacity(keys.len());
@@ -210,9 +220,10 @@ impl HotBuffer {
                 )
             }
         };
-        if let Some(b) = take(visible, outcome.visible) {
+        let shown = take(visible, outcome.visible);
+        if let Some(b) = &shown {
             self.open.bytes += b.get_array_memory_size();
-            self.open.pending.push(b);
+            self.open.pending.push(b.clone());
         }
         if let Some(b) = take(suspect, outcome.suspects) {
             self.open.bytes += b.get_array_memory_size();
@@ -224,7 +235,7 @@ impl HotBuffer {
         if outcome.visible + outcome.suspects > 0 {
             self.open.first_seq = Some(self.open.first_seq.map_or(seq, |s| s.min(seq)));
         }
-        outcome
+        (outcome, shown)
     }
 
     /// The first WAL sequence number whose rows are held and not yet committed, if any:

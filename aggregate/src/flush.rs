@@ -122,6 +122,9 @@ async fn flush_table(
     let started = Instant::now();
     let mut batches = job.batches;
     let mut job_suspects = job.suspects;
+    // The suspects are hidden from queries until committed; the rows split off below
+    // are already visible.
+    let hidden = job_suspects.len();
     // Rows of this writer at or before the latest time another writer committed since
     // may be in the lake through it (a retry sent to the other instance): check them too.
     if let Some(others) = lake.others_max_time().await? {
@@ -129,6 +132,7 @@ async fn flush_table(
         batches = after;
         job_suspects.extend(maybe_there);
     }
+    let mut revealed = Vec::new();
     if !job_suspects.is_empty() {
         let existing = lake.existing_points(&job_suspects).await?;
         let suspects: usize = job_suspects.iter().map(|b| b.num_rows()).sum();
@@ -142,7 +146,10 @@ async fn flush_table(
             already_in_lake = existing.len(),
             "checked redelivered rows against the lake"
         );
-        batches.extend(without_points(table, job_suspects, &existing));
+        let visible = job_suspects.split_off(hidden);
+        revealed = without_points(table, job_suspects, &existing);
+        batches.extend(revealed.iter().cloned());
+        batches.extend(without_points(table, visible, &existing));
     }
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let sorted = if rows == 0 {
@@ -191,6 +198,7 @@ async fn flush_table(
             written: Some(Written {
                 version,
                 rows: sorted,
+                revealed,
                 latest: latest_times,
             }),
             positions,

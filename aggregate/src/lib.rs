@@ -26,6 +26,7 @@
 //! each table's commit carries exactly the positions its rows cover.
 pub mod buffer;
 pub mod faulty;
+pub mod feed;
 mod flush;
 pub mod health;
 pub mod lake;
@@ -92,6 +93,26 @@ pub struct AggregateConfig {
     /// How often `metrics_5m` and `metrics_1h` catch up with `metrics`; `None` for
     /// never (no roll-up tables are made).
     pub rollup_interval: Option<Duration>,
+}
+
+impl AggregateConfig {
+    /// A write path that flushes only when asked ([`Aggregator::flush`]), holds any
+    /// number of rows, and runs no maintenance: for tests and benchmarks that decide
+    /// when rows reach the lake.
+    pub fn manual(wal_dir: PathBuf, lake_location: location::LakeLocation) -> Self {
+        Self {
+            wal_dir,
+            lake_location,
+            flush_interval: Duration::from_secs(24 * 3600),
+            flush_rows: usize::MAX,
+            max_buffered_rows: usize::MAX,
+            max_buffered_bytes: usize::MAX,
+            wal_segment_bytes: 64 << 20,
+            lake: LakeOptions::default(),
+            compaction: None,
+            rollup_interval: None,
+        }
+    }
 }
 
 /// How the service compacts the lake by itself (see [`lake::TableLake::compact`]).
@@ -462,6 +483,18 @@ impl Aggregator {
             .get(table.index())
             .map(|view| view.visible(lake_version))
             .unwrap_or_default()
+    }
+
+    /// Every row from now on as it becomes visible to SQL, exactly once (see
+    /// [`feed`]). Subscribe before reading [`Aggregator::published`], then skip
+    /// the items that snapshot already holds ([`feed::FeedItem::already_in`]).
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<Arc<feed::FeedItem>> {
+        self.shared.outlet.feed.subscribe()
+    }
+
+    /// The writer's latest snapshot: every table's hot rows and the feed position.
+    pub fn published(&self) -> Arc<writer::Published> {
+        self.shared.outlet.published.load_full()
     }
 
     /// Flushes every table's hot buffer to the lake now.

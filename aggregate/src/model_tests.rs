@@ -101,18 +101,10 @@ async fn run(points: Vec<Point>, steps: Vec<Step>) -> Result<(), TestCaseError> 
     let dir = tempfile::tempdir().unwrap();
     let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
     let options = LakeOptions::default();
-    let aggregator = Aggregator::open(AggregateConfig {
-        wal_dir: dir.path().join("wal"),
-        lake_location: lake.clone(),
-        flush_interval: Duration::from_secs(3600),
-        flush_rows: usize::MAX,
-        max_buffered_rows: usize::MAX,
-        max_buffered_bytes: usize::MAX,
-        wal_segment_bytes: 1 << 20,
-        lake: options.clone(),
-        compaction: None,
-        rollup_interval: None,
-    })
+    let aggregator = Aggregator::open(AggregateConfig::manual(
+        dir.path().join("wal"),
+        lake.clone(),
+    ))
     .await
     .unwrap();
     let mut roller = Roller::open(lake.clone(), options.clone()).await.unwrap();

@@ -27,6 +27,7 @@ use fleetlake_model::keys::KeyHasher;
 use fleetlake_model::{SharedClock, Table};
 
 use crate::buffer::{BufferView, FlushJob, HotBuffer};
+use crate::feed::{Feed, FeedItem};
 use crate::health::{Faults, Stage};
 use crate::metrics as m;
 use crate::positions::{Positions, advance, least_positions, merge_positions};
@@ -123,6 +124,9 @@ pub(crate) enum Command {
 pub(crate) struct Written {
     pub version: i64,
     pub rows: Vec<RecordBatch>,
+    /// The suspects among `rows` (held back from queries) that the lake did not have:
+    /// visible from this commit on.
+    pub revealed: Vec<RecordBatch>,
     pub latest: HashMap<u64, i64, KeyHasher>,
 }
 
@@ -141,6 +145,8 @@ pub struct Published {
     pub views: Vec<BufferView>,
     /// The last WAL sequence applied to the buffers.
     pub applied_seq: u64,
+    /// The last [`FeedItem::seq`] emitted: the views hold the rows of every item up to it.
+    pub feed_seq: u64,
 }
 
 impl Published {
@@ -161,6 +167,8 @@ pub(crate) struct Outlet {
     pub flush_now: Notify,
     pub flush_rows: usize,
     pub clock: SharedClock,
+    /// Rows as they become visible, for subscribers.
+    pub feed: Feed,
 }
 
 impl Outlet {
@@ -171,6 +179,7 @@ impl Outlet {
             flush_now: Notify::new(),
             flush_rows,
             clock,
+            feed: Feed::default(),
         }
     }
 }
@@ -184,6 +193,8 @@ pub(crate) struct Writer<L: Log> {
     /// Per table, the positions its lake holds every row up to.
     committed: Vec<Positions>,
     applied_seq: u64,
+    /// The last feed item's sequence number.
+    feed_seq: u64,
     outlet: Arc<Outlet>,
 }
 
@@ -211,6 +222,7 @@ impl<L: Log> Writer<L> {
             reached,
             committed,
             applied_seq,
+            feed_seq: 0,
             outlet,
         };
         writer.publish();
@@ -356,6 +368,9 @@ impl<L: Log> Writer<L> {
                 done,
             } => {
                 if let Some(written) = written {
+                    if !written.revealed.is_empty() {
+                        self.emit(table, written.revealed, Some(written.version));
+                    }
                     let buffer = &mut self.buffers[table.index()];
                     buffer.complete_flush_known(written.version, written.rows, written.latest);
                     ::metrics::gauge!(m::TRACKED_SERIES, "table" => table.name())
@@ -404,15 +419,22 @@ impl<L: Log> Writer<L> {
     /// buffers, counting duplicates; returns the rows the next flush takes.
     fn apply(&mut self, writes: &[(u64, &[(Table, RecordBatch)])]) -> usize {
         let mut open_rows = 0;
+        let mut visible = Vec::new();
         for buffer in &mut self.buffers {
             let table = buffer.table();
             let mut duplicates = 0;
+            let mut shown = Vec::new();
             for (seq, rows) in writes {
                 for (t, batch) in *rows {
                     if *t == table {
-                        duplicates += buffer.insert(*seq, batch).duplicates;
+                        let (outcome, visible) = buffer.insert_visible(*seq, batch);
+                        duplicates += outcome.duplicates;
+                        shown.extend(visible);
                     }
                 }
+            }
+            if !shown.is_empty() {
+                visible.push((table, shown));
             }
             if duplicates > 0 {
                 ::metrics::counter!(m::DUPLICATES, "table" => table.name(), "stage" => "buffer")
@@ -420,7 +442,22 @@ impl<L: Log> Writer<L> {
             }
             open_rows += buffer.open_rows();
         }
+        for (table, batches) in visible {
+            self.emit(table, batches, None);
+        }
         open_rows
+    }
+
+    /// Emits `batches` of `table` to the feed (before the snapshot that shows them is
+    /// published).
+    fn emit(&mut self, table: Table, batches: Vec<RecordBatch>, committed_as: Option<i64>) {
+        self.feed_seq += 1;
+        self.outlet.feed.emit(FeedItem {
+            seq: self.feed_seq,
+            table,
+            batches,
+            committed_as,
+        });
     }
 
     fn maybe_flush(&self, open_rows: usize) {
@@ -440,6 +477,7 @@ impl<L: Log> Writer<L> {
         self.outlet.published.store(Arc::new(Published {
             views,
             applied_seq: self.applied_seq,
+            feed_seq: self.feed_seq,
         }));
     }
 

@@ -47,6 +47,11 @@ pub struct AlertingConfig {
     pub default_receiver: Option<String>,
     /// Silences from the configuration (more can be added over HTTP).
     pub silences: Vec<SilenceConfig>,
+    /// Evaluate rules of the incremental shape from partial aggregates kept as rows
+    /// arrive, instead of a scan each round (`fleetlake rules check` shows each rule's
+    /// path). Unset: on, unless a Kinesis lease table says several instances share the
+    /// lake (the partials hold only this instance's rows and the lake's at start).
+    pub incremental: Option<bool>,
 }
 
 impl Default for AlertingConfig {
@@ -54,6 +59,7 @@ impl Default for AlertingConfig {
         Self {
             rule_files: Vec::new(),
             external_url: None,
+            incremental: None,
             storm_accounts: Some(100),
             storm_share: None,
             resend_resolved_for: Duration::from_secs(15 * 60),

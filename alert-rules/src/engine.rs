@@ -1114,8 +1114,8 @@ impl Alerting {
     }
 
     /// Evaluates group `index` once, now: one instant, the clock's time when the
-    /// round starts, is every rule's `now()` in SQL and the time of every transition
-    /// of the round, so rules of one group agree on their windows however long the
+    /// round starts, is the time of every transition of the round and (to the whole
+    /// second) every rule's `now()` in SQL, so rules of one group agree on their windows however long the
     /// round takes (as Prometheus evaluates a group at one timestamp). A rule that fails keeps its alerts as they were (none resolves, none
     /// starts); a failure of the rule's own is counted against it
     /// (`fleetlake_rule_evaluation_failures_total`), an outage of the query engine is
@@ -1126,8 +1126,12 @@ impl Alerting {
         let mut wrote = false;
         let mut round = Round::default();
         let now = self.inner.clock.now_ms();
+        // SQL's now() is the round's start to the whole second: windows relative to
+        // it fall on whole seconds, which incremental evaluation needs to read
+        // exactly what a scan would. Transitions and silences keep the exact time.
+        let at = now.div_euclid(1000) * 1000;
         for rule in &group.rules {
-            let result = self.run_rule(group, rule, now).await;
+            let result = self.run_rule(group, rule, at).await;
             metrics::histogram!("fleetlake_rule_evaluation_seconds", "group" => group.name.clone())
                 .record(result.took.as_secs_f64());
             match result.samples {

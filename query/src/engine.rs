@@ -683,7 +683,7 @@ impl QueryEngine {
 
     /// A statement of the service itself (alert rules, gap fill, the CLI): the
     /// per-statement limit, outside the clients' caps and pool.
-    fn internal(&self) -> Admitted {
+    pub(crate) fn internal(&self) -> Admitted {
         Admitted {
             _permits: None,
             pool: StatementPool::new(shared_pool(None), self.statement_limit()),
@@ -761,6 +761,11 @@ impl QueryEngine {
             crate::bounded::register(&ctx, limit);
         }
         Ok(ctx)
+    }
+
+    /// Lake table `table` at its latest version, if the lake has it.
+    pub(crate) async fn lake_table(&self, table: Table) -> Result<Option<DeltaTable>, QueryError> {
+        self.lake.latest(table.name()).await
     }
 
     /// Fails with [`QueryError::NoTable`] while the lake has no table at all.

@@ -24,6 +24,7 @@ pub mod engine;
 pub mod format;
 pub mod guard;
 pub mod http;
+pub mod incremental;
 pub mod limits;
 pub mod metrics;
 pub mod pg;

@@ -164,6 +164,24 @@ impl fmt::Display for Shape {
 
 /// The shape of `plan` (a statement planned, not optimized, in `state`).
 pub fn classify(state: &SessionState, plan: &LogicalPlan) -> datafusion::error::Result<Shape> {
+    Ok(classify_pair(state, plan)?.shape)
+}
+
+/// A statement's shape with the two optimized plans it was read from, and each
+/// leaf's aggregate node in both (in the order of [`Shape::Incremental`]'s leaves).
+pub(crate) struct Classified {
+    pub shape: Shape,
+    /// The plan at the first instant, and at the second.
+    pub plans: (LogicalPlan, LogicalPlan),
+    /// Each leaf's `Aggregate` node at the first instant and at the second.
+    pub leaves: Vec<(LogicalPlan, LogicalPlan)>,
+}
+
+/// [`classify`], keeping the plans.
+pub(crate) fn classify_pair(
+    state: &SessionState,
+    plan: &LogicalPlan,
+) -> datafusion::error::Result<Classified> {
     let at = |ms: i64| -> datafusion::error::Result<LogicalPlan> {
         // Pinning starts the generated names afresh, so both plans name what they
         // extract alike.
@@ -176,16 +194,26 @@ pub fn classify(state: &SessionState, plan: &LogicalPlan) -> datafusion::error::
     let p0 = at(T0_MS)?;
     let p1 = at(T0_MS + DELTA.as_millis() as i64)?;
     let mut found = Found::default();
-    if let Err(reason) = walk(&p0, &p1, &mut found) {
-        return Ok(Shape::Lake { reason });
-    }
-    Ok(found.shape())
+    let (shape, leaves) = match walk(&p0, &p1, &mut found) {
+        Err(reason) => (Shape::Lake { reason }, Vec::new()),
+        Ok(()) => {
+            let nodes = std::mem::take(&mut found.nodes);
+            (found.shape(), nodes)
+        }
+    };
+    Ok(Classified {
+        shape,
+        plans: (p0, p1),
+        leaves,
+    })
 }
 
 /// What the walk over a pair of plans found.
 #[derive(Default)]
 struct Found {
     leaves: Vec<Leaf>,
+    /// The aggregate nodes of `leaves`, at both instants.
+    nodes: Vec<(LogicalPlan, LogicalPlan)>,
     /// Reads of rows that are not leaves: their window (if any) and why not a leaf.
     others: Vec<(Table, Option<Window>, String)>,
 }
@@ -240,7 +268,10 @@ fn walk(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(), Str
         && let Some((table, below)) = over_rows(&a0.input, &a1.input)
     {
         match below.and_then(|chain| leaf(a0, a1, chain)) {
-            Ok(leaf) => found.leaves.push(leaf),
+            Ok(leaf) => {
+                found.leaves.push(leaf);
+                found.nodes.push((p0.clone(), p1.clone()));
+            }
             Err((window, reason)) => found.others.push((table, window, reason)),
         }
         // What is below the aggregate is its read of rows.
@@ -264,6 +295,31 @@ fn walk(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(), Str
         walk(a, b, found)?;
     }
     subqueries(p0, p1, found)
+}
+
+/// The aggregates over rows of `plan` (one optimized plan), in the order [`classify`]
+/// finds its leaves: for a statement whose every read is a leaf, its leaves'
+/// `Aggregate` nodes at the instant `plan` was planned at.
+pub(crate) fn row_aggregates(plan: &LogicalPlan) -> Vec<LogicalPlan> {
+    fn visit(plan: &LogicalPlan, out: &mut Vec<LogicalPlan>) {
+        let over = |p: &LogicalPlan| over_rows(p, p).is_some();
+        if let LogicalPlan::Aggregate(a) = plan
+            && over(&a.input)
+        {
+            out.push(plan.clone());
+        } else if !over(plan) {
+            for input in plan.inputs() {
+                visit(input, out);
+            }
+        }
+        let _ = plan.apply_subqueries(|sub| {
+            visit(sub, out);
+            Ok(TreeNodeRecursion::Jump)
+        });
+    }
+    let mut out = Vec::new();
+    visit(plan, &mut out);
+    out
 }
 
 /// Walks the subqueries of `p0`'s and `p1`'s expressions together.
@@ -422,6 +478,9 @@ fn aggregate_leaf(
         return Err("its aggregates or groups change with the time it runs at".into());
     }
     for e in &a0.group_expr {
+        if matches!(e, Expr::GroupingSet(_)) {
+            return Err("it groups by grouping sets (ROLLUP, CUBE)".into());
+        }
         row_wise(e)?;
     }
     let mut aggregates = Vec::new();

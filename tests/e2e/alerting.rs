@@ -401,6 +401,79 @@ fn actions(events: &[Value]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A windowed sum: evaluated from partial aggregates, not by a scan.
+const WINDOW_RULE: &str = r#"groups:
+  - name: windowed
+    interval: 1s
+    rules:
+      - alert: ErrorsInWindow
+        expr: |
+          SELECT account_id, region, sum(sum) AS value
+          FROM metrics
+          WHERE metric_name = 'Errors' AND time > now() - INTERVAL '8 seconds'
+          GROUP BY account_id, region
+          HAVING sum(sum) > 10
+        labels:
+          severity: critical
+        annotations:
+          summary: "{{ $value }} errors in {{ $labels.account_id }}"
+"#;
+
+#[test]
+fn an_incremental_rule_pages_from_fresh_rows_and_resolves_as_its_window_passes() {
+    let fake = FakeReceivers::start();
+    let setup = Setup::new(2, &[], WINDOW_RULE, &pagerduty_receiver(&fake));
+    let server = setup.start();
+    // The first round starts the rule's partials (from an empty lake).
+    settle_alerting(&server, 1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let lines: Vec<String> = [(0usize, 50.0), (1, 2.0)]
+        .iter()
+        .map(|(a, v)| {
+            format!(
+                r#"{{"account_id":"{}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{{"FunctionName":"api"}},"timestamp":{now_ms},"value":{{"count":1.0,"sum":{v:.1},"max":{v:.1},"min":{v:.1}}},"unit":"Count"}}"#,
+                account_id(*a)
+            )
+        })
+        .collect();
+    let (status, body) = server.post(&FirehoseRequest::new("w1", vec![lines.join("\n")]));
+    assert_eq!(status, 200, "{body}");
+    wait_until("the page", || !fake.accepted().is_empty());
+    let events = fake.accepted();
+    assert_eq!(events[0]["event_action"], "trigger");
+    assert_eq!(
+        events[0]["payload"]["custom_details"]["labels"]["account_id"],
+        account_id(0)
+    );
+    assert_eq!(events[0]["payload"]["custom_details"]["value"], 50.0);
+    // Nothing more arrives: the datapoint leaves the window and the alert resolves.
+    wait_until("the resolve", || fake.accepted().len() >= 2);
+    assert_eq!(
+        actions(&fake.accepted())
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect::<Vec<_>>(),
+        vec!["trigger", "resolve"]
+    );
+    // Every round of the rule came from its partials.
+    let text = server.metrics_text();
+    let path = |p: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("fleetlake_rule_evaluations_total")
+                    && l.contains(&format!("path=\"{p}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(path("incremental") >= 3.0, "{text}");
+    assert_eq!(path("sql"), 0.0, "no round of the rule was a scan");
+}
+
 #[test]
 fn pages_trigger_and_resolve_once_each_in_order_and_429_is_retried() {
     let fake = FakeReceivers::start();

@@ -1,0 +1,77 @@
+//! The row feed: every row of `metrics`, `logs` and `dead_letters` at the moment it
+//! becomes visible to SQL, exactly once, for readers that keep state as rows arrive
+//! (incremental alert evaluation, `query::incremental`).
+//!
+//! A row becomes visible to SQL in one of two ways, and the writer emits it at that
+//! moment, before it publishes the snapshot that shows it:
+//! - applied to the hot buffer as new (not a duplicate, not a suspect): emitted with
+//!   the group commit (or stream write) that applied it;
+//! - a suspect (at or before its series' lake watermark) that the flush found not in
+//!   the lake: emitted when the writer learns its commit landed, marked with the lake
+//!   version that holds it.
+//!
+//! Duplicates within the buffer and redeliveries found in the lake are never emitted.
+//! Each emission has a sequence number; [`Published::feed_seq`](crate::writer::Published)
+//! is the last one emitted before that snapshot, so a reader that subscribes and then
+//! reads a snapshot knows which items the snapshot already holds (see
+//! [`FeedItem::already_in`]).
+
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use tokio::sync::mpsc;
+
+use fleetlake_model::Table;
+
+/// Rows of one table that became visible together.
+#[derive(Debug)]
+pub struct FeedItem {
+    /// The emission's sequence number (1, 2, ...; one per item).
+    pub seq: u64,
+    /// The table the rows are of.
+    pub table: Table,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+    /// For suspects found new by a flush: the lake version that holds them.
+    pub committed_as: Option<i64>,
+}
+
+impl FeedItem {
+    /// Whether a reader that took its rows from the hot snapshot with `feed_seq` and
+    /// from the lake at version `lake_version` of this item's table already has these
+    /// rows.
+    pub fn already_in(&self, feed_seq: u64, lake_version: Option<i64>) -> bool {
+        self.seq <= feed_seq
+            || matches!((self.committed_as, lake_version), (Some(at), Some(v)) if at <= v)
+    }
+}
+
+/// The subscribers, and the emission counter (the writer's thread is the only one
+/// that emits).
+#[derive(Debug, Default)]
+pub(crate) struct Feed {
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<Arc<FeedItem>>>>,
+}
+
+impl Feed {
+    /// A receiver of every item emitted from now on.
+    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<FeedItem>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        rx
+    }
+
+    /// Sends `item` to every subscriber still listening. The rows are shared with the
+    /// hot buffer, so this costs a pointer per batch, not a copy.
+    pub(crate) fn emit(&self, item: FeedItem) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        if subscribers.is_empty() {
+            return;
+        }
+        let item = Arc::new(item);
+        subscribers.retain(|tx| tx.send(Arc::clone(&item)).is_ok());
+    }
+}

@@ -1,0 +1,1313 @@
+//! Incremental evaluation of alert rules: each rule's aggregates over a window of
+//! `metrics` or `logs` rows are kept as small partial aggregates per time slot,
+//! updated as rows become visible, so a round merges slots instead of scanning rows.
+//!
+//! A rule whose statement is [`Shape::Incremental`] is split, once, at its leaves (see
+//! [`crate::shape`]):
+//! - each leaf's `Aggregate` becomes a *fold* plan: the same row predicates (the window
+//!   bounds taken out), the same groups plus the row's slot, and partial aggregates
+//!   (`avg` as `sum` and `count`). Leaves are shared: rules that differ only above
+//!   their aggregates (a threshold, a join with `accounts`) read one leaf;
+//! - the rest of the plan is kept with each leaf replaced by a table of the leaf's
+//!   result; it runs as it is every round (the `accounts` table and any other read
+//!   resolved afresh).
+//!
+//! A slot is a second of row time, split in two: rows exactly on the second, and rows
+//! after it within the second. A window bound on a whole second (the round's instant
+//! is a whole second, see the alert engine, and the window is whole seconds) then
+//! falls on slot boundaries for `>`, `>=`, `<` and `<=` alike, so a round reads exactly
+//! the rows SQL would read.
+//!
+//! Rows come from the write path's feed ([`fleetlake_aggregate::feed`]): every row as
+//! it becomes visible to SQL, exactly once (buffer duplicates and redeliveries found in
+//! the lake never come). A leaf starts from one read of the lake and the hot buffer
+//! (a version of each and the feed position that snapshot holds), then folds the feed's
+//! later items. Each fold routes rows by the leaf's `namespace` / `metric_name` /
+//! `log_group` predicates first, so a leaf only reads rows of what it filters on.
+//!
+//! What is not followed here is evaluated as SQL by the caller: a statement of another
+//! shape, a plan that uses `now()` above its aggregates, a round at an instant whose
+//! window bounds are not whole seconds, or one that reaches before what a leaf holds.
+//! Every such path gives the same rows; the property test in this module compares
+//! them round by round.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, UInt32Array};
+use arrow::compute::kernels::cmp::{gt_eq, lt_eq};
+use arrow::compute::kernels::numeric::div;
+use arrow::compute::{and, cast, concat_batches, filter_record_batch, take_record_batch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+use datafusion::common::{Column, TableReference};
+use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::execution::{SendableRecordBatchStream, SessionState, TaskContext};
+use datafusion::logical_expr::utils::{conjunction, split_conjunction};
+use datafusion::logical_expr::{
+    Aggregate, Expr, Filter, LogicalPlan, LogicalPlanBuilder, Projection, SubqueryAlias,
+    TableScanBuilder, TableSource,
+};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::prelude::col;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use fleetlake_aggregate::feed::FeedItem;
+use fleetlake_model::Table;
+use fleetlake_model::schema::conform;
+
+use crate::access::Principal;
+use crate::engine::{QueryEngine, QueryError, pin, plan_read_only, sql_instant};
+use crate::shape::{Leaf, Shape, Window};
+
+/// The slot column added to a leaf's rows.
+const SLOT: &str = "__slot";
+
+/// Partial batches a leaf keeps before merging them into one.
+#[cfg(not(test))]
+const COMPACT_AFTER: usize = 16;
+/// Often, so that the property test goes through compactions.
+#[cfg(test)]
+const COMPACT_AFTER: usize = 2;
+
+/// Rows folded at a time while a leaf starts from the lake.
+const START_CHUNK_ROWS: usize = 256 * 1024;
+
+/// Where rows come from: the write path's feed and hot buffer.
+pub trait RowFeed: Send + Sync + 'static {
+    /// Every item emitted from now on.
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<FeedItem>>;
+    /// The hot rows of `table` a reader of lake version `lake_version` must add, and
+    /// the feed position that snapshot holds.
+    fn hot(&self, table: Table, lake_version: Option<i64>) -> (u64, Vec<RecordBatch>);
+}
+
+impl RowFeed for fleetlake_aggregate::Aggregator {
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<FeedItem>> {
+        fleetlake_aggregate::Aggregator::subscribe(self)
+    }
+
+    fn hot(&self, table: Table, lake_version: Option<i64>) -> (u64, Vec<RecordBatch>) {
+        let published = self.published();
+        let rows = published
+            .views
+            .get(table.index())
+            .map(|view| view.visible(lake_version))
+            .unwrap_or_default();
+        (published.feed_seq, rows)
+    }
+}
+
+/// How a rule is evaluated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Path {
+    /// From partial aggregates kept as rows arrive: the leaves it reads.
+    Incremental(Vec<String>),
+    /// As SQL each round, for `reason`.
+    Sql(String),
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::Incremental(leaves) => write!(f, "incremental: {}", leaves.join("; and ")),
+            Path::Sql(reason) => write!(f, "sql each round: {reason}"),
+        }
+    }
+}
+
+/// Rows a re-executable source hands out: the leaf's new rows while it folds, or
+/// its partials while it merges.
+#[derive(Debug)]
+struct Rows {
+    schema: SchemaRef,
+    batches: Mutex<Vec<RecordBatch>>,
+}
+
+impl Rows {
+    fn new(schema: SchemaRef) -> Arc<Self> {
+        Arc::new(Self {
+            schema,
+            batches: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn set(&self, batches: Vec<RecordBatch>) {
+        *self.batches.lock().unwrap_or_else(|e| e.into_inner()) = batches;
+    }
+
+    fn source(self: &Arc<Self>) -> datafusion::error::Result<Arc<dyn TableSource>> {
+        let table = StreamingTable::try_new(
+            Arc::clone(&self.schema),
+            vec![Arc::clone(self) as Arc<dyn PartitionStream>],
+        )?;
+        Ok(provider_as_source(Arc::new(table)))
+    }
+}
+
+impl PartitionStream for Rows {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self
+            .batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Box::pin(
+            MemoryStream::try_new(batches, Arc::clone(&self.schema), None)
+                .expect("batches of the source's schema"),
+        )
+    }
+}
+
+/// How a leaf's output column is made from its merged partials.
+#[derive(Debug, Clone, Copy)]
+enum Finish {
+    /// A grouping column.
+    Group(usize),
+    /// A partial merged as it is (`sum`, `min`, `max`).
+    Plain(usize),
+    /// A count: 0 where nothing was counted.
+    Count(usize),
+    /// `avg`: the merged sum over the merged count.
+    Avg { sum: usize, count: usize },
+}
+
+/// A leaf planned: what to fold rows with, and how to merge.
+struct LeafPlan {
+    leaf: Leaf,
+    /// The leaf's `Aggregate` at the first instant: its identity among rules.
+    key: LogicalPlan,
+    /// Its output as the rule's plan expects it, the columns named by position.
+    output: SchemaRef,
+    fold: Arc<dyn ExecutionPlan>,
+    fold_input: Arc<Rows>,
+    /// The schema rows are conformed to before folding (the table's, plus the slot).
+    feed_schema: SchemaRef,
+    merge_slots: Arc<dyn ExecutionPlan>,
+    merge_groups: Arc<dyn ExecutionPlan>,
+    partials_input: Arc<Rows>,
+    finish: Vec<Finish>,
+    /// Every aggregate is `max(time)` over a window open towards now: a group's
+    /// latest time says alone whether it has rows in a window, so its partials
+    /// compact to one row per group (last seen) instead of one per slot.
+    last_seen: bool,
+}
+
+/// A leaf and the partial aggregates it holds.
+struct LeafState {
+    plan: LeafPlan,
+    partials: Vec<RecordBatch>,
+    /// The feed position and lake version its start read held: items at or before
+    /// them are in its partials already.
+    since: (u64, Option<i64>),
+    /// The first slot it holds every row of.
+    horizon: i64,
+    /// The result of the last instant merged.
+    cached: Option<(i64, RecordBatch)>,
+}
+
+/// A rule as prepared.
+enum Prepared {
+    Incremental {
+        /// The plan with each leaf read from a table `__leaf_<index>`.
+        outer: LogicalPlan,
+        leaves: Vec<usize>,
+    },
+    /// Every read is a leaf, but the plan above them uses now(): planned at each
+    /// round's instant, its leaves' aggregates then replaced by their results.
+    Replan {
+        leaves: Vec<usize>,
+    },
+    Sql(String),
+}
+
+struct State {
+    feed: mpsc::UnboundedReceiver<Arc<FeedItem>>,
+    leaves: Vec<LeafState>,
+    by_key: HashMap<LogicalPlan, usize>,
+    rules: HashMap<String, Arc<Prepared>>,
+}
+
+/// Incremental evaluation over one query engine and one feed (see the module docs).
+pub struct Incremental {
+    engine: Arc<QueryEngine>,
+    feed: Arc<dyn RowFeed>,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl fmt::Debug for Incremental {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incremental").finish_non_exhaustive()
+    }
+}
+
+fn principal() -> Principal {
+    Principal::unrestricted("alerting")
+}
+
+fn df(e: datafusion::error::DataFusionError) -> QueryError {
+    QueryError::Sql(Box::new(e))
+}
+
+fn arrow_err(e: arrow::error::ArrowError) -> QueryError {
+    df(datafusion::error::DataFusionError::ArrowError(
+        Box::new(e),
+        None,
+    ))
+}
+
+/// The slot of a row time (epoch µs): twice the second, plus one if after it.
+fn slot_of(micros: i64) -> i64 {
+    let second = micros.div_euclid(1_000_000);
+    2 * second + i64::from(micros.rem_euclid(1_000_000) != 0)
+}
+
+/// The slots a window holds at `at_ms`, as `(first, last)` inclusive; `None` when a
+/// bound is not on a whole second.
+fn slot_range(window: &Window, at_ms: i64) -> Option<(i64, Option<i64>)> {
+    let second = |ago: std::time::Duration| -> Option<i64> {
+        let ms = at_ms.checked_sub(i64::try_from(ago.as_millis()).ok()?)?;
+        (ms.rem_euclid(1000) == 0 && ago.subsec_nanos().is_multiple_of(1_000_000))
+            .then_some(ms.div_euclid(1000))
+    };
+    let from = second(window.from)?;
+    let first = if window.from_inclusive {
+        2 * from
+    } else {
+        2 * from + 1
+    };
+    let last = match window.to {
+        None => None,
+        Some(to) => {
+            let to = second(to)?;
+            Some(if window.to_inclusive {
+                2 * to
+            } else {
+                2 * to - 1
+            })
+        }
+    };
+    Some((first, last))
+}
+
+/// `batch` with its slot column added (its `time` read as epoch µs).
+fn with_slots(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, QueryError> {
+    let time = batch
+        .column_by_name("time")
+        .ok_or_else(|| QueryError::Lake("rows without a time column".into()))?;
+    let micros = cast(time, &DataType::Int64).map_err(arrow_err)?;
+    let slots: Int64Array = micros
+        .as_primitive::<Int64Type>()
+        .iter()
+        .map(|t| t.map(slot_of))
+        .collect();
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(slots));
+    RecordBatch::try_new(Arc::clone(schema), columns).map_err(arrow_err)
+}
+
+impl Incremental {
+    /// Evaluation over `engine`'s tables, fed by `feed` (subscribed now).
+    pub fn new(engine: Arc<QueryEngine>, feed: Arc<dyn RowFeed>) -> Self {
+        let rx = feed.subscribe();
+        Self {
+            engine,
+            feed,
+            state: tokio::sync::Mutex::new(State {
+                feed: rx,
+                leaves: Vec::new(),
+                by_key: HashMap::new(),
+                rules: HashMap::new(),
+            }),
+        }
+    }
+
+    /// How `sql` would be evaluated, and why (planning only: nothing is read).
+    pub async fn path(engine: &QueryEngine, sql: &str) -> Result<Path, QueryError> {
+        Ok(match plan_rule(engine, sql).await? {
+            Planned::Sql(reason) => Path::Sql(reason),
+            Planned::Leaves { leaves, plans } => {
+                let refs: Vec<&LeafPlan> = leaves.iter().collect();
+                let indices: Vec<usize> = (0..leaves.len()).collect();
+                match outer_plan(*plans, &refs, &indices).map_err(df)? {
+                    Some(_) => {
+                        Path::Incremental(leaves.iter().map(|l| l.leaf.to_string()).collect())
+                    }
+                    None => Path::Incremental(
+                        leaves
+                            .iter()
+                            .map(|l| {
+                                format!(
+                                    "{} (planned each round: the plan above it uses now())",
+                                    l.leaf
+                                )
+                            })
+                            .collect(),
+                    ),
+                }
+            }
+        })
+    }
+
+    /// Prepares `sqls` (rules not prepared yet), starting their new leaves together
+    /// from one read of the lake, for rounds from `at_ms` on.
+    pub async fn prepare(&self, sqls: &[&str], at_ms: i64) -> Result<(), QueryError> {
+        let mut state = self.state.lock().await;
+        self.prepare_locked(&mut state, sqls, at_ms).await
+    }
+
+    async fn prepare_locked(
+        &self,
+        state: &mut State,
+        sqls: &[&str],
+        at_ms: i64,
+    ) -> Result<(), QueryError> {
+        let first_new = state.leaves.len();
+        for sql in sqls {
+            if state.rules.contains_key(*sql) {
+                continue;
+            }
+            let prepared = match plan_rule(&self.engine, sql).await {
+                Err(e) if e.is_user_error() => Prepared::Sql(e.to_string()),
+                Err(e) => return Err(e),
+                Ok(Planned::Sql(reason)) => Prepared::Sql(reason),
+                Ok(Planned::Leaves { leaves, plans }) => {
+                    let mut indices = Vec::new();
+                    for leaf in leaves {
+                        let index = match state.by_key.get(&leaf.key) {
+                            Some(i) => *i,
+                            None => {
+                                let i = state.leaves.len();
+                                state.by_key.insert(leaf.key.clone(), i);
+                                state.leaves.push(LeafState {
+                                    plan: leaf,
+                                    partials: Vec::new(),
+                                    since: (0, None),
+                                    horizon: i64::MAX,
+                                    cached: None,
+                                });
+                                i
+                            }
+                        };
+                        indices.push(index);
+                    }
+                    let keys: Vec<&LeafPlan> =
+                        indices.iter().map(|i| &state.leaves[*i].plan).collect();
+                    match outer_plan(*plans, &keys, &indices).map_err(df)? {
+                        Some(outer) => Prepared::Incremental {
+                            outer,
+                            leaves: indices,
+                        },
+                        None => Prepared::Replan { leaves: indices },
+                    }
+                }
+            };
+            if let Prepared::Sql(reason) = &prepared {
+                tracing::info!(rule = %sql, %reason, "rule is evaluated as SQL each round");
+            }
+            state.rules.insert(sql.to_string(), Arc::new(prepared));
+        }
+        if state.leaves.len() > first_new
+            && let Err(e) = self.start(&mut state.leaves[first_new..], at_ms).await
+        {
+            // Forget what could not start, so that the next round prepares it again.
+            state.leaves.truncate(first_new);
+            state.by_key.retain(|_, i| *i < first_new);
+            state.rules.retain(|_, p| match p.as_ref() {
+                Prepared::Incremental { leaves, .. } | Prepared::Replan { leaves } => {
+                    leaves.iter().all(|i| *i < first_new)
+                }
+                Prepared::Sql(_) => true,
+            });
+            return Err(e);
+        }
+        ::metrics::gauge!("fleetlake_incremental_leaves").set(state.leaves.len() as f64);
+        Ok(())
+    }
+
+    /// Fills `leaves` (new) from the lake and the hot buffer, for rounds from `at_ms`.
+    async fn start(&self, leaves: &mut [LeafState], at_ms: i64) -> Result<(), QueryError> {
+        for table in [Table::Metrics, Table::Logs] {
+            let mine: Vec<usize> = (0..leaves.len())
+                .filter(|i| leaves[*i].plan.leaf.table == table)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let longest = mine
+                .iter()
+                .map(|i| leaves[*i].plan.leaf.window.from)
+                .max()
+                .unwrap_or_default();
+            // From a whole second at or before the earliest row any of them reads.
+            let from_ms = at_ms - i64::try_from(longest.as_millis()).unwrap_or(i64::MAX / 2);
+            let from_second = from_ms.div_euclid(1000);
+            let horizon = 2 * from_second;
+            let delta = self.engine.lake_table(table).await?;
+            let version = delta.as_ref().and_then(|d| d.version()).map(|v| v as i64);
+            let (feed_seq, hot) = self.feed.hot(table, version);
+            let mut chunk: Vec<RecordBatch> = Vec::new();
+            let mut chunk_rows = 0;
+            if let Some(delta) = delta {
+                let provider = delta
+                    .table_provider()
+                    .await
+                    .map_err(|e| QueryError::Lake(e.to_string()))?;
+                let ctx = datafusion::prelude::SessionContext::new();
+                let since = datafusion::common::ScalarValue::TimestampMicrosecond(
+                    Some(from_second.saturating_mul(1_000_000)),
+                    Some("UTC".into()),
+                );
+                let frame = ctx
+                    .read_table(provider)
+                    .map_err(df)?
+                    .filter(col("time").gt_eq(datafusion::prelude::lit(since)))
+                    .map_err(df)?;
+                let mut stream = frame.execute_stream().await.map_err(df)?;
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.map_err(df)?;
+                    chunk_rows += batch.num_rows();
+                    chunk.push(batch);
+                    if chunk_rows >= START_CHUNK_ROWS {
+                        fold_into(leaves, &mine, &std::mem::take(&mut chunk)).await?;
+                        chunk_rows = 0;
+                    }
+                }
+            }
+            chunk.extend(hot);
+            fold_into(leaves, &mine, &chunk).await?;
+            for i in &mine {
+                leaves[*i].since = (feed_seq, version);
+                leaves[*i].horizon = horizon;
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds what the feed brought since the last call into every leaf.
+    async fn catch_up(&self, state: &mut State) -> Result<(), QueryError> {
+        let mut items = Vec::new();
+        while let Ok(item) = state.feed.try_recv() {
+            items.push(item);
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        for table in [Table::Metrics, Table::Logs] {
+            // Leaves that started together skip the same items: fold them together.
+            let mut by_since: HashMap<(u64, Option<i64>), Vec<usize>> = HashMap::new();
+            for (i, leaf) in state.leaves.iter().enumerate() {
+                if leaf.plan.leaf.table == table {
+                    by_since.entry(leaf.since).or_default().push(i);
+                }
+            }
+            for ((seq, version), mine) in by_since {
+                let batches: Vec<RecordBatch> = items
+                    .iter()
+                    .filter(|item| item.table == table && !item.already_in(seq, version))
+                    .flat_map(|item| item.batches.iter().cloned())
+                    .collect();
+                if !batches.is_empty() {
+                    fold_into(&mut state.leaves, &mine, &batches).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluates `sql` at `at_ms` from partial aggregates; `None` when it is to be
+    /// evaluated as SQL (see [`Incremental::path`]), this round or always.
+    pub async fn run(&self, sql: &str, at_ms: i64) -> Result<Option<Vec<RecordBatch>>, QueryError> {
+        let at = sql_instant(at_ms)?;
+        let mut state = self.state.lock().await;
+        if !state.rules.contains_key(sql) {
+            self.prepare_locked(&mut state, &[sql], at_ms).await?;
+        }
+        let prepared = Arc::clone(&state.rules[sql]);
+        let leaves = match prepared.as_ref() {
+            Prepared::Incremental { leaves, .. } | Prepared::Replan { leaves } => leaves,
+            Prepared::Sql(_) => return Ok(None),
+        };
+        self.catch_up(&mut state).await?;
+        let mut results = HashMap::new();
+        for index in leaves {
+            let Some(result) = state.leaves[*index].result(at_ms).await? else {
+                return Ok(None);
+            };
+            results.insert(*index, result);
+        }
+        let outer = match prepared.as_ref() {
+            Prepared::Incremental { outer, .. } => outer.clone(),
+            _ => {
+                // Planned at this instant; its aggregates over rows are the leaves, in
+                // the order they were found when prepared.
+                let mut session = self.engine.session(&principal())?.state();
+                pin(&mut session, at);
+                let planned = plan_read_only(&session, sql).await?;
+                let optimized = session.optimize(&planned).map_err(df)?;
+                let nodes = crate::shape::row_aggregates(&optimized);
+                if nodes.len() != leaves.len() {
+                    return Ok(None);
+                }
+                let plans: Vec<&LeafPlan> = leaves.iter().map(|i| &state.leaves[*i].plan).collect();
+                match substitute(optimized, &nodes, &plans, leaves).map_err(df)? {
+                    Some(outer) => outer,
+                    None => return Ok(None),
+                }
+            }
+        };
+        drop(state);
+        let ctx = self.engine.session(&principal())?;
+        let mut session = ctx.state();
+        pin(&mut session, at);
+        let plan = resolve(&ctx, outer, &results).await?;
+        let admitted = self.engine.internal();
+        let run = async {
+            let (_, mut stream) = self
+                .engine
+                .execute(&session, plan, &principal(), &admitted)
+                .await?;
+            let mut batches = Vec::new();
+            while let Some(batch) = stream.next().await {
+                batches.push(batch.map_err(df)?);
+            }
+            Ok::<_, QueryError>(batches)
+        };
+        let batches = match self.engine.limits().timeout {
+            Some(limit) => tokio::time::timeout(limit, run)
+                .await
+                .map_err(|_| QueryError::Timeout(limit))??,
+            None => run.await?,
+        };
+        Ok(Some(batches))
+    }
+
+    /// Bytes of partial aggregates held, and the number of leaves.
+    pub async fn footprint(&self) -> (usize, usize) {
+        let state = self.state.lock().await;
+        let bytes = state
+            .leaves
+            .iter()
+            .flat_map(|l| &l.partials)
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        (bytes, state.leaves.len())
+    }
+}
+
+/// Folds `rows` (of the leaves' table, as the lake or the feed has them) into the
+/// leaves `mine` of `leaves`, each reading only the rows its routes allow.
+async fn fold_into(
+    leaves: &mut [LeafState],
+    mine: &[usize],
+    rows: &[RecordBatch],
+) -> Result<(), QueryError> {
+    let rows: Vec<&RecordBatch> = rows.iter().filter(|b| b.num_rows() > 0).collect();
+    if rows.is_empty() || mine.is_empty() {
+        return Ok(());
+    }
+    // Every leaf of a table conforms rows to the same schema unless the lake's
+    // changed in between; conform once per schema.
+    let mut conformed: Vec<(SchemaRef, RecordBatch, Routes)> = Vec::new();
+    for i in mine {
+        let leaf = &mut leaves[*i];
+        let schema = Arc::clone(&leaf.plan.feed_schema);
+        let at = match conformed.iter().position(|(s, _, _)| *s == schema) {
+            Some(at) => at,
+            None => {
+                let table_schema = Arc::new(Schema::new(
+                    schema.fields()[..schema.fields().len() - 1].to_vec(),
+                ));
+                let mut parts = Vec::with_capacity(rows.len());
+                for batch in &rows {
+                    let batch = conform(batch, &table_schema).map_err(arrow_err)?;
+                    parts.push(with_slots(&batch, &schema)?);
+                }
+                let all = concat_batches(&schema, &parts).map_err(arrow_err)?;
+                conformed.push((schema, all, Routes::default()));
+                conformed.len() - 1
+            }
+        };
+        let (_, all, routes) = &mut conformed[at];
+        let input = match leaf.plan.leaf.routes.first() {
+            None => all.clone(),
+            Some((column, values)) => {
+                let indices = routes.rows(all, column, values)?;
+                if indices.is_empty() {
+                    continue;
+                }
+                take_record_batch(all, &indices).map_err(arrow_err)?
+            }
+        };
+        leaf.fold(input).await?;
+    }
+    Ok(())
+}
+
+/// Row indices by the values of routing columns, built as leaves ask.
+#[derive(Default)]
+struct Routes {
+    by_column: HashMap<String, HashMap<String, Vec<u32>>>,
+}
+
+impl Routes {
+    /// The rows of `batch` whose `column` is one of `values`, in order.
+    fn rows(
+        &mut self,
+        batch: &RecordBatch,
+        column: &str,
+        values: &BTreeSet<String>,
+    ) -> Result<UInt32Array, QueryError> {
+        if !self.by_column.contains_key(column) {
+            let mut index: HashMap<String, Vec<u32>> = HashMap::new();
+            if let Some(array) = batch.column_by_name(column) {
+                let text = cast(array, &DataType::Utf8).map_err(arrow_err)?;
+                for (row, value) in text.as_string::<i32>().iter().enumerate() {
+                    if let Some(value) = value {
+                        index.entry(value.to_string()).or_default().push(row as u32);
+                    }
+                }
+            }
+            self.by_column.insert(column.to_string(), index);
+        }
+        let index = &self.by_column[column];
+        let mut rows: Vec<u32> = values
+            .iter()
+            .filter_map(|v| index.get(v))
+            .flatten()
+            .copied()
+            .collect();
+        rows.sort_unstable();
+        Ok(UInt32Array::from(rows))
+    }
+}
+
+impl LeafState {
+    /// Folds `rows` (conformed, with slots) into the partials.
+    async fn fold(&mut self, rows: RecordBatch) -> Result<(), QueryError> {
+        self.plan.fold_input.set(vec![rows]);
+        let out = collect(
+            Arc::clone(&self.plan.fold),
+            Arc::new(TaskContext::default()),
+        )
+        .await
+        .map_err(df)?;
+        self.plan.fold_input.set(Vec::new());
+        let schema = Arc::clone(&self.plan.partials_input.schema);
+        for batch in out {
+            if batch.num_rows() > 0 {
+                let columns = conform_columns(&batch, &schema)?;
+                self.partials
+                    .push(RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)?);
+            }
+        }
+        self.cached = None;
+        if self.partials.len() > COMPACT_AFTER {
+            self.compact().await?;
+        }
+        Ok(())
+    }
+
+    /// Merges the partials into one batch per slot and group, dropping slots before
+    /// the horizon.
+    async fn compact(&mut self) -> Result<(), QueryError> {
+        let kept = self.select(self.horizon, None)?;
+        if !self.plan.last_seen {
+            self.partials = self.merge(&self.plan.merge_slots, kept).await?;
+            return Ok(());
+        }
+        // One row per group, in the slot of its latest time.
+        let merged = self.merge(&self.plan.merge_groups, kept).await?;
+        let schema = Arc::clone(&self.plan.partials_input.schema);
+        let groups = self
+            .plan
+            .finish
+            .iter()
+            .filter(|f| matches!(f, Finish::Group(_)))
+            .count();
+        let mut partials = Vec::with_capacity(merged.len());
+        for batch in merged {
+            let latest = cast(batch.column(groups), &DataType::Int64).map_err(arrow_err)?;
+            let slots: Int64Array = latest
+                .as_primitive::<Int64Type>()
+                .iter()
+                .map(|t| t.map(slot_of))
+                .collect();
+            let mut columns: Vec<ArrayRef> = vec![Arc::new(slots)];
+            columns.extend(batch.columns().iter().cloned());
+            let columns = columns
+                .iter()
+                .zip(schema.fields())
+                .map(|(c, f)| cast(c, f.data_type()).map_err(arrow_err))
+                .collect::<Result<Vec<_>, _>>()?;
+            partials.push(RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)?);
+        }
+        self.partials = partials;
+        Ok(())
+    }
+
+    /// The partials of slots `first..=last`.
+    fn select(&self, first: i64, last: Option<i64>) -> Result<Vec<RecordBatch>, QueryError> {
+        let mut out = Vec::new();
+        for batch in &self.partials {
+            let slots = batch.column(0);
+            let mut keep = gt_eq(slots, &Int64Array::new_scalar(first)).map_err(arrow_err)?;
+            if let Some(last) = last {
+                let below = lt_eq(slots, &Int64Array::new_scalar(last)).map_err(arrow_err)?;
+                keep = and(&keep, &below).map_err(arrow_err)?;
+            }
+            let kept = filter_record_batch(batch, &keep).map_err(arrow_err)?;
+            if kept.num_rows() > 0 {
+                out.push(kept);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn merge(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        partials: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>, QueryError> {
+        self.plan.partials_input.set(partials);
+        let out = collect(Arc::clone(plan), Arc::new(TaskContext::default()))
+            .await
+            .map_err(df);
+        self.plan.partials_input.set(Vec::new());
+        out
+    }
+
+    /// The leaf's result at `at_ms`, as the rule's plan expects it; `None` when the
+    /// window's bounds are not whole seconds or reach before what the leaf holds.
+    async fn result(&mut self, at_ms: i64) -> Result<Option<RecordBatch>, QueryError> {
+        if let Some((at, batch)) = &self.cached
+            && *at == at_ms
+        {
+            return Ok(Some(batch.clone()));
+        }
+        let Some((first, last)) = slot_range(&self.plan.leaf.window, at_ms) else {
+            return Ok(None);
+        };
+        if first < self.horizon {
+            return Ok(None);
+        }
+        let selected = self.select(first, last)?;
+        let merged = self.merge(&self.plan.merge_groups, selected).await?;
+        let schema = Arc::clone(&self.plan.output);
+        let merged = concat_batches(
+            &merged
+                .first()
+                .map_or_else(|| Arc::new(Schema::empty()), |b| b.schema()),
+            &merged,
+        )
+        .map_err(arrow_err)?;
+        let batch = if merged.num_columns() == 0 {
+            RecordBatch::new_empty(schema)
+        } else {
+            finish(&merged, &self.plan.finish, &schema)?
+        };
+        // Slots before the window's start are not needed again by this leaf (rounds
+        // move forward); keep a minute in hand for a round a little behind.
+        self.horizon = self.horizon.max(first - 120);
+        self.cached = Some((at_ms, batch.clone()));
+        Ok(Some(batch))
+    }
+}
+
+/// The leaf's output columns from merged partials (`__g…`, `__p…` in order).
+fn finish(
+    merged: &RecordBatch,
+    finish: &[Finish],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, QueryError> {
+    let groups = finish
+        .iter()
+        .filter(|f| matches!(f, Finish::Group(_)))
+        .count();
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(finish.len());
+    for (f, field) in finish.iter().zip(schema.fields()) {
+        let column = match *f {
+            Finish::Group(g) => Arc::clone(merged.column(g)),
+            Finish::Plain(p) => Arc::clone(merged.column(groups + p)),
+            Finish::Count(p) => {
+                let counts =
+                    cast(merged.column(groups + p), &DataType::Int64).map_err(arrow_err)?;
+                let counts: Int64Array = counts
+                    .as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|c| Some(c.unwrap_or(0)))
+                    .collect();
+                Arc::new(counts)
+            }
+            Finish::Avg { sum, count } => {
+                let s = cast(merged.column(groups + sum), &DataType::Float64).map_err(arrow_err)?;
+                let c =
+                    cast(merged.column(groups + count), &DataType::Float64).map_err(arrow_err)?;
+                div(&s, &c).map_err(arrow_err)?
+            }
+        };
+        columns.push(cast(&column, field.data_type()).map_err(arrow_err)?);
+    }
+    RecordBatch::try_new(Arc::clone(schema), columns).map_err(arrow_err)
+}
+
+/// `batch`'s columns cast to `schema`'s types (merging may widen a decimal sum).
+fn conform_columns(batch: &RecordBatch, schema: &SchemaRef) -> Result<Vec<ArrayRef>, QueryError> {
+    batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(Arc::clone(c))
+            } else {
+                cast(c, f.data_type()).map_err(arrow_err)
+            }
+        })
+        .collect()
+}
+
+/// A rule's plan at the two instants (leaves in place), and its leaves' aggregates at both.
+type RulePlans = (LogicalPlan, LogicalPlan, Vec<(LogicalPlan, LogicalPlan)>);
+
+/// A rule planned, before its leaves are registered.
+enum Planned {
+    Leaves {
+        leaves: Vec<LeafPlan>,
+        /// The rule's plan at the two instants, leaves in place.
+        plans: Box<RulePlans>,
+    },
+    Sql(String),
+}
+
+async fn plan_rule(engine: &QueryEngine, sql: &str) -> Result<Planned, QueryError> {
+    engine.check_text(sql)?;
+    let ctx = engine.session(&principal())?;
+    let state = ctx.state();
+    let plan = plan_read_only(&state, sql).await?;
+    let classified = crate::shape::classify_pair(&state, &plan).map_err(df)?;
+    let Shape::Incremental(leaves) = &classified.shape else {
+        return Ok(Planned::Sql(classified.shape.to_string()));
+    };
+    let mut fold_state = state.clone();
+    fold_state
+        .config_mut()
+        .options_mut()
+        .execution
+        .target_partitions = 1;
+    let mut planned = Vec::new();
+    for (leaf, (a0, a1)) in leaves.iter().zip(&classified.leaves) {
+        match plan_leaf(&fold_state, leaf, a0, a1).await {
+            Ok(Ok(p)) => planned.push(p),
+            Ok(Err(reason)) => return Ok(Planned::Sql(format!("{leaf}: {reason}"))),
+            Err(e) => return Err(df(e)),
+        }
+    }
+    let (p0, p1) = classified.plans;
+    Ok(Planned::Leaves {
+        leaves: planned,
+        plans: Box::new((p0, p1, classified.leaves)),
+    })
+}
+
+/// Plans the fold and merges of one leaf; `Ok(Err(reason))` when its aggregates have
+/// no partial form here.
+async fn plan_leaf(
+    state: &SessionState,
+    leaf: &Leaf,
+    a0: &LogicalPlan,
+    a1: &LogicalPlan,
+) -> datafusion::error::Result<Result<LeafPlan, String>> {
+    use datafusion::functions_aggregate::count::count_udaf;
+    use datafusion::functions_aggregate::expr_fn::{max, min, sum};
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    let (LogicalPlan::Aggregate(g0), LogicalPlan::Aggregate(g1)) = (a0, a1) else {
+        return Ok(Err("not an aggregate".into()));
+    };
+    if g0
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Ok(Err("it groups by grouping sets".into()));
+    }
+    let Some(scan_schema) = scan_schema(&g0.input) else {
+        return Ok(Err("no scan under the aggregate".into()));
+    };
+    let mut fields: Vec<Field> = scan_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(SLOT, DataType::Int64, true));
+    let feed_schema = Arc::new(Schema::new(fields));
+    let fold_input = Rows::new(Arc::clone(&feed_schema));
+    let input = match with_slot(&g0.input, &g1.input, &fold_input.source()?)? {
+        Ok(input) => input,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let (slot_q, _) = input.schema().qualified_field_with_unqualified_name(SLOT)?;
+    let mut group_expr = vec![Expr::Column(Column::new(slot_q.cloned(), SLOT))];
+    group_expr.extend(g0.group_expr.iter().cloned());
+    // Positional names: an aggregate's output may hold two columns of one name with
+    // different qualifiers, which one table cannot.
+    let output = Arc::new(Schema::new(
+        g0.schema
+            .as_arrow()
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| f.as_ref().clone().with_name(format!("c{i}")))
+            .collect::<Vec<_>>(),
+    ));
+    let groups = g0.group_expr.len();
+    let mut partial = Vec::new();
+    let mut merges: Vec<fn(Expr) -> Expr> = Vec::new();
+    let mut finish: Vec<Finish> = (0..groups).map(Finish::Group).collect();
+    for (j, e) in g0.aggr_expr.iter().enumerate() {
+        let inner = match e {
+            Expr::Alias(a) => a.expr.as_ref(),
+            e => e,
+        };
+        let Expr::AggregateFunction(f) = inner else {
+            return Ok(Err(format!("{inner} is not an aggregate function")));
+        };
+        let name = f.func.name().to_ascii_lowercase();
+        let out_type = output.field(groups + j).data_type();
+        let mut push = |expr: Expr, merge: fn(Expr) -> Expr| {
+            let p = partial.len();
+            partial.push(expr.alias(format!("__p{p}")));
+            merges.push(merge);
+            p
+        };
+        match name.as_str() {
+            "sum" => finish.push(Finish::Plain(push(inner.clone(), sum))),
+            "min" => finish.push(Finish::Plain(push(inner.clone(), min))),
+            "max" => finish.push(Finish::Plain(push(inner.clone(), max))),
+            "count" => finish.push(Finish::Count(push(inner.clone(), sum))),
+            "avg" => {
+                if *out_type != DataType::Float64 {
+                    return Ok(Err(format!("avg returning {out_type} is not merged here")));
+                }
+                let mut s = f.clone();
+                s.func = sum_udaf();
+                let mut c = f.clone();
+                c.func = count_udaf();
+                let s_arg = s.params.args.first().cloned();
+                if let Some(arg) = s_arg {
+                    // A sum of integers can overflow where avg does not.
+                    s.params.args = vec![datafusion::prelude::cast(arg, DataType::Float64)];
+                }
+                let sum_at = push(Expr::AggregateFunction(s), sum);
+                let count_at = push(Expr::AggregateFunction(c), sum);
+                finish.push(Finish::Avg {
+                    sum: sum_at,
+                    count: count_at,
+                });
+            }
+            other => return Ok(Err(format!("{other} has no partial state here"))),
+        }
+    }
+    let last_seen = leaf.window.to.is_none()
+        && !g0.aggr_expr.is_empty()
+        && g0.aggr_expr.iter().all(|e| {
+            let inner = match e {
+                Expr::Alias(a) => a.expr.as_ref(),
+                e => e,
+            };
+            matches!(inner, Expr::AggregateFunction(f)
+                if f.func.name().eq_ignore_ascii_case("max")
+                    && matches!(f.params.args.as_slice(), [Expr::Column(c)] if c.name == "time"))
+        });
+    let fold_plan =
+        LogicalPlan::Aggregate(Aggregate::try_new(Arc::new(input), group_expr, partial)?);
+    let fold = state.create_physical_plan(&fold_plan).await?;
+    // The partials' own schema: slot, groups and partials by position.
+    let fold_schema = fold.schema();
+    let mut fields = vec![Field::new(SLOT, DataType::Int64, true)];
+    for g in 0..groups {
+        fields.push(Field::new(
+            format!("__g{g}"),
+            fold_schema.field(1 + g).data_type().clone(),
+            true,
+        ));
+    }
+    for p in 0..merges.len() {
+        fields.push(Field::new(
+            format!("__p{p}"),
+            fold_schema.field(1 + groups + p).data_type().clone(),
+            true,
+        ));
+    }
+    let partials_input = Rows::new(Arc::new(Schema::new(fields)));
+    let merge_plan = |by_slot: bool| -> datafusion::error::Result<LogicalPlan> {
+        let mut keys = Vec::new();
+        if by_slot {
+            keys.push(col(SLOT));
+        }
+        keys.extend((0..groups).map(|g| col(format!("__g{g}"))));
+        let aggs: Vec<Expr> = merges
+            .iter()
+            .enumerate()
+            .map(|(p, merge)| merge(col(format!("__p{p}"))).alias(format!("__p{p}")))
+            .collect();
+        LogicalPlanBuilder::scan("__partials", partials_input.source()?, None)?
+            .aggregate(keys, aggs)?
+            .build()
+    };
+    let merge_slots = state.create_physical_plan(&merge_plan(true)?).await?;
+    let merge_groups = state.create_physical_plan(&merge_plan(false)?).await?;
+    Ok(Ok(LeafPlan {
+        leaf: leaf.clone(),
+        key: a0.clone(),
+        output,
+        fold,
+        fold_input,
+        feed_schema,
+        merge_slots,
+        merge_groups,
+        partials_input,
+        finish,
+        last_seen,
+    }))
+}
+
+/// The schema of the scan at the bottom of a chain of filters, projections and aliases.
+fn scan_schema(plan: &LogicalPlan) -> Option<SchemaRef> {
+    match plan {
+        LogicalPlan::TableScan(s) => Some(s.source.schema()),
+        LogicalPlan::Filter(f) => scan_schema(&f.input),
+        LogicalPlan::Projection(p) => scan_schema(&p.input),
+        LogicalPlan::SubqueryAlias(a) => scan_schema(&a.input),
+        _ => None,
+    }
+}
+
+/// The chain `n0` (with `n1`, the same at the second instant) reading from `feed`
+/// instead of its table, carrying the slot column up, without its window bounds (the
+/// conjuncts that differ between the instants).
+fn with_slot(
+    n0: &LogicalPlan,
+    n1: &LogicalPlan,
+    feed: &Arc<dyn TableSource>,
+) -> datafusion::error::Result<Result<LogicalPlan, String>> {
+    let same = |c0: Vec<&Expr>, c1: Vec<&Expr>| -> Option<Vec<Expr>> {
+        (c0.len() == c1.len()).then(|| {
+            c0.into_iter()
+                .zip(c1)
+                .filter(|(a, b)| a == b)
+                .map(|(a, _)| a.clone())
+                .collect()
+        })
+    };
+    let filtered = |kept: Vec<Expr>,
+                    input: LogicalPlan|
+     -> datafusion::error::Result<LogicalPlan> {
+        Ok(match conjunction(kept) {
+            Some(predicate) => LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(input))?),
+            None => input,
+        })
+    };
+    Ok(Ok(match (n0, n1) {
+        (LogicalPlan::TableScan(s0), LogicalPlan::TableScan(s1)) => {
+            let slot = feed.schema().fields().len() - 1;
+            let projection = s0.projection.clone().map(|mut p| {
+                p.push(slot);
+                p
+            });
+            let scan = LogicalPlan::TableScan(
+                TableScanBuilder::new(s0.table_name.clone(), Arc::clone(feed))
+                    .with_projection(projection)
+                    .build()?,
+            );
+            let c0 = s0.filters.iter().flat_map(split_conjunction).collect();
+            let c1 = s1.filters.iter().flat_map(split_conjunction).collect();
+            let Some(kept) = same(c0, c1) else {
+                return Ok(Err("its filters change with the time".into()));
+            };
+            filtered(kept, scan)?
+        }
+        (LogicalPlan::Filter(f0), LogicalPlan::Filter(f1)) => {
+            let input = match with_slot(&f0.input, &f1.input, feed)? {
+                Ok(i) => i,
+                Err(r) => return Ok(Err(r)),
+            };
+            let Some(kept) = same(
+                split_conjunction(&f0.predicate),
+                split_conjunction(&f1.predicate),
+            ) else {
+                return Ok(Err("its filters change with the time".into()));
+            };
+            filtered(kept, input)?
+        }
+        (LogicalPlan::Projection(p0), LogicalPlan::Projection(p1)) => {
+            let input = match with_slot(&p0.input, &p1.input, feed)? {
+                Ok(i) => i,
+                Err(r) => return Ok(Err(r)),
+            };
+            let (q, _) = input.schema().qualified_field_with_unqualified_name(SLOT)?;
+            let mut exprs = p0.expr.clone();
+            exprs.push(Expr::Column(Column::new(q.cloned(), SLOT)));
+            LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(input))?)
+        }
+        (LogicalPlan::SubqueryAlias(a0), LogicalPlan::SubqueryAlias(a1)) => {
+            let input = match with_slot(&a0.input, &a1.input, feed)? {
+                Ok(i) => i,
+                Err(r) => return Ok(Err(r)),
+            };
+            LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(Arc::new(input), a0.alias.clone())?)
+        }
+        _ => {
+            return Ok(Err(
+                "it reads rows through more than filters and projections".into(),
+            ));
+        }
+    }))
+}
+
+/// The name of the table leaf `index` is read from in a rule's plan.
+fn leaf_table(index: usize) -> String {
+    format!("__leaf_{index}")
+}
+
+/// The rule's plan with every leaf's aggregate read from its leaf table, if it is the
+/// same at both instants (else it depends on now() above the leaves).
+fn outer_plan(
+    (p0, p1, nodes): RulePlans,
+    leaves: &[&LeafPlan],
+    indices: &[usize],
+) -> datafusion::error::Result<Option<LogicalPlan>> {
+    let (n0, n1): (Vec<LogicalPlan>, Vec<LogicalPlan>) = nodes.into_iter().unzip();
+    let o0 = substitute(p0, &n0, leaves, indices)?;
+    let o1 = substitute(p1, &n1, leaves, indices)?;
+    Ok(o0.zip(o1).and_then(|(o0, o1)| (o0 == o1).then_some(o0)))
+}
+
+/// `plan` with each of `nodes` (leaves' aggregates, in subqueries too) read from its
+/// leaf's table; `None` if not every one was found.
+fn substitute(
+    plan: LogicalPlan,
+    nodes: &[LogicalPlan],
+    leaves: &[&LeafPlan],
+    indices: &[usize],
+) -> datafusion::error::Result<Option<LogicalPlan>> {
+    let mut replaced = vec![false; nodes.len()];
+    let out = plan
+        .transform_down_with_subqueries(|node| {
+            for (i, found) in nodes.iter().enumerate() {
+                if &node == found {
+                    replaced[i] = true;
+                    return Ok(Transformed::new(
+                        placeholder(leaves[i], indices[i])?,
+                        true,
+                        TreeNodeRecursion::Jump,
+                    ));
+                }
+            }
+            Ok(Transformed::no(node))
+        })?
+        .data;
+    Ok(replaced.iter().all(|r| *r).then_some(out))
+}
+
+/// A scan of leaf `index`'s table, with the columns named and qualified as its
+/// aggregate's output.
+fn placeholder(leaf: &LeafPlan, index: usize) -> datafusion::error::Result<LogicalPlan> {
+    let LogicalPlan::Aggregate(agg) = &leaf.key else {
+        unreachable!("a leaf's key is its aggregate");
+    };
+    let name = leaf_table(index);
+    let empty = MemTable::try_new(Arc::clone(&leaf.output), vec![Vec::new()])?;
+    let scan = LogicalPlan::TableScan(
+        TableScanBuilder::new(name.as_str(), provider_as_source(Arc::new(empty))).build()?,
+    );
+    let exprs: Vec<Expr> = agg
+        .schema
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            Expr::Column(Column::new(
+                Some(TableReference::bare(name.as_str())),
+                format!("c{i}"),
+            ))
+            .alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    Ok(LogicalPlan::Projection(Projection::try_new(
+        exprs,
+        Arc::new(scan),
+    )?))
+}
+
+/// `outer` with each leaf table holding this round's `results` and every other table
+/// read as it is now.
+async fn resolve(
+    ctx: &datafusion::prelude::SessionContext,
+    outer: LogicalPlan,
+    results: &HashMap<usize, RecordBatch>,
+) -> Result<LogicalPlan, QueryError> {
+    let mut names = Vec::new();
+    outer
+        .apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(s) = node
+                && !s.table_name.table().starts_with("__leaf_")
+            {
+                names.push(s.table_name.clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(df)?;
+    let mut providers = HashMap::new();
+    for name in names {
+        let provider = ctx.table_provider(name.clone()).await.map_err(df)?;
+        providers.insert(name, provider_as_source(provider));
+    }
+    outer
+        .transform_up_with_subqueries(|node| {
+            let LogicalPlan::TableScan(s) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            let source = match s.table_name.table().strip_prefix("__leaf_") {
+                Some(index) => {
+                    let batch = index
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| results.get(&i))
+                        .ok_or_else(|| {
+                            datafusion::error::DataFusionError::Internal(format!(
+                                "no result for {}",
+                                s.table_name
+                            ))
+                        })?;
+                    let table = MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])?;
+                    provider_as_source(Arc::new(table))
+                }
+                None => match providers.get(&s.table_name) {
+                    Some(source) => Arc::clone(source),
+                    None => return Ok(Transformed::no(node)),
+                },
+            };
+            Ok(Transformed::yes(LogicalPlan::TableScan(
+                TableScanBuilder::new(s.table_name.clone(), source)
+                    .with_projection(s.projection.clone())
+                    .with_filters(s.filters.clone())
+                    .with_fetch(s.fetch)
+                    .build()?,
+            )))
+        })
+        .map(|t| t.data)
+        .map_err(df)
+}
+
+#[cfg(test)]
+#[path = "incremental_tests.rs"]
+mod tests;

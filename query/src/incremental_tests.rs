@@ -1,0 +1,324 @@
+//! The property incremental evaluation stands on: for the same deliveries (duplicates,
+//! late rows, redeliveries before and after a flush, rows in the lake before it
+//! starts), every round's result from partial aggregates is the result of the same
+//! statement run as SQL over the lake and the hot buffer at the same instant.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::util::pretty::pretty_format_batches;
+use proptest::prelude::*;
+
+use fleetlake_aggregate::location::LakeLocation;
+use fleetlake_aggregate::{AggregateConfig, Aggregator};
+use fleetlake_ingest::metric_stream::MetricsBatchBuilder;
+use fleetlake_model::{RowSink, Table};
+
+use super::{Incremental, Path};
+use crate::access::Principal;
+use crate::engine::{HotData, QueryEngine, SideTable};
+
+/// Rules of the shapes fleets write, over the rows [`rows`] makes.
+const RULES: [&str; 9] = [
+    // Every mergeable aggregate, by account, on one metric.
+    "SELECT account_id, sum(sum) AS s, count(*) AS n, min(min) AS lo, max(max) AS hi, avg(sum) AS a \
+     FROM metrics WHERE namespace = 'AWS/Lambda' AND metric_name = 'Errors' \
+       AND time > now() - INTERVAL '5 minutes' GROUP BY account_id",
+    // A ratio of two CASE sums, a HAVING over them.
+    "SELECT account_id, \
+            sum(CASE WHEN metric_name = 'Errors' THEN sum ELSE 0 END) \
+              / nullif(sum(CASE WHEN metric_name = 'Invocations' THEN sum ELSE 0 END), 0) AS ratio \
+     FROM metrics WHERE metric_name IN ('Errors', 'Invocations') \
+       AND time >= now() - INTERVAL '3 minutes' \
+     GROUP BY account_id HAVING sum(CASE WHEN metric_name = 'Errors' THEN sum ELSE 0 END) > 0",
+    // No groups: one row even over nothing; a window closed on both sides.
+    "SELECT count(*) AS n, sum(sum) AS s FROM metrics \
+     WHERE time > now() - INTERVAL '2 minutes' AND time <= now() - INTERVAL '30 seconds'",
+    // A dimension as a group, a threshold.
+    "SELECT account_id, dimensions['FunctionName'] AS f, max(max) AS m FROM metrics \
+     WHERE metric_name = 'Invocations' AND time > now() - INTERVAL '10 minutes' \
+     GROUP BY account_id, dimensions['FunctionName'] HAVING max(max) > 4",
+    // The threshold in an outer WHERE.
+    "SELECT * FROM (SELECT account_id, sum(sum) AS s FROM metrics \
+       WHERE time > now() - INTERVAL '1 minute' GROUP BY account_id) WHERE s >= 3",
+    // The aggregate of the rule before with its threshold in HAVING: one leaf for both.
+    "SELECT account_id, sum(sum) AS s FROM metrics WHERE time > now() - INTERVAL '1 minute' \
+     GROUP BY account_id HAVING sum(sum) > 2",
+    // Absence: last seen per account, now() above the aggregate (planned each round).
+    "SELECT account_id, max(time) AS last FROM metrics WHERE time > now() - INTERVAL '10 minutes' \
+     GROUP BY account_id HAVING max(time) < now() - INTERVAL '1 minute'",
+    // The shipped absence rule's shape: the registry joined to last seen.
+    "SELECT a.account_id, \
+            coalesce(extract(epoch FROM now()) - extract(epoch FROM seen.last_seen), 86400.0) AS value \
+     FROM accounts a LEFT JOIN ( \
+       SELECT account_id, max(time) AS last_seen FROM metrics \
+       WHERE time > now() - INTERVAL '1 day' GROUP BY account_id) seen \
+       ON seen.account_id = a.account_id \
+     WHERE seen.last_seen IS NULL OR seen.last_seen < now() - INTERVAL '2 minutes'",
+    // A per-account threshold from the registry, which changes between rounds.
+    "SELECT m.account_id, m.s FROM (SELECT account_id, sum(sum) AS s FROM metrics \
+       WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id) m \
+     JOIN accounts a ON a.account_id = m.account_id WHERE m.s > a.threshold",
+];
+
+/// One datapoint: account 0..3, metric 0..2, function 0..2, its time relative to the
+/// round's instant (ms), value.
+type Point = (u8, u8, u8, i64, u32);
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Write these points (the rows at the current instant plus their offsets).
+    Deliver(Vec<Point>),
+    /// Write the `n`-th earlier delivery again, as it was (a redelivery).
+    Redeliver(usize),
+    /// Commit the hot buffer to the lake.
+    Flush,
+    /// Move time on by this many seconds, then evaluate every rule both ways.
+    Round(u8),
+    /// Set every account's threshold in the registry.
+    Threshold(u8),
+}
+
+fn point() -> impl Strategy<Value = Point> {
+    let offset = prop_oneof![
+        // On a minute, as CloudWatch's metrics are (most rows).
+        3 => (-12i64..=1).prop_map(|m| m * 60_000),
+        // Anywhere, to the millisecond, late or a little ahead.
+        2 => -700_000i64..5_000,
+        // On a window's bound exactly.
+        1 => prop_oneof![Just(-60_000i64), Just(-30_000), Just(-120_000), Just(-180_000), Just(-300_000)],
+    ];
+    (0u8..3, 0u8..2, 0u8..2, offset, 0u32..9)
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    proptest::collection::vec(
+        prop_oneof![
+            4 => proptest::collection::vec(point(), 1..12).prop_map(Step::Deliver),
+            1 => (0usize..8).prop_map(Step::Redeliver),
+            1 => Just(Step::Flush),
+            3 => (1u8..90).prop_map(Step::Round),
+            1 => (0u8..12).prop_map(Step::Threshold),
+        ],
+        4..20,
+    )
+}
+
+/// A minute boundary, so that minute offsets land on minutes.
+const START_MS: i64 = 1_767_608_400_000;
+
+fn rows(points: &[Point], now_ms: i64) -> RecordBatch {
+    let mut b = MetricsBatchBuilder::new();
+    for (account, metric, function, offset, value) in points {
+        let line = format!(
+            r#"{{"account_id":"{:012}","region":"eu-west-1","namespace":"AWS/Lambda","metric_name":"{}","dimensions":{{"FunctionName":"f{function}"}},"timestamp":{},"value":{{"count":1,"sum":{value},"min":{value},"max":{value}}},"unit":"Count"}}"#,
+            account + 1,
+            ["Errors", "Invocations"][*metric as usize],
+            now_ms + offset,
+        );
+        assert!(b.push_record(line.as_bytes()).is_empty(), "{line}");
+    }
+    b.finish()
+}
+
+/// The `accounts` table: four accounts (one never reports) and a threshold each.
+fn accounts(threshold: u8) -> RecordBatch {
+    use arrow::array::{Float64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("account_id", DataType::Utf8, false),
+        Field::new("threshold", DataType::Float64, true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                (1..=4).map(|a| format!("{a:012}")),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                (1..=4).map(|a| f64::from(threshold) + f64::from(a)),
+            )),
+        ],
+    )
+    .unwrap()
+}
+
+/// A write path over a lake in `dir` that flushes when told.
+async fn open(dir: &tempfile::TempDir) -> (Aggregator, LakeLocation) {
+    let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
+    let config = AggregateConfig::manual(dir.path().join("wal"), lake.clone());
+    (Aggregator::open(config).await.unwrap(), lake)
+}
+
+struct Hot(Aggregator);
+
+impl HotData for Hot {
+    fn snapshot(&self, table: Table, lake_version: Option<i64>) -> Vec<RecordBatch> {
+        self.0.snapshot(table, lake_version)
+    }
+}
+
+/// Rows as sorted text lines, for comparing results whatever their order.
+fn lines(batches: &[RecordBatch]) -> Vec<String> {
+    let text = pretty_format_batches(batches).unwrap().to_string();
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+async fn run(
+    before: Vec<Point>,
+    flush_before: bool,
+    steps: Vec<Step>,
+) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let (aggregator, lake) = open(&dir).await;
+    let registry = Arc::new(std::sync::Mutex::new(accounts(3)));
+    let rows_now = Arc::clone(&registry);
+    let engine = Arc::new(
+        QueryEngine::new(lake, Some(Arc::new(Hot(aggregator.clone())))).with_table(
+            "accounts",
+            SideTable::Rows(
+                accounts(0).schema(),
+                Arc::new(move || rows_now.lock().unwrap().clone()),
+            ),
+        ),
+    );
+    let mut now = START_MS;
+    let mut delivered = vec![rows(&before, now)];
+    // Rows in the lake (or the hot buffer) before incremental evaluation starts.
+    aggregator
+        .write(vec![(Table::Metrics, delivered[0].clone())])
+        .await
+        .unwrap();
+    if flush_before {
+        aggregator.flush().await.unwrap();
+    }
+    let incremental = Incremental::new(Arc::clone(&engine), Arc::new(aggregator.clone()));
+    let principal = Principal::unrestricted("test");
+    let mut rounds = 0;
+    for step in steps.into_iter().chain([Step::Round(1)]) {
+        match step {
+            Step::Deliver(points) => {
+                let batch = rows(&points, now);
+                aggregator
+                    .write(vec![(Table::Metrics, batch.clone())])
+                    .await
+                    .unwrap();
+                delivered.push(batch);
+            }
+            Step::Redeliver(n) => {
+                let batch = delivered[n % delivered.len()].clone();
+                aggregator
+                    .write(vec![(Table::Metrics, batch)])
+                    .await
+                    .unwrap();
+            }
+            Step::Flush => aggregator.flush().await.unwrap(),
+            Step::Threshold(t) => *registry.lock().unwrap() = accounts(t),
+            Step::Round(seconds) => {
+                now += i64::from(seconds) * 1000;
+                rounds += 1;
+                for sql in RULES {
+                    let scanned = engine.run_at(sql, &principal, now).await.unwrap().batches;
+                    let folded = incremental
+                        .run(sql, now)
+                        .await
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("not incremental: {sql}"));
+                    prop_assert_eq!(
+                        lines(&folded),
+                        lines(&scanned),
+                        "round {} at {} ms: {}",
+                        rounds,
+                        now,
+                        sql
+                    );
+                }
+            }
+        }
+    }
+    // The rules that differ only in their threshold read one leaf.
+    let (_, leaves) = incremental.footprint().await;
+    prop_assert_eq!(leaves, RULES.len() - 1);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+    #[test]
+    fn every_round_from_partials_is_the_scan_of_the_same_rows(
+        before in proptest::collection::vec(point(), 0..20),
+        flush_before: bool,
+        steps in steps(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run(before, flush_before, steps))?;
+    }
+}
+
+#[tokio::test]
+async fn a_round_off_the_second_or_before_the_start_runs_as_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let (aggregator, lake) = open(&dir).await;
+    let engine = Arc::new(QueryEngine::new(lake, None));
+    let incremental = Incremental::new(Arc::clone(&engine), Arc::new(aggregator));
+    let sql = RULES[0];
+    assert!(incremental.run(sql, START_MS).await.unwrap().is_some());
+    assert!(
+        incremental
+            .run(sql, START_MS + 500)
+            .await
+            .unwrap()
+            .is_none(),
+        "off the second"
+    );
+    assert!(
+        incremental
+            .run(sql, START_MS - 3_600_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "before what the leaf holds"
+    );
+    assert!(
+        incremental
+            .run(sql, START_MS + 60_000)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Another shape is run as SQL, and says why.
+    let median = "SELECT account_id, median(sum) FROM metrics \
+                  WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id";
+    assert!(incremental.run(median, START_MS).await.unwrap().is_none());
+    match Incremental::path(&engine, median).await.unwrap() {
+        Path::Sql(reason) => assert!(reason.contains("median has no partial state"), "{reason}"),
+        other => panic!("{other}"),
+    }
+    // A plan that uses now() above its aggregates is planned each round, its
+    // aggregates still from partials.
+    let above = "SELECT account_id, sum(sum) FROM metrics \
+                 WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id \
+                 HAVING max(time) < now() - INTERVAL '1 minute'";
+    match Incremental::path(&engine, above).await.unwrap() {
+        Path::Incremental(leaves) => {
+            assert!(leaves[0].contains("planned each round"), "{leaves:?}")
+        }
+        other => panic!("{other}"),
+    }
+    assert!(incremental.run(above, START_MS).await.unwrap().is_some());
+    match Incremental::path(&engine, RULES[1]).await.unwrap() {
+        Path::Incremental(leaves) => assert_eq!(leaves.len(), 1),
+        other => panic!("{other}"),
+    }
+}
