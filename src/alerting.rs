@@ -91,8 +91,10 @@ impl EngineSql {
         engine: Arc<QueryEngine>,
         feed: Arc<dyn RowFeed>,
         rules: Vec<String>,
+        window_bytes: usize,
     ) -> Self {
-        let incremental = Arc::new(Incremental::new(Arc::clone(&engine), feed));
+        let incremental =
+            Arc::new(Incremental::new(Arc::clone(&engine), feed).with_window_bytes(window_bytes));
         Self {
             engine,
             incremental: Some((incremental, rules)),
@@ -258,12 +260,20 @@ pub(crate) fn open(
     let groups = load_rules(&config.alerting.rule_files)?;
     let lake = config.lake_location()?;
     let shared_lake = config.kinesis.iter().any(|k| k.lease_table.is_some());
-    let sql = if config.alerting.incremental.unwrap_or(!shared_lake) {
+    if shared_lake && config.alerting.incremental == Some(true) {
+        anyhow::bail!(
+            "[alerting] incremental = true needs every row of the lake to reach this instance, \
+             but a Kinesis lease_table says several instances share it: leave incremental \
+             unset or set it to false"
+        );
+    }
+    let rules_count: usize = groups.iter().map(|g| g.rules.len()).sum();
+    let sql = if rules_count > 0 && config.alerting.incremental.unwrap_or(!shared_lake) {
         let rules = groups
             .iter()
             .flat_map(|g| g.rules.iter().map(|r| r.expr.clone()))
             .collect();
-        EngineSql::incremental(engine, feed, rules)
+        EngineSql::incremental(engine, feed, rules, config.alerting.window_bytes)
     } else {
         EngineSql::scanning(engine)
     };

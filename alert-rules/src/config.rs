@@ -52,6 +52,10 @@ pub struct AlertingConfig {
     /// path). Unset: on, unless a Kinesis lease table says several instances share the
     /// lake (the partials hold only this instance's rows and the lake's at start).
     pub incremental: Option<bool>,
+    /// Bytes of recent rows kept per table for rules that read rows in a window but not
+    /// only as mergeable aggregates (`rules check` says which); past it, such rules
+    /// read the lake.
+    pub window_bytes: usize,
 }
 
 impl Default for AlertingConfig {
@@ -60,6 +64,7 @@ impl Default for AlertingConfig {
             rule_files: Vec::new(),
             external_url: None,
             incremental: None,
+            window_bytes: 512 << 20,
             storm_accounts: Some(100),
             storm_share: None,
             resend_resolved_for: Duration::from_secs(15 * 60),

@@ -34,6 +34,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, UInt32Array};
 use arrow::compute::kernels::cmp::{gt_eq, lt_eq};
@@ -47,7 +48,7 @@ use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::execution::{SendableRecordBatchStream, SessionState, TaskContext};
 use datafusion::logical_expr::utils::{conjunction, split_conjunction};
 use datafusion::logical_expr::{
-    Aggregate, Expr, Filter, LogicalPlan, LogicalPlanBuilder, Projection, SubqueryAlias,
+    Aggregate, Expr, Filter, LogicalPlan, LogicalPlanBuilder, Projection, SubqueryAlias, TableScan,
     TableScanBuilder, TableSource,
 };
 use datafusion::physical_plan::memory::MemoryStream;
@@ -76,7 +77,12 @@ const COMPACT_AFTER: usize = 16;
 const COMPACT_AFTER: usize = 2;
 
 /// Rows folded at a time while a leaf starts from the lake.
+#[cfg(not(test))]
 const START_CHUNK_ROWS: usize = 256 * 1024;
+/// Small, so that the property test starts leaves through several folds (and
+/// compactions).
+#[cfg(test)]
+const START_CHUNK_ROWS: usize = 4;
 
 /// Where rows come from: the write path's feed and hot buffer.
 pub trait RowFeed: Send + Sync + 'static {
@@ -108,6 +114,14 @@ impl RowFeed for fleetlake_aggregate::Aggregator {
 pub enum Path {
     /// From partial aggregates kept as rows arrive: the leaves it reads.
     Incremental(Vec<String>),
+    /// As SQL over the recent rows kept in memory (the longest window any such rule
+    /// reads), because of `reason`.
+    Window {
+        /// How far back the rule reads.
+        longest: Duration,
+        /// Why not from partial aggregates.
+        reason: String,
+    },
     /// As SQL each round, for `reason`.
     Sql(String),
 }
@@ -116,7 +130,12 @@ impl fmt::Display for Path {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Path::Incremental(leaves) => write!(f, "incremental: {}", leaves.join("; and ")),
-            Path::Sql(reason) => write!(f, "sql each round: {reason}"),
+            Path::Window { longest, reason } => write!(
+                f,
+                "sql over the last {} of rows in memory: {reason}",
+                humantime::format_duration(*longest)
+            ),
+            Path::Sql(reason) => write!(f, "sql over the lake each round: {reason}"),
         }
     }
 }
@@ -213,6 +232,9 @@ struct LeafState {
     horizon: i64,
     /// The result of the last instant merged.
     cached: Option<(i64, RecordBatch)>,
+    /// Why its partials cannot be trusted (a fold failed, or they passed their
+    /// bound): the rules reading it run as SQL.
+    broken: Option<String>,
 }
 
 /// A rule as prepared.
@@ -227,7 +249,80 @@ enum Prepared {
     Replan {
         leaves: Vec<usize>,
     },
+    /// Every read of rows is in a window, not every one a leaf: the statement runs
+    /// over the recent rows kept in memory.
+    Window {
+        tables: Vec<Table>,
+        longest: Duration,
+    },
     Sql(String),
+}
+
+/// Recent rows of one table, for rules that read rows in a window but not only
+/// through leaves.
+struct RowWindow {
+    /// How far back of a round it holds every row.
+    longest: Duration,
+    /// It holds every row at or after this time (epoch µs).
+    horizon_us: i64,
+    rows: Vec<RecordBatch>,
+    bytes: usize,
+    /// As [`LeafState::since`].
+    since: (u64, Option<i64>),
+    /// Past the byte bound: emptied, and the rules that need it read the lake.
+    full: bool,
+}
+
+impl RowWindow {
+    /// Adds `batches`, or empties itself when they pass `limit` bytes.
+    fn add(&mut self, batches: impl IntoIterator<Item = RecordBatch>, limit: usize) {
+        if self.full {
+            return;
+        }
+        for batch in batches {
+            self.bytes += batch.get_array_memory_size();
+            self.rows.push(batch);
+        }
+        if self.bytes > limit {
+            tracing::warn!(
+                bytes = self.bytes,
+                limit,
+                "recent rows for windowed rules pass their bound; those rules read the lake"
+            );
+            self.full = true;
+            self.rows = Vec::new();
+            self.bytes = 0;
+        }
+    }
+
+    /// Drops rows before `cut_us` (epoch µs).
+    fn prune(&mut self, cut_us: i64) -> Result<(), QueryError> {
+        if cut_us <= self.horizon_us {
+            return Ok(());
+        }
+        let mut kept = Vec::with_capacity(self.rows.len());
+        let mut bytes = 0;
+        for batch in self.rows.drain(..) {
+            let Some(time) = batch.column_by_name("time") else {
+                continue;
+            };
+            let micros = cast(time, &DataType::Int64).map_err(arrow_err)?;
+            let keep = gt_eq(&micros, &Int64Array::new_scalar(cut_us)).map_err(arrow_err)?;
+            let batch = if keep.true_count() == batch.num_rows() {
+                batch
+            } else {
+                filter_record_batch(&batch, &keep).map_err(arrow_err)?
+            };
+            if batch.num_rows() > 0 {
+                bytes += batch.get_array_memory_size();
+                kept.push(batch);
+            }
+        }
+        self.rows = kept;
+        self.bytes = bytes;
+        self.horizon_us = cut_us;
+        Ok(())
+    }
 }
 
 struct State {
@@ -235,13 +330,19 @@ struct State {
     leaves: Vec<LeafState>,
     by_key: HashMap<LogicalPlan, usize>,
     rules: HashMap<String, Arc<Prepared>>,
+    /// Recent rows per table (by [`Table::index`]) for windowed rules.
+    windows: Vec<Option<RowWindow>>,
 }
+
+/// Bytes of recent rows kept for windowed rules, per table, unless set.
+pub const WINDOW_BYTES: usize = 512 << 20;
 
 /// Incremental evaluation over one query engine and one feed (see the module docs).
 pub struct Incremental {
     engine: Arc<QueryEngine>,
     feed: Arc<dyn RowFeed>,
     state: tokio::sync::Mutex<State>,
+    window_bytes: usize,
 }
 
 impl fmt::Debug for Incremental {
@@ -327,14 +428,26 @@ impl Incremental {
                 leaves: Vec::new(),
                 by_key: HashMap::new(),
                 rules: HashMap::new(),
+                windows: Table::ALL.iter().map(|_| None).collect(),
             }),
+            window_bytes: WINDOW_BYTES,
         }
+    }
+
+    /// Keeps at most `bytes` of recent rows per table for rules evaluated over a
+    /// window of rows (past it, those rules read the lake).
+    pub fn with_window_bytes(mut self, bytes: usize) -> Self {
+        self.window_bytes = bytes;
+        self
     }
 
     /// How `sql` would be evaluated, and why (planning only: nothing is read).
     pub async fn path(engine: &QueryEngine, sql: &str) -> Result<Path, QueryError> {
         Ok(match plan_rule(engine, sql).await? {
             Planned::Sql(reason) => Path::Sql(reason),
+            Planned::Window {
+                longest, reason, ..
+            } => Path::Window { longest, reason },
             Planned::Leaves { leaves, plans } => {
                 let refs: Vec<&LeafPlan> = leaves.iter().collect();
                 let indices: Vec<usize> = (0..leaves.len()).collect();
@@ -372,6 +485,25 @@ impl Incremental {
         at_ms: i64,
     ) -> Result<(), QueryError> {
         let first_new = state.leaves.len();
+        let known: std::collections::HashSet<String> = state.rules.keys().cloned().collect();
+        let prepared = self.prepare_new(state, sqls, at_ms, first_new).await;
+        if prepared.is_err() {
+            // Forget what could not be prepared or started, so that the next round
+            // prepares it again.
+            state.leaves.truncate(first_new);
+            state.by_key.retain(|_, i| *i < first_new);
+            state.rules.retain(|sql, _| known.contains(sql));
+        }
+        prepared
+    }
+
+    async fn prepare_new(
+        &self,
+        state: &mut State,
+        sqls: &[&str],
+        at_ms: i64,
+        first_new: usize,
+    ) -> Result<(), QueryError> {
         for sql in sqls {
             if state.rules.contains_key(*sql) {
                 continue;
@@ -380,6 +512,9 @@ impl Incremental {
                 Err(e) if e.is_user_error() => Prepared::Sql(e.to_string()),
                 Err(e) => return Err(e),
                 Ok(Planned::Sql(reason)) => Prepared::Sql(reason),
+                Ok(Planned::Window {
+                    tables, longest, ..
+                }) => Prepared::Window { tables, longest },
                 Ok(Planned::Leaves { leaves, plans }) => {
                     let mut indices = Vec::new();
                     for leaf in leaves {
@@ -394,6 +529,7 @@ impl Incremental {
                                     since: (0, None),
                                     horizon: i64::MAX,
                                     cached: None,
+                                    broken: None,
                                 });
                                 i
                             }
@@ -416,19 +552,31 @@ impl Incremental {
             }
             state.rules.insert(sql.to_string(), Arc::new(prepared));
         }
-        if state.leaves.len() > first_new
-            && let Err(e) = self.start(&mut state.leaves[first_new..], at_ms).await
-        {
-            // Forget what could not start, so that the next round prepares it again.
-            state.leaves.truncate(first_new);
-            state.by_key.retain(|_, i| *i < first_new);
-            state.rules.retain(|_, p| match p.as_ref() {
-                Prepared::Incremental { leaves, .. } | Prepared::Replan { leaves } => {
-                    leaves.iter().all(|i| *i < first_new)
+        if state.leaves.len() > first_new {
+            self.start(&mut state.leaves[first_new..], at_ms).await?;
+        }
+        // Recent rows as far back as the longest windowed rule reads.
+        let mut needed: Vec<Option<Duration>> = Table::ALL.iter().map(|_| None).collect();
+        for prepared in state.rules.values() {
+            if let Prepared::Window { tables, longest } = prepared.as_ref() {
+                for t in tables {
+                    let n = &mut needed[t.index()];
+                    *n = Some(n.map_or(*longest, |n| n.max(*longest)));
                 }
-                Prepared::Sql(_) => true,
-            });
-            return Err(e);
+            }
+        }
+        for table in Table::ALL {
+            let Some(longest) = needed[table.index()] else {
+                continue;
+            };
+            if state.windows[table.index()]
+                .as_ref()
+                .is_some_and(|w| w.longest >= longest)
+            {
+                continue;
+            }
+            // Not held yet, or not as far back: read from the lake again.
+            state.windows[table.index()] = Some(self.start_window(table, longest, at_ms).await?);
         }
         ::metrics::gauge!("fleetlake_incremental_leaves").set(state.leaves.len() as f64);
         Ok(())
@@ -455,42 +603,71 @@ impl Incremental {
             let delta = self.engine.lake_table(table).await?;
             let version = delta.as_ref().and_then(|d| d.version()).map(|v| v as i64);
             let (feed_seq, hot) = self.feed.hot(table, version);
+            // Before any fold: compaction keeps the slots from the horizon on.
+            for i in &mine {
+                leaves[*i].since = (feed_seq, version);
+                leaves[*i].horizon = horizon;
+            }
             let mut chunk: Vec<RecordBatch> = Vec::new();
             let mut chunk_rows = 0;
             if let Some(delta) = delta {
-                let provider = delta
-                    .table_provider()
-                    .await
-                    .map_err(|e| QueryError::Lake(e.to_string()))?;
-                let ctx = datafusion::prelude::SessionContext::new();
-                let since = datafusion::common::ScalarValue::TimestampMicrosecond(
-                    Some(from_second.saturating_mul(1_000_000)),
-                    Some("UTC".into()),
-                );
-                let frame = ctx
-                    .read_table(provider)
-                    .map_err(df)?
-                    .filter(col("time").gt_eq(datafusion::prelude::lit(since)))
-                    .map_err(df)?;
-                let mut stream = frame.execute_stream().await.map_err(df)?;
+                let mut stream = lake_rows(delta, from_second.saturating_mul(1_000_000)).await?;
                 while let Some(batch) = stream.next().await {
                     let batch = batch.map_err(df)?;
                     chunk_rows += batch.num_rows();
                     chunk.push(batch);
                     if chunk_rows >= START_CHUNK_ROWS {
-                        fold_into(leaves, &mine, &std::mem::take(&mut chunk)).await?;
+                        fold_into(
+                            leaves,
+                            &mine,
+                            &std::mem::take(&mut chunk),
+                            self.window_bytes,
+                        )
+                        .await;
                         chunk_rows = 0;
                     }
                 }
             }
             chunk.extend(hot);
-            fold_into(leaves, &mine, &chunk).await?;
-            for i in &mine {
-                leaves[*i].since = (feed_seq, version);
-                leaves[*i].horizon = horizon;
-            }
+            fold_into(leaves, &mine, &chunk, self.window_bytes).await;
         }
         Ok(())
+    }
+
+    /// Recent rows of `table`, `longest` back from `at_ms`, from the lake and the hot
+    /// buffer.
+    async fn start_window(
+        &self,
+        table: Table,
+        longest: Duration,
+        at_ms: i64,
+    ) -> Result<RowWindow, QueryError> {
+        let back = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX / 2);
+        let horizon_us = at_ms.saturating_mul(1000).saturating_sub(back);
+        let delta = self.engine.lake_table(table).await?;
+        let version = delta.as_ref().and_then(|d| d.version()).map(|v| v as i64);
+        let (feed_seq, hot) = self.feed.hot(table, version);
+        let mut window = RowWindow {
+            longest,
+            horizon_us,
+            rows: Vec::new(),
+            bytes: 0,
+            since: (feed_seq, version),
+            full: false,
+        };
+        if let Some(delta) = delta {
+            let mut stream = lake_rows(delta, horizon_us).await?;
+            while let Some(batch) = stream.next().await {
+                window.add([batch.map_err(df)?], self.window_bytes);
+                if window.full {
+                    break;
+                }
+            }
+        }
+        window.add(hot, self.window_bytes);
+        ::metrics::gauge!("fleetlake_incremental_window_bytes", "table" => table.name())
+            .set(window.bytes as f64);
+        Ok(window)
     }
 
     /// Folds what the feed brought since the last call into every leaf.
@@ -501,6 +678,15 @@ impl Incremental {
         }
         if items.is_empty() {
             return Ok(());
+        }
+        for (index, window) in state.windows.iter_mut().enumerate() {
+            let Some(window) = window else { continue };
+            let (seq, version) = window.since;
+            let rows = items
+                .iter()
+                .filter(|item| item.table.index() == index && !item.already_in(seq, version))
+                .flat_map(|item| item.batches.iter().cloned());
+            window.add(rows, self.window_bytes);
         }
         for table in [Table::Metrics, Table::Logs] {
             // Leaves that started together skip the same items: fold them together.
@@ -517,7 +703,7 @@ impl Incremental {
                     .flat_map(|item| item.batches.iter().cloned())
                     .collect();
                 if !batches.is_empty() {
-                    fold_into(&mut state.leaves, &mine, &batches).await?;
+                    fold_into(&mut state.leaves, &mine, &batches, self.window_bytes).await;
                 }
             }
         }
@@ -529,15 +715,37 @@ impl Incremental {
     pub async fn run(&self, sql: &str, at_ms: i64) -> Result<Option<Vec<RecordBatch>>, QueryError> {
         let at = sql_instant(at_ms)?;
         let mut state = self.state.lock().await;
+        // Whatever this rule's path, the feed does not pile up.
+        self.catch_up(&mut state).await?;
         if !state.rules.contains_key(sql) {
             self.prepare_locked(&mut state, &[sql], at_ms).await?;
         }
         let prepared = Arc::clone(&state.rules[sql]);
+        self.catch_up(&mut state).await?;
         let leaves = match prepared.as_ref() {
             Prepared::Incremental { leaves, .. } | Prepared::Replan { leaves } => leaves,
+            Prepared::Window { tables, longest } => {
+                let mut rows = HashMap::new();
+                let back = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX / 2);
+                let from_us = at_ms.saturating_mul(1000).saturating_sub(back);
+                for table in tables {
+                    let Some(window) = state.windows[table.index()].as_mut() else {
+                        return Ok(None);
+                    };
+                    if window.full || from_us < window.horizon_us {
+                        return Ok(None);
+                    }
+                    // Keep a minute more than the longest window: rounds of other
+                    // groups may be a little behind.
+                    let keep = i64::try_from(window.longest.as_micros()).unwrap_or(i64::MAX / 2);
+                    window.prune(at_ms.saturating_mul(1000).saturating_sub(keep + 60_000_000))?;
+                    rows.insert(table.name(), window.rows.clone());
+                }
+                drop(state);
+                return self.run_over(sql, at, &rows).await.map(Some);
+            }
             Prepared::Sql(_) => return Ok(None),
         };
-        self.catch_up(&mut state).await?;
         let mut results = HashMap::new();
         for index in leaves {
             let Some(result) = state.leaves[*index].result(at_ms).await? else {
@@ -570,11 +778,62 @@ impl Incremental {
         let mut session = ctx.state();
         pin(&mut session, at);
         let plan = resolve(&ctx, outer, &results).await?;
+        self.execute(&session, plan).await.map(Some)
+    }
+
+    /// Runs `sql` at `at` with its reads of `metrics`/`logs` over `rows` instead of
+    /// the lake.
+    async fn run_over(
+        &self,
+        sql: &str,
+        at: chrono::DateTime<chrono::Utc>,
+        rows: &HashMap<&'static str, Vec<RecordBatch>>,
+    ) -> Result<Vec<RecordBatch>, QueryError> {
+        let ctx = self.engine.session(&principal())?;
+        let mut session = ctx.state();
+        pin(&mut session, at);
+        let planned = plan_read_only(&session, sql).await?;
+        let plan = planned
+            .transform_up_with_subqueries(|node| {
+                let LogicalPlan::TableScan(s) = &node else {
+                    return Ok(Transformed::no(node));
+                };
+                let Some(rows) = rows.get(s.table_name.table()) else {
+                    return Ok(Transformed::no(node));
+                };
+                let schema = s.source.schema();
+                let rows = rows
+                    .iter()
+                    .map(|b| conform(b, &schema))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let table = MemTable::try_new(schema, vec![rows])?;
+                Ok(Transformed::yes(LogicalPlan::TableScan(
+                    TableScanBuilder::new(
+                        s.table_name.clone(),
+                        provider_as_source(Arc::new(table)),
+                    )
+                    .with_projection(s.projection.clone())
+                    .with_filters(s.filters.clone())
+                    .with_fetch(s.fetch)
+                    .build()?,
+                )))
+            })
+            .map_err(df)?
+            .data;
+        self.execute(&session, plan).await
+    }
+
+    /// Runs `plan` (planned in `session`) within the engine's limits.
+    async fn execute(
+        &self,
+        session: &SessionState,
+        plan: LogicalPlan,
+    ) -> Result<Vec<RecordBatch>, QueryError> {
         let admitted = self.engine.internal();
         let run = async {
             let (_, mut stream) = self
                 .engine
-                .execute(&session, plan, &principal(), &admitted)
+                .execute(session, plan, &principal(), &admitted)
                 .await?;
             let mut batches = Vec::new();
             while let Some(batch) = stream.next().await {
@@ -582,13 +841,12 @@ impl Incremental {
             }
             Ok::<_, QueryError>(batches)
         };
-        let batches = match self.engine.limits().timeout {
+        match self.engine.limits().timeout {
             Some(limit) => tokio::time::timeout(limit, run)
                 .await
-                .map_err(|_| QueryError::Timeout(limit))??,
-            None => run.await?,
-        };
-        Ok(Some(batches))
+                .map_err(|_| QueryError::Timeout(limit))?,
+            None => run.await,
+        }
     }
 
     /// Bytes of partial aggregates held, and the number of leaves.
@@ -604,53 +862,102 @@ impl Incremental {
     }
 }
 
+/// The rows of lake table `delta` (at the version it holds) from `from_us` on.
+async fn lake_rows(
+    delta: deltalake::DeltaTable,
+    from_us: i64,
+) -> Result<SendableRecordBatchStream, QueryError> {
+    let provider = delta
+        .table_provider()
+        .await
+        .map_err(|e| QueryError::Lake(e.to_string()))?;
+    let since =
+        datafusion::common::ScalarValue::TimestampMicrosecond(Some(from_us), Some("UTC".into()));
+    datafusion::prelude::SessionContext::new()
+        .read_table(provider)
+        .map_err(df)?
+        .filter(col("time").gt_eq(datafusion::prelude::lit(since)))
+        .map_err(df)?
+        .execute_stream()
+        .await
+        .map_err(df)
+}
+
 /// Folds `rows` (of the leaves' table, as the lake or the feed has them) into the
-/// leaves `mine` of `leaves`, each reading only the rows its routes allow.
-async fn fold_into(
-    leaves: &mut [LeafState],
-    mine: &[usize],
-    rows: &[RecordBatch],
-) -> Result<(), QueryError> {
+/// leaves `mine` of `leaves`, each reading only the rows its routes allow. A leaf
+/// whose fold fails, or whose partials pass `limit` bytes, is marked broken (its
+/// rules run as SQL); the others go on.
+async fn fold_into(leaves: &mut [LeafState], mine: &[usize], rows: &[RecordBatch], limit: usize) {
     let rows: Vec<&RecordBatch> = rows.iter().filter(|b| b.num_rows() > 0).collect();
     if rows.is_empty() || mine.is_empty() {
-        return Ok(());
+        return;
     }
     // Every leaf of a table conforms rows to the same schema unless the lake's
     // changed in between; conform once per schema.
     let mut conformed: Vec<(SchemaRef, RecordBatch, Routes)> = Vec::new();
     for i in mine {
         let leaf = &mut leaves[*i];
-        let schema = Arc::clone(&leaf.plan.feed_schema);
-        let at = match conformed.iter().position(|(s, _, _)| *s == schema) {
-            Some(at) => at,
-            None => {
-                let table_schema = Arc::new(Schema::new(
-                    schema.fields()[..schema.fields().len() - 1].to_vec(),
-                ));
-                let mut parts = Vec::with_capacity(rows.len());
-                for batch in &rows {
-                    let batch = conform(batch, &table_schema).map_err(arrow_err)?;
-                    parts.push(with_slots(&batch, &schema)?);
-                }
-                let all = concat_batches(&schema, &parts).map_err(arrow_err)?;
-                conformed.push((schema, all, Routes::default()));
-                conformed.len() - 1
-            }
+        if leaf.broken.is_some() {
+            continue;
+        }
+        let folded = fold_one(leaf, &rows, &mut conformed).await;
+        let bytes: usize = leaf
+            .partials
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        let broken = match folded {
+            Err(e) => Some(format!("a fold failed: {e}")),
+            Ok(()) if bytes > limit => Some(format!(
+                "its partials hold {bytes} bytes, past the bound of {limit}"
+            )),
+            Ok(()) => None,
         };
-        let (_, all, routes) = &mut conformed[at];
-        let input = match leaf.plan.leaf.routes.first() {
-            None => all.clone(),
-            Some((column, values)) => {
-                let indices = routes.rows(all, column, values)?;
-                if indices.is_empty() {
-                    continue;
-                }
-                take_record_batch(all, &indices).map_err(arrow_err)?
-            }
-        };
-        leaf.fold(input).await?;
+        if let Some(reason) = broken {
+            tracing::warn!(leaf = %leaf.plan.leaf, %reason, "incremental aggregate dropped; its rules run as SQL");
+            ::metrics::counter!("fleetlake_incremental_broken_total").increment(1);
+            leaf.partials = Vec::new();
+            leaf.cached = None;
+            leaf.broken = Some(reason);
+        }
     }
-    Ok(())
+}
+
+/// Folds `rows` into `leaf`, conforming them once per schema in `conformed`.
+async fn fold_one(
+    leaf: &mut LeafState,
+    rows: &[&RecordBatch],
+    conformed: &mut Vec<(SchemaRef, RecordBatch, Routes)>,
+) -> Result<(), QueryError> {
+    let schema = Arc::clone(&leaf.plan.feed_schema);
+    let at = match conformed.iter().position(|(s, _, _)| *s == schema) {
+        Some(at) => at,
+        None => {
+            let table_schema = Arc::new(Schema::new(
+                schema.fields()[..schema.fields().len() - 1].to_vec(),
+            ));
+            let mut parts = Vec::with_capacity(rows.len());
+            for batch in rows {
+                let batch = conform(batch, &table_schema).map_err(arrow_err)?;
+                parts.push(with_slots(&batch, &schema)?);
+            }
+            let all = concat_batches(&schema, &parts).map_err(arrow_err)?;
+            conformed.push((schema, all, Routes::default()));
+            conformed.len() - 1
+        }
+    };
+    let (_, all, routes) = &mut conformed[at];
+    let input = match leaf.plan.leaf.routes.first() {
+        None => all.clone(),
+        Some((column, values)) => {
+            let indices = routes.rows(all, column, values)?;
+            if indices.is_empty() {
+                return Ok(());
+            }
+            take_record_batch(all, &indices).map_err(arrow_err)?
+        }
+    };
+    leaf.fold(input).await
 }
 
 /// Row indices by the values of routing columns, built as leaves ask.
@@ -722,7 +1029,16 @@ impl LeafState {
     async fn compact(&mut self) -> Result<(), QueryError> {
         let kept = self.select(self.horizon, None)?;
         if !self.plan.last_seen {
-            self.partials = self.merge(&self.plan.merge_slots, kept).await?;
+            let schema = Arc::clone(&self.plan.partials_input.schema);
+            let merged = self.merge(&self.plan.merge_slots, kept).await?;
+            // Merging may widen a type (a decimal sum); the partials keep theirs.
+            self.partials = merged
+                .iter()
+                .map(|b| {
+                    let columns = conform_columns(b, &schema)?;
+                    RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)
+                })
+                .collect::<Result<_, _>>()?;
             return Ok(());
         }
         // One row per group, in the slot of its latest time.
@@ -793,6 +1109,9 @@ impl LeafState {
             && *at == at_ms
         {
             return Ok(Some(batch.clone()));
+        }
+        if self.broken.is_some() {
+            return Ok(None);
         }
         let Some((first, last)) = slot_range(&self.plan.leaf.window, at_ms) else {
             return Ok(None);
@@ -877,7 +1196,12 @@ fn conform_columns(batch: &RecordBatch, schema: &SchemaRef) -> Result<Vec<ArrayR
 }
 
 /// A rule's plan at the two instants (leaves in place), and its leaves' aggregates at both.
-type RulePlans = (LogicalPlan, LogicalPlan, Vec<(LogicalPlan, LogicalPlan)>);
+type RulePlans = (
+    LogicalPlan,
+    LogicalPlan,
+    Vec<(LogicalPlan, LogicalPlan)>,
+    (LogicalPlan, Vec<LogicalPlan>),
+);
 
 /// A rule planned, before its leaves are registered.
 enum Planned {
@@ -886,7 +1210,30 @@ enum Planned {
         /// The rule's plan at the two instants, leaves in place.
         plans: Box<RulePlans>,
     },
+    /// Every read of rows is in a window, not every one a leaf.
+    Window {
+        tables: Vec<Table>,
+        longest: Duration,
+        reason: String,
+    },
     Sql(String),
+}
+
+/// The lake tables of rows (`metrics`, `logs`) `plan` reads.
+fn rows_tables(plan: &LogicalPlan) -> Vec<Table> {
+    let mut out = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(s) = node
+            && let Some(t) = [Table::Metrics, Table::Logs]
+                .into_iter()
+                .find(|t| t.name() == s.table_name.table())
+            && !out.contains(&t)
+        {
+            out.push(t);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
 }
 
 async fn plan_rule(engine: &QueryEngine, sql: &str) -> Result<Planned, QueryError> {
@@ -895,8 +1242,15 @@ async fn plan_rule(engine: &QueryEngine, sql: &str) -> Result<Planned, QueryErro
     let state = ctx.state();
     let plan = plan_read_only(&state, sql).await?;
     let classified = crate::shape::classify_pair(&state, &plan).map_err(df)?;
-    let Shape::Incremental(leaves) = &classified.shape else {
-        return Ok(Planned::Sql(classified.shape.to_string()));
+    let window = |longest: Duration, reason: String| Planned::Window {
+        tables: rows_tables(&plan),
+        longest,
+        reason,
+    };
+    let leaves = match &classified.shape {
+        Shape::Incremental(leaves) => leaves,
+        Shape::Window { longest, reason } => return Ok(window(*longest, reason.clone())),
+        other => return Ok(Planned::Sql(other.to_string())),
     };
     let mut fold_state = state.clone();
     fold_state
@@ -908,14 +1262,21 @@ async fn plan_rule(engine: &QueryEngine, sql: &str) -> Result<Planned, QueryErro
     for (leaf, (a0, a1)) in leaves.iter().zip(&classified.leaves) {
         match plan_leaf(&fold_state, leaf, a0, a1).await {
             Ok(Ok(p)) => planned.push(p),
-            Ok(Err(reason)) => return Ok(Planned::Sql(format!("{leaf}: {reason}"))),
+            Ok(Err(reason)) => {
+                let longest = leaves
+                    .iter()
+                    .map(|l| l.window.from)
+                    .max()
+                    .unwrap_or_default();
+                return Ok(window(longest, format!("{leaf}: {reason}")));
+            }
             Err(e) => return Err(df(e)),
         }
     }
     let (p0, p1) = classified.plans;
     Ok(Planned::Leaves {
         leaves: planned,
-        plans: Box::new((p0, p1, classified.leaves)),
+        plans: Box::new((p0, p1, classified.leaves, classified.third)),
     })
 }
 
@@ -1182,14 +1543,18 @@ fn leaf_table(index: usize) -> String {
 /// The rule's plan with every leaf's aggregate read from its leaf table, if it is the
 /// same at both instants (else it depends on now() above the leaves).
 fn outer_plan(
-    (p0, p1, nodes): RulePlans,
+    (p0, p1, nodes, (p2, n2)): RulePlans,
     leaves: &[&LeafPlan],
     indices: &[usize],
 ) -> datafusion::error::Result<Option<LogicalPlan>> {
     let (n0, n1): (Vec<LogicalPlan>, Vec<LogicalPlan>) = nodes.into_iter().unzip();
     let o0 = substitute(p0, &n0, leaves, indices)?;
     let o1 = substitute(p1, &n1, leaves, indices)?;
-    Ok(o0.zip(o1).and_then(|(o0, o1)| (o0 == o1).then_some(o0)))
+    let o2 = substitute(p2, &n2, leaves, indices)?;
+    Ok(match (o0, o1, o2) {
+        (Some(o0), Some(o1), Some(o2)) if o0 == o1 && o0 == o2 => Some(o0),
+        _ => None,
+    })
 }
 
 /// `plan` with each of `nodes` (leaves' aggregates, in subqueries too) read from its
@@ -1203,8 +1568,9 @@ fn substitute(
     let mut replaced = vec![false; nodes.len()];
     let out = plan
         .transform_down_with_subqueries(|node| {
+            // Each node once, in order: a rule may read one aggregate twice.
             for (i, found) in nodes.iter().enumerate() {
-                if &node == found {
+                if !replaced[i] && &node == found {
                     replaced[i] = true;
                     return Ok(Transformed::new(
                         placeholder(leaves[i], indices[i])?,
@@ -1296,9 +1662,10 @@ async fn resolve(
                     None => return Ok(Transformed::no(node)),
                 },
             };
+            let projection = same_columns(s, &source.schema())?;
             Ok(Transformed::yes(LogicalPlan::TableScan(
                 TableScanBuilder::new(s.table_name.clone(), source)
-                    .with_projection(s.projection.clone())
+                    .with_projection(projection)
                     .with_filters(s.filters.clone())
                     .with_fetch(s.fetch)
                     .build()?,
@@ -1306,6 +1673,37 @@ async fn resolve(
         })
         .map(|t| t.data)
         .map_err(df)
+}
+
+/// The projection of `scan` over a table whose columns are now `now`: the same
+/// columns by name (a side table's columns can change while a rule's plan is kept),
+/// or an error if one is gone or changed its type.
+fn same_columns(
+    scan: &TableScan,
+    now: &SchemaRef,
+) -> datafusion::error::Result<Option<Vec<usize>>> {
+    let before = scan.source.schema();
+    if before.fields() == now.fields() {
+        return Ok(scan.projection.clone());
+    }
+    let read: Vec<usize> = match &scan.projection {
+        Some(p) => p.clone(),
+        None => (0..before.fields().len()).collect(),
+    };
+    read.into_iter()
+        .map(|i| {
+            let field = before.field(i);
+            match now.index_of(field.name()) {
+                Ok(j) if now.field(j).data_type() == field.data_type() => Ok(j),
+                _ => Err(datafusion::error::DataFusionError::Plan(format!(
+                    "column {} of {} changed since the rule was prepared",
+                    field.name(),
+                    scan.table_name
+                ))),
+            }
+        })
+        .collect::<datafusion::error::Result<Vec<_>>>()
+        .map(Some)
 }
 
 #[cfg(test)]

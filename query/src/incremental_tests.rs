@@ -19,7 +19,7 @@ use crate::access::Principal;
 use crate::engine::{HotData, QueryEngine, SideTable};
 
 /// Rules of the shapes fleets write, over the rows [`rows`] makes.
-const RULES: [&str; 9] = [
+const RULES: [&str; 11] = [
     // Every mergeable aggregate, by account, on one metric.
     "SELECT account_id, sum(sum) AS s, count(*) AS n, min(min) AS lo, max(max) AS hi, avg(sum) AS a \
      FROM metrics WHERE namespace = 'AWS/Lambda' AND metric_name = 'Errors' \
@@ -59,6 +59,12 @@ const RULES: [&str; 9] = [
     "SELECT m.account_id, m.s FROM (SELECT account_id, sum(sum) AS s FROM metrics \
        WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id) m \
      JOIN accounts a ON a.account_id = m.account_id WHERE m.s > a.threshold",
+    // No partial state for median: SQL over the recent rows kept in memory.
+    "SELECT account_id, median(sum) AS m FROM metrics \
+     WHERE time > now() - INTERVAL '4 minutes' GROUP BY account_id",
+    // Rows read as rows, in a window.
+    "SELECT account_id, metric_name, time, sum FROM metrics \
+     WHERE time > now() - INTERVAL '2 minutes' AND sum > 6",
 ];
 
 /// One datapoint: account 0..3, metric 0..2, function 0..2, its time relative to the
@@ -243,9 +249,10 @@ async fn run(
             }
         }
     }
-    // The rules that differ only in their threshold read one leaf.
+    // The rules that differ only in their threshold read one leaf; the last two
+    // read recent rows, not leaves.
     let (_, leaves) = incremental.footprint().await;
-    prop_assert_eq!(leaves, RULES.len() - 1);
+    prop_assert_eq!(leaves, RULES.len() - 3);
     Ok(())
 }
 
@@ -298,11 +305,22 @@ async fn a_round_off_the_second_or_before_the_start_runs_as_sql() {
             .is_some()
     );
     // Another shape is run as SQL, and says why.
+    // No partial state for median: over the recent rows in memory, and says why.
     let median = "SELECT account_id, median(sum) FROM metrics \
                   WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id";
-    assert!(incremental.run(median, START_MS).await.unwrap().is_none());
+    assert!(incremental.run(median, START_MS).await.unwrap().is_some());
     match Incremental::path(&engine, median).await.unwrap() {
-        Path::Sql(reason) => assert!(reason.contains("median has no partial state"), "{reason}"),
+        Path::Window { longest, reason } => {
+            assert_eq!(longest, std::time::Duration::from_secs(300));
+            assert!(reason.contains("median has no partial state"), "{reason}")
+        }
+        other => panic!("{other}"),
+    }
+    // No window at all: the lake.
+    let all = "SELECT account_id, sum(sum) FROM metrics GROUP BY account_id";
+    assert!(incremental.run(all, START_MS).await.unwrap().is_none());
+    match Incremental::path(&engine, all).await.unwrap() {
+        Path::Sql(reason) => assert!(reason.contains("without a window"), "{reason}"),
         other => panic!("{other}"),
     }
     // A plan that uses now() above its aggregates is planned each round, its

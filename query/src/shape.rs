@@ -36,6 +36,17 @@ pub const DELTA: Duration = Duration::from_secs(86_400 + 3_600 + 1);
 /// The first instant (2026-01-05T10:20:30Z, epoch ms); the second is `DELTA` later.
 const T0_MS: i64 = 1_767_608_430_000;
 
+/// A third instant, 2028-05-15T03:41:07Z (epoch ms): another year (a leap year, so a
+/// year back is 366 days), quarter, month (a month back is 30 days, not 31), ISO week,
+/// weekday and time of day. A plan that is the same at the first two instants but
+/// not here depends on the calendar (`INTERVAL '1 month'`, `date_trunc('month',
+/// now())`), which is not followed.
+const T2_MS: i64 = 1_842_579_667_000;
+
+/// Why a plan is not followed when it differs at an instant in another month and year.
+const CALENDAR: &str =
+    "it depends on the calendar (a month, a year, a week of now()), which is not followed";
+
 /// Why a plan is not followed when its structure differs between the two instants.
 const CHANGES: &str = "its plan changes with the time it runs at";
 
@@ -175,6 +186,8 @@ pub(crate) struct Classified {
     pub plans: (LogicalPlan, LogicalPlan),
     /// Each leaf's `Aggregate` node at the first instant and at the second.
     pub leaves: Vec<(LogicalPlan, LogicalPlan)>,
+    /// The plan at a third instant in another year and month, and its leaves' nodes.
+    pub third: (LogicalPlan, Vec<LogicalPlan>),
 }
 
 /// [`classify`], keeping the plans.
@@ -193,24 +206,41 @@ pub(crate) fn classify_pair(
     };
     let p0 = at(T0_MS)?;
     let p1 = at(T0_MS + DELTA.as_millis() as i64)?;
-    let mut found = Found::default();
-    let (shape, leaves) = match walk(&p0, &p1, &mut found) {
-        Err(reason) => (Shape::Lake { reason }, Vec::new()),
+    let p2 = at(T2_MS)?;
+    let mut found = Found::new(DELTA.as_nanos() as i64);
+    let mut third = Found::new((T2_MS - T0_MS) * 1_000_000);
+    let (shape, leaves, third_leaves) = match walk(&p0, &p1, &mut found) {
+        Err(reason) => (Shape::Lake { reason }, Vec::new(), Vec::new()),
         Ok(()) => {
+            let elsewhen = walk(&p0, &p2, &mut third);
             let nodes = std::mem::take(&mut found.nodes);
-            (found.shape(), nodes)
+            let third_nodes = std::mem::take(&mut third.nodes);
+            let shape = found.shape();
+            if elsewhen.is_ok() && third.shape() == shape {
+                (shape, nodes, third_nodes)
+            } else {
+                (
+                    Shape::Lake {
+                        reason: CALENDAR.into(),
+                    },
+                    Vec::new(),
+                    Vec::new(),
+                )
+            }
         }
     };
     Ok(Classified {
         shape,
         plans: (p0, p1),
         leaves,
+        third: (p2, third_leaves.into_iter().map(|(_, n2)| n2).collect()),
     })
 }
 
 /// What the walk over a pair of plans found.
-#[derive(Default)]
 struct Found {
+    /// How far apart (ns) the two instants of the plans walked are.
+    delta_ns: i64,
     leaves: Vec<Leaf>,
     /// The aggregate nodes of `leaves`, at both instants.
     nodes: Vec<(LogicalPlan, LogicalPlan)>,
@@ -219,6 +249,15 @@ struct Found {
 }
 
 impl Found {
+    fn new(delta_ns: i64) -> Self {
+        Self {
+            delta_ns,
+            leaves: Vec::new(),
+            nodes: Vec::new(),
+            others: Vec::new(),
+        }
+    }
+
     fn shape(self) -> Shape {
         if let Some((table, _, reason)) = self.others.iter().find(|(_, w, _)| w.is_none()) {
             return Shape::Lake {
@@ -265,7 +304,7 @@ fn walk(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(), Str
         return Err(CHANGES.into());
     }
     if let (LogicalPlan::Aggregate(a0), LogicalPlan::Aggregate(a1)) = (p0, p1)
-        && let Some((table, below)) = over_rows(&a0.input, &a1.input)
+        && let Some((table, below)) = over_rows(&a0.input, &a1.input, found.delta_ns)
     {
         match below.and_then(|chain| leaf(a0, a1, chain)) {
             Ok(leaf) => {
@@ -277,7 +316,7 @@ fn walk(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(), Str
         // What is below the aggregate is its read of rows.
         return subqueries(p0, p1, found);
     }
-    if let Some((table, below)) = over_rows(p0, p1) {
+    if let Some((table, below)) = over_rows(p0, p1, found.delta_ns) {
         // Rows read without aggregating them (through filters and projections).
         let window = below.ok().and_then(|chain| chain.window);
         found.others.push((
@@ -302,7 +341,7 @@ fn walk(p0: &LogicalPlan, p1: &LogicalPlan, found: &mut Found) -> Result<(), Str
 /// `Aggregate` nodes at the instant `plan` was planned at.
 pub(crate) fn row_aggregates(plan: &LogicalPlan) -> Vec<LogicalPlan> {
     fn visit(plan: &LogicalPlan, out: &mut Vec<LogicalPlan>) {
-        let over = |p: &LogicalPlan| over_rows(p, p).is_some();
+        let over = |p: &LogicalPlan| over_rows(p, p, 0).is_some();
         if let LogicalPlan::Aggregate(a) = plan
             && over(&a.input)
         {
@@ -355,11 +394,14 @@ type ChainResult = Result<Chain, (Option<Window>, String)>;
 
 /// `p0`/`p1` as a chain of filters and projections down to a scan of `metrics` or
 /// `logs`, if it is one: the table, and the chain read.
-fn over_rows(p0: &LogicalPlan, p1: &LogicalPlan) -> Option<(Table, ChainResult)> {
+fn over_rows(p0: &LogicalPlan, p1: &LogicalPlan, delta_ns: i64) -> Option<(Table, ChainResult)> {
     let mut node = p0;
     loop {
         if let Some(table) = rows_table(node) {
-            return Some((table, Chain::of(p0, p1).map_err(|reason| (None, reason))));
+            return Some((
+                table,
+                Chain::of(p0, p1, delta_ns).map_err(|reason| (None, reason)),
+            ));
         }
         match node {
             LogicalPlan::Filter(f) => node = &f.input,
@@ -372,8 +414,11 @@ fn over_rows(p0: &LogicalPlan, p1: &LogicalPlan) -> Option<(Table, ChainResult)>
 
 impl Chain {
     /// Reads the chain `p0`/`p1` (see [`over_rows`]): its window and row predicates.
-    fn of(p0: &LogicalPlan, p1: &LogicalPlan) -> Result<Chain, String> {
-        let mut bounds = Bounds::default();
+    fn of(p0: &LogicalPlan, p1: &LogicalPlan, delta_ns: i64) -> Result<Chain, String> {
+        let mut bounds = Bounds {
+            delta_ns,
+            ..Bounds::default()
+        };
         let mut filters = Vec::new();
         let (mut n0, mut n1) = (p0, p1);
         loop {
@@ -412,6 +457,13 @@ impl Chain {
                 }
                 for e in &a.expr {
                     row_wise(e)?;
+                    // Windows are on the rows' own time.
+                    if let Expr::Alias(alias) = e
+                        && alias.name == "time"
+                        && !matches!(alias.expr.as_ref(), Expr::Column(c) if c.name == "time")
+                    {
+                        return Err("it computes a time column of its own".into());
+                    }
                 }
             }
             if let Some(table) = rows_table(n0) {
@@ -592,6 +644,8 @@ fn split_disjunction(expr: &Expr) -> Vec<&Expr> {
 /// Window bounds found in the pairs of conjuncts that differ between the instants.
 #[derive(Default)]
 struct Bounds {
+    /// How far apart (ns) the two instants are.
+    delta_ns: i64,
     from: Option<(Duration, bool)>,
     to: Option<(Duration, bool)>,
 }
@@ -604,8 +658,7 @@ impl Bounds {
         let (Some((op, v0)), Some((op1, v1))) = (time_comparison(e0), time_comparison(e1)) else {
             return Err(other());
         };
-        let delta = DELTA.as_nanos() as i64;
-        if op != op1 || v1 - v0 != delta {
+        if op != op1 || v1 - v0 != self.delta_ns {
             return Err(other());
         }
         let ago = T0_MS * 1_000_000 - v0;
@@ -618,13 +671,20 @@ impl Bounds {
             // bounds, the earlier.
             Operator::Gt | Operator::GtEq => {
                 let inclusive = op == Operator::GtEq;
-                if self.from.is_none_or(|(d, _)| ago < d) {
+                // At one instant, the exclusive bound binds.
+                if self
+                    .from
+                    .is_none_or(|(d, i)| ago < d || (ago == d && i && !inclusive))
+                {
                     self.from = Some((ago, inclusive));
                 }
             }
             Operator::Lt | Operator::LtEq => {
                 let inclusive = op == Operator::LtEq;
-                if self.to.is_none_or(|(d, _)| ago > d) {
+                if self
+                    .to
+                    .is_none_or(|(d, i)| ago > d || (ago == d && i && !inclusive))
+                {
                     self.to = Some((ago, inclusive));
                 }
             }
@@ -644,6 +704,15 @@ impl Bounds {
     }
 }
 
+/// A timestamp type that holds every microsecond.
+fn fine_time(t: &arrow::datatypes::DataType) -> bool {
+    use arrow::datatypes::{DataType, TimeUnit};
+    matches!(
+        t,
+        DataType::Timestamp(TimeUnit::Microsecond | TimeUnit::Nanosecond, _)
+    )
+}
+
 /// `time OP literal` (either way round, through casts of the column): the operator as
 /// if the column were on the left and the literal in epoch ns.
 fn time_comparison(expr: &Expr) -> Option<(Operator, i64)> {
@@ -654,8 +723,10 @@ fn time_comparison(expr: &Expr) -> Option<(Operator, i64)> {
         let mut e = e;
         loop {
             match e {
-                Expr::Cast(c) => e = c.expr.as_ref(),
-                Expr::TryCast(c) => e = c.expr.as_ref(),
+                // Only casts that keep every microsecond: a coarser one compares
+                // truncated times, which windows of row times cannot follow.
+                Expr::Cast(c) if fine_time(c.field.data_type()) => e = c.expr.as_ref(),
+                Expr::TryCast(c) if fine_time(c.field.data_type()) => e = c.expr.as_ref(),
                 Expr::Column(c) => return c.name == "time",
                 _ => return false,
             }
@@ -847,6 +918,28 @@ mod tests {
                 "SELECT account_id, sum(sum) AS value FROM metrics GROUP BY account_id",
                 "lake",
                 "without a window",
+            ),
+            // A month back is 31 days in January, 30 in May: not one window.
+            (
+                "SELECT account_id, sum(sum) AS value FROM metrics \
+                 WHERE time > now() - INTERVAL '1 month' GROUP BY account_id",
+                "lake",
+                "calendar",
+            ),
+            // The same at two instants a day apart, not in another month.
+            (
+                "SELECT account_id, sum(sum) AS value FROM metrics \
+                 WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id \
+                 HAVING extract(month FROM now()) = 1",
+                "lake",
+                "calendar",
+            ),
+            // A coarser cast compares truncated times.
+            (
+                "SELECT account_id, sum(sum) AS value FROM metrics \
+                 WHERE CAST(time AS TIMESTAMP(0)) > now() - INTERVAL '5 minutes' GROUP BY account_id",
+                "lake",
+                "other than as a window bound",
             ),
             (
                 "SELECT account_id, sum(sum) AS value FROM metrics \
