@@ -1312,9 +1312,10 @@ async fn plan_leaf(
     fields.push(Field::new(SLOT, DataType::Int64, true));
     let feed_schema = Arc::new(Schema::new(fields));
     let fold_input = Rows::new(Arc::clone(&feed_schema));
-    let input = match with_slot(&g0.input, &g1.input, &fold_input.source()?)? {
+    let input = match with_slot(&g0.input, &g1.input, &fold_input.source()?) {
         Ok(input) => input,
-        Err(reason) => return Ok(Err(reason)),
+        Err(datafusion::error::DataFusionError::Plan(reason)) => return Ok(Err(reason)),
+        Err(e) => return Err(e),
     };
     let (slot_q, _) = input.schema().qualified_field_with_unqualified_name(SLOT)?;
     let mut group_expr = vec![Expr::Column(Column::new(slot_q.cloned(), SLOT))];
@@ -1460,7 +1461,9 @@ fn with_slot(
     n0: &LogicalPlan,
     n1: &LogicalPlan,
     feed: &Arc<dyn TableSource>,
-) -> datafusion::error::Result<Result<LogicalPlan, String>> {
+) -> datafusion::error::Result<LogicalPlan> {
+    // Why the chain cannot be read from the feed, as a planning error.
+    let not = |why: &str| datafusion::error::DataFusionError::Plan(why.into());
     let same = |c0: Vec<&Expr>, c1: Vec<&Expr>| -> Option<Vec<Expr>> {
         (c0.len() == c1.len()).then(|| {
             c0.into_iter()
@@ -1478,7 +1481,7 @@ fn with_slot(
             None => input,
         })
     };
-    Ok(Ok(match (n0, n1) {
+    Ok(match (n0, n1) {
         (LogicalPlan::TableScan(s0), LogicalPlan::TableScan(s1)) => {
             let slot = feed.schema().fields().len() - 1;
             let projection = s0.projection.clone().map(|mut p| {
@@ -1493,46 +1496,37 @@ fn with_slot(
             let c0 = s0.filters.iter().flat_map(split_conjunction).collect();
             let c1 = s1.filters.iter().flat_map(split_conjunction).collect();
             let Some(kept) = same(c0, c1) else {
-                return Ok(Err("its filters change with the time".into()));
+                return Err(not("its filters change with the time"));
             };
             filtered(kept, scan)?
         }
         (LogicalPlan::Filter(f0), LogicalPlan::Filter(f1)) => {
-            let input = match with_slot(&f0.input, &f1.input, feed)? {
-                Ok(i) => i,
-                Err(r) => return Ok(Err(r)),
-            };
+            let input = with_slot(&f0.input, &f1.input, feed)?;
             let Some(kept) = same(
                 split_conjunction(&f0.predicate),
                 split_conjunction(&f1.predicate),
             ) else {
-                return Ok(Err("its filters change with the time".into()));
+                return Err(not("its filters change with the time"));
             };
             filtered(kept, input)?
         }
         (LogicalPlan::Projection(p0), LogicalPlan::Projection(p1)) => {
-            let input = match with_slot(&p0.input, &p1.input, feed)? {
-                Ok(i) => i,
-                Err(r) => return Ok(Err(r)),
-            };
+            let input = with_slot(&p0.input, &p1.input, feed)?;
             let (q, _) = input.schema().qualified_field_with_unqualified_name(SLOT)?;
             let mut exprs = p0.expr.clone();
             exprs.push(Expr::Column(Column::new(q.cloned(), SLOT)));
             LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(input))?)
         }
         (LogicalPlan::SubqueryAlias(a0), LogicalPlan::SubqueryAlias(a1)) => {
-            let input = match with_slot(&a0.input, &a1.input, feed)? {
-                Ok(i) => i,
-                Err(r) => return Ok(Err(r)),
-            };
+            let input = with_slot(&a0.input, &a1.input, feed)?;
             LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(Arc::new(input), a0.alias.clone())?)
         }
         _ => {
-            return Ok(Err(
-                "it reads rows through more than filters and projections".into(),
+            return Err(not(
+                "it reads rows through more than filters and projections",
             ));
         }
-    }))
+    })
 }
 
 /// The name of the table leaf `index` is read from in a rule's plan.
