@@ -14,7 +14,10 @@
 //! Each emission has a sequence number; [`Published::feed_seq`](crate::writer::Published)
 //! is the last one emitted before that snapshot, so a reader that subscribes and then
 //! reads a snapshot knows which items the snapshot already holds (see
-//! [`FeedItem::already_in`]).
+//! [`FeedItem::already_in`]). Emission comes a moment before publication: a reader
+//! waits for a snapshot whose `feed_seq` reaches the last item emitted before it
+//! subscribed ([`Feed::subscribe`] says which) and every item it has received, or
+//! the rows in between would be in neither.
 
 use std::sync::{Arc, Mutex};
 
@@ -46,32 +49,42 @@ impl FeedItem {
     }
 }
 
-/// The subscribers, and the emission counter (the writer's thread is the only one
-/// that emits).
+/// The subscribers, and the last sequence number emitted (the writer's thread is the
+/// only one that emits).
 #[derive(Debug, Default)]
 pub(crate) struct Feed {
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<Arc<FeedItem>>>>,
+    inner: Mutex<Subscribers>,
+}
+
+#[derive(Debug, Default)]
+struct Subscribers {
+    senders: Vec<mpsc::UnboundedSender<Arc<FeedItem>>>,
+    last: u64,
 }
 
 impl Feed {
-    /// A receiver of every item emitted from now on.
-    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<FeedItem>> {
+    /// A receiver of every item emitted from now on, and the sequence number of the
+    /// last item emitted before it: a reader's first snapshot must hold at least that
+    /// one (the writer publishes it a moment after emitting it), or the rows between
+    /// are neither in its snapshot nor on its receiver.
+    pub(crate) fn subscribe(&self) -> (mpsc::UnboundedReceiver<Arc<FeedItem>>, u64) {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(tx);
-        rx
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.senders.push(tx);
+        (rx, inner.last)
     }
 
     /// Sends `item` to every subscriber still listening. The rows are shared with the
     /// hot buffer, so this costs a pointer per batch, not a copy.
     pub(crate) fn emit(&self, item: FeedItem) {
-        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        if subscribers.is_empty() {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.last = item.seq;
+        if inner.senders.is_empty() {
             return;
         }
         let item = Arc::new(item);
-        subscribers.retain(|tx| tx.send(Arc::clone(&item)).is_ok());
+        inner
+            .senders
+            .retain(|tx| tx.send(Arc::clone(&item)).is_ok());
     }
 }

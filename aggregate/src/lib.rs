@@ -486,9 +486,17 @@ impl Aggregator {
     }
 
     /// Every row from now on as it becomes visible to SQL, exactly once (see
-    /// [`feed`]). Subscribe before reading [`Aggregator::published`], then skip
-    /// the items that snapshot already holds ([`feed::FeedItem::already_in`]).
-    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<Arc<feed::FeedItem>> {
+    /// [`feed`]), and the sequence number of the last item emitted before. Subscribe
+    /// before reading [`Aggregator::published`], read a snapshot whose `feed_seq` is
+    /// at least that number and at least every item received (the writer emits just
+    /// before it publishes), then skip the items that snapshot already holds
+    /// ([`feed::FeedItem::already_in`]).
+    pub fn subscribe(
+        &self,
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<Arc<feed::FeedItem>>,
+        u64,
+    ) {
         self.shared.outlet.feed.subscribe()
     }
 

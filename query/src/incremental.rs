@@ -86,15 +86,16 @@ const START_CHUNK_ROWS: usize = 4;
 
 /// Where rows come from: the write path's feed and hot buffer.
 pub trait RowFeed: Send + Sync + 'static {
-    /// Every item emitted from now on.
-    fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<FeedItem>>;
+    /// Every item emitted from now on, and the sequence number of the last item
+    /// emitted before.
+    fn subscribe(&self) -> (mpsc::UnboundedReceiver<Arc<FeedItem>>, u64);
     /// The hot rows of `table` a reader of lake version `lake_version` must add, and
     /// the feed position that snapshot holds.
     fn hot(&self, table: Table, lake_version: Option<i64>) -> (u64, Vec<RecordBatch>);
 }
 
 impl RowFeed for fleetlake_aggregate::Aggregator {
-    fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<FeedItem>> {
+    fn subscribe(&self) -> (mpsc::UnboundedReceiver<Arc<FeedItem>>, u64) {
         fleetlake_aggregate::Aggregator::subscribe(self)
     }
 
@@ -327,12 +328,19 @@ impl RowWindow {
 
 struct State {
     feed: mpsc::UnboundedReceiver<Arc<FeedItem>>,
+    /// The last feed item emitted before subscribing, or received since: a start's
+    /// snapshot must hold at least this one.
+    received: u64,
     leaves: Vec<LeafState>,
     by_key: HashMap<LogicalPlan, usize>,
     rules: HashMap<String, Arc<Prepared>>,
     /// Recent rows per table (by [`Table::index`]) for windowed rules.
     windows: Vec<Option<RowWindow>>,
 }
+
+/// How long a start waits for the writer to publish what it has emitted (a moment,
+/// unless the writer is stuck).
+const PUBLISH_WAIT: Duration = Duration::from_secs(10);
 
 /// Bytes of recent rows kept for windowed rules, per table, unless set.
 pub const WINDOW_BYTES: usize = 512 << 20;
@@ -419,12 +427,13 @@ fn with_slots(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Qu
 impl Incremental {
     /// Evaluation over `engine`'s tables, fed by `feed` (subscribed now).
     pub fn new(engine: Arc<QueryEngine>, feed: Arc<dyn RowFeed>) -> Self {
-        let rx = feed.subscribe();
+        let (rx, received) = feed.subscribe();
         Self {
             engine,
             feed,
             state: tokio::sync::Mutex::new(State {
                 feed: rx,
+                received,
                 leaves: Vec::new(),
                 by_key: HashMap::new(),
                 rules: HashMap::new(),
@@ -553,7 +562,9 @@ impl Incremental {
             state.rules.insert(sql.to_string(), Arc::new(prepared));
         }
         if state.leaves.len() > first_new {
-            self.start(&mut state.leaves[first_new..], at_ms).await?;
+            let received = state.received;
+            self.start(&mut state.leaves[first_new..], at_ms, received)
+                .await?;
         }
         // Recent rows as far back as the longest windowed rule reads.
         let mut needed: Vec<Option<Duration>> = Table::ALL.iter().map(|_| None).collect();
@@ -576,14 +587,49 @@ impl Incremental {
                 continue;
             }
             // Not held yet, or not as far back: read from the lake again.
-            state.windows[table.index()] = Some(self.start_window(table, longest, at_ms).await?);
+            let window = self
+                .start_window(table, longest, at_ms, state.received)
+                .await?;
+            state.windows[table.index()] = Some(window);
         }
         ::metrics::gauge!("fleetlake_incremental_leaves").set(state.leaves.len() as f64);
         Ok(())
     }
 
-    /// Fills `leaves` (new) from the lake and the hot buffer, for rounds from `at_ms`.
-    async fn start(&self, leaves: &mut [LeafState], at_ms: i64) -> Result<(), QueryError> {
+    /// The hot rows of `table` a reader of lake version `version` adds, from a
+    /// snapshot holding at least feed item `received`, and that snapshot's position.
+    /// The writer emits an item a moment before it publishes the snapshot showing
+    /// it: a snapshot read in between lacks rows already taken off the feed, which
+    /// a start would then miss for good.
+    async fn hot_through(
+        &self,
+        table: Table,
+        version: Option<i64>,
+        received: u64,
+    ) -> Result<(u64, Vec<RecordBatch>), QueryError> {
+        let waited = std::time::Instant::now();
+        loop {
+            let (seq, rows) = self.feed.hot(table, version);
+            if seq >= received {
+                return Ok((seq, rows));
+            }
+            if waited.elapsed() > PUBLISH_WAIT {
+                return Err(QueryError::Lake(format!(
+                    "the writer has not published feed item {received} within {PUBLISH_WAIT:?} (its snapshot holds {seq})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Fills `leaves` (new) from the lake and the hot buffer, for rounds from `at_ms`;
+    /// `received` is the last feed item taken off the feed.
+    async fn start(
+        &self,
+        leaves: &mut [LeafState],
+        at_ms: i64,
+        received: u64,
+    ) -> Result<(), QueryError> {
         for table in [Table::Metrics, Table::Logs] {
             let mine: Vec<usize> = (0..leaves.len())
                 .filter(|i| leaves[*i].plan.leaf.table == table)
@@ -602,7 +648,7 @@ impl Incremental {
             let horizon = 2 * from_second;
             let delta = self.engine.lake_table(table).await?;
             let version = delta.as_ref().and_then(|d| d.version()).map(|v| v as i64);
-            let (feed_seq, hot) = self.feed.hot(table, version);
+            let (feed_seq, hot) = self.hot_through(table, version, received).await?;
             // Before any fold: compaction keeps the slots from the horizon on.
             for i in &mine {
                 leaves[*i].since = (feed_seq, version);
@@ -641,12 +687,13 @@ impl Incremental {
         table: Table,
         longest: Duration,
         at_ms: i64,
+        received: u64,
     ) -> Result<RowWindow, QueryError> {
         let back = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX / 2);
         let horizon_us = at_ms.saturating_mul(1000).saturating_sub(back);
         let delta = self.engine.lake_table(table).await?;
         let version = delta.as_ref().and_then(|d| d.version()).map(|v| v as i64);
-        let (feed_seq, hot) = self.feed.hot(table, version);
+        let (feed_seq, hot) = self.hot_through(table, version, received).await?;
         let mut window = RowWindow {
             longest,
             horizon_us,
@@ -676,9 +723,10 @@ impl Incremental {
         while let Ok(item) = state.feed.try_recv() {
             items.push(item);
         }
-        if items.is_empty() {
+        let Some(last) = items.last() else {
             return Ok(());
-        }
+        };
+        state.received = state.received.max(last.seq);
         for (index, window) in state.windows.iter_mut().enumerate() {
             let Some(window) = window else { continue };
             let (seq, version) = window.since;
