@@ -1,8 +1,9 @@
 //! One round of fleet alert rules, incremental against a scan of the lake, in the same
 //! run: `cargo bench --bench alert_rounds`.
 //!
-//! A fleet of `FLEETLAKE_BENCH_ACCOUNTS` accounts (default 6,000) × 2 Lambda functions
-//! × 25 metrics, one datapoint a minute each, `FLEETLAKE_BENCH_MINUTES` minutes (default
+//! A fleet of `FLEETLAKE_BENCH_ACCOUNTS` accounts (default 6,000) ×
+//! `FLEETLAKE_BENCH_FUNCTIONS` Lambda functions (default 2) × 25 metrics (7 functions:
+//! 1.05 M series), one datapoint a minute each, `FLEETLAKE_BENCH_MINUTES` minutes (default
 //! 10; the last minute stays in the hot buffer, the rest is flushed to the lake). Rules
 //! of the shipped kinds (a sum over a threshold, an errors/invocations ratio, a maximum,
 //! an account that stopped reporting a metric) over the 25 metrics: 100 rules are one
@@ -27,7 +28,6 @@ use fleetlake_query::incremental::Incremental;
 use fleetlake_query::{Principal, QueryEngine};
 
 const METRICS: usize = 25;
-const FUNCTIONS: usize = 2;
 /// A minute boundary.
 const START_MS: i64 = 1_767_608_400_000;
 
@@ -47,14 +47,14 @@ impl HotData for Hot {
 }
 
 /// Minute `minute` of the fleet, in batches of about 10,000 datapoints.
-fn minute(accounts: usize, minute: i64) -> Vec<RecordBatch> {
+fn minute(accounts: usize, functions: usize, minute: i64) -> Vec<RecordBatch> {
     let mut out = Vec::new();
     let mut b = MetricsBatchBuilder::new();
     let mut n = 0;
     let time = START_MS + minute * 60_000;
     for account in 0..accounts {
         // Every 50th account stops reporting metric 0 after the first minutes.
-        for function in 0..FUNCTIONS {
+        for function in 0..functions {
             for metric in 0..METRICS {
                 if metric == 0 && account % 50 == 0 && minute > 2 {
                     continue;
@@ -151,6 +151,8 @@ async fn round_incremental(inc: &Incremental, rules: &[String], at: i64) -> (Dur
 
 async fn bench() {
     let accounts = env("FLEETLAKE_BENCH_ACCOUNTS", 6_000);
+    let functions = env("FLEETLAKE_BENCH_FUNCTIONS", 2);
+    let series = accounts * functions * METRICS;
     let minutes = env("FLEETLAKE_BENCH_MINUTES", 10) as i64;
     let rounds = env("FLEETLAKE_BENCH_ROUNDS", 3);
     let dir = tempfile::tempdir().expect("temp dir");
@@ -164,7 +166,7 @@ async fn bench() {
     let started = Instant::now();
     let mut datapoints = 0;
     for m in 0..minutes {
-        for batch in minute(accounts, m) {
+        for batch in minute(accounts, functions, m) {
             datapoints += batch.num_rows();
             aggregator
                 .write(vec![(Table::Metrics, batch)])
@@ -176,7 +178,7 @@ async fn bench() {
         }
     }
     eprintln!(
-        "fleet: {accounts} accounts, {datapoints} datapoints over {minutes} minutes, written in {:?}",
+        "fleet: {accounts} accounts, {series} series, {datapoints} datapoints over {minutes} minutes, written in {:?}",
         started.elapsed()
     );
     let engine = Arc::new(QueryEngine::new(
@@ -210,7 +212,7 @@ async fn bench() {
     }
     assert_eq!(rows.0, rows.1, "both paths find the same instances");
     // One more minute of the fleet, folded by the next round.
-    for batch in minute(accounts, minutes) {
+    for batch in minute(accounts, functions, minutes) {
         aggregator
             .write(vec![(Table::Metrics, batch)])
             .await
@@ -223,6 +225,9 @@ async fn bench() {
     let s = median(scanned);
     let f = median(inc_few);
     let m = median(inc_many);
+    println!(
+        "{accounts} accounts, {series} series, {datapoints} datapoints over {minutes} minutes\n"
+    );
     println!("| measure | time |");
     println!("|---|---|");
     println!("| 100 rules, scanning (before) | {s:.2?} |");
@@ -236,9 +241,10 @@ async fn bench() {
     println!("| fold one more minute of the fleet + 1 rule | {fold_and_round:.2?} |");
     println!("| 1,000 rules after that minute | {round_after:.2?} |");
     println!(
-        "| partials held: {leaves} leaves | {:.1} MiB ({:.1} KiB per rule of 1,000) |",
+        "| partials held: {leaves} leaves | {:.1} MiB ({:.1} KiB per rule of 1,000; {:.0} bytes per leaf and series) |",
         bytes as f64 / (1 << 20) as f64,
-        bytes as f64 / 1024.0 / many.len() as f64
+        bytes as f64 / 1024.0 / many.len() as f64,
+        bytes as f64 / leaves.max(1) as f64 / series as f64
     );
     println!("instances found per round (100 rules): {}", rows.0);
 }

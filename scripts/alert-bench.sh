@@ -49,43 +49,7 @@ PY
 printf '[accounts]\nfile = "%s/accounts.jsonl"\n' "$WORK" > "$WORK/fleetlake.toml"
 
 for n in $RULE_COUNTS; do
-python3 - "$WORK/rules-$n.yml" "$n" <<'PY'
-import sys
-path, n = sys.argv[1], int(sys.argv[2])
-lambda_where = ("namespace = 'AWS/Lambda' AND cardinality(dimensions) = 1 "
-                "AND dimensions['FunctionName'] IS NOT NULL AND time > now() - INTERVAL '{w} minutes'")
-kinds = [
-    ("ErrorRate", "SELECT account_id, region, function, errors / invocations AS value FROM ("
-     " SELECT account_id, region, dimensions['FunctionName'] AS function,"
-     " sum(CASE WHEN metric_name = 'Errors' THEN sum END) AS errors,"
-     " sum(CASE WHEN metric_name = 'Invocations' THEN sum END) AS invocations"
-     " FROM metrics WHERE metric_name IN ('Errors', 'Invocations') AND " + lambda_where +
-     " GROUP BY account_id, region, dimensions['FunctionName'])"
-     " WHERE invocations >= 20 AND errors / invocations > {t}", lambda i: 2.5 + (i % 50) / 50),
-    ("Throttles", "SELECT account_id, region, dimensions['FunctionName'] AS function, sum(sum) AS value"
-     " FROM metrics WHERE metric_name = 'Throttles' AND " + lambda_where +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING sum(sum) > {t}", lambda i: 20000 + 100 * (i % 50)),
-    ("DurationP99", "SELECT account_id, region, dimensions['FunctionName'] AS function, max(stats['p99']) AS value"
-     " FROM metrics WHERE metric_name = 'Duration' AND " + lambda_where +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(stats['p99']) > {t}", lambda i: 499.5 + (i % 5) / 10),
-    ("Concurrency", "SELECT account_id, region, dimensions['FunctionName'] AS function, max(max) AS value"
-     " FROM metrics WHERE metric_name = 'ConcurrentExecutions' AND " + lambda_where +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(max) > {t}", lambda i: 59 + (i % 2) / 2),
-    ("StoppedReporting", "SELECT a.account_id, coalesce(extract(epoch FROM now()) - extract(epoch FROM s.last_seen), 86400.0) AS value"
-     " FROM accounts a LEFT JOIN (SELECT account_id, max(time) AS last_seen FROM metrics"
-     " WHERE time > now() - INTERVAL '1 day' GROUP BY account_id) s ON s.account_id = a.account_id"
-     " WHERE a.lifecycle_state = 'active' AND (s.last_seen IS NULL OR s.last_seen < now() - INTERVAL '{t} minutes')", lambda i: 15 + i % 10),
-]
-with open(path, "w") as f:
-    f.write("groups:\n")
-    for g in range(0, n, 10):
-        f.write(f"  - name: bench-{g // 10:03d}\n    interval: 1m\n    rules:\n")
-        for i in range(g, min(g + 10, n)):
-            name, sql, threshold = kinds[i % len(kinds)]
-            window = 5 if i % 3 else 15
-            f.write(f"      - alert: {name}{i:04d}\n        expr: \"{sql.format(w=window, t=threshold(i))}\"\n"
-                    f"        for: 5m\n        annotations:\n          summary: \"{{{{ $labels.account_id }}}} at {{{{ $value }}}}\"\n")
-PY
+    python3 scripts/fleet_rules.py "$WORK/rules-$n.yml" "$n"
     "$FLEETLAKE" rules check --config "$WORK/fleetlake.toml" --data-dir "$DATA" "$WORK/rules-$n.yml" >&2
 done
 

@@ -1,0 +1,361 @@
+"""Fleet alerting under ingest, end to end with the release binaries (issue 26).
+
+    scripts/fleet-alert-bench.sh [WORK_DIR]     (builds the binaries, then runs this)
+
+Three measurements, each against a fresh `fleetlake serve` on 127.0.0.1:0 fed by
+`fleetlake-loadgen` (Firehose, Metric Streams JSON) on the same two cores:
+
+1. Ingest with and without rules: loadgen at full rate for SUSTAIN_S seconds (requests
+   made before its clock starts) against a server with no rules, then against one with
+   RULES fleet rules of the shipped kinds (scripts/fleet_rules.py) in one group
+   evaluated every INTERVAL, alternated over ROUNDS rounds (no-rules first in odd
+   rounds, rules first in even ones): acknowledged datapoints/s of each, and their ratio.
+2. Time to page: a server with the same rules plus one probe rule (a maximum over
+   10 minutes per account and `Probe` dimension, evaluated every second) routed to a
+   fake PagerDuty (checks the Events API v2 payload as PagerDuty does, answers 202),
+   loadgen at half the no-rules rate for PROBE_S seconds; every second one breaching
+   datapoint of a new Probe value is posted: the time from its 200 to the fake
+   PagerDuty's receipt of that probe's trigger, p50/p99/max.
+3. Meanwhile (2.), the RULES rules' round time (`fleetlake_rule_group_duration_seconds`
+   of their group, from the server's /metrics) and the rounds per evaluation path.
+
+Prints a Markdown table on standard output; logs and reports stay in WORK_DIR.
+
+Environment: FLEETLAKE, LOADGEN (the binaries), ACCOUNTS (6000), FUNCTIONS (4; 34 makes
+1.02 M series), RULES (1000), INTERVAL (5s), SUSTAIN_S (30), SUSTAIN_MINUTES (fleet-
+minutes made for the full-rate runs: 150), ROUNDS (2), PROBE_S (60), SEED (1).
+"""
+
+import base64
+import gzip
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fleet_rules  # noqa: E402
+
+ENV = os.environ
+FLEETLAKE = ENV["FLEETLAKE"]
+LOADGEN = ENV["LOADGEN"]
+WORK = os.path.abspath(sys.argv[1])
+ACCOUNTS = int(ENV.get("ACCOUNTS", "6000"))
+FUNCTIONS = int(ENV.get("FUNCTIONS", "4"))
+RULES = int(ENV.get("RULES", "1000"))
+INTERVAL = ENV.get("INTERVAL", "5s")
+SUSTAIN_S = int(ENV.get("SUSTAIN_S", "30"))
+SUSTAIN_MINUTES = int(ENV.get("SUSTAIN_MINUTES", "150"))
+ROUNDS = int(ENV.get("ROUNDS", "2"))
+PROBE_S = int(ENV.get("PROBE_S", "60"))
+SEED = ENV.get("SEED", "1")
+ROUTING_KEY = "0123456789abcdef0123456789abcdef"
+PROBE_ACCOUNT = "999999999999"
+os.makedirs(f"{WORK}/logs", exist_ok=True)
+
+
+def say(*args):
+    print("fleet-alert-bench:", *args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------
+# The fake PagerDuty: Events API v2 as PagerDuty checks it; receipt times by probe.
+# ---------------------------------------------------------------------------------
+class PagerDuty:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.triggers = {}  # probe -> receipt time (time.monotonic())
+        self.rejected = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                received = time.monotonic()
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                problem = None
+                try:
+                    event = json.loads(body)
+                    problem = owner.check(event)
+                except ValueError as e:
+                    problem = f"invalid JSON: {e}"
+                if problem:
+                    with owner.lock:
+                        owner.rejected.append(problem)
+                    self.reply(400, {"status": "invalid event", "message": "Event object is invalid",
+                                     "errors": [problem]})
+                    return
+                if event["event_action"] == "trigger":
+                    probe = event["payload"]["custom_details"]["labels"].get("probe")
+                    if probe is not None:
+                        with owner.lock:
+                            owner.triggers.setdefault(probe, received)
+                self.reply(202, {"status": "success", "message": "Event processed",
+                                 "dedup_key": event["dedup_key"]})
+
+            def reply(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/enqueue"
+
+    @staticmethod
+    def check(event):
+        if not isinstance(event, dict):
+            return "event must be an object"
+        if event.get("routing_key") != ROUTING_KEY:
+            return "routing_key is missing or wrong"
+        action = event.get("event_action")
+        if action not in ("trigger", "acknowledge", "resolve"):
+            return f"event_action {action!r} is not trigger, acknowledge or resolve"
+        key = event.get("dedup_key")
+        if action != "trigger" and not key:
+            return "dedup_key is required to acknowledge or resolve"
+        if key is not None and (not isinstance(key, str) or len(key) > 255):
+            return "dedup_key must be a string of at most 255 characters"
+        if action == "trigger":
+            payload = event.get("payload")
+            if not isinstance(payload, dict):
+                return "payload is required"
+            for field in ("summary", "source", "severity"):
+                if not isinstance(payload.get(field), str) or not payload[field]:
+                    return f"payload.{field} is required"
+            if len(payload["summary"]) > 1024:
+                return "payload.summary is longer than 1024 characters"
+            if payload["severity"] not in ("critical", "error", "warning", "info"):
+                return f"payload.severity {payload['severity']!r} is not valid"
+        return None
+
+
+# ---------------------------------------------------------------------------------
+# Servers and loadgen.
+# ---------------------------------------------------------------------------------
+def write_config(name, rules_file, pagerduty_url):
+    path = f"{WORK}/{name}.toml"
+    text = ""
+    if rules_file:
+        text += f'[alerting]\nrule_files = ["{rules_file}"]\n'
+        if pagerduty_url:
+            text += (f'\n[[alerting.receivers]]\nname = "pd"\ntype = "pagerduty"\nurl = "{pagerduty_url}"\n'
+                     f'routing_key = "{ROUTING_KEY}"\nrate_limit_per_minute = 100000\n'
+                     '\n[[alerting.routes]]\nmatchers = [\'alertname="BreachProbe"\']\nreceiver = "pd"\n')
+    open(path, "w").write(text)
+    return path
+
+
+class Server:
+    def __init__(self, name, config):
+        self.name = name
+        self.dir = f"{WORK}/{name}"
+        subprocess.run(["rm", "-rf", self.dir], check=True)
+        self.log_path = f"{WORK}/logs/{name}.serve.log"
+        env = dict(ENV, FLEETLAKE_LOG="info", FLEETLAKE_RETENTION__METRICS="0s")
+        self.proc = subprocess.Popen(
+            [FLEETLAKE, "serve", "--config", config, "--data-dir", self.dir,
+             "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"],
+            stderr=open(self.log_path, "w"), stdout=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 120
+        while True:
+            log = open(self.log_path).read()
+            m = re.search(r"http listening.*?addr=([0-9.]+:[0-9]+)", log)
+            if m:
+                self.addr = m.group(1)
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"server {name} did not start; its log:\n{log[-3000:]}")
+            time.sleep(0.1)
+        say(f"server {name}: pid {self.proc.pid}, http {self.addr}")
+
+    def metrics(self):
+        with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=30) as r:
+            return r.read().decode()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            status = self.proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            sys.exit(f"server {self.name} still running 600 s after SIGTERM")
+        if status != 0:
+            sys.exit(f"server {self.name} exited with status {status} (log: {self.log_path})")
+
+
+def loadgen(name, server, *args, timeout):
+    """Runs loadgen to completion; its JSON report."""
+    out = f"{WORK}/logs/{name}.loadgen.out"
+    err = f"{WORK}/logs/{name}.loadgen.err"
+    cmd = [LOADGEN, "--seed", SEED, "--accounts", str(ACCOUNTS), "--functions", str(FUNCTIONS),
+           "--to", "firehose", "--report", "json", "--url", f"http://{server.addr}", *args]
+    subprocess.run(cmd, stdout=open(out, "w"), stderr=open(err, "w"), timeout=timeout)
+    raw = open(out).read()
+    start = raw.rfind("\n{")
+    try:
+        return json.loads(raw if raw.lstrip().startswith("{") else raw[start + 1:])
+    except ValueError:
+        sys.exit(f"loadgen {name}: no JSON report ({out}, {err})")
+
+
+def summary(metrics, name, group):
+    """Quantiles, sum and count of a Prometheus summary with label group=GROUP."""
+    out = {}
+    for line in metrics.splitlines():
+        if not line.startswith(name) or f'group="{group}"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        q = re.search(r'quantile="([0-9.]+)"', line)
+        if q:
+            out[float(q.group(1))] = value
+        elif line.startswith(f"{name}_sum"):
+            out["sum"] = value
+        elif line.startswith(f"{name}_count"):
+            out["count"] = value
+    return out
+
+
+def counters(metrics, name):
+    """label set -> value of a counter."""
+    return {line[len(name):].rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines() if line.startswith(name + "{")}
+
+
+# ---------------------------------------------------------------------------------
+# The rules.
+# ---------------------------------------------------------------------------------
+PROBE_SQL = ("SELECT account_id, dimensions['Probe'] AS probe, max(max) AS value FROM metrics"
+             " WHERE namespace = 'fleetlake/bench' AND metric_name = 'BreachProbe'"
+             " AND time > now() - INTERVAL '10 minutes'"
+             " GROUP BY account_id, dimensions['Probe'] HAVING max(max) > 0")
+rules_file = f"{WORK}/rules.yml"
+with open(rules_file, "w") as f:
+    f.write("groups:\n")
+    f.write(fleet_rules.group_yaml("fleet", INTERVAL, fleet_rules.rules(RULES)))
+probe_rules = f"{WORK}/rules-probe.yml"
+with open(probe_rules, "w") as f:
+    f.write("groups:\n")
+    f.write(fleet_rules.group_yaml("fleet", INTERVAL, fleet_rules.rules(RULES)))
+    f.write(fleet_rules.group_yaml("probe", "1s", [("BreachProbe", PROBE_SQL)], for_="0s"))
+none_config = write_config("none", None, None)
+rules_config = write_config("rules", rules_file, None)
+check = subprocess.run([FLEETLAKE, "rules", "check", "--config", rules_config, probe_rules],
+                       capture_output=True, text=True)
+if check.returncode != 0:
+    sys.exit(f"rules check failed:\n{check.stdout}\n{check.stderr}")
+open(f"{WORK}/logs/rules-check.txt", "w").write(check.stdout + check.stderr)
+
+# ---------------------------------------------------------------------------------
+# 1. Ingest at full rate, without and with the rules.
+# ---------------------------------------------------------------------------------
+rates = {"none": [], "rules": []}
+rounds_during = []
+for k in range(1, ROUNDS + 1):
+    for mode in (["none", "rules"] if k % 2 else ["rules", "none"]):
+        say(f"round {k}: full rate for {SUSTAIN_S}s, {'no rules' if mode == 'none' else f'{RULES} rules'}")
+        server = Server(f"ingest-{mode}-{k}", none_config if mode == "none" else rules_config)
+        report = loadgen(f"ingest-{mode}-{k}", server, "--pregenerate", "--minutes", str(SUSTAIN_MINUTES),
+                         "--duration", f"{SUSTAIN_S}s", timeout=SUSTAIN_S + 900)
+        if mode == "rules":
+            rounds_during.append(summary(server.metrics(), "fleetlake_rule_group_duration_seconds", "fleet"))
+        server.stop()
+        if report.get("datapoints_rejected"):
+            sys.exit(f"{report['datapoints_rejected']} datapoints rejected ({mode}, round {k})")
+        rates[mode].append(report["datapoints_acknowledged"] / report["elapsed_s"])
+        say(f"round {k} {mode}: {rates[mode][-1]:,.0f} dp/s acknowledged")
+
+# ---------------------------------------------------------------------------------
+# 2. and 3. Time to page, and rounds, with ingest at half the no-rules rate.
+# ---------------------------------------------------------------------------------
+half = int(statistics.median(rates["none"]) / 2)
+pd = PagerDuty()
+server = Server("probe", write_config("probe", probe_rules, pd.url))
+say(f"probes for {PROBE_S}s with loadgen at {half:,} dp/s")
+background = threading.Thread(target=lambda: loadgen(
+    "probe", server, "--rate", str(half), "--duration", f"{PROBE_S + 10}s", timeout=PROBE_S + 900))
+background.start()
+time.sleep(5)  # loadgen under way
+before = server.metrics()
+acked = {}
+run = int(time.time())
+for seq in range(PROBE_S):
+    tick = time.monotonic()
+    probe = f"{run}-{seq}"
+    now_ms = int(time.time() * 1000)
+    record = json.dumps({
+        "metric_stream_name": "bench", "account_id": PROBE_ACCOUNT, "region": "us-east-1",
+        "namespace": "fleetlake/bench", "metric_name": "BreachProbe", "dimensions": {"Probe": probe},
+        "timestamp": now_ms - now_ms % 60_000,
+        "value": {"count": 1.0, "sum": 1.0, "max": 1.0, "min": 1.0}, "unit": "Count"}) + "\n"
+    request_id = f"probe-{probe}"
+    body = json.dumps({"requestId": request_id, "timestamp": now_ms,
+                       "records": [{"data": base64.b64encode(record.encode()).decode()}]}).encode()
+    request = urllib.request.Request(
+        f"http://{server.addr}/firehose/metrics", data=gzip.compress(body), method="POST",
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                 "X-Amz-Firehose-Protocol-Version": "1.0", "X-Amz-Firehose-Request-Id": request_id})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        if response.status == 200:
+            acked[probe] = time.monotonic()
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+after = server.metrics()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    with pd.lock:
+        if all(p in pd.triggers for p in acked):
+            break
+    time.sleep(0.1)
+background.join()
+server.stop()
+with pd.lock:
+    missing = [p for p in acked if p not in pd.triggers]
+    latencies = sorted(pd.triggers[p] - acked[p] for p in acked if p in pd.triggers)
+    rejected = list(pd.rejected)
+if rejected:
+    sys.exit(f"the fake PagerDuty rejected events: {rejected[:5]}")
+if missing:
+    sys.exit(f"{len(missing)} of {len(acked)} probes never paged within 60 s: {missing[:5]}")
+s0 = summary(before, "fleetlake_rule_group_duration_seconds", "fleet")
+s1 = summary(after, "fleetlake_rule_group_duration_seconds", "fleet")
+fleet_rounds = s1.get("count", 0) - s0.get("count", 0)
+fleet_mean = (s1.get("sum", 0) - s0.get("sum", 0)) / fleet_rounds if fleet_rounds else float("nan")
+paths = counters(after, "fleetlake_rule_evaluations_total")
+
+
+def q(values, p):
+    return values[min(len(values) - 1, int(round(p * (len(values) - 1))))]
+
+
+series = ACCOUNTS * FUNCTIONS * 5
+none_rate, rules_rate = statistics.median(rates["none"]), statistics.median(rates["rules"])
+print(f"{ACCOUNTS:,} accounts × {FUNCTIONS} functions × 5 metrics ({series:,} series), "
+      f"{RULES:,} rules in one group every {INTERVAL}; `nproc` = {os.cpu_count()}\n")
+print("| measure | value |")
+print("|---|---|")
+print(f"| ingest at full rate, no rules (median of {ROUNDS}) | {none_rate / 1e3:,.0f} k dp/s |")
+print(f"| ingest at full rate, {RULES:,} rules loaded (median of {ROUNDS}) | {rules_rate / 1e3:,.0f} k dp/s |")
+print(f"| with rules / without | {rules_rate / none_rate:.2f} |")
+during = [d for d in rounds_during if d.get("count")]
+if during:
+    print(f"| {RULES:,}-rule round during full-rate ingest: p50 / max | "
+          f"{statistics.median(d.get(0.5, float('nan')) for d in during) * 1000:.0f} ms / "
+          f"{max(d.get(1.0, float('nan')) for d in during) * 1000:.0f} ms |")
+print(f"| {RULES:,}-rule round, ingest at half rate ({half / 1e3:,.0f} k dp/s): mean over "
+      f"{fleet_rounds:.0f} rounds | {fleet_mean * 1000:.0f} ms |")
+print(f"| breach → page ({len(latencies)} probes, 200 → fake PagerDuty's receipt): p50 / p99 / max | "
+      f"{q(latencies, 0.5) * 1000:.0f} ms / {q(latencies, 0.99) * 1000:.0f} ms / {latencies[-1] * 1000:.0f} ms |")
+print(f"| rounds per path (rule evaluations) | "
+      f"{', '.join(f'{k}: {v:.0f}' for k, v in sorted(paths.items()))} |")
