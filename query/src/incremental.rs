@@ -234,8 +234,13 @@ struct LeafState {
     /// The result of the last instant merged.
     cached: Option<(i64, RecordBatch)>,
     /// Why its partials cannot be trusted (a fold failed, or they passed their
-    /// bound): the rules reading it run as SQL.
+    /// bound): the rules reading it run as SQL until it starts again.
     broken: Option<String>,
+    /// When a broken leaf starts again (a round's instant, epoch ms), set by the
+    /// first round that finds it broken.
+    restart_at: Option<i64>,
+    /// How many times it has started again.
+    restarts: u32,
 }
 
 /// A rule as prepared.
@@ -337,6 +342,10 @@ struct State {
     /// Recent rows per table (by [`Table::index`]) for windowed rules.
     windows: Vec<Option<RowWindow>>,
 }
+
+/// How long after a round finds a leaf broken it starts again (doubled at each
+/// restart).
+const RESTART_AFTER: Duration = Duration::from_secs(600);
 
 /// How long a start waits for the writer to publish what it has emitted (a moment,
 /// unless the writer is stuck).
@@ -539,6 +548,8 @@ impl Incremental {
                                     horizon: i64::MAX,
                                     cached: None,
                                     broken: None,
+                                    restart_at: None,
+                                    restarts: 0,
                                 });
                                 i
                             }
@@ -796,6 +807,7 @@ impl Incremental {
         };
         let mut results = HashMap::new();
         for index in leaves {
+            self.restart_if_due(&mut state, *index, at_ms).await;
             let Some(result) = state.leaves[*index].result(at_ms).await? else {
                 return Ok(None);
             };
@@ -827,6 +839,47 @@ impl Incremental {
         pin(&mut session, at);
         let plan = resolve(&ctx, outer, &results).await?;
         self.execute(&session, plan).await.map(Some)
+    }
+
+    /// Starts broken leaf `index` again from the lake once its wait is over: what
+    /// broke it (a fold failing on rows since gone, a burst of groups) may have
+    /// passed, and its rules need not scan for good. The wait is [`RESTART_AFTER`]
+    /// from the first round that finds it broken, doubled at each restart, at most
+    /// a day.
+    async fn restart_if_due(&self, state: &mut State, index: usize, at_ms: i64) {
+        let received = state.received;
+        let leaf = &mut state.leaves[index];
+        if leaf.broken.is_none() {
+            return;
+        }
+        let wait = RESTART_AFTER
+            .saturating_mul(1 << leaf.restarts.min(10))
+            .min(Duration::from_secs(86_400));
+        let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+        let due = *leaf.restart_at.get_or_insert(at_ms.saturating_add(wait_ms));
+        if at_ms < due {
+            return;
+        }
+        leaf.partials.clear();
+        leaf.cached = None;
+        leaf.broken = None;
+        leaf.restart_at = None;
+        leaf.restarts += 1;
+        ::metrics::counter!("fleetlake_incremental_restarts_total").increment(1);
+        if let Err(error) = self
+            .start(std::slice::from_mut(leaf), at_ms, received)
+            .await
+        {
+            leaf.broken = Some(format!("it could not start again: {error}"));
+        }
+        match &leaf.broken {
+            Some(reason) => {
+                tracing::warn!(leaf = %leaf.plan.leaf, %reason, restarts = leaf.restarts, "a broken leaf started again and broke again; its rules run as SQL")
+            }
+            None => {
+                tracing::info!(leaf = %leaf.plan.leaf, restarts = leaf.restarts, "a broken leaf started again; its rules run from partials")
+            }
+        }
     }
 
     /// Runs `sql` at `at` with its reads of `metrics`/`logs` over `rows` instead of

@@ -406,3 +406,68 @@ async fn a_leaf_started_while_the_writer_is_between_emitting_and_publishing_miss
     assert_eq!(lines(&folded), lines(&scanned));
     assert_eq!(lines(&folded).len(), 1, "the row written is in the result");
 }
+
+#[tokio::test]
+async fn a_broken_leaf_starts_again_once_its_wait_is_over_and_waits_twice_as_long_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (aggregator, lake) = open(&dir).await;
+    let engine = Arc::new(QueryEngine::new(
+        lake,
+        Some(Arc::new(Hot(aggregator.clone()))),
+    ));
+    // Any partial passes a bound of one byte; none at all does not.
+    let incremental =
+        Incremental::new(Arc::clone(&engine), Arc::new(aggregator.clone())).with_window_bytes(1);
+    let sql = RULES[5];
+    let principal = Principal::unrestricted("test");
+    let minute = 60_000;
+    let write = |at: i64| {
+        let aggregator = aggregator.clone();
+        async move {
+            aggregator
+                .write(vec![(Table::Metrics, rows(&[(0, 0, 0, -1000, 5)], at))])
+                .await
+                .unwrap();
+            aggregator.flush().await.unwrap();
+        }
+    };
+    let from_partials = |at: i64| {
+        let incremental = &incremental;
+        async move { incremental.run(sql, at).await.unwrap() }
+    };
+    let started_again_as_the_scan = |at: i64| {
+        let (incremental, engine, principal) = (&incremental, &engine, &principal);
+        async move {
+            let folded = incremental
+                .run(sql, at)
+                .await
+                .unwrap()
+                .expect("started again");
+            let scanned = engine.run_at(sql, principal, at).await.unwrap().batches;
+            assert_eq!(lines(&folded), lines(&scanned));
+        }
+    };
+
+    write(START_MS).await;
+    assert!(
+        from_partials(START_MS).await.is_none(),
+        "past its bound: SQL"
+    );
+    assert!(
+        from_partials(START_MS + 9 * minute).await.is_none(),
+        "still waiting"
+    );
+    // Ten minutes on, the row is out of the window: it starts again, and fits.
+    started_again_as_the_scan(START_MS + 10 * minute).await;
+
+    // Broken again by a new row: the wait is twice as long.
+    let due = START_MS + 10 * minute;
+    write(due).await;
+    let found = due + 1000;
+    assert!(from_partials(found).await.is_none());
+    assert!(
+        from_partials(found + 10 * minute).await.is_none(),
+        "ten minutes are not enough now"
+    );
+    started_again_as_the_scan(found + 20 * minute).await;
+}
