@@ -36,7 +36,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, MutableArrayData, RecordBatch, UInt32Array, make_array,
+};
 use arrow::compute::kernels::cmp::{gt_eq, lt_eq};
 use arrow::compute::kernels::numeric::div;
 use arrow::compute::{and, cast, concat_batches, filter_record_batch, take_record_batch};
@@ -224,7 +226,7 @@ struct LeafPlan {
 
 /// A leaf and the partial aggregates it holds.
 struct LeafState {
-    plan: LeafPlan,
+    plan: Arc<LeafPlan>,
     partials: Vec<RecordBatch>,
     /// The feed position and lake version its start read held: items at or before
     /// them are in its partials already.
@@ -236,11 +238,63 @@ struct LeafState {
     /// Why its partials cannot be trusted (a fold failed, or they passed their
     /// bound): the rules reading it run as SQL until it starts again.
     broken: Option<String>,
-    /// When a broken leaf starts again (a round's instant, epoch ms), set by the
-    /// first round that finds it broken.
-    restart_at: Option<i64>,
+    /// When it starts again once broken.
+    restart: Backoff,
+}
+
+/// When something built from the lake and kept up from the feed (a leaf's partials,
+/// a window of rows) that can no longer be trusted or kept is built again: what
+/// broke it (a fold failing on rows since gone, a burst of groups or rows) may have
+/// passed, and the rules reading it need not scan the lake for good. The wait is
+/// [`RESTART_AFTER`] from the first round that finds it broken, doubled at each
+/// restart, at most a day.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// When it starts again (a round's instant, epoch ms), set by the first round
+    /// that finds it broken.
+    at: Option<i64>,
     /// How many times it has started again.
     restarts: u32,
+    /// A start is reading the lake (without the state's lock).
+    running: bool,
+}
+
+impl Backoff {
+    /// Whether a round at `at_ms` starts it again (counted, and marked running, when
+    /// it does); the first call after it broke sets when.
+    fn due(&mut self, at_ms: i64) -> bool {
+        if self.running {
+            return false;
+        }
+        let wait = RESTART_AFTER
+            .saturating_mul(1 << self.restarts.min(10))
+            .min(Duration::from_secs(86_400));
+        let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+        let due = *self.at.get_or_insert(at_ms.saturating_add(wait_ms));
+        if at_ms < due {
+            return false;
+        }
+        self.at = None;
+        self.restarts += 1;
+        self.running = true;
+        ::metrics::counter!("fleetlake_incremental_restarts_total").increment(1);
+        true
+    }
+}
+
+impl LeafState {
+    /// A leaf not started yet.
+    fn new(plan: Arc<LeafPlan>) -> Self {
+        Self {
+            plan,
+            partials: Vec::new(),
+            since: (0, None),
+            horizon: i64::MAX,
+            cached: None,
+            broken: None,
+            restart: Backoff::default(),
+        }
+    }
 }
 
 /// A rule as prepared.
@@ -275,8 +329,11 @@ struct RowWindow {
     bytes: usize,
     /// As [`LeafState::since`].
     since: (u64, Option<i64>),
-    /// Past the byte bound: emptied, and the rules that need it read the lake.
+    /// Past the byte bound: emptied, and the rules that need it read the lake
+    /// until it starts again.
     full: bool,
+    /// When it starts again once full.
+    restart: Backoff,
 }
 
 impl RowWindow {
@@ -341,6 +398,28 @@ struct State {
     rules: HashMap<String, Arc<Prepared>>,
     /// Recent rows per table (by [`Table::index`]) for windowed rules.
     windows: Vec<Option<RowWindow>>,
+    /// Starts reading the lake without the lock: while any runs, the items taken off
+    /// the feed are kept here too, for each start to fold those its snapshot lacks.
+    starting: usize,
+    replay: Vec<Arc<FeedItem>>,
+    /// The latest round instant the feed was caught up for (epoch ms).
+    caught_up_at: i64,
+    /// Starts run without the lock so far.
+    started: u64,
+}
+
+impl State {
+    /// A start that ran without the lock is over: the feed items taken off since it
+    /// let go of the lock.
+    fn started(&mut self) -> Vec<Arc<FeedItem>> {
+        self.starting -= 1;
+        self.started += 1;
+        if self.starting == 0 {
+            std::mem::take(&mut self.replay)
+        } else {
+            self.replay.clone()
+        }
+    }
 }
 
 /// How long after a round finds a leaf broken it starts again (doubled at each
@@ -447,6 +526,10 @@ impl Incremental {
                 by_key: HashMap::new(),
                 rules: HashMap::new(),
                 windows: Table::ALL.iter().map(|_| None).collect(),
+                starting: 0,
+                replay: Vec::new(),
+                caught_up_at: i64::MIN,
+                started: 0,
             }),
             window_bytes: WINDOW_BYTES,
         }
@@ -541,23 +624,14 @@ impl Incremental {
                             None => {
                                 let i = state.leaves.len();
                                 state.by_key.insert(leaf.key.clone(), i);
-                                state.leaves.push(LeafState {
-                                    plan: leaf,
-                                    partials: Vec::new(),
-                                    since: (0, None),
-                                    horizon: i64::MAX,
-                                    cached: None,
-                                    broken: None,
-                                    restart_at: None,
-                                    restarts: 0,
-                                });
+                                state.leaves.push(LeafState::new(Arc::new(leaf)));
                                 i
                             }
                         };
                         indices.push(index);
                     }
                     let keys: Vec<&LeafPlan> =
-                        indices.iter().map(|i| &state.leaves[*i].plan).collect();
+                        indices.iter().map(|i| &*state.leaves[*i].plan).collect();
                     match outer_plan(*plans, &keys, &indices).map_err(df)? {
                         Some(outer) => Prepared::Incremental {
                             outer,
@@ -712,6 +786,7 @@ impl Incremental {
             bytes: 0,
             since: (feed_seq, version),
             full: false,
+            restart: Backoff::default(),
         };
         if let Some(delta) = delta {
             let mut stream = lake_rows(delta, horizon_us).await?;
@@ -728,6 +803,18 @@ impl Incremental {
         Ok(window)
     }
 
+    /// Folds what the feed brought into every leaf once per round instant: a round at
+    /// `at_ms` must hold every row acknowledged before `at_ms`, and a catch-up made
+    /// for that instant or a later one (made after it began) holds them. One fold
+    /// per instant, not one per rule: a fold's cost is mostly per call.
+    async fn catch_up_for(&self, state: &mut State, at_ms: i64) -> Result<(), QueryError> {
+        if at_ms <= state.caught_up_at {
+            return Ok(());
+        }
+        state.caught_up_at = at_ms;
+        self.catch_up(state).await
+    }
+
     /// Folds what the feed brought since the last call into every leaf.
     async fn catch_up(&self, state: &mut State) -> Result<(), QueryError> {
         let mut items = Vec::new();
@@ -738,14 +825,12 @@ impl Incremental {
             return Ok(());
         };
         state.received = state.received.max(last.seq);
-        for (index, window) in state.windows.iter_mut().enumerate() {
+        if state.starting > 0 {
+            state.replay.extend(items.iter().cloned());
+        }
+        for (table, window) in Table::ALL.iter().zip(state.windows.iter_mut()) {
             let Some(window) = window else { continue };
-            let (seq, version) = window.since;
-            let rows = items
-                .iter()
-                .filter(|item| item.table.index() == index && !item.already_in(seq, version))
-                .flat_map(|item| item.batches.iter().cloned());
-            window.add(rows, self.window_bytes);
+            window.add(rows_after(&items, *table, window.since), self.window_bytes);
         }
         for table in [Table::Metrics, Table::Logs] {
             // Leaves that started together skip the same items: fold them together.
@@ -755,12 +840,8 @@ impl Incremental {
                     by_since.entry(leaf.since).or_default().push(i);
                 }
             }
-            for ((seq, version), mine) in by_since {
-                let batches: Vec<RecordBatch> = items
-                    .iter()
-                    .filter(|item| item.table == table && !item.already_in(seq, version))
-                    .flat_map(|item| item.batches.iter().cloned())
-                    .collect();
+            for (since, mine) in by_since {
+                let batches: Vec<RecordBatch> = rows_after(&items, table, since).collect();
                 if !batches.is_empty() {
                     fold_into(&mut state.leaves, &mine, &batches, self.window_bytes).await;
                 }
@@ -775,18 +856,27 @@ impl Incremental {
         let at = sql_instant(at_ms)?;
         let mut state = self.state.lock().await;
         // Whatever this rule's path, the feed does not pile up.
-        self.catch_up(&mut state).await?;
+        self.catch_up_for(&mut state, at_ms).await?;
         if !state.rules.contains_key(sql) {
             self.prepare_locked(&mut state, &[sql], at_ms).await?;
+            // New leaves start further on than the others: all to one item again.
+            self.catch_up(&mut state).await?;
         }
         let prepared = Arc::clone(&state.rules[sql]);
-        self.catch_up(&mut state).await?;
         let leaves = match prepared.as_ref() {
             Prepared::Incremental { leaves, .. } | Prepared::Replan { leaves } => leaves,
             Prepared::Window { tables, longest } => {
                 let mut rows = HashMap::new();
                 let back = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX / 2);
                 let from_us = at_ms.saturating_mul(1000).saturating_sub(back);
+                let started = state.started;
+                for table in tables {
+                    state = self.refill_if_due(state, *table, at_ms).await;
+                }
+                if state.started != started {
+                    // A refill let go of the lock: every window to one feed item again.
+                    self.catch_up(&mut state).await?;
+                }
                 for table in tables {
                     let Some(window) = state.windows[table.index()].as_mut() else {
                         return Ok(None);
@@ -806,8 +896,15 @@ impl Incremental {
             Prepared::Sql(_) => return Ok(None),
         };
         let mut results = HashMap::new();
+        let started = state.started;
         for index in leaves {
-            self.restart_if_due(&mut state, *index, at_ms).await;
+            state = self.restart_if_due(state, *index, at_ms).await;
+        }
+        if state.started != started {
+            // A restart let go of the lock: every leaf to one feed item again.
+            self.catch_up(&mut state).await?;
+        }
+        for index in leaves {
             let Some(result) = state.leaves[*index].result(at_ms).await? else {
                 return Ok(None);
             };
@@ -826,7 +923,8 @@ impl Incremental {
                 if nodes.len() != leaves.len() {
                     return Ok(None);
                 }
-                let plans: Vec<&LeafPlan> = leaves.iter().map(|i| &state.leaves[*i].plan).collect();
+                let plans: Vec<&LeafPlan> =
+                    leaves.iter().map(|i| &*state.leaves[*i].plan).collect();
                 match substitute(optimized, &nodes, &plans, leaves).map_err(df)? {
                     Some(outer) => outer,
                     None => return Ok(None),
@@ -841,45 +939,117 @@ impl Incremental {
         self.execute(&session, plan).await.map(Some)
     }
 
-    /// Starts broken leaf `index` again from the lake once its wait is over: what
-    /// broke it (a fold failing on rows since gone, a burst of groups) may have
-    /// passed, and its rules need not scan for good. The wait is [`RESTART_AFTER`]
-    /// from the first round that finds it broken, doubled at each restart, at most
-    /// a day.
-    async fn restart_if_due(&self, state: &mut State, index: usize, at_ms: i64) {
-        let received = state.received;
+    /// Starts broken leaf `index` again from the lake once its wait is over (see
+    /// [`Backoff`]). The lake is read without the lock (rounds of other rules go on
+    /// meanwhile; the leaf's own rules run as SQL until it is back).
+    async fn restart_if_due<'a>(
+        &'a self,
+        mut state: tokio::sync::MutexGuard<'a, State>,
+        index: usize,
+        at_ms: i64,
+    ) -> tokio::sync::MutexGuard<'a, State> {
         let leaf = &mut state.leaves[index];
-        if leaf.broken.is_none() {
-            return;
+        if leaf.broken.is_none() || !leaf.restart.due(at_ms) {
+            return state;
         }
-        let wait = RESTART_AFTER
-            .saturating_mul(1 << leaf.restarts.min(10))
-            .min(Duration::from_secs(86_400));
-        let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
-        let due = *leaf.restart_at.get_or_insert(at_ms.saturating_add(wait_ms));
-        if at_ms < due {
-            return;
+        let mut fresh = [LeafState::new(Arc::clone(&leaf.plan))];
+        let received = state.received;
+        state.starting += 1;
+        drop(state);
+        let started = self.start(&mut fresh, at_ms, received).await;
+        let mut state = self.state.lock().await;
+        let replay = state.started();
+        let [mut fresh] = fresh;
+        if started.is_ok() {
+            let batches: Vec<RecordBatch> =
+                rows_after(&replay, fresh.plan.leaf.table, fresh.since).collect();
+            fold_into(
+                std::slice::from_mut(&mut fresh),
+                &[0],
+                &batches,
+                self.window_bytes,
+            )
+            .await;
         }
-        leaf.partials.clear();
-        leaf.cached = None;
-        leaf.broken = None;
-        leaf.restart_at = None;
-        leaf.restarts += 1;
-        ::metrics::counter!("fleetlake_incremental_restarts_total").increment(1);
-        if let Err(error) = self
-            .start(std::slice::from_mut(leaf), at_ms, received)
-            .await
-        {
-            leaf.broken = Some(format!("it could not start again: {error}"));
-        }
-        match &leaf.broken {
-            Some(reason) => {
-                tracing::warn!(leaf = %leaf.plan.leaf, %reason, restarts = leaf.restarts, "a broken leaf started again and broke again; its rules run as SQL")
+        let leaf = &mut state.leaves[index];
+        leaf.restart.running = false;
+        let restarts = leaf.restart.restarts;
+        match (started, fresh.broken) {
+            (Err(error), _) => {
+                let reason = format!("it could not start again: {error}");
+                tracing::warn!(leaf = %leaf.plan.leaf, %reason, restarts, "a broken leaf could not start again; its rules run as SQL");
+                leaf.broken = Some(reason);
             }
-            None => {
-                tracing::info!(leaf = %leaf.plan.leaf, restarts = leaf.restarts, "a broken leaf started again; its rules run from partials")
+            (Ok(()), Some(reason)) => {
+                tracing::warn!(leaf = %leaf.plan.leaf, %reason, restarts, "a broken leaf started again and broke again; its rules run as SQL");
+                leaf.broken = Some(reason);
+            }
+            (Ok(()), None) => {
+                tracing::info!(leaf = %leaf.plan.leaf, restarts, "a broken leaf started again; its rules run from partials");
+                leaf.partials = fresh.partials;
+                leaf.since = fresh.since;
+                leaf.horizon = fresh.horizon;
+                leaf.cached = None;
+                leaf.broken = None;
             }
         }
+        state
+    }
+
+    /// Reads the recent rows of `table` from the lake again once the window that
+    /// passed its bound has waited (see [`Backoff`]); without the lock, as a leaf's
+    /// restart.
+    async fn refill_if_due<'a>(
+        &'a self,
+        mut state: tokio::sync::MutexGuard<'a, State>,
+        table: Table,
+        at_ms: i64,
+    ) -> tokio::sync::MutexGuard<'a, State> {
+        let Some(window) = state.windows[table.index()].as_mut() else {
+            return state;
+        };
+        if !window.full || !window.restart.due(at_ms) {
+            return state;
+        }
+        let longest = window.longest;
+        let received = state.received;
+        state.starting += 1;
+        drop(state);
+        let read = self.start_window(table, longest, at_ms, received).await;
+        let mut state = self.state.lock().await;
+        let replay = state.started();
+        let Some(window) = state.windows[table.index()].as_mut() else {
+            return state;
+        };
+        if !window.restart.running {
+            // Replaced meanwhile by a longer window.
+            return state;
+        }
+        window.restart.running = false;
+        match read {
+            Ok(mut fresh) => {
+                fresh.add(rows_after(&replay, table, fresh.since), self.window_bytes);
+                fresh.restart = std::mem::take(&mut window.restart);
+                if fresh.full {
+                    tracing::warn!(
+                        table = table.name(),
+                        restarts = fresh.restart.restarts,
+                        "recent rows read again pass their bound again; windowed rules read the lake"
+                    );
+                } else {
+                    tracing::info!(
+                        table = table.name(),
+                        restarts = fresh.restart.restarts,
+                        "recent rows read again; windowed rules run over them"
+                    );
+                }
+                *window = fresh;
+            }
+            Err(error) => {
+                tracing::warn!(table = table.name(), %error, "recent rows could not be read again; windowed rules read the lake");
+            }
+        }
+        state
     }
 
     /// Runs `sql` at `at` with its reads of `metrics`/`logs` over `rows` instead of
@@ -982,6 +1152,19 @@ async fn lake_rows(
         .execute_stream()
         .await
         .map_err(df)
+}
+
+/// The rows of `table` in feed `items` that a state started from the snapshot at
+/// `since` (feed position, lake version) does not hold yet.
+fn rows_after(
+    items: &[Arc<FeedItem>],
+    table: Table,
+    (seq, version): (u64, Option<i64>),
+) -> impl Iterator<Item = RecordBatch> + '_ {
+    items
+        .iter()
+        .filter(move |item| item.table == table && !item.already_in(seq, version))
+        .flat_map(|item| item.batches.iter().cloned())
 }
 
 /// Folds `rows` (of the leaves' table, as the lake or the feed has them) into the
@@ -1111,13 +1294,7 @@ impl LeafState {
         .map_err(df)?;
         self.plan.fold_input.set(Vec::new());
         let schema = Arc::clone(&self.plan.partials_input.schema);
-        for batch in out {
-            if batch.num_rows() > 0 {
-                let columns = conform_columns(&batch, &schema)?;
-                self.partials
-                    .push(RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)?);
-            }
-        }
+        self.partials.extend(owned(&out, &schema)?);
         self.cached = None;
         if self.partials.len() > COMPACT_AFTER {
             self.compact().await?;
@@ -1133,13 +1310,7 @@ impl LeafState {
             let schema = Arc::clone(&self.plan.partials_input.schema);
             let merged = self.merge(&self.plan.merge_slots, kept).await?;
             // Merging may widen a type (a decimal sum); the partials keep theirs.
-            self.partials = merged
-                .iter()
-                .map(|b| {
-                    let columns = conform_columns(b, &schema)?;
-                    RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)
-                })
-                .collect::<Result<_, _>>()?;
+            self.partials = owned(&merged, &schema)?.into_iter().collect();
             return Ok(());
         }
         // One row per group, in the slot of its latest time.
@@ -1151,7 +1322,7 @@ impl LeafState {
             .iter()
             .filter(|f| matches!(f, Finish::Group(_)))
             .count();
-        let mut partials = Vec::with_capacity(merged.len());
+        let mut partials = Vec::with_capacity(1);
         for batch in merged {
             let latest = cast(batch.column(groups), &DataType::Int64).map_err(arrow_err)?;
             let slots: Int64Array = latest
@@ -1168,7 +1339,7 @@ impl LeafState {
                 .collect::<Result<Vec<_>, _>>()?;
             partials.push(RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)?);
         }
-        self.partials = partials;
+        self.partials = owned(&partials, &schema)?.into_iter().collect();
         Ok(())
     }
 
@@ -1294,6 +1465,38 @@ fn conform_columns(batch: &RecordBatch, schema: &SchemaRef) -> Result<Vec<ArrayR
             }
         })
         .collect()
+}
+
+/// An operator's output `batches` as one batch of `schema` in buffers of its own, to
+/// be kept as partials. The output is slices of shared buffers (an aggregate emits
+/// its groups at once, then slices them into batches): each slice would count the
+/// whole buffer against the bound, and keep it alive; string views point into the
+/// rows folded (whole batches of the feed). `None` when there are no rows.
+fn owned(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Option<RecordBatch>, QueryError> {
+    let batches: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
+    let Some(first) = batches.first() else {
+        return Ok(None);
+    };
+    // Two or more are copied by concatenating; one alone is a slice still.
+    let copy = batches.len() == 1;
+    let one = concat_batches(&first.schema(), batches.iter().copied()).map_err(arrow_err)?;
+    let columns = conform_columns(&one, schema)?
+        .into_iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View => Ok(Arc::new(c.as_string_view().gc()) as ArrayRef),
+            DataType::BinaryView => Ok(Arc::new(c.as_binary_view().gc()) as ArrayRef),
+            _ if copy => {
+                let data = c.to_data();
+                let mut out = MutableArrayData::new(vec![&data], false, c.len());
+                out.try_extend(0, 0, c.len()).map_err(arrow_err)?;
+                Ok(make_array(out.freeze()))
+            }
+            _ => Ok(c),
+        })
+        .collect::<Result<Vec<_>, QueryError>>()?;
+    RecordBatch::try_new(Arc::clone(schema), columns)
+        .map(Some)
+        .map_err(arrow_err)
 }
 
 /// A rule's plan at the two instants (leaves in place), and its leaves' aggregates at both.

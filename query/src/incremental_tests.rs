@@ -341,34 +341,6 @@ async fn a_round_off_the_second_or_before_the_start_runs_as_sql() {
     }
 }
 
-/// The write path's feed, with its snapshot held back while `lag` is set: as the
-/// writer's is for a moment between emitting rows and publishing the snapshot that
-/// shows them.
-struct Lagging {
-    inner: Aggregator,
-    lag: std::sync::Mutex<Option<(u64, Vec<RecordBatch>)>>,
-}
-
-impl super::RowFeed for Lagging {
-    fn subscribe(
-        &self,
-    ) -> (
-        tokio::sync::mpsc::UnboundedReceiver<Arc<fleetlake_aggregate::feed::FeedItem>>,
-        u64,
-    ) {
-        self.inner.subscribe()
-    }
-
-    fn hot(&self, table: Table, lake_version: Option<i64>) -> (u64, Vec<RecordBatch>) {
-        let mut lag = self.lag.lock().unwrap();
-        match lag.take() {
-            // Behind once, then caught up (the writer publishes right after).
-            Some(stale) => stale,
-            None => self.inner.hot(table, lake_version),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_leaf_started_while_the_writer_is_between_emitting_and_publishing_misses_no_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -377,9 +349,10 @@ async fn a_leaf_started_while_the_writer_is_between_emitting_and_publishing_miss
         lake,
         Some(Arc::new(Hot(aggregator.clone()))),
     ));
-    let feed = Arc::new(Lagging {
+    let feed = Arc::new(Gated {
         inner: aggregator.clone(),
-        lag: std::sync::Mutex::new(None),
+        gate: std::sync::Mutex::new(Gate::Open),
+        held_calls: 0.into(),
     });
     let incremental = Incremental::new(Arc::clone(&engine), Arc::clone(&feed) as _);
     let first = RULES[0];
@@ -394,7 +367,8 @@ async fn a_leaf_started_while_the_writer_is_between_emitting_and_publishing_miss
         )])
         .await
         .unwrap();
-    *feed.lag.lock().unwrap() = Some(stale);
+    // Behind once, then caught up (the writer publishes right after).
+    *feed.gate.lock().unwrap() = Gate::Release(stale);
     let second = RULES[4];
     let at = START_MS + 1000;
     let folded = incremental.run(second, at).await.unwrap().unwrap();
@@ -409,6 +383,19 @@ async fn a_leaf_started_while_the_writer_is_between_emitting_and_publishing_miss
 
 #[tokio::test]
 async fn a_broken_leaf_starts_again_once_its_wait_is_over_and_waits_twice_as_long_next_time() {
+    breaks_and_starts_again(RULES[5]).await;
+}
+
+#[tokio::test]
+async fn recent_rows_past_their_bound_are_read_again_once_the_wait_is_over_and_twice_as_late_next_time()
+ {
+    breaks_and_starts_again(RULES[9]).await;
+}
+
+/// `sql`'s state (a leaf's partials, or the recent rows it runs over) passes its
+/// bound: the rule runs as SQL until the state starts again, ten minutes after the
+/// first round that finds it broken, then twenty after it breaks again.
+async fn breaks_and_starts_again(sql: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (aggregator, lake) = open(&dir).await;
     let engine = Arc::new(QueryEngine::new(
@@ -418,7 +405,6 @@ async fn a_broken_leaf_starts_again_once_its_wait_is_over_and_waits_twice_as_lon
     // Any partial passes a bound of one byte; none at all does not.
     let incremental =
         Incremental::new(Arc::clone(&engine), Arc::new(aggregator.clone())).with_window_bytes(1);
-    let sql = RULES[5];
     let principal = Principal::unrestricted("test");
     let minute = 60_000;
     let write = |at: i64| {
@@ -470,4 +456,169 @@ async fn a_broken_leaf_starts_again_once_its_wait_is_over_and_waits_twice_as_lon
         "ten minutes are not enough now"
     );
     started_again_as_the_scan(found + 20 * minute).await;
+}
+
+/// The write path's feed, its snapshot held (a start waiting for it spins) until
+/// released with a snapshot of the test's choosing, then as it is: as the writer's
+/// is for a moment between emitting rows and publishing the snapshot that shows them.
+struct Gated {
+    inner: Aggregator,
+    gate: std::sync::Mutex<Gate>,
+    /// Calls of `hot` while held.
+    held_calls: std::sync::atomic::AtomicUsize,
+}
+
+enum Gate {
+    Open,
+    Held,
+    Release((u64, Vec<RecordBatch>)),
+}
+
+impl super::RowFeed for Gated {
+    fn subscribe(
+        &self,
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<Arc<fleetlake_aggregate::feed::FeedItem>>,
+        u64,
+    ) {
+        self.inner.subscribe()
+    }
+
+    fn hot(&self, table: Table, lake_version: Option<i64>) -> (u64, Vec<RecordBatch>) {
+        let mut gate = self.gate.lock().unwrap();
+        match std::mem::replace(&mut *gate, Gate::Open) {
+            Gate::Open => self.inner.hot(table, lake_version),
+            Gate::Held => {
+                *gate = Gate::Held;
+                self.held_calls
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (0, Vec::new())
+            }
+            Gate::Release(snapshot) => snapshot,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restart_reads_the_lake_without_holding_up_other_rules_and_folds_what_they_took_off_the_feed_meanwhile()
+ {
+    let leaf_rule = RULES[0];
+    let scanned_rule = "SELECT count(*) AS n FROM metrics";
+    let minute = 60_000;
+    let restart_at = START_MS + 10 * minute;
+    let r2 = rows(&[(0, 0, 0, -2000, 3)], restart_at);
+    let r3 = rows(&[(1, 0, 1, -1000, 4)], restart_at);
+
+    // The bound: twice what the leaf holds once started again with both rows (one
+    // fold each), measured on another lake.
+    let bound = {
+        let dir = tempfile::tempdir().unwrap();
+        let (aggregator, lake) = open(&dir).await;
+        let engine = Arc::new(QueryEngine::new(lake, None));
+        let incremental = Incremental::new(engine, Arc::new(aggregator.clone()));
+        aggregator
+            .write(vec![(Table::Metrics, r2.clone())])
+            .await
+            .unwrap();
+        assert!(
+            incremental
+                .run(leaf_rule, restart_at)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        aggregator
+            .write(vec![(Table::Metrics, r3.clone())])
+            .await
+            .unwrap();
+        assert!(
+            incremental
+                .run(leaf_rule, restart_at)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let (bytes, leaves) = incremental.footprint().await;
+        assert_eq!(leaves, 1);
+        2 * bytes
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let (aggregator, lake) = open(&dir).await;
+    let engine = Arc::new(QueryEngine::new(
+        lake,
+        Some(Arc::new(Hot(aggregator.clone()))),
+    ));
+    let feed = Arc::new(Gated {
+        inner: aggregator.clone(),
+        gate: std::sync::Mutex::new(Gate::Open),
+        held_calls: 0.into(),
+    });
+    let incremental = Arc::new(
+        Incremental::new(Arc::clone(&engine), Arc::clone(&feed) as _).with_window_bytes(bound),
+    );
+    // A burst of groups (a slot per second of five minutes, three accounts) breaks the
+    // leaf; it is in the lake, out of the window once the leaf starts again.
+    let burst: Vec<Point> = (0..300)
+        .flat_map(|s| (0..3).map(move |a| (a, 0, 0, -1000 * i64::from(s), 1)))
+        .collect();
+    aggregator
+        .write(vec![(Table::Metrics, rows(&burst, START_MS))])
+        .await
+        .unwrap();
+    aggregator.flush().await.unwrap();
+    assert!(
+        incremental
+            .run(leaf_rule, START_MS)
+            .await
+            .unwrap()
+            .is_none(),
+        "the burst passes the bound of {bound} bytes"
+    );
+
+    // Ten minutes on the leaf starts again: from a snapshot holding r2 but not r3,
+    // which another rule's round takes off the feed while the start waits.
+    aggregator
+        .write(vec![(Table::Metrics, r2.clone())])
+        .await
+        .unwrap();
+    let version = engine
+        .lake_table(Table::Metrics)
+        .await
+        .unwrap()
+        .and_then(|d| d.version());
+    let snapshot = super::RowFeed::hot(&aggregator, Table::Metrics, version.map(|v| v as i64));
+    *feed.gate.lock().unwrap() = Gate::Held;
+    let restarting = tokio::spawn({
+        let incremental = Arc::clone(&incremental);
+        async move { incremental.run(leaf_rule, restart_at).await }
+    });
+    while feed.held_calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    aggregator
+        .write(vec![(Table::Metrics, r3.clone())])
+        .await
+        .unwrap();
+    // A second later (a round at the same instant would not look at the feed again).
+    assert!(
+        incremental
+            .run(scanned_rule, restart_at + 1000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        !restarting.is_finished(),
+        "another rule's round went on while the start waited for its snapshot"
+    );
+    *feed.gate.lock().unwrap() = Gate::Release(snapshot);
+    let folded = restarting.await.unwrap().unwrap().expect("started again");
+    let scanned = engine
+        .run_at(leaf_rule, &Principal::unrestricted("test"), restart_at)
+        .await
+        .unwrap()
+        .batches;
+    assert_eq!(lines(&folded), lines(&scanned));
+    assert_eq!(lines(&folded).len(), 2, "both rows are in the result");
 }
