@@ -150,6 +150,13 @@ struct Persisted {
     outbox: BTreeMap<String, VecDeque<Message>>,
     unwritten: Vec<(u64, Vec<TransitionRow>)>,
     silences: Vec<Silence>,
+    /// The last outbox message the state file holds: later ones are not delivered
+    /// until a save holds them (a round saves once, after all its rules).
+    #[serde(skip)]
+    saved_through: u64,
+    /// When a round last saved it (epoch ms).
+    #[serde(skip)]
+    saved_at_ms: i64,
 }
 
 /// The alerting stage.
@@ -325,9 +332,10 @@ impl Inner {
 
     /// Saves the state; a failure is counted and logged (the state stays in memory and
     /// the next change tries again).
-    fn save(&self, state: &Persisted) {
+    fn save(&self, state: &mut Persisted) {
         let started = Instant::now();
         let result = self.write_state(state);
+        state.saved_through = state.next_message;
         metrics::histogram!("fleetlake_alert_state_save_seconds")
             .record(started.elapsed().as_secs_f64());
         if let Err(error) = result {
@@ -756,11 +764,27 @@ impl Inner {
             ));
         }
         p.rules.insert(key, rs);
-        let seq = (!rows.is_empty()).then(|| {
+        (!rows.is_empty()).then(|| {
             p.seq += 1;
             p.unwritten.push((p.seq, rows));
             p.seq
-        });
+        })
+    }
+
+    /// Ends a round whose rules were applied at `now`: the state saved once (the
+    /// outbox's new messages with it), then the deliverers woken. Saved when something
+    /// that must survive a restart changed (`transitions`: an instance appeared, fired,
+    /// resolved or was dropped; a message was queued), and at least once a minute for
+    /// the rest (values, annotations, last seen, which the next round sets again after
+    /// a restart): a state of a million instances takes seconds to write, which a round
+    /// every few seconds cannot pay when nothing changed.
+    fn commit_round(&self, transitions: bool, now: i64) {
+        let mut guard = self.state.lock().expect("alert state lock");
+        let p = &mut *guard;
+        if transitions || p.next_message != p.saved_through || now - p.saved_at_ms >= 60_000 {
+            self.save(p);
+            p.saved_at_ms = now;
+        }
         let (mut pending, mut firing) = (0, 0);
         for rs in p.rules.values() {
             for i in rs.instances.values() {
@@ -773,10 +797,8 @@ impl Inner {
         }
         metrics::gauge!("fleetlake_alerts", "state" => "pending").set(pending as f64);
         metrics::gauge!("fleetlake_alerts", "state" => "firing").set(firing as f64);
-        self.save(p);
         drop(guard);
         self.wake.notify_waiters();
-        seq
     }
 
     /// Commits the queued transitions to the `alerts` table, oldest first.
@@ -793,7 +815,7 @@ impl Inner {
                 Ok(()) => {
                     let mut p = self.state.lock().expect("alert state lock");
                     p.unwritten.retain(|(s, _)| *s > seq);
-                    self.save(&p);
+                    self.save(&mut p);
                 }
                 Err(error) => {
                     metrics::counter!("fleetlake_alert_transition_write_failures_total", "kind" => error.label())
@@ -813,7 +835,10 @@ impl Inner {
         loop {
             let next = {
                 let p = self.state.lock().expect("alert state lock");
-                p.outbox.get(&name).and_then(|q| q.front().cloned())
+                p.outbox
+                    .get(&name)
+                    .and_then(|q| q.front().cloned())
+                    .filter(|m| m.id <= p.saved_through)
             };
             let Some(message) = next else {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
@@ -1012,6 +1037,7 @@ impl Alerting {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
             Err(e) => return Err(unreadable(e)),
         };
+        state.saved_through = state.next_message;
         // Silences from the configuration are replaced at each start.
         state.silences.retain(|s| !s.id.starts_with("config-"));
         let now = parts.clock.now_ms();
@@ -1153,6 +1179,9 @@ impl Alerting {
                 }
             }
         }
+        if round.evaluated > 0 {
+            self.inner.commit_round(wrote, now);
+        }
         metrics::histogram!("fleetlake_rule_group_duration_seconds", "group" => group.name.clone())
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("fleetlake_rule_group_evaluations_total", "group" => group.name.clone())
@@ -1257,7 +1286,7 @@ impl Alerting {
         });
         // Expired silences are kept a day for the record, then dropped.
         p.silences.retain(|s| s.ends_at > now - 86_400_000);
-        self.inner.save(&p);
+        self.inner.save(&mut p);
         Ok(id)
     }
 
@@ -1269,7 +1298,7 @@ impl Alerting {
             return false;
         };
         s.ends_at = s.ends_at.min(now);
-        self.inner.save(&p);
+        self.inner.save(&mut p);
         true
     }
 }
