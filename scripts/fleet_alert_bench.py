@@ -333,6 +333,12 @@ s1 = summary(after, "fleetlake_rule_group_duration_seconds", "fleet")
 fleet_rounds = s1.get("count", 0) - s0.get("count", 0)
 fleet_mean = (s1.get("sum", 0) - s0.get("sum", 0)) / fleet_rounds if fleet_rounds else float("nan")
 paths = counters(after, "fleetlake_rule_evaluations_total")
+instances = counters(after, "fleetlake_alerts")
+saves = {}
+for line in after.splitlines():
+    m = re.match(r'fleetlake_alert_state_save_seconds(?:\{quantile="([0-9.]+)"\}|_(sum|count)) (\S+)', line)
+    if m:
+        saves[m.group(1) or m.group(2)] = float(m.group(3))
 
 
 def q(values, p):
@@ -357,5 +363,11 @@ print(f"| {RULES:,}-rule round, ingest at half rate ({half / 1e3:,.0f} k dp/s): 
       f"{fleet_rounds:.0f} rounds | {fleet_mean * 1000:.0f} ms |")
 print(f"| breach → page ({len(latencies)} probes, 200 → fake PagerDuty's receipt): p50 / p99 / max | "
       f"{q(latencies, 0.5) * 1000:.0f} ms / {q(latencies, 0.99) * 1000:.0f} ms / {latencies[-1] * 1000:.0f} ms |")
+print(f"| alert instances at the end (the rules' thresholds against this data) | "
+      f"{', '.join(f'{k}: {v:,.0f}' for k, v in sorted(instances.items()))} |")
+if saves.get("count"):
+    print(f"| alert state saves during the probe server's life: count, p50 / max | "
+          f"{saves['count']:.0f}, {saves.get('0.5', float('nan')) * 1000:.0f} ms / "
+          f"{saves.get('1', float('nan')) * 1000:.0f} ms |")
 print(f"| rounds per path (rule evaluations) | "
       f"{', '.join(f'{k}: {v:.0f}' for k, v in sorted(paths.items()))} |")
