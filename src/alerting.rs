@@ -222,7 +222,7 @@ fn unavailable(e: impl std::fmt::Display) -> AlertError {
 
 #[async_trait]
 impl TransitionLog for LakeAlerts {
-    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), AlertError> {
+    async fn append(&self, queued: Vec<(u64, RecordBatch)>) -> Result<(), AlertError> {
         let mut guard = self.table.lock().await;
         let mut lake = match guard.take() {
             Some(mut lake) => {
@@ -235,15 +235,20 @@ impl TransitionLog for LakeAlerts {
             .app_transaction(ALERTS_APP_ID)
             .await
             .map_err(unavailable)?;
-        if done.is_some_and(|v| v >= seq as i64) {
+        let fresh: Vec<(u64, RecordBatch)> = queued
+            .into_iter()
+            .filter(|(seq, _)| done.is_none_or(|v| *seq as i64 > v))
+            .collect();
+        let Some(last) = fresh.last().map(|(seq, _)| *seq) else {
             *guard = Some(lake);
             return Ok(());
-        }
+        };
         let meta = CommitMeta {
-            transactions: vec![(ALERTS_APP_ID.to_string(), seq as i64)],
+            transactions: vec![(ALERTS_APP_ID.to_string(), last as i64)],
             metadata: Vec::new(),
         };
-        lake.append(vec![rows], meta).await.map_err(unavailable)?;
+        let rows = fresh.into_iter().map(|(_, rows)| rows).collect();
+        lake.append(rows, meta).await.map_err(unavailable)?;
         *guard = Some(lake);
         Ok(())
     }

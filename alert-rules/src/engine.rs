@@ -54,10 +54,12 @@ pub trait SqlSource: Send + Sync + 'static {
 /// Where transitions go (the lake's `alerts` table).
 #[async_trait]
 pub trait TransitionLog: Send + Sync + 'static {
-    /// Commits the transitions of evaluation `seq`; does nothing if `seq` was
-    /// committed before. A lake that cannot be written is [`AlertError::Unavailable`];
-    /// the transitions stay queued and are tried again after the next evaluation.
-    async fn append(&self, rows: RecordBatch, seq: u64) -> Result<(), AlertError>;
+    /// Commits the transitions of the evaluations `queued` (their sequence numbers,
+    /// rising, and rows) in one commit, leaving out those committed before (a
+    /// sequence number at or below the last one committed). A lake that cannot be
+    /// written is [`AlertError::Unavailable`]; the transitions stay queued and are
+    /// tried again after the next evaluation.
+    async fn append(&self, queued: Vec<(u64, RecordBatch)>) -> Result<(), AlertError>;
 }
 
 /// The label naming an alert's AWS account.
@@ -416,7 +418,7 @@ impl Inner {
 
     fn storm_threshold_exceeded(&self, accounts: usize, registry: &Snapshot) -> bool {
         let by_number = self.config.storm_accounts.is_some_and(|n| accounts > n);
-        let active = registry.accounts().filter(|a| a.is_active()).count();
+        let active = registry.active();
         let by_share = self
             .config
             .storm_share
@@ -810,19 +812,27 @@ impl Inner {
             .expect("alert state lock")
             .unwritten
             .clone();
-        for (seq, rows) in queued {
-            match self.log.append(table::to_batch(&rows), seq).await {
-                Ok(()) => {
-                    let mut p = self.state.lock().expect("alert state lock");
-                    p.unwritten.retain(|(s, _)| *s > seq);
-                    self.save(&mut p);
-                }
-                Err(error) => {
-                    metrics::counter!("fleetlake_alert_transition_write_failures_total", "kind" => error.label())
-                        .increment(1);
-                    warn!(%error, kind = error.label(), seq, "alert transitions not committed yet; retrying at the next evaluation");
-                    return;
-                }
+        let Some(last) = queued.last().map(|(seq, _)| *seq) else {
+            return;
+        };
+        // One commit for all of them: a round of 1,000 rules can queue a thousand
+        // evaluations' transitions, and a commit costs a read of the table's log.
+        let batches = queued
+            .iter()
+            .map(|(seq, rows)| (*seq, table::to_batch(rows)))
+            .collect();
+        match self.log.append(batches).await {
+            Ok(()) => {
+                // Not saved for this alone: the next save drops them from the file,
+                // and until then a restart appends them again, which the table's
+                // application transaction (the sequence numbers) turns into nothing.
+                let mut p = self.state.lock().expect("alert state lock");
+                p.unwritten.retain(|(s, _)| *s > last);
+            }
+            Err(error) => {
+                metrics::counter!("fleetlake_alert_transition_write_failures_total", "kind" => error.label())
+                    .increment(1);
+                warn!(%error, kind = error.label(), last, "alert transitions not committed yet; retrying at the next evaluation");
             }
         }
     }
@@ -1383,24 +1393,31 @@ mod tests {
         }
     }
 
-    /// The `alerts` table: the states of the transitions committed.
+    /// The `alerts` table: the states of the transitions committed, and the
+    /// sequence numbers each commit held.
     #[derive(Default)]
-    struct FakeLog(Mutex<Vec<(String, String)>>);
+    struct FakeLog(Mutex<Vec<(String, String)>>, Mutex<Vec<Vec<u64>>>);
 
     #[async_trait]
     impl TransitionLog for FakeLog {
-        async fn append(&self, rows: RecordBatch, _seq: u64) -> Result<(), AlertError> {
-            let column = |name: &str| {
-                rows.column_by_name(name)
-                    .unwrap()
-                    .as_string::<i32>()
-                    .iter()
-                    .map(|v| v.unwrap_or_default().to_string())
-                    .collect::<Vec<_>>()
-            };
-            let from = column("previous_state");
-            let to = column("state");
-            self.0.lock().unwrap().extend(from.into_iter().zip(to));
+        async fn append(&self, queued: Vec<(u64, RecordBatch)>) -> Result<(), AlertError> {
+            self.1
+                .lock()
+                .unwrap()
+                .push(queued.iter().map(|(seq, _)| *seq).collect());
+            for (_, rows) in queued {
+                let column = |name: &str| {
+                    rows.column_by_name(name)
+                        .unwrap()
+                        .as_string::<i32>()
+                        .iter()
+                        .map(|v| v.unwrap_or_default().to_string())
+                        .collect::<Vec<_>>()
+                };
+                let from = column("previous_state");
+                let to = column("state");
+                self.0.lock().unwrap().extend(from.into_iter().zip(to));
+            }
             Ok(())
         }
     }
@@ -1554,6 +1571,30 @@ mod tests {
                 pair("firing", "resolved")
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_rounds_transitions_of_every_rule_are_one_commit() {
+        let rule = |name: &str| {
+            format!(
+                "      - alert: {name}\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: 0s\n"
+            )
+        };
+        let h = harness_of(&format!(
+            "groups:\n  - name: g\n    interval: 1m\n    rules:\n{}{}{}",
+            rule("A"),
+            rule("B"),
+            rule("C")
+        ));
+        h.sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
+        h.round().await;
+        h.clock.advance(Duration::from_secs(60));
+        h.sql.answer(Answer::Rows(Vec::new()));
+        h.round().await;
+        // Each rule's transitions have their own sequence number; a round commits
+        // them together (a thousand rules are not a thousand commits).
+        assert_eq!(*h.log.1.lock().unwrap(), vec![vec![1, 2, 3], vec![4, 5, 6]]);
+        assert_eq!(h.transitions().len(), 6);
     }
 
     #[tokio::test]

@@ -70,8 +70,11 @@ impl Account {
 
     /// Whether the account may page: its `lifecycle_state` is `active` (or unset).
     pub fn is_active(&self) -> bool {
-        self.get("lifecycle_state")
-            .is_none_or(|s| s.eq_ignore_ascii_case("active"))
+        match self.fields.get("lifecycle_state") {
+            None | Some(serde_json::Value::Null) => true,
+            Some(serde_json::Value::String(s)) => s.eq_ignore_ascii_case("active"),
+            Some(_) => false,
+        }
     }
 }
 
@@ -81,6 +84,10 @@ pub struct Snapshot {
     accounts: BTreeMap<String, Account>,
     /// Fields besides [`FIELDS`], by name, with their column types.
     extra: Vec<(String, DataType)>,
+    /// The `accounts` table and the number of active accounts, made once: every
+    /// rule that joins `accounts` reads the table, every rule's round counts them.
+    batch: std::sync::OnceLock<RecordBatch>,
+    active: std::sync::OnceLock<usize>,
 }
 
 /// What the values of one field have been so far.
@@ -188,7 +195,11 @@ impl Snapshot {
             .into_iter()
             .map(|(name, kind)| (name, kind.unwrap_or(Kind::Text).data_type()))
             .collect();
-        Ok(Self { accounts, extra })
+        Ok(Self {
+            accounts,
+            extra,
+            ..Self::default()
+        })
     }
 
     /// The record of `account_id`.
@@ -211,6 +222,13 @@ impl Snapshot {
         self.accounts.values()
     }
 
+    /// How many accounts are active (see [`Account::is_active`]).
+    pub fn active(&self) -> usize {
+        *self
+            .active
+            .get_or_init(|| self.accounts.values().filter(|a| a.is_active()).count())
+    }
+
     /// Schema of the `accounts` table: [`schema`]'s columns, then the extra fields.
     pub fn schema(&self) -> SchemaRef {
         let mut fields: Vec<Field> = schema()
@@ -228,6 +246,10 @@ impl Snapshot {
 
     /// The `accounts` table.
     pub fn to_batch(&self) -> RecordBatch {
+        self.batch.get_or_init(|| self.make_batch()).clone()
+    }
+
+    fn make_batch(&self) -> RecordBatch {
         let text = |field: &str| {
             let mut b = StringBuilder::new();
             for account in self.accounts.values() {
