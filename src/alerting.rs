@@ -33,6 +33,10 @@ use crate::config::Config;
 /// to the `alerts` table.
 const ALERTS_APP_ID: &str = "fleetlake.alerts";
 
+/// How often rows accepted since are folded into the incremental aggregates between
+/// rounds.
+const FOLD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The account registry the configuration names (empty if none).
 pub(crate) fn registry(config: &Config) -> anyhow::Result<Registry> {
     match &config.accounts.file {
@@ -95,6 +99,22 @@ impl EngineSql {
     ) -> Self {
         let incremental =
             Arc::new(Incremental::new(Arc::clone(&engine), feed).with_window_bytes(window_bytes));
+        // Rows are folded as they come, not all at the next round: a round then only
+        // merges (and folds the last second's rows).
+        let folding = Arc::downgrade(&incremental);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(FOLD_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(incremental) = folding.upgrade() else {
+                    return;
+                };
+                if let Err(error) = incremental.fold_pending().await {
+                    warn!(%error, "folding rows into incremental aggregates failed; the next round tries again");
+                }
+            }
+        });
         Self {
             engine,
             incremental: Some((incremental, rules)),

@@ -19,7 +19,7 @@ use crate::access::Principal;
 use crate::engine::{HotData, QueryEngine, SideTable};
 
 /// Rules of the shapes fleets write, over the rows [`rows`] makes.
-const RULES: [&str; 11] = [
+const RULES: [&str; 12] = [
     // Every mergeable aggregate, by account, on one metric.
     "SELECT account_id, sum(sum) AS s, count(*) AS n, min(min) AS lo, max(max) AS hi, avg(sum) AS a \
      FROM metrics WHERE namespace = 'AWS/Lambda' AND metric_name = 'Errors' \
@@ -44,7 +44,8 @@ const RULES: [&str; 11] = [
     // The aggregate of the rule before with its threshold in HAVING: one leaf for both.
     "SELECT account_id, sum(sum) AS s FROM metrics WHERE time > now() - INTERVAL '1 minute' \
      GROUP BY account_id HAVING sum(sum) > 2",
-    // Absence: last seen per account, now() above the aggregate (planned each round).
+    // Absence: last seen per account, now() above the aggregate (the plan made at
+    // each round's instant by moving its literals).
     "SELECT account_id, max(time) AS last FROM metrics WHERE time > now() - INTERVAL '10 minutes' \
      GROUP BY account_id HAVING max(time) < now() - INTERVAL '1 minute'",
     // The shipped absence rule's shape: the registry joined to last seen.
@@ -65,6 +66,9 @@ const RULES: [&str; 11] = [
     // Rows read as rows, in a window.
     "SELECT account_id, metric_name, time, sum FROM metrics \
      WHERE time > now() - INTERVAL '2 minutes' AND sum > 6",
+    // now() truncated above the aggregate: planned each round.
+    "SELECT account_id, max(time) AS last FROM metrics WHERE time > now() - INTERVAL '10 minutes' \
+     GROUP BY account_id HAVING max(time) < date_trunc('minute', now())",
 ];
 
 /// One datapoint: account 0..3, metric 0..2, function 0..2, its time relative to the
@@ -83,6 +87,8 @@ enum Step {
     Round(u8),
     /// Set every account's threshold in the registry.
     Threshold(u8),
+    /// Fold what the feed brought between rounds, as the service does every second.
+    Fold,
 }
 
 fn point() -> impl Strategy<Value = Point> {
@@ -105,6 +111,7 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
             1 => Just(Step::Flush),
             3 => (1u8..90).prop_map(Step::Round),
             1 => (0u8..12).prop_map(Step::Threshold),
+            1 => Just(Step::Fold),
         ],
         4..20,
     )
@@ -227,6 +234,7 @@ async fn run(
             }
             Step::Flush => aggregator.flush().await.unwrap(),
             Step::Threshold(t) => *registry.lock().unwrap() = accounts(t),
+            Step::Fold => incremental.fold_pending().await.unwrap(),
             Step::Round(seconds) => {
                 now += i64::from(seconds) * 1000;
                 rounds += 1;
@@ -249,10 +257,11 @@ async fn run(
             }
         }
     }
-    // The rules that differ only in their threshold read one leaf; the last two
-    // read recent rows, not leaves.
+    // The rules that differ only above their aggregates (a threshold; the two
+    // absence rules) read one leaf each; the median and the rows read recent rows,
+    // not leaves.
     let (_, leaves) = incremental.footprint().await;
-    prop_assert_eq!(leaves, RULES.len() - 3);
+    prop_assert_eq!(leaves, RULES.len() - 4);
     Ok(())
 }
 
@@ -323,18 +332,26 @@ async fn a_round_off_the_second_or_before_the_start_runs_as_sql() {
         Path::Sql(reason) => assert!(reason.contains("without a window"), "{reason}"),
         other => panic!("{other}"),
     }
-    // A plan that uses now() above its aggregates is planned each round, its
-    // aggregates still from partials.
+    // A plan that uses now() above its aggregates as an instant is made at each
+    // round's instant without planning it again; one that uses it otherwise (a
+    // truncation) is planned each round; their aggregates come from partials alike.
     let above = "SELECT account_id, sum(sum) FROM metrics \
                  WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id \
                  HAVING max(time) < now() - INTERVAL '1 minute'";
-    match Incremental::path(&engine, above).await.unwrap() {
-        Path::Incremental(leaves) => {
-            assert!(leaves[0].contains("planned each round"), "{leaves:?}")
+    let truncated = "SELECT account_id, sum(sum) FROM metrics \
+                 WHERE time > now() - INTERVAL '5 minutes' GROUP BY account_id \
+                 HAVING max(time) < date_trunc('minute', now())";
+    for (sql, replanned) in [(above, false), (truncated, true)] {
+        match Incremental::path(&engine, sql).await.unwrap() {
+            Path::Incremental(leaves) => assert_eq!(
+                leaves[0].contains("planned each round"),
+                replanned,
+                "{leaves:?}"
+            ),
+            other => panic!("{other}"),
         }
-        other => panic!("{other}"),
+        assert!(incremental.run(sql, START_MS).await.unwrap().is_some());
     }
-    assert!(incremental.run(above, START_MS).await.unwrap().is_some());
     match Incremental::path(&engine, RULES[1]).await.unwrap() {
         Path::Incremental(leaves) => assert_eq!(leaves.len(), 1),
         other => panic!("{other}"),
@@ -608,4 +625,56 @@ async fn a_restart_reads_the_lake_without_holding_up_other_rules_and_folds_what_
         .batches;
     assert_eq!(lines(&folded), lines(&scanned));
     assert_eq!(lines(&folded).len(), 2, "both rows are in the result");
+}
+
+#[tokio::test]
+async fn a_plan_that_uses_now_above_its_leaves_is_moved_to_each_rounds_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (aggregator, lake) = open(&dir).await;
+    let engine = Arc::new(
+        QueryEngine::new(lake, Some(Arc::new(Hot(aggregator.clone())))).with_table(
+            "accounts",
+            SideTable::Rows(accounts(0).schema(), Arc::new(|| accounts(3))),
+        ),
+    );
+    // Accounts 1 to 3 last seen 5 and 3 minutes before the first round; account 4
+    // never.
+    let seen = [
+        (0, 0, 0, -300_000, 1),
+        (1, 1, 0, -300_000, 2),
+        (2, 0, 1, -180_000, 3),
+    ];
+    aggregator
+        .write(vec![(Table::Metrics, rows(&seen, START_MS))])
+        .await
+        .unwrap();
+    let incremental = Incremental::new(Arc::clone(&engine), Arc::new(aggregator.clone()));
+    let principal = Principal::unrestricted("test");
+    // The shipped absence rule: `now()` above its leaf as a timestamp (the cut) and as
+    // epoch seconds (the value); and the same with `date_trunc`, planned each round.
+    for (sql, replanned) in [(RULES[7], false), (RULES[11], true)] {
+        match Incremental::path(&engine, sql).await.unwrap() {
+            Path::Incremental(leaves) => {
+                assert_eq!(
+                    leaves[0].contains("planned each round"),
+                    replanned,
+                    "{leaves:?}"
+                )
+            }
+            other => panic!("{other}"),
+        }
+        let mut values = Vec::new();
+        for seconds in [0, 1, 7, 61, 3_599] {
+            let at = START_MS + seconds * 1000;
+            let scanned = engine.run_at(sql, &principal, at).await.unwrap().batches;
+            let folded = incremental.run(sql, at).await.unwrap().unwrap();
+            assert_eq!(lines(&folded), lines(&scanned), "{sql} at +{seconds} s");
+            values.push(lines(&folded));
+        }
+        if !replanned {
+            // The values moved with the instant (seconds since last seen).
+            values.dedup();
+            assert_eq!(values.len(), 5, "{sql}: {values:?}");
+        }
+    }
 }

@@ -27,6 +27,7 @@ pub mod http;
 pub mod incremental;
 pub mod limits;
 pub mod metrics;
+mod moving;
 pub mod pg;
 pub mod shape;
 pub mod table;

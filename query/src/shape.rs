@@ -34,14 +34,14 @@ use fleetlake_model::Table;
 pub const DELTA: Duration = Duration::from_secs(86_400 + 3_600 + 1);
 
 /// The first instant (2026-01-05T10:20:30Z, epoch ms); the second is `DELTA` later.
-const T0_MS: i64 = 1_767_608_430_000;
+pub(crate) const T0_MS: i64 = 1_767_608_430_000;
 
 /// A third instant, 2028-05-15T03:41:07Z (epoch ms): another year (a leap year, so a
 /// year back is 366 days), quarter, month (a month back is 30 days, not 31), ISO week,
 /// weekday and time of day. A plan that is the same at the first two instants but
 /// not here depends on the calendar (`INTERVAL '1 month'`, `date_trunc('month',
 /// now())`), which is not followed.
-const T2_MS: i64 = 1_842_579_667_000;
+pub(crate) const T2_MS: i64 = 1_842_579_667_000;
 
 /// Why a plan is not followed when it differs at an instant in another month and year.
 const CALENDAR: &str =
