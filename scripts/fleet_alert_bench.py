@@ -12,8 +12,11 @@ Three measurements, each against a fresh `fleetlake serve` on 127.0.0.1:0 fed by
    rounds, rules first in even ones): acknowledged datapoints/s of each, and their ratio.
 2. Time to page: a server with the same rules plus one probe rule (a maximum over
    10 minutes per account and `Probe` dimension, evaluated every second) routed to a
-   fake PagerDuty (checks the Events API v2 payload as PagerDuty does, answers 202),
-   loadgen at half the no-rules rate for PROBE_S seconds; every second one breaching
+   fake PagerDuty (checks the Events API v2 payload as PagerDuty does, answers 202).
+   The fleet's last PRELOAD_MINUTES minutes (ending at the current one) are sent
+   first at full rate, so that the fleet is reporting; then a second fleet (the next
+   seed: other accounts, the same functions and metrics) at half the no-rules rate for
+   PROBE_S seconds, its data ending at the current minute; every second one breaching
    datapoint of a new Probe value is posted: the time from its 200 to the fake
    PagerDuty's receipt of that probe's trigger, p50/p99/max.
 3. Meanwhile (2.), the RULES rules' round time (`fleetlake_rule_group_duration_seconds`
@@ -21,9 +24,10 @@ Three measurements, each against a fresh `fleetlake serve` on 127.0.0.1:0 fed by
 
 Prints a Markdown table on standard output; logs and reports stay in WORK_DIR.
 
-Environment: FLEETLAKE, LOADGEN (the binaries), ACCOUNTS (6000), FUNCTIONS (4; 34 makes
+Environment: FLEETLAKE, LOADGEN (the binaries), BASELINE (another build's `fleetlake`:
+its probe run (2., 3.) too, in the same run, and the ratios), ACCOUNTS (6000), FUNCTIONS (4; 34 makes
 1.02 M series), RULES (1000), INTERVAL (5s), SUSTAIN_S (30), SUSTAIN_MINUTES (fleet-
-minutes made for the full-rate runs: 150), ROUNDS (2), PROBE_S (60), SEED (1).
+minutes made for the full-rate runs: 150), ROUNDS (2), PROBE_S (60), PRELOAD_MINUTES (20), SEED (1).
 """
 
 import base64
@@ -46,6 +50,7 @@ import fleet_rules  # noqa: E402
 ENV = os.environ
 FLEETLAKE = ENV["FLEETLAKE"]
 LOADGEN = ENV["LOADGEN"]
+BASELINE = ENV.get("BASELINE")
 WORK = os.path.abspath(sys.argv[1])
 ACCOUNTS = int(ENV.get("ACCOUNTS", "6000"))
 FUNCTIONS = int(ENV.get("FUNCTIONS", "4"))
@@ -55,6 +60,7 @@ SUSTAIN_S = int(ENV.get("SUSTAIN_S", "30"))
 SUSTAIN_MINUTES = int(ENV.get("SUSTAIN_MINUTES", "150"))
 ROUNDS = int(ENV.get("ROUNDS", "2"))
 PROBE_S = int(ENV.get("PROBE_S", "60"))
+PRELOAD_MINUTES = int(ENV.get("PRELOAD_MINUTES", "20"))
 SEED = ENV.get("SEED", "1")
 ROUTING_KEY = "0123456789abcdef0123456789abcdef"
 PROBE_ACCOUNT = "999999999999"
@@ -147,7 +153,7 @@ class PagerDuty:
 # ---------------------------------------------------------------------------------
 def write_config(name, rules_file, pagerduty_url):
     path = f"{WORK}/{name}.toml"
-    text = ""
+    text = f'[accounts]\nfile = "{REGISTRY}"\n\n'
     if rules_file:
         text += f'[alerting]\nrule_files = ["{rules_file}"]\n'
         if pagerduty_url:
@@ -159,14 +165,14 @@ def write_config(name, rules_file, pagerduty_url):
 
 
 class Server:
-    def __init__(self, name, config):
+    def __init__(self, name, config, binary=None):
         self.name = name
         self.dir = f"{WORK}/{name}"
         subprocess.run(["rm", "-rf", self.dir], check=True)
         self.log_path = f"{WORK}/logs/{name}.serve.log"
         env = dict(ENV, FLEETLAKE_LOG="info", FLEETLAKE_RETENTION__METRICS="0s")
         self.proc = subprocess.Popen(
-            [FLEETLAKE, "serve", "--config", config, "--data-dir", self.dir,
+            [binary or FLEETLAKE, "serve", "--config", config, "--data-dir", self.dir,
              "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"],
             stderr=open(self.log_path, "w"), stdout=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 120
@@ -196,11 +202,11 @@ class Server:
             sys.exit(f"server {self.name} exited with status {status} (log: {self.log_path})")
 
 
-def loadgen(name, server, *args, timeout):
+def loadgen(name, server, *args, timeout, seed=SEED):
     """Runs loadgen to completion; its JSON report."""
     out = f"{WORK}/logs/{name}.loadgen.out"
     err = f"{WORK}/logs/{name}.loadgen.err"
-    cmd = [LOADGEN, "--seed", SEED, "--accounts", str(ACCOUNTS), "--functions", str(FUNCTIONS),
+    cmd = [LOADGEN, "--seed", seed, "--accounts", str(ACCOUNTS), "--functions", str(FUNCTIONS),
            "--to", "firehose", "--report", "json", "--url", f"http://{server.addr}", *args]
     subprocess.run(cmd, stdout=open(out, "w"), stderr=open(err, "w"), timeout=timeout)
     raw = open(out).read()
@@ -250,6 +256,9 @@ with open(probe_rules, "w") as f:
     f.write("groups:\n")
     f.write(fleet_rules.group_yaml("fleet", INTERVAL, fleet_rules.rules(RULES)))
     f.write(fleet_rules.group_yaml("probe", "1s", [("BreachProbe", PROBE_SQL)], for_="0s"))
+# The fleet's accounts as the registry (for the rules that join `accounts`).
+REGISTRY = f"{WORK}/accounts.jsonl"
+subprocess.run([LOADGEN, "--seed", SEED, "--accounts", str(ACCOUNTS), "--registry", REGISTRY], check=True)
 none_config = write_config("none", None, None)
 rules_config = write_config("rules", rules_file, None)
 check = subprocess.run([FLEETLAKE, "rules", "check", "--config", rules_config, probe_rules],
@@ -281,64 +290,86 @@ for k in range(1, ROUNDS + 1):
 # 2. and 3. Time to page, and rounds, with ingest at half the no-rules rate.
 # ---------------------------------------------------------------------------------
 half = int(statistics.median(rates["none"]) / 2)
-pd = PagerDuty()
-server = Server("probe", write_config("probe", probe_rules, pd.url))
-say(f"probes for {PROBE_S}s with loadgen at {half:,} dp/s")
-background = threading.Thread(target=lambda: loadgen(
-    "probe", server, "--rate", str(half), "--duration", f"{PROBE_S + 10}s", timeout=PROBE_S + 900))
-background.start()
-time.sleep(5)  # loadgen under way
-before = server.metrics()
-acked = {}
-run = int(time.time())
-for seq in range(PROBE_S):
-    tick = time.monotonic()
-    probe = f"{run}-{seq}"
-    now_ms = int(time.time() * 1000)
-    record = json.dumps({
-        "metric_stream_name": "bench", "account_id": PROBE_ACCOUNT, "region": "us-east-1",
-        "namespace": "fleetlake/bench", "metric_name": "BreachProbe", "dimensions": {"Probe": probe},
-        "timestamp": now_ms - now_ms % 60_000,
-        "value": {"count": 1.0, "sum": 1.0, "max": 1.0, "min": 1.0}, "unit": "Count"}) + "\n"
-    request_id = f"probe-{probe}"
-    body = json.dumps({"requestId": request_id, "timestamp": now_ms,
-                       "records": [{"data": base64.b64encode(record.encode()).decode()}]}).encode()
-    request = urllib.request.Request(
-        f"http://{server.addr}/firehose/metrics", data=gzip.compress(body), method="POST",
-        headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
-                 "X-Amz-Firehose-Protocol-Version": "1.0", "X-Amz-Firehose-Request-Id": request_id})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        if response.status == 200:
-            acked[probe] = time.monotonic()
-    time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
-after = server.metrics()
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
+
+
+def probe_phase(binary, tag):
+    """One server of `binary` with the rules and the probe; what it measured."""
+    pd = PagerDuty()
+    server = Server(f"probe-{tag}", write_config(f"probe-{tag}", probe_rules, pd.url), binary)
+    # The fleet reporting: its last PRELOAD_MINUTES minutes, ending at the current one.
+    say(f"{tag}: preload, the fleet's last {PRELOAD_MINUTES} minutes at full rate")
+    loadgen(f"preload-{tag}", server, "--pregenerate", "--minutes", str(PRELOAD_MINUTES), timeout=900)
+    # Then a second fleet (the next seed: other accounts, not in the registry, the same
+    # functions and metrics, so the rules' aggregates read its rows too) at half rate,
+    # its data ending at the current minute when the run ends.
+    say(f"{tag}: probes for {PROBE_S}s with loadgen at {half:,} dp/s")
+    background = threading.Thread(target=lambda: loadgen(
+        f"probe-{tag}", server, "--rate", str(half), "--duration", f"{PROBE_S + 10}s",
+        seed=str(int(SEED) + 1), timeout=PROBE_S + 900))
+    background.start()
+    time.sleep(5)  # loadgen under way
+    before = server.metrics()
+    acked = {}
+    run = int(time.time())
+    for seq in range(PROBE_S):
+        tick = time.monotonic()
+        probe = f"{run}-{seq}"
+        now_ms = int(time.time() * 1000)
+        record = json.dumps({
+            "metric_stream_name": "bench", "account_id": PROBE_ACCOUNT, "region": "us-east-1",
+            "namespace": "fleetlake/bench", "metric_name": "BreachProbe", "dimensions": {"Probe": probe},
+            "timestamp": now_ms - now_ms % 60_000,
+            "value": {"count": 1.0, "sum": 1.0, "max": 1.0, "min": 1.0}, "unit": "Count"}) + "\n"
+        request_id = f"probe-{probe}"
+        body = json.dumps({"requestId": request_id, "timestamp": now_ms,
+                           "records": [{"data": base64.b64encode(record.encode()).decode()}]}).encode()
+        request = urllib.request.Request(
+            f"http://{server.addr}/firehose/metrics", data=gzip.compress(body), method="POST",
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                     "X-Amz-Firehose-Protocol-Version": "1.0", "X-Amz-Firehose-Request-Id": request_id})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            if response.status == 200:
+                acked[probe] = time.monotonic()
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    after = server.metrics()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with pd.lock:
+            if all(p in pd.triggers for p in acked):
+                break
+        time.sleep(0.1)
+    background.join()
+    server.stop()
+    pd.server.shutdown()
     with pd.lock:
-        if all(p in pd.triggers for p in acked):
-            break
-    time.sleep(0.1)
-background.join()
-server.stop()
-with pd.lock:
-    missing = [p for p in acked if p not in pd.triggers]
-    latencies = sorted(pd.triggers[p] - acked[p] for p in acked if p in pd.triggers)
-    rejected = list(pd.rejected)
-if rejected:
-    sys.exit(f"the fake PagerDuty rejected events: {rejected[:5]}")
-if missing:
-    sys.exit(f"{len(missing)} of {len(acked)} probes never paged within 60 s: {missing[:5]}")
-s0 = summary(before, "fleetlake_rule_group_duration_seconds", "fleet")
-s1 = summary(after, "fleetlake_rule_group_duration_seconds", "fleet")
-fleet_rounds = s1.get("count", 0) - s0.get("count", 0)
-fleet_mean = (s1.get("sum", 0) - s0.get("sum", 0)) / fleet_rounds if fleet_rounds else float("nan")
-paths = counters(after, "fleetlake_rule_evaluations_total")
-instances = counters(after, "fleetlake_alerts")
-saves = {}
-for line in after.splitlines():
-    m = re.match(r'fleetlake_alert_state_save_seconds(?:\{quantile="([0-9.]+)"\}|_(sum|count)) (\S+)', line)
-    if m:
-        saves[m.group(1) or m.group(2)] = float(m.group(3))
+        missing = [p for p in acked if p not in pd.triggers]
+        latencies = sorted(pd.triggers[p] - acked[p] for p in acked if p in pd.triggers)
+        rejected = list(pd.rejected)
+    if rejected:
+        sys.exit(f"{tag}: the fake PagerDuty rejected events: {rejected[:5]}")
+    if missing:
+        sys.exit(f"{tag}: {len(missing)} of {len(acked)} probes never paged within 60 s: {missing[:5]}")
+    s0 = summary(before, "fleetlake_rule_group_duration_seconds", "fleet")
+    s1 = summary(after, "fleetlake_rule_group_duration_seconds", "fleet")
+    rounds = s1.get("count", 0) - s0.get("count", 0)
+    saves = {}
+    for line in after.splitlines():
+        m = re.match(r'fleetlake_alert_state_save_seconds(?:\{quantile="([0-9.]+)"\}|_(sum|count)) (\S+)', line)
+        if m:
+            saves[m.group(1) or m.group(2)] = float(m.group(3))
+    return {
+        "rounds": rounds,
+        "mean": (s1.get("sum", 0) - s0.get("sum", 0)) / rounds if rounds else float("nan"),
+        "latencies": latencies,
+        "paths": counters(after, "fleetlake_rule_evaluations_total"),
+        "instances": counters(after, "fleetlake_alerts"),
+        "saves": saves,
+    }
+
+
+# The build before a change, in the same run (BASELINE=/path/to/fleetlake), then this one.
+baseline = probe_phase(BASELINE, "baseline") if BASELINE else None
+measured = probe_phase(FLEETLAKE, "new")
 
 
 def q(values, p):
@@ -359,15 +390,33 @@ if during:
     print(f"| {RULES:,}-rule round during full-rate ingest: p50 / max | "
           f"{statistics.median(d.get(0.5, float('nan')) for d in during) * 1000:.0f} ms / "
           f"{max(d.get(1.0, float('nan')) for d in during) * 1000:.0f} ms |")
-print(f"| {RULES:,}-rule round, ingest at half rate ({half / 1e3:,.0f} k dp/s): mean over "
-      f"{fleet_rounds:.0f} rounds | {fleet_mean * 1000:.0f} ms |")
-print(f"| breach → page ({len(latencies)} probes, 200 → fake PagerDuty's receipt): p50 / p99 / max | "
-      f"{q(latencies, 0.5) * 1000:.0f} ms / {q(latencies, 0.99) * 1000:.0f} ms / {latencies[-1] * 1000:.0f} ms |")
-print(f"| alert instances at the end (the rules' thresholds against this data) | "
-      f"{', '.join(f'{k}: {v:,.0f}' for k, v in sorted(instances.items()))} |")
-if saves.get("count"):
-    print(f"| alert state saves during the probe server's life: count, p50 / max | "
-          f"{saves['count']:.0f}, {saves.get('0.5', float('nan')) * 1000:.0f} ms / "
-          f"{saves.get('1', float('nan')) * 1000:.0f} ms |")
-print(f"| rounds per path (rule evaluations) | "
-      f"{', '.join(f'{k}: {v:.0f}' for k, v in sorted(paths.items()))} |")
+
+
+def probe_rows(m):
+    lat = m["latencies"]
+    saves = m["saves"]
+    return [
+        (f"{RULES:,}-rule round, ingest at half rate ({half / 1e3:,.0f} k dp/s): mean over the probe run's rounds",
+         f"{m['mean'] * 1000:.0f} ms ({m['rounds']:.0f} rounds)", m["mean"]),
+        (f"breach → page ({len(lat)} probes, 200 → fake PagerDuty's receipt): p50 / p99 / max",
+         f"{q(lat, 0.5) * 1000:.0f} ms / {q(lat, 0.99) * 1000:.0f} ms / {lat[-1] * 1000:.0f} ms", q(lat, 0.99)),
+        ("alert instances at the end (the rules' thresholds against this data)",
+         ", ".join(f"{k}: {v:,.0f}" for k, v in sorted(m["instances"].items())), None),
+        ("alert state saves during the probe server's life: count, p50 / max",
+         f"{saves.get('count', 0):.0f}, {saves.get('0.5', float('nan')) * 1000:.0f} ms / "
+         f"{saves.get('1', float('nan')) * 1000:.0f} ms", None),
+        ("rounds per path (rule evaluations)",
+         ", ".join(f"{k}: {v:.0f}" for k, v in sorted(m["paths"].items())), None),
+    ]
+
+
+if baseline:
+    print(f"\nThe probe run for both builds, one after the other in this run (baseline `{BASELINE}`):\n")
+    print("| measure | baseline | this build | this / baseline |")
+    print("|---|---|---|---|")
+    for (name, old, old_v), (_, new, new_v) in zip(probe_rows(baseline), probe_rows(measured)):
+        ratio = f"{new_v / old_v:.2f}" if old_v and new_v is not None else ""
+        print(f"| {name} | {old} | {new} | {ratio} |")
+else:
+    for name, value, _ in probe_rows(measured):
+        print(f"| {name} | {value} |")

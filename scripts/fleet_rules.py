@@ -4,7 +4,8 @@
 
 Writes N rules (error rate, throttles, p99 duration, concurrency, accounts that stopped
 reporting; each over the fleet's last 5 or 15 minutes, thresholds varied so that a rule
-finds a few instances, as real fleet rules do) as a rule file, G rules per group.
+finds a few instances, as real fleet rules do: tens to a few hundred functions of
+`fleetlake-loadgen`'s fleet of 24,000) as a rule file, G rules per group.
 Used by scripts/alert-bench.sh and scripts/fleet_alert_bench.py.
 """
 
@@ -20,16 +21,16 @@ KINDS = [
      " sum(CASE WHEN metric_name = 'Invocations' THEN sum END) AS invocations"
      " FROM metrics WHERE metric_name IN ('Errors', 'Invocations') AND " + LAMBDA_WHERE +
      " GROUP BY account_id, region, dimensions['FunctionName'])"
-     " WHERE invocations >= 20 AND errors / invocations > {t}", lambda i: 2.5 + (i % 50) / 50),
+     " WHERE invocations >= 20 AND errors / invocations > {t}", lambda i: 0.012 + (i % 50) / 50000),
     ("Throttles", "SELECT account_id, region, dimensions['FunctionName'] AS function, sum(sum) AS value"
      " FROM metrics WHERE metric_name = 'Throttles' AND " + LAMBDA_WHERE +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING sum(sum) > {t}", lambda i: 20000 + 100 * (i % 50)),
+     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING sum(sum) > {t}", lambda i: 300 + 10 * (i % 50)),
     ("DurationP99", "SELECT account_id, region, dimensions['FunctionName'] AS function, max(stats['p99']) AS value"
      " FROM metrics WHERE metric_name = 'Duration' AND " + LAMBDA_WHERE +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(stats['p99']) > {t}", lambda i: 499.5 + (i % 5) / 10),
+     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(stats['p99']) > {t}", lambda i: 9000 + 100 * (i % 5)),
     ("Concurrency", "SELECT account_id, region, dimensions['FunctionName'] AS function, max(max) AS value"
      " FROM metrics WHERE metric_name = 'ConcurrentExecutions' AND " + LAMBDA_WHERE +
-     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(max) > {t}", lambda i: 59 + (i % 2) / 2),
+     " GROUP BY account_id, region, dimensions['FunctionName'] HAVING max(max) > {t}", lambda i: 150 + 5 * (i % 2)),
     ("StoppedReporting", "SELECT a.account_id, coalesce(extract(epoch FROM now()) - extract(epoch FROM s.last_seen), 86400.0) AS value"
      " FROM accounts a LEFT JOIN (SELECT account_id, max(time) AS last_seen FROM metrics"
      " WHERE time > now() - INTERVAL '1 day' GROUP BY account_id) s ON s.account_id = a.account_id"

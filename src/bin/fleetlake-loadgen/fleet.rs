@@ -153,6 +153,24 @@ impl Fleet {
         &self.accounts[account]
     }
 
+    /// The fleet's accounts as an account registry in JSON lines: every one active,
+    /// named by its index, owned by one of 40 teams.
+    pub(crate) fn registry(&self) -> String {
+        let mut out = String::new();
+        for (i, id) in self.accounts.iter().enumerate() {
+            let line = serde_json::json!({
+                "account_id": id,
+                "account_name": format!("tenant-{i}"),
+                "environment": "prod",
+                "owner_team": format!("team-{}", i % 40),
+                "lifecycle_state": "active",
+            });
+            out.push_str(&line.to_string());
+            out.push('\n');
+        }
+        out
+    }
+
     pub(crate) fn region(&self, account: usize) -> &'static str {
         REGIONS[account % self.regions]
     }

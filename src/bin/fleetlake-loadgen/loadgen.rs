@@ -155,6 +155,11 @@ pub(crate) struct Args {
     /// AWS region (--to kinesis); the standard chain's when unset.
     #[arg(long)]
     region: Option<String>,
+    /// Write the fleet's accounts as an account registry (JSON lines: id, name,
+    /// environment, owner team, `active`) to this file, for `[accounts] file`; with
+    /// nothing to send (no --minutes, --datapoints or --duration), only that.
+    #[arg(long)]
+    registry: Option<PathBuf>,
     /// Final report format, printed on standard output.
     #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
     report: ReportFormat,
@@ -385,8 +390,26 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     if args.accounts == 0 || args.functions == 0 {
         bail!("--accounts and --functions must be at least 1");
     }
-    if args.minutes.is_none() && args.datapoints.is_none() && args.duration.is_none() {
-        bail!("say how much to send: --minutes, --datapoints or --duration");
+    let nothing_to_send =
+        args.minutes.is_none() && args.datapoints.is_none() && args.duration.is_none();
+    if let Some(path) = &args.registry {
+        let fleet = Fleet::new(
+            args.seed,
+            args.accounts,
+            args.regions as usize,
+            1,
+            0,
+            0,
+            0.0,
+        );
+        std::fs::write(path, fleet.registry())
+            .with_context(|| format!("writing the registry {}", path.display()))?;
+        if nothing_to_send {
+            return Ok(());
+        }
+    }
+    if nothing_to_send {
+        bail!("say how much to send: --minutes, --datapoints or --duration (or only --registry)");
     }
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of datapoints per second");
