@@ -1305,8 +1305,13 @@ impl Routes {
             if let Some(array) = batch.column_by_name(column) {
                 let text = cast(array, &DataType::Utf8).map_err(arrow_err)?;
                 for (row, value) in text.as_string::<i32>().iter().enumerate() {
-                    if let Some(value) = value {
-                        index.entry(value.to_string()).or_default().push(row as u32);
+                    let Some(value) = value else { continue };
+                    // A string per distinct value, not per row.
+                    match index.get_mut(value) {
+                        Some(rows) => rows.push(row as u32),
+                        None => {
+                            index.insert(value.to_string(), vec![row as u32]);
+                        }
                     }
                 }
             }
