@@ -936,14 +936,7 @@ impl Incremental {
                 .await;
             if let Some(compiled) = compiled {
                 drop(state);
-                let run = compiled.run(&results);
-                return match self.engine.limits().timeout {
-                    Some(limit) => tokio::time::timeout(limit, run)
-                        .await
-                        .map_err(|_| QueryError::Timeout(limit))?,
-                    None => run.await,
-                }
-                .map(Some);
+                return self.within_limit(compiled.run(&results)).await.map(Some);
             }
         }
         let fixed = match prepared.as_ref() {
@@ -1120,16 +1113,7 @@ impl Incremental {
                     .map(|b| conform(b, &schema))
                     .collect::<Result<Vec<_>, _>>()?;
                 let table = MemTable::try_new(schema, vec![rows])?;
-                Ok(Transformed::yes(LogicalPlan::TableScan(
-                    TableScanBuilder::new(
-                        s.table_name.clone(),
-                        provider_as_source(Arc::new(table)),
-                    )
-                    .with_projection(s.projection.clone())
-                    .with_filters(s.filters.clone())
-                    .with_fetch(s.fetch)
-                    .build()?,
-                )))
+                rescan(s, provider_as_source(Arc::new(table)), s.projection.clone())
             })
             .map_err(df)?
             .data;
@@ -1154,6 +1138,14 @@ impl Incremental {
             }
             Ok::<_, QueryError>(batches)
         };
+        self.within_limit(run).await
+    }
+
+    /// `run`, stopped at the engine's statement timeout.
+    async fn within_limit<T>(
+        &self,
+        run: impl std::future::Future<Output = Result<T, QueryError>>,
+    ) -> Result<T, QueryError> {
         match self.engine.limits().timeout {
             Some(limit) => tokio::time::timeout(limit, run)
                 .await
@@ -1885,6 +1877,26 @@ fn leaf_table(index: usize) -> String {
     format!("__leaf_{index}")
 }
 
+/// The leaf a table named by [`leaf_table`] holds; `None` for any other table.
+fn leaf_index(table: &str) -> Option<usize> {
+    table.strip_prefix("__leaf_")?.parse().ok()
+}
+
+/// `scan` reading `source` instead, with `projection`, its filters and fetch kept.
+fn rescan(
+    scan: &TableScan,
+    source: Arc<dyn TableSource>,
+    projection: Option<Vec<usize>>,
+) -> datafusion::error::Result<Transformed<LogicalPlan>> {
+    Ok(Transformed::yes(LogicalPlan::TableScan(
+        TableScanBuilder::new(scan.table_name.clone(), source)
+            .with_projection(projection)
+            .with_filters(scan.filters.clone())
+            .with_fetch(scan.fetch)
+            .build()?,
+    )))
+}
+
 /// The rule's plan with every leaf's aggregate read from its leaf table, made at any
 /// instant from its plans at [`crate::shape`]'s three (see [`Moving`]); `None` when it
 /// depends on now() otherwise.
@@ -1991,13 +2003,7 @@ async fn compile(
     let mut others = false;
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(s) = node {
-            match s
-                .table_name
-                .table()
-                .strip_prefix("__leaf_")
-                .and_then(|i| i.parse::<usize>().ok())
-                .filter(|i| *i < leaves.len())
-            {
+            match leaf_index(s.table_name.table()).filter(|i| *i < leaves.len()) {
                 Some(i) => {
                     if !inputs.iter().any(|(j, _)| *j == i) {
                         inputs.push((i, Rows::new(Arc::clone(&leaves[i].plan.output))));
@@ -2018,19 +2024,11 @@ async fn compile(
                 let LogicalPlan::TableScan(s) = &node else {
                     return Ok(Transformed::no(node));
                 };
-                let Some((_, rows)) = inputs
-                    .iter()
-                    .find(|(i, _)| leaf_table(*i) == s.table_name.table())
-                else {
+                let leaf = leaf_index(s.table_name.table());
+                let Some((_, rows)) = inputs.iter().find(|(i, _)| Some(*i) == leaf) else {
                     return Ok(Transformed::no(node));
                 };
-                Ok(Transformed::yes(LogicalPlan::TableScan(
-                    TableScanBuilder::new(s.table_name.clone(), rows.source()?)
-                        .with_projection(s.projection.clone())
-                        .with_filters(s.filters.clone())
-                        .with_fetch(s.fetch)
-                        .build()?,
-                )))
+                rescan(s, rows.source()?, s.projection.clone())
             })?
             .data;
         let mut session = engine
@@ -2122,10 +2120,8 @@ async fn resolve(
                 return Ok(Transformed::no(node));
             };
             let source = match s.table_name.table().strip_prefix("__leaf_") {
-                Some(index) => {
-                    let batch = index
-                        .parse::<usize>()
-                        .ok()
+                Some(_) => {
+                    let batch = leaf_index(s.table_name.table())
                         .and_then(|i| results.get(&i))
                         .ok_or_else(|| {
                             datafusion::error::DataFusionError::Internal(format!(
@@ -2142,13 +2138,7 @@ async fn resolve(
                 },
             };
             let projection = same_columns(s, &source.schema())?;
-            Ok(Transformed::yes(LogicalPlan::TableScan(
-                TableScanBuilder::new(s.table_name.clone(), source)
-                    .with_projection(projection)
-                    .with_filters(s.filters.clone())
-                    .with_fetch(s.fetch)
-                    .build()?,
-            )))
+            rescan(s, source, projection)
         })
         .map(|t| t.data)
         .map_err(df)

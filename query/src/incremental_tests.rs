@@ -184,6 +184,12 @@ fn lines(batches: &[RecordBatch]) -> Vec<String> {
     lines
 }
 
+/// `sql` run as SQL over the lake and the hot buffer at `at_ms`, as [`lines`].
+async fn scanned(engine: &QueryEngine, sql: &str, at_ms: i64) -> Vec<String> {
+    let principal = Principal::unrestricted("test");
+    lines(&engine.run_at(sql, &principal, at_ms).await.unwrap().batches)
+}
+
 async fn run(
     before: Vec<Point>,
     flush_before: bool,
@@ -213,7 +219,6 @@ async fn run(
         aggregator.flush().await.unwrap();
     }
     let incremental = Incremental::new(Arc::clone(&engine), Arc::new(aggregator.clone()));
-    let principal = Principal::unrestricted("test");
     let mut rounds = 0;
     for step in steps.into_iter().chain([Step::Round(1)]) {
         match step {
@@ -239,7 +244,7 @@ async fn run(
                 now += i64::from(seconds) * 1000;
                 rounds += 1;
                 for sql in RULES {
-                    let scanned = engine.run_at(sql, &principal, now).await.unwrap().batches;
+                    let scanned = scanned(&engine, sql, now).await;
                     let folded = incremental
                         .run(sql, now)
                         .await
@@ -247,7 +252,7 @@ async fn run(
                         .unwrap_or_else(|| panic!("not incremental: {sql}"));
                     prop_assert_eq!(
                         lines(&folded),
-                        lines(&scanned),
+                        scanned,
                         "round {} at {} ms: {}",
                         rounds,
                         now,
@@ -389,12 +394,7 @@ async fn a_leaf_started_while_the_writer_is_between_emitting_and_publishing_miss
     let second = RULES[4];
     let at = START_MS + 1000;
     let folded = incremental.run(second, at).await.unwrap().unwrap();
-    let scanned = engine
-        .run_at(second, &Principal::unrestricted("test"), at)
-        .await
-        .unwrap()
-        .batches;
-    assert_eq!(lines(&folded), lines(&scanned));
+    assert_eq!(lines(&folded), scanned(&engine, second, at).await);
     assert_eq!(lines(&folded).len(), 1, "the row written is in the result");
 }
 
@@ -422,7 +422,6 @@ async fn breaks_and_starts_again(sql: &str) {
     // Any partial passes a bound of one byte; none at all does not.
     let incremental =
         Incremental::new(Arc::clone(&engine), Arc::new(aggregator.clone())).with_window_bytes(1);
-    let principal = Principal::unrestricted("test");
     let minute = 60_000;
     let write = |at: i64| {
         let aggregator = aggregator.clone();
@@ -439,15 +438,14 @@ async fn breaks_and_starts_again(sql: &str) {
         async move { incremental.run(sql, at).await.unwrap() }
     };
     let started_again_as_the_scan = |at: i64| {
-        let (incremental, engine, principal) = (&incremental, &engine, &principal);
+        let (incremental, engine) = (&incremental, &engine);
         async move {
             let folded = incremental
                 .run(sql, at)
                 .await
                 .unwrap()
                 .expect("started again");
-            let scanned = engine.run_at(sql, principal, at).await.unwrap().batches;
-            assert_eq!(lines(&folded), lines(&scanned));
+            assert_eq!(lines(&folded), scanned(engine, sql, at).await);
         }
     };
 
@@ -618,12 +616,10 @@ async fn a_restart_reads_the_lake_without_holding_up_other_rules_and_folds_what_
     );
     *feed.gate.lock().unwrap() = Gate::Release(snapshot);
     let folded = restarting.await.unwrap().unwrap().expect("started again");
-    let scanned = engine
-        .run_at(leaf_rule, &Principal::unrestricted("test"), restart_at)
-        .await
-        .unwrap()
-        .batches;
-    assert_eq!(lines(&folded), lines(&scanned));
+    assert_eq!(
+        lines(&folded),
+        scanned(&engine, leaf_rule, restart_at).await
+    );
     assert_eq!(lines(&folded).len(), 2, "both rows are in the result");
 }
 
@@ -649,7 +645,6 @@ async fn a_plan_that_uses_now_above_its_leaves_is_moved_to_each_rounds_instant()
         .await
         .unwrap();
     let incremental = Incremental::new(Arc::clone(&engine), Arc::new(aggregator.clone()));
-    let principal = Principal::unrestricted("test");
     // The shipped absence rule: `now()` above its leaf as a timestamp (the cut) and as
     // epoch seconds (the value); and the same with `date_trunc`, planned each round.
     for (sql, replanned) in [(RULES[7], false), (RULES[11], true)] {
@@ -666,9 +661,12 @@ async fn a_plan_that_uses_now_above_its_leaves_is_moved_to_each_rounds_instant()
         let mut values = Vec::new();
         for seconds in [0, 1, 7, 61, 3_599] {
             let at = START_MS + seconds * 1000;
-            let scanned = engine.run_at(sql, &principal, at).await.unwrap().batches;
             let folded = incremental.run(sql, at).await.unwrap().unwrap();
-            assert_eq!(lines(&folded), lines(&scanned), "{sql} at +{seconds} s");
+            assert_eq!(
+                lines(&folded),
+                scanned(&engine, sql, at).await,
+                "{sql} at +{seconds} s"
+            );
             values.push(lines(&folded));
         }
         if !replanned {
