@@ -398,7 +398,11 @@ impl Inner {
             .set(queue.len() as f64);
     }
 
-    /// Why an instance must not page now, if it must not.
+    /// Why an instance must not page now, if it must not. Silences are checked at
+    /// the moment the round's results are applied, not at the round's instant: a
+    /// round reads what was acknowledged until it runs, and a silence made before
+    /// its results are applied (under the same lock) mutes them, as Alertmanager
+    /// checks silences when it notifies.
     fn muted(
         &self,
         p: &Persisted,
@@ -406,6 +410,7 @@ impl Inner {
         registry: &Snapshot,
         now: i64,
     ) -> Option<&'static str> {
+        let now = now.max(self.clock.now_ms());
         if p.silences.iter().any(|s| s.silences(labels, now)) {
             return Some("silenced");
         }
@@ -1806,6 +1811,32 @@ mod tests {
         );
         assert!(matches!(late, Err(AlertError::Invalid(_))), "{late:?}");
         assert!(h.alerting.expire_silence(&id));
+    }
+
+    #[tokio::test]
+    async fn a_silence_that_begins_while_a_round_runs_mutes_its_results() {
+        // The round's instant is T0; its query takes 5 s (a slow lake), and the
+        // silence begins 1 s in: made before the round's results are applied, as a
+        // user who silences and then sends data would have it.
+        let h = harness("0s");
+        *h.sql.slow.lock().unwrap() = Some((h.clock.clone(), Duration::from_secs(5)));
+        h.alerting
+            .add_silence(
+                vec![Matcher::parse("account_id=\"111111111111\"").unwrap()],
+                Some(T0 + 1000),
+                T0 + 3_600_000,
+                "maintenance".into(),
+                "test".into(),
+            )
+            .unwrap();
+        h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
+        h.round().await;
+        assert_eq!(h.sql.asked.lock().unwrap().as_slice(), [T0]);
+        assert_eq!(h.states()[0].0, "firing");
+        assert!(
+            h.pages().is_empty(),
+            "silenced when its results were applied"
+        );
     }
 
     fn silence(matchers: &[&str]) -> Silence {
