@@ -654,6 +654,15 @@ impl QueryEngine {
         self
     }
 
+    /// The rows side table `name` holds now, as an unrestricted caller reads them;
+    /// `None` unless it is made of rows ([`SideTable::Rows`]).
+    pub fn side_rows(&self, name: &str) -> Option<RecordBatch> {
+        self.side.iter().find_map(|(n, table)| match table {
+            SideTable::Rows(_, rows) if *n == name => Some(rows()),
+            _ => None,
+        })
+    }
+
     /// The same engine with `limits` for every query.
     pub fn with_limits(mut self, limits: QueryLimits) -> Self {
         self.limits = limits;

@@ -37,11 +37,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Int64Array, MutableArrayData, RecordBatch, UInt32Array, make_array,
+    Array, ArrayRef, AsArray, Int64Array, MutableArrayData, RecordBatch, make_array,
 };
 use arrow::compute::kernels::cmp::{gt_eq, lt_eq};
 use arrow::compute::kernels::numeric::div;
-use arrow::compute::{and, cast, concat_batches, filter_record_batch, take_record_batch};
+use arrow::compute::{and, cast, concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
@@ -55,7 +55,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::streaming::PartitionStream;
-use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr, collect};
 use datafusion::prelude::col;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -78,6 +78,19 @@ const COMPACT_AFTER: usize = 16;
 /// Often, so that the property test goes through compactions.
 #[cfg(test)]
 const COMPACT_AFTER: usize = 2;
+
+/// The batch size of fold and merge plans.
+const EMIT_ROWS: usize = 1 << 20;
+
+/// What fold and merge plans run with: batches of [`EMIT_ROWS`].
+fn fold_task() -> Arc<TaskContext> {
+    static TASK: std::sync::LazyLock<Arc<TaskContext>> = std::sync::LazyLock::new(|| {
+        Arc::new(TaskContext::default().with_session_config(
+            datafusion::prelude::SessionConfig::new().with_batch_size(EMIT_ROWS),
+        ))
+    });
+    Arc::clone(&TASK)
+}
 
 /// Rows folded at a time while a leaf starts from the lake.
 #[cfg(not(test))]
@@ -213,7 +226,15 @@ struct LeafPlan {
     output: SchemaRef,
     fold: Arc<dyn ExecutionPlan>,
     fold_input: Arc<Rows>,
-    /// The schema rows are conformed to before folding (the table's, plus the slot).
+    /// The fold's logical plan: leaves with equal ones (a rule's aggregate over 5 and
+    /// over 15 minutes) fold rows once and share what comes out.
+    fold_key: LogicalPlan,
+    /// The table's schema as planned: rows are conformed to it.
+    table_schema: SchemaRef,
+    /// The table's columns the fold reads (its scan's projection and filters), by
+    /// index in `table_schema`, ascending: the only ones copied for it.
+    columns: Vec<usize>,
+    /// What the fold reads: `columns`, then the slot.
     feed_schema: SchemaRef,
     merge_slots: Arc<dyn ExecutionPlan>,
     merge_groups: Arc<dyn ExecutionPlan>,
@@ -936,7 +957,13 @@ impl Incremental {
                 .await;
             if let Some(compiled) = compiled {
                 drop(state);
-                return self.within_limit(compiled.run(&results)).await.map(Some);
+                let ran = self
+                    .within_limit(compiled.run(&self.engine, at_ms, &results))
+                    .await?;
+                if let Some(rows) = ran {
+                    return Ok(Some(rows));
+                }
+                state = self.state.lock().await;
             }
         }
         let fixed = match prepared.as_ref() {
@@ -1154,6 +1181,24 @@ impl Incremental {
         }
     }
 
+    /// How `sql` runs as prepared: `direct` (expressions over one leaf's result),
+    /// `compiled`, `planned` (its plan above the leaves each round), `replanned`,
+    /// `window` or `sql`; `None` before its first round.
+    #[cfg(test)]
+    pub(crate) async fn how(&self, sql: &str) -> Option<&'static str> {
+        let state = self.state.lock().await;
+        Some(match state.rules.get(sql)?.as_ref() {
+            Prepared::Incremental { compiled, .. } => match compiled.get()? {
+                Some(c) if c.direct.is_some() => "direct",
+                Some(_) => "compiled",
+                None => "planned",
+            },
+            Prepared::Replan { .. } => "replanned",
+            Prepared::Window { .. } => "window",
+            Prepared::Sql(_) => "sql",
+        })
+    }
+
     /// Bytes of partial aggregates held, and the number of leaves.
     pub async fn footprint(&self) -> (usize, usize) {
         let state = self.state.lock().await;
@@ -1202,29 +1247,73 @@ fn rows_after(
 }
 
 /// Folds `rows` (of the leaves' table, as the lake or the feed has them) into the
-/// leaves `mine` of `leaves`, each reading only the rows its routes allow. A leaf
-/// whose fold fails, or whose partials pass `limit` bytes, is marked broken (its
-/// rules run as SQL); the others go on.
+/// leaves `mine` of `leaves`, each reading only the rows its routes allow and the
+/// columns its fold reads. Leaves with the same fold plan fold once. A leaf whose
+/// fold fails, or whose partials pass `limit` bytes, is marked broken (its rules run
+/// as SQL); the others go on.
 async fn fold_into(leaves: &mut [LeafState], mine: &[usize], rows: &[RecordBatch], limit: usize) {
     let rows: Vec<&RecordBatch> = rows.iter().filter(|b| b.num_rows() > 0).collect();
     if rows.is_empty() || mine.is_empty() {
         return;
     }
-    // Every leaf of a table conforms rows to the same schema unless the lake's
-    // changed in between; conform once per schema.
-    let mut conformed: Vec<(SchemaRef, RecordBatch, Routes)> = Vec::new();
-    for i in mine {
-        let leaf = &mut leaves[*i];
-        if leaf.broken.is_some() {
-            continue;
+    let live: Vec<usize> = mine
+        .iter()
+        .copied()
+        .filter(|i| leaves[*i].broken.is_none())
+        .collect();
+    // Every leaf of a table was planned against the same schema unless the lake's
+    // changed in between: the rows are conformed, given slots and copied once per
+    // schema, with the columns any of its leaves reads.
+    let mut inputs: Vec<FoldInput> = Vec::new();
+    for i in &live {
+        let plan = &leaves[*i].plan;
+        match inputs
+            .iter_mut()
+            .find(|f| f.table_schema == plan.table_schema)
+        {
+            Some(input) => input.read(plan),
+            None => {
+                let mut input = FoldInput::new(Arc::clone(&plan.table_schema));
+                input.read(plan);
+                inputs.push(input);
+            }
         }
-        let folded = fold_one(leaf, &rows, &mut conformed).await;
+    }
+    for input in &mut inputs {
+        input.conform(&rows);
+    }
+    let inputs = inputs;
+    // What each fold plan made of the rows, for the leaves that share it.
+    let mut folded: Vec<(usize, Result<Option<RecordBatch>, String>)> = Vec::new();
+    for i in live {
+        let shared = folded
+            .iter()
+            .find(|(j, _)| leaves[*j].plan.fold_key == leaves[i].plan.fold_key)
+            .map(|(_, out)| out.clone());
+        let out = match shared {
+            Some(out) => out,
+            None => {
+                let plan = Arc::clone(&leaves[i].plan);
+                let input = inputs
+                    .iter()
+                    .find(|f| f.table_schema == plan.table_schema)
+                    .expect("an input per schema");
+                let out = input.fold(&plan).await.map_err(|e| e.to_string());
+                folded.push((i, out.clone()));
+                out
+            }
+        };
+        let leaf = &mut leaves[i];
+        let absorbed = match out {
+            Ok(partial) => leaf.absorb(partial).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
         let bytes: usize = leaf
             .partials
             .iter()
             .map(RecordBatch::get_array_memory_size)
             .sum();
-        let broken = match folded {
+        let broken = match absorbed {
             Err(e) => Some(format!("a fold failed: {e}")),
             Ok(()) if bytes > limit => Some(format!(
                 "its partials hold {bytes} bytes, past the bound of {limit}"
@@ -1241,99 +1330,212 @@ async fn fold_into(leaves: &mut [LeafState], mine: &[usize], rows: &[RecordBatch
     }
 }
 
-/// Folds `rows` into `leaf`, conforming them once per schema in `conformed`.
-async fn fold_one(
-    leaf: &mut LeafState,
-    rows: &[&RecordBatch],
-    conformed: &mut Vec<(SchemaRef, RecordBatch, Routes)>,
-) -> Result<(), QueryError> {
-    let schema = Arc::clone(&leaf.plan.feed_schema);
-    let at = match conformed.iter().position(|(s, _, _)| *s == schema) {
-        Some(at) => at,
-        None => {
-            let table_schema = Arc::new(Schema::new(
-                schema.fields()[..schema.fields().len() - 1].to_vec(),
-            ));
+/// The rows of one fold, for the leaves planned against one table schema.
+struct FoldInput {
+    table_schema: SchemaRef,
+    /// The columns any of the leaves reads, with `time` and their routing columns,
+    /// by index in `table_schema`.
+    columns: BTreeSet<usize>,
+    /// The routing column most leaves route on, and the values they route on.
+    route: Option<(String, BTreeSet<String>)>,
+    /// The rows, conformed to `columns` and given their slots.
+    rows: Result<Rows2, String>,
+}
+
+/// Rows as a fold reads them.
+#[derive(Default)]
+struct Rows2 {
+    /// The rows as they came, conformed, with slots.
+    parts: Vec<RecordBatch>,
+    /// The rows of the routed values, grouped by value in one batch (one copy of
+    /// the rows leaves read), and where each value's rows are in it.
+    routed: Option<(RecordBatch, HashMap<String, std::ops::Range<usize>>)>,
+}
+
+impl FoldInput {
+    fn new(table_schema: SchemaRef) -> Self {
+        let mut columns = BTreeSet::new();
+        columns.extend(table_schema.index_of("time").ok());
+        Self {
+            table_schema,
+            columns,
+            route: None,
+            rows: Ok(Rows2::default()),
+        }
+    }
+
+    /// Adds what `plan`'s fold reads.
+    fn read(&mut self, plan: &LeafPlan) {
+        self.columns.extend(plan.columns.iter().copied());
+        for (column, _) in &plan.leaf.routes {
+            self.columns.extend(self.table_schema.index_of(column).ok());
+        }
+        if let Some((column, values)) = plan.leaf.routes.first() {
+            match &mut self.route {
+                None => self.route = Some((column.clone(), values.clone())),
+                Some((c, all)) if c == column => all.extend(values.iter().cloned()),
+                // Leaves routed on another column filter the rows themselves.
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Conforms `rows` to the columns read, with slots, and groups the routed ones.
+    fn conform(&mut self, rows: &[&RecordBatch]) {
+        let made = (|| {
+            let fields: Vec<Field> = self
+                .columns
+                .iter()
+                .map(|i| self.table_schema.field(*i).clone())
+                .collect();
+            let read = Arc::new(Schema::new(fields.clone()));
+            let mut with_slot = fields;
+            with_slot.push(Field::new(SLOT, DataType::Int64, true));
+            let with_slot = Arc::new(Schema::new(with_slot));
             let mut parts = Vec::with_capacity(rows.len());
             for batch in rows {
-                let batch = conform(batch, &table_schema).map_err(arrow_err)?;
-                parts.push(with_slots(&batch, &schema)?);
+                let batch = conform(batch, &read).map_err(arrow_err)?;
+                parts.push(with_slots(&batch, &with_slot)?);
             }
-            let all = concat_batches(&schema, &parts).map_err(arrow_err)?;
-            conformed.push((schema, all, Routes::default()));
-            conformed.len() - 1
-        }
-    };
-    let (_, all, routes) = &mut conformed[at];
-    let input = match leaf.plan.leaf.routes.first() {
-        None => all.clone(),
-        Some((column, values)) => {
-            let indices = routes.rows(all, column, values)?;
-            if indices.is_empty() {
-                return Ok(());
-            }
-            take_record_batch(all, &indices).map_err(arrow_err)?
-        }
-    };
-    leaf.fold(input).await
-}
+            let routed = match &self.route {
+                Some((column, values)) => Some(group_by_value(&parts, column, values)?),
+                None => None,
+            };
+            Ok::<_, QueryError>(Rows2 { parts, routed })
+        })();
+        self.rows = made.map_err(|e| e.to_string());
+    }
 
-/// Row indices by the values of routing columns, built as leaves ask.
-#[derive(Default)]
-struct Routes {
-    by_column: HashMap<String, HashMap<String, Vec<u32>>>,
-}
-
-impl Routes {
-    /// The rows of `batch` whose `column` is one of `values`, in order.
-    fn rows(
-        &mut self,
-        batch: &RecordBatch,
-        column: &str,
-        values: &BTreeSet<String>,
-    ) -> Result<UInt32Array, QueryError> {
-        if !self.by_column.contains_key(column) {
-            let mut index: HashMap<String, Vec<u32>> = HashMap::new();
-            if let Some(array) = batch.column_by_name(column) {
-                let text = cast(array, &DataType::Utf8).map_err(arrow_err)?;
-                for (row, value) in text.as_string::<i32>().iter().enumerate() {
-                    let Some(value) = value else { continue };
-                    // A string per distinct value, not per row.
-                    match index.get_mut(value) {
-                        Some(rows) => rows.push(row as u32),
-                        None => {
-                            index.insert(value.to_string(), vec![row as u32]);
-                        }
-                    }
-                }
+    /// What `plan`'s fold makes of the rows its routes allow: its partials, `None`
+    /// when it reads none of them.
+    async fn fold(&self, plan: &LeafPlan) -> Result<Option<RecordBatch>, QueryError> {
+        let rows = self
+            .rows
+            .as_ref()
+            .map_err(|e| QueryError::Lake(e.clone()))?;
+        let batches: Vec<RecordBatch> = match (plan.leaf.routes.first(), &self.route) {
+            (Some((column, values)), Some((routed_on, _))) if column == routed_on => {
+                let (grouped, ranges) = rows.routed.as_ref().expect("grouped when routed");
+                values
+                    .iter()
+                    .filter_map(|v| ranges.get(v))
+                    .map(|r| grouped.slice(r.start, r.len()))
+                    .collect()
             }
-            self.by_column.insert(column.to_string(), index);
-        }
-        let index = &self.by_column[column];
-        let mut rows: Vec<u32> = values
+            (Some((column, values)), _) => rows
+                .parts
+                .iter()
+                .map(|part| {
+                    let keep = value_in(part, column, values)?;
+                    filter_record_batch(part, &keep).map_err(arrow_err)
+                })
+                .collect::<Result<_, _>>()?,
+            (None, _) => rows.parts.clone(),
+        };
+        // The leaf's columns and the slot, by position in the rows read.
+        let mut positions: Vec<usize> = plan
+            .columns
             .iter()
-            .filter_map(|v| index.get(v))
-            .flatten()
-            .copied()
+            .map(|c| self.columns.iter().position(|x| x == c).expect("read"))
             .collect();
-        rows.sort_unstable();
-        Ok(UInt32Array::from(rows))
+        positions.push(self.columns.len());
+        let input = batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let columns = positions.iter().map(|p| Arc::clone(b.column(*p))).collect();
+                RecordBatch::try_new(Arc::clone(&plan.feed_schema), columns).map_err(arrow_err)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if input.is_empty() {
+            return Ok(None);
+        }
+        plan.fold_input.set(input);
+        let out = collect(Arc::clone(&plan.fold), fold_task()).await;
+        plan.fold_input.set(Vec::new());
+        owned(&out.map_err(df)?, &plan.partials_input.schema)
     }
 }
 
+/// The rows of `parts` whose `column` is one of `values`, grouped by value in one
+/// batch, and the rows of each value in it.
+fn group_by_value(
+    parts: &[RecordBatch],
+    column: &str,
+    values: &BTreeSet<String>,
+) -> Result<(RecordBatch, HashMap<String, std::ops::Range<usize>>), QueryError> {
+    let mut by_value: HashMap<&str, Vec<(usize, usize)>> =
+        values.iter().map(|v| (v.as_str(), Vec::new())).collect();
+    let mut texts = Vec::with_capacity(parts.len());
+    for part in parts {
+        let array = part
+            .column_by_name(column)
+            .ok_or_else(|| QueryError::Lake(format!("rows without a {column} column")))?;
+        texts.push(cast(array, &DataType::Utf8).map_err(arrow_err)?);
+    }
+    for (p, text) in texts.iter().enumerate() {
+        // Runs of one value (a delivery is mostly one metric after another) look
+        // the value up once.
+        let mut last: Option<(&str, bool)> = None;
+        for (row, value) in text.as_string::<i32>().iter().enumerate() {
+            let Some(value) = value else { continue };
+            let known = match last {
+                Some((v, known)) if v == value => known,
+                _ => {
+                    let known = by_value.contains_key(value);
+                    last = Some((value, known));
+                    known
+                }
+            };
+            if known && let Some(rows) = by_value.get_mut(value) {
+                rows.push((p, row));
+            }
+        }
+    }
+    let mut order = Vec::new();
+    let mut ranges = HashMap::new();
+    for v in values {
+        let rows = &by_value[v.as_str()];
+        ranges.insert(v.clone(), order.len()..order.len() + rows.len());
+        order.extend_from_slice(rows);
+    }
+    let schema = parts
+        .first()
+        .map(RecordBatch::schema)
+        .unwrap_or_else(|| Arc::new(Schema::empty()));
+    let grouped = if parts.is_empty() {
+        RecordBatch::new_empty(schema)
+    } else {
+        let refs: Vec<&RecordBatch> = parts.iter().collect();
+        arrow::compute::interleave_record_batch(&refs, &order).map_err(arrow_err)?
+    };
+    Ok((grouped, ranges))
+}
+
+/// Where `batch`'s `column` is one of `values`.
+fn value_in(
+    batch: &RecordBatch,
+    column: &str,
+    values: &BTreeSet<String>,
+) -> Result<arrow::array::BooleanArray, QueryError> {
+    let array = batch
+        .column_by_name(column)
+        .ok_or_else(|| QueryError::Lake(format!("rows without a {column} column")))?;
+    let text = cast(array, &DataType::Utf8).map_err(arrow_err)?;
+    Ok(text
+        .as_string::<i32>()
+        .iter()
+        .map(|v| Some(v.is_some_and(|v| values.contains(v))))
+        .collect())
+}
+
 impl LeafState {
-    /// Folds `rows` (conformed, with slots) into the partials.
-    async fn fold(&mut self, rows: RecordBatch) -> Result<(), QueryError> {
-        self.plan.fold_input.set(vec![rows]);
-        let out = collect(
-            Arc::clone(&self.plan.fold),
-            Arc::new(TaskContext::default()),
-        )
-        .await
-        .map_err(df)?;
-        self.plan.fold_input.set(Vec::new());
-        let schema = Arc::clone(&self.plan.partials_input.schema);
-        self.partials.extend(owned(&out, &schema)?);
+    /// Takes in what a fold made (see [`FoldInput::fold`]).
+    async fn absorb(&mut self, partial: Option<RecordBatch>) -> Result<(), QueryError> {
+        let Some(partial) = partial else {
+            return Ok(());
+        };
+        self.partials.push(partial);
         self.cached = None;
         if self.partials.len() > COMPACT_AFTER {
             self.compact().await?;
@@ -1406,9 +1608,7 @@ impl LeafState {
         partials: Vec<RecordBatch>,
     ) -> Result<Vec<RecordBatch>, QueryError> {
         self.plan.partials_input.set(partials);
-        let out = collect(Arc::clone(plan), Arc::new(TaskContext::default()))
-            .await
-            .map_err(df);
+        let out = collect(Arc::clone(plan), fold_task()).await.map_err(df);
         self.plan.partials_input.set(Vec::new());
         out
     }
@@ -1507,24 +1707,27 @@ fn conform_columns(batch: &RecordBatch, schema: &SchemaRef) -> Result<Vec<ArrayR
 }
 
 /// An operator's output `batches` as one batch of `schema` in buffers of its own, to
-/// be kept as partials. The output is slices of shared buffers (an aggregate emits
-/// its groups at once, then slices them into batches): each slice would count the
-/// whole buffer against the bound, and keep it alive; string views point into the
-/// rows folded (whole batches of the feed). `None` when there are no rows.
+/// be kept as partials. An aggregate emits its groups at once, then slices them into
+/// batches (of [`EMIT_ROWS`] here, so mostly one): a slice would count the whole
+/// buffer against the bound, and keep it alive, so a column whose buffers hold much
+/// more than its rows is copied; string views point into the rows folded (whole
+/// batches of the feed) and are compacted. `None` when there are no rows.
 fn owned(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Option<RecordBatch>, QueryError> {
     let batches: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
     let Some(first) = batches.first() else {
         return Ok(None);
     };
-    // Two or more are copied by concatenating; one alone is a slice still.
-    let copy = batches.len() == 1;
-    let one = concat_batches(&first.schema(), batches.iter().copied()).map_err(arrow_err)?;
+    // Two or more are copied by concatenating.
+    let one = match batches.as_slice() {
+        [one] => (*one).clone(),
+        _ => concat_batches(&first.schema(), batches.iter().copied()).map_err(arrow_err)?,
+    };
     let columns = conform_columns(&one, schema)?
         .into_iter()
         .map(|c| match c.data_type() {
             DataType::Utf8View => Ok(Arc::new(c.as_string_view().gc()) as ArrayRef),
             DataType::BinaryView => Ok(Arc::new(c.as_binary_view().gc()) as ArrayRef),
-            _ if copy => {
+            _ if wasteful(&c) => {
                 let data = c.to_data();
                 let mut out = MutableArrayData::new(vec![&data], false, c.len());
                 out.try_extend(0, 0, c.len()).map_err(arrow_err)?;
@@ -1536,6 +1739,16 @@ fn owned(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Option<RecordBat
     RecordBatch::try_new(Arc::clone(schema), columns)
         .map(Some)
         .map_err(arrow_err)
+}
+
+/// Whether `column`'s buffers hold more than twice what its rows use (a slice of a
+/// larger array).
+fn wasteful(column: &ArrayRef) -> bool {
+    column
+        .to_data()
+        .get_slice_memory_size()
+        .is_ok_and(|used| column.get_array_memory_size() > 2 * used + 4096)
+        || column.to_data().get_slice_memory_size().is_err()
 }
 
 /// A rule's plan at the two instants (leaves in place), and its leaves' aggregates at both.
@@ -1596,11 +1809,12 @@ async fn plan_rule(engine: &QueryEngine, sql: &str) -> Result<Planned, QueryErro
         other => return Ok(Planned::Sql(other.to_string())),
     };
     let mut fold_state = state.clone();
-    fold_state
-        .config_mut()
-        .options_mut()
-        .execution
-        .target_partitions = 1;
+    let options = fold_state.config_mut().options_mut();
+    options.execution.target_partitions = 1;
+    // An aggregate's groups in one batch, not slices of one (see `owned`).
+    options
+        .set("datafusion.execution.batch_size", &EMIT_ROWS.to_string())
+        .map_err(df)?;
     let mut planned = Vec::new();
     for (leaf, (a0, a1)) in leaves.iter().zip(&classified.leaves) {
         match plan_leaf(&fold_state, leaf, a0, a1).await {
@@ -1644,18 +1858,19 @@ async fn plan_leaf(
     {
         return Ok(Err("it groups by grouping sets".into()));
     }
-    let Some(scan_schema) = scan_schema(&g0.input) else {
+    let Some(scan) = bottom_scan(&g0.input) else {
         return Ok(Err("no scan under the aggregate".into()));
     };
-    let mut fields: Vec<Field> = scan_schema
-        .fields()
+    let table_schema = scan.source.schema();
+    let columns = scan_columns(scan);
+    let mut fields: Vec<Field> = columns
         .iter()
-        .map(|f| f.as_ref().clone())
+        .map(|i| table_schema.field(*i).clone())
         .collect();
     fields.push(Field::new(SLOT, DataType::Int64, true));
     let feed_schema = Arc::new(Schema::new(fields));
     let fold_input = Rows::new(Arc::clone(&feed_schema));
-    let input = match with_slot(&g0.input, &g1.input, &fold_input.source()?) {
+    let input = match with_slot(&g0.input, &g1.input, &fold_input.source()?, &columns) {
         Ok(input) => input,
         Err(datafusion::error::DataFusionError::Plan(reason)) => return Ok(Err(reason)),
         Err(e) => return Err(e),
@@ -1736,6 +1951,7 @@ async fn plan_leaf(
     let fold_plan =
         LogicalPlan::Aggregate(Aggregate::try_new(Arc::new(input), group_expr, partial)?);
     let fold = state.create_physical_plan(&fold_plan).await?;
+    let fold_key = fold_plan;
     // The partials' own schema: slot, groups and partials by position.
     let fold_schema = fold.schema();
     let mut fields = vec![Field::new(SLOT, DataType::Int64, true)];
@@ -1777,6 +1993,9 @@ async fn plan_leaf(
         output,
         fold,
         fold_input,
+        fold_key,
+        table_schema,
+        columns,
         feed_schema,
         merge_slots,
         merge_groups,
@@ -1786,24 +2005,42 @@ async fn plan_leaf(
     }))
 }
 
-/// The schema of the scan at the bottom of a chain of filters, projections and aliases.
-fn scan_schema(plan: &LogicalPlan) -> Option<SchemaRef> {
+/// The scan at the bottom of a chain of filters, projections and aliases.
+fn bottom_scan(plan: &LogicalPlan) -> Option<&TableScan> {
     match plan {
-        LogicalPlan::TableScan(s) => Some(s.source.schema()),
-        LogicalPlan::Filter(f) => scan_schema(&f.input),
-        LogicalPlan::Projection(p) => scan_schema(&p.input),
-        LogicalPlan::SubqueryAlias(a) => scan_schema(&a.input),
+        LogicalPlan::TableScan(s) => Some(s),
+        LogicalPlan::Filter(f) => bottom_scan(&f.input),
+        LogicalPlan::Projection(p) => bottom_scan(&p.input),
+        LogicalPlan::SubqueryAlias(a) => bottom_scan(&a.input),
         _ => None,
     }
 }
 
+/// The columns of its table `scan` reads, by index, ascending: those it projects and
+/// those its filters name.
+fn scan_columns(scan: &TableScan) -> Vec<usize> {
+    let schema = scan.source.schema();
+    let mut columns: BTreeSet<usize> = match &scan.projection {
+        Some(p) => p.iter().copied().collect(),
+        None => (0..schema.fields().len()).collect(),
+    };
+    for filter in &scan.filters {
+        for c in filter.column_refs() {
+            columns.extend(schema.index_of(&c.name).ok());
+        }
+    }
+    columns.into_iter().collect()
+}
+
 /// The chain `n0` (with `n1`, the same at the second instant) reading from `feed`
-/// instead of its table, carrying the slot column up, without its window bounds (the
-/// conjuncts that differ between the instants).
+/// (the table's `columns`, then the slot) instead of its table, carrying the slot
+/// column up, without its window bounds (the conjuncts that differ between the
+/// instants).
 fn with_slot(
     n0: &LogicalPlan,
     n1: &LogicalPlan,
     feed: &Arc<dyn TableSource>,
+    columns: &[usize],
 ) -> datafusion::error::Result<LogicalPlan> {
     // Why the chain cannot be read from the feed, as a planning error.
     let not = |why: &str| datafusion::error::DataFusionError::Plan(why.into());
@@ -1826,11 +2063,22 @@ fn with_slot(
     };
     Ok(match (n0, n1) {
         (LogicalPlan::TableScan(s0), LogicalPlan::TableScan(s1)) => {
-            let slot = feed.schema().fields().len() - 1;
-            let projection = s0.projection.clone().map(|mut p| {
-                p.push(slot);
-                p
-            });
+            let slot = columns.len();
+            let projection = match &s0.projection {
+                Some(p) => {
+                    let mut read =
+                        p.iter()
+                            .map(|i| {
+                                columns.iter().position(|c| c == i).ok_or_else(|| {
+                                    not("its scan projects a column it does not read")
+                                })
+                            })
+                            .collect::<datafusion::error::Result<Vec<_>>>()?;
+                    read.push(slot);
+                    Some(read)
+                }
+                None => None,
+            };
             let scan = LogicalPlan::TableScan(
                 TableScanBuilder::new(s0.table_name.clone(), Arc::clone(feed))
                     .with_projection(projection)
@@ -1844,7 +2092,7 @@ fn with_slot(
             filtered(kept, scan)?
         }
         (LogicalPlan::Filter(f0), LogicalPlan::Filter(f1)) => {
-            let input = with_slot(&f0.input, &f1.input, feed)?;
+            let input = with_slot(&f0.input, &f1.input, feed, columns)?;
             let Some(kept) = same(
                 split_conjunction(&f0.predicate),
                 split_conjunction(&f1.predicate),
@@ -1854,14 +2102,14 @@ fn with_slot(
             filtered(kept, input)?
         }
         (LogicalPlan::Projection(p0), LogicalPlan::Projection(p1)) => {
-            let input = with_slot(&p0.input, &p1.input, feed)?;
+            let input = with_slot(&p0.input, &p1.input, feed, columns)?;
             let (q, _) = input.schema().qualified_field_with_unqualified_name(SLOT)?;
             let mut exprs = p0.expr.clone();
             exprs.push(Expr::Column(Column::new(q.cloned(), SLOT)));
             LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(input))?)
         }
         (LogicalPlan::SubqueryAlias(a0), LogicalPlan::SubqueryAlias(a1)) => {
-            let input = with_slot(&a0.input, &a1.input, feed)?;
+            let input = with_slot(&a0.input, &a1.input, feed, columns)?;
             LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(Arc::new(input), a0.alias.clone())?)
         }
         _ => {
@@ -1974,23 +2222,32 @@ fn placeholder(leaf: &LeafPlan, index: usize) -> datafusion::error::Result<Logic
     )?))
 }
 
-/// A rule's plan above its leaves that reads nothing else and is the same at every
-/// instant, planned once down to its physical plan: a round hands it the leaves'
+/// A rule's plan above its leaves that reads nothing but leaves and side tables made
+/// of rows (the registry's `accounts`), planned once down to its physical plan, its
+/// literals of now() read from the round's instant: a round hands it the leaves'
 /// results and runs it, without planning, optimizing or a session per round (about a
 /// millisecond a rule otherwise, a second a round for a thousand rules).
 struct Compiled {
     plan: Arc<dyn ExecutionPlan>,
     /// The source of each leaf it reads.
     inputs: Vec<(usize, Arc<Rows>)>,
+    /// The side tables it reads, filled with their rows at each run.
+    side: Vec<(String, Arc<Rows>)>,
+    /// Where its moving literals read the round's instant.
+    instant: Option<crate::moving::Instant>,
+    /// The plan as expressions over one leaf's result, where it is no more than
+    /// filters and projections of it.
+    direct: Option<Direct>,
     /// What it runs with: the engine's memory limit for a statement, in a pool of its
     /// own (one run at a time holds it, and frees all of it at the end).
     task: Arc<TaskContext>,
-    /// One run at a time (two groups may hold the same rule; the sources are shared).
+    /// One run at a time (two groups may hold the same rule; the sources and the
+    /// instant are shared).
     running: tokio::sync::Mutex<()>,
 }
 
-/// `outer`'s [`Compiled`] form, or `None` where it moves with now() or reads another
-/// table (the registry's `accounts` is read as it is at each round).
+/// `outer`'s [`Compiled`] form, or `None` where it reads a table other than its
+/// leaves and side tables made of rows.
 async fn compile(
     engine: &QueryEngine,
     outer: &Moving,
@@ -1998,15 +2255,31 @@ async fn compile(
 ) -> Option<Arc<Compiled>> {
     use datafusion::execution::memory_pool::MemoryPool;
     use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-    let plan = outer.fixed()?;
+    let (plan, instant) = match outer.fixed() {
+        Some(plan) => (plan.clone(), None),
+        None => match outer.parameterised() {
+            Ok((plan, instant)) => (plan, Some(instant)),
+            Err(error) => {
+                tracing::debug!(%error, "a rule's plan above its leaves is planned each round");
+                return None;
+            }
+        },
+    };
     let mut inputs: Vec<(usize, Arc<Rows>)> = Vec::new();
+    let mut side: Vec<(String, Arc<Rows>)> = Vec::new();
     let mut others = false;
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(s) = node {
-            match leaf_index(s.table_name.table()).filter(|i| *i < leaves.len()) {
+            let table = s.table_name.table();
+            match leaf_index(table).filter(|i| *i < leaves.len()) {
                 Some(i) => {
                     if !inputs.iter().any(|(j, _)| *j == i) {
                         inputs.push((i, Rows::new(Arc::clone(&leaves[i].plan.output))));
+                    }
+                }
+                None if engine.side_rows(table).is_some() => {
+                    if !side.iter().any(|(t, _)| t == table) {
+                        side.push((table.to_string(), Rows::new(s.source.schema())));
                     }
                 }
                 None => others = true,
@@ -2019,13 +2292,18 @@ async fn compile(
     }
     let planned = async {
         let plan = plan
-            .clone()
             .transform_up_with_subqueries(|node| {
                 let LogicalPlan::TableScan(s) = &node else {
                     return Ok(Transformed::no(node));
                 };
-                let leaf = leaf_index(s.table_name.table());
-                let Some((_, rows)) = inputs.iter().find(|(i, _)| Some(*i) == leaf) else {
+                let table = s.table_name.table();
+                let rows = match leaf_index(table) {
+                    Some(leaf) => inputs.iter().find(|(i, _)| Some(*i) == Some(leaf)),
+                    None => None,
+                }
+                .map(|(_, rows)| rows)
+                .or_else(|| side.iter().find(|(t, _)| t == table).map(|(_, rows)| rows));
+                let Some(rows) = rows else {
                     return Ok(Transformed::no(node));
                 };
                 rescan(s, rows.source()?, s.projection.clone())
@@ -2052,12 +2330,22 @@ async fn compile(
         Ok::<_, datafusion::error::DataFusionError>((physical, task))
     };
     match planned.await {
-        Ok((plan, task)) => Some(Arc::new(Compiled {
-            plan,
-            inputs,
-            task,
-            running: tokio::sync::Mutex::new(()),
-        })),
+        Ok((plan, task)) => {
+            let direct = if side.is_empty() {
+                Direct::of(&plan, &inputs)
+            } else {
+                None
+            };
+            Some(Arc::new(Compiled {
+                plan,
+                inputs,
+                side,
+                instant,
+                direct,
+                task,
+                running: tokio::sync::Mutex::new(()),
+            }))
+        }
         Err(error) => {
             tracing::debug!(%error, "a rule's plan above its leaves is planned each round");
             None
@@ -2066,12 +2354,39 @@ async fn compile(
 }
 
 impl Compiled {
-    /// Runs the plan over the leaves' `results` (by leaf index).
+    /// Runs the plan at `at_ms` over the leaves' `results` (by leaf index); `None`
+    /// when it cannot run as compiled this time (a side table's columns changed, an
+    /// instant its literals cannot move to exactly): the caller plans it then.
     async fn run(
         &self,
+        engine: &QueryEngine,
+        at_ms: i64,
         results: &HashMap<usize, RecordBatch>,
-    ) -> Result<Vec<RecordBatch>, QueryError> {
+    ) -> Result<Option<Vec<RecordBatch>>, QueryError> {
         let _one = self.running.lock().await;
+        if let Some(instant) = &self.instant
+            && !instant.set(at_ms)
+        {
+            return Ok(None);
+        }
+        if let Some(direct) = &self.direct {
+            let result = results
+                .get(&direct.leaf)
+                .ok_or_else(|| QueryError::Lake(format!("no result for leaf {}", direct.leaf)))?;
+            return direct
+                .run(result)
+                .map(|batch| Some(vec![batch]))
+                .map_err(df);
+        }
+        for (table, rows) in &self.side {
+            let Some(batch) = engine.side_rows(table) else {
+                return Ok(None);
+            };
+            if batch.schema().fields() != rows.schema.fields() {
+                return Ok(None);
+            }
+            rows.set(vec![batch]);
+        }
         for (i, rows) in &self.inputs {
             let result = results
                 .get(i)
@@ -2087,7 +2402,116 @@ impl Compiled {
         for (_, rows) in &self.inputs {
             rows.set(Vec::new());
         }
-        out
+        for (_, rows) in &self.side {
+            rows.set(Vec::new());
+        }
+        out.map(Some)
+    }
+}
+
+/// A physical plan that is only filters and projections over one leaf's result, as
+/// those expressions: evaluated over the result as it is, without streams or tasks
+/// (the rules of a fleet are mostly a threshold over an aggregate, and a thousand of
+/// them run every round).
+struct Direct {
+    leaf: usize,
+    /// The columns the leaf's scan reads.
+    scan: Option<Vec<usize>>,
+    /// From the scan up.
+    steps: Vec<Step>,
+}
+
+enum Step {
+    /// Keeps the rows where the predicate is true, then the columns projected.
+    Filter(Arc<dyn PhysicalExpr>, Option<Vec<usize>>),
+    /// New columns of this schema.
+    Project(Vec<Arc<dyn PhysicalExpr>>, SchemaRef),
+}
+
+impl Direct {
+    /// `plan` as [`Direct`] steps, if it is no more than filters and projections over
+    /// one of `inputs`.
+    fn of(plan: &Arc<dyn ExecutionPlan>, inputs: &[(usize, Arc<Rows>)]) -> Option<Self> {
+        use datafusion::physical_plan::filter::FilterExec;
+        use datafusion::physical_plan::projection::ProjectionExec;
+        use datafusion::physical_plan::streaming::StreamingTableExec;
+        let mut steps = Vec::new();
+        let mut node = Arc::clone(plan);
+        loop {
+            if node.fetch().is_some() {
+                return None;
+            }
+            let any: &dyn ExecutionPlan = node.as_ref();
+            if let Some(f) = any.downcast_ref::<FilterExec>() {
+                steps.push(Step::Filter(
+                    Arc::clone(f.predicate()),
+                    f.projection().as_ref().map(|p| p.to_vec()),
+                ));
+                node = Arc::clone(f.input());
+            } else if let Some(p) = any.downcast_ref::<ProjectionExec>() {
+                steps.push(Step::Project(
+                    p.expr().iter().map(|e| Arc::clone(&e.expr)).collect(),
+                    p.schema(),
+                ));
+                node = Arc::clone(p.input());
+            } else if let Some(s) = any.downcast_ref::<StreamingTableExec>() {
+                let [stream] = s.partitions().as_slice() else {
+                    return None;
+                };
+                if s.limit().is_some() {
+                    return None;
+                }
+                let (leaf, _) = inputs
+                    .iter()
+                    .find(|(_, rows)| std::ptr::addr_eq(Arc::as_ptr(rows), Arc::as_ptr(stream)))?;
+                steps.reverse();
+                return Some(Self {
+                    leaf: *leaf,
+                    scan: s.projection().as_ref().map(|p| p.to_vec()),
+                    steps,
+                });
+            } else {
+                return None;
+            }
+        }
+    }
+
+    /// The plan's rows over `result`, the leaf's.
+    fn run(&self, result: &RecordBatch) -> datafusion::error::Result<RecordBatch> {
+        let mut batch = match &self.scan {
+            Some(columns) => result.project(columns)?,
+            None => result.clone(),
+        };
+        for step in &self.steps {
+            batch = match step {
+                Step::Filter(predicate, projection) => {
+                    let keep = predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
+                    let keep = keep.as_boolean_opt().ok_or_else(|| {
+                        datafusion::error::DataFusionError::Internal(
+                            "a filter that is not boolean".into(),
+                        )
+                    })?;
+                    let kept = match projection {
+                        Some(columns) => batch.project(columns)?,
+                        None => batch,
+                    };
+                    filter_record_batch(&kept, keep)?
+                }
+                Step::Project(exprs, schema) => {
+                    let rows = batch.num_rows();
+                    let columns = exprs
+                        .iter()
+                        .map(|e| e.evaluate(&batch)?.into_array(rows))
+                        .collect::<datafusion::error::Result<Vec<_>>>()?;
+                    RecordBatch::try_new_with_options(
+                        Arc::clone(schema),
+                        columns,
+                        &arrow::array::RecordBatchOptions::new().with_row_count(Some(rows)),
+                    )?
+                }
+            };
+        }
+        Ok(batch)
     }
 }
 

@@ -19,7 +19,7 @@ use crate::access::Principal;
 use crate::engine::{HotData, QueryEngine, SideTable};
 
 /// Rules of the shapes fleets write, over the rows [`rows`] makes.
-const RULES: [&str; 12] = [
+const RULES: [&str; 13] = [
     // Every mergeable aggregate, by account, on one metric.
     "SELECT account_id, sum(sum) AS s, count(*) AS n, min(min) AS lo, max(max) AS hi, avg(sum) AS a \
      FROM metrics WHERE namespace = 'AWS/Lambda' AND metric_name = 'Errors' \
@@ -69,6 +69,10 @@ const RULES: [&str; 12] = [
     // now() truncated above the aggregate: planned each round.
     "SELECT account_id, max(time) AS last FROM metrics WHERE time > now() - INTERVAL '10 minutes' \
      GROUP BY account_id HAVING max(time) < date_trunc('minute', now())",
+    // The aggregate of rules 4 and 5 over another window: a leaf of its own that
+    // folds rows with theirs once.
+    "SELECT account_id, sum(sum) AS s FROM metrics WHERE time > now() - INTERVAL '3 minutes' \
+     GROUP BY account_id HAVING sum(sum) > 1",
 ];
 
 /// One datapoint: account 0..3, metric 0..2, function 0..2, its time relative to the
@@ -674,5 +678,31 @@ async fn a_plan_that_uses_now_above_its_leaves_is_moved_to_each_rounds_instant()
             values.dedup();
             assert_eq!(values.len(), 5, "{sql}: {values:?}");
         }
+    }
+    // Planned once: the absence rule with the registry joined as a physical plan
+    // reading the registry's rows at each run; a threshold, and a cut moving with
+    // now(), as expressions over the leaf's result.
+    let planned_once = [
+        (RULES[7], "compiled"),
+        (RULES[11], "replanned"),
+        (RULES[5], "direct"),
+        (RULES[6], "direct"),
+        (RULES[1], "direct"),
+        (RULES[8], "compiled"),
+    ];
+    // After the rounds above: rounds move forward.
+    for seconds in [3_600, 3_601, 3_661] {
+        let at = START_MS + seconds * 1000;
+        for (sql, _) in planned_once {
+            let folded = incremental
+                .run(sql, at)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("not incremental at +{seconds} s: {sql}"));
+            assert_eq!(lines(&folded), scanned(&engine, sql, at).await, "{sql}");
+        }
+    }
+    for (sql, how) in planned_once {
+        assert_eq!(incremental.how(sql).await, Some(how), "{sql}");
     }
 }

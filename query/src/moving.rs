@@ -12,9 +12,17 @@
 //! and the third before it is trusted; anything else that moves with the time (a date,
 //! `date_trunc`) keeps the rule planned at each round.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DataFusionError, ScalarValue};
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, LogicalPlan, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
+};
 
 /// How a literal moves with now(): by `per_ms` of its units per millisecond, or by one
 /// unit per `ms_per` milliseconds (seconds).
@@ -40,14 +48,25 @@ fn map_literals(
     plan: LogicalPlan,
     f: &mut impl FnMut(usize, ScalarValue) -> datafusion::error::Result<ScalarValue>,
 ) -> datafusion::error::Result<LogicalPlan> {
+    map_literal_exprs(plan, &mut |place, literal| match literal {
+        Expr::Literal(value, meta) => Ok(Expr::Literal(f(place, value)?, meta)),
+        other => Ok(other),
+    })
+}
+
+/// `plan` with each literal expression replaced by `f(its place in the walk, it)`.
+fn map_literal_exprs(
+    plan: LogicalPlan,
+    f: &mut impl FnMut(usize, Expr) -> datafusion::error::Result<Expr>,
+) -> datafusion::error::Result<LogicalPlan> {
     let mut place = 0;
     plan.transform_down_with_subqueries(|node| {
         node.map_expressions(|e| {
             e.transform_down(|e| match e {
-                Expr::Literal(value, meta) => {
+                literal @ Expr::Literal(..) => {
                     let here = place;
                     place += 1;
-                    Ok(Transformed::yes(Expr::Literal(f(here, value)?, meta)))
+                    Ok(Transformed::yes(f(here, literal)?))
                 }
                 other => Ok(Transformed::no(other)),
             })
@@ -167,6 +186,47 @@ impl Moving {
         self.moves.is_empty().then_some(&self.plan)
     }
 
+    /// The plan with each literal that moves read from `instant` when it runs: the
+    /// same plan at every instant, set by [`Instant::set`] before each run. Planned
+    /// once, it runs at any instant the literals move to exactly.
+    pub(crate) fn parameterised(&self) -> datafusion::error::Result<(LogicalPlan, Instant)> {
+        let instant = Instant {
+            planned_ms: self.at_ms,
+            offset_ms: Arc::new(AtomicI64::new(0)),
+            seconds: self.moves.iter().any(|(_, r)| *r == Rate::Seconds),
+        };
+        let mut next = 0;
+        let plan = map_literal_exprs(self.plan.clone(), &mut |place, literal| {
+            let Some((at, rate)) = self.moves.get(next) else {
+                return Ok(literal);
+            };
+            let Expr::Literal(value, _) = &literal else {
+                return Ok(literal);
+            };
+            if *at != place {
+                return Ok(literal);
+            }
+            next += 1;
+            let udf = ScalarUDF::new_from_impl(Moved {
+                name: format!("__moved_{place}"),
+                value: value.clone(),
+                rate: *rate,
+                offset_ms: Arc::clone(&instant.offset_ms),
+                signature: Signature::nullary(Volatility::Volatile),
+            });
+            Ok(Expr::ScalarFunction(ScalarFunction::new_udf(
+                Arc::new(udf),
+                Vec::new(),
+            )))
+        })?;
+        if next != self.moves.len() {
+            return Err(DataFusionError::Internal(
+                "a plan above incremental leaves lost a literal".into(),
+            ));
+        }
+        Ok((plan, instant))
+    }
+
     /// The plan at `at_ms`; `None` where a literal cannot move that far exactly.
     pub(crate) fn at(&self, at_ms: i64) -> datafusion::error::Result<Option<LogicalPlan>> {
         if self.moves.is_empty() {
@@ -197,5 +257,91 @@ impl Moving {
             ));
         }
         Ok((!inexact).then_some(plan))
+    }
+}
+
+/// The round's instant a [`Moving::parameterised`] plan reads its moving literals at.
+#[derive(Debug, Clone)]
+pub(crate) struct Instant {
+    planned_ms: i64,
+    offset_ms: Arc<AtomicI64>,
+    /// A literal moves by whole seconds (epoch seconds).
+    seconds: bool,
+}
+
+impl Instant {
+    /// Moves the literals to `at_ms`; false where they cannot move there exactly (a
+    /// part of a second in epoch seconds): the plan is not run then.
+    pub(crate) fn set(&self, at_ms: i64) -> bool {
+        let Some(offset) = at_ms.checked_sub(self.planned_ms) else {
+            return false;
+        };
+        if self.seconds && offset % 1000 != 0 {
+            return false;
+        }
+        self.offset_ms.store(offset, Ordering::SeqCst);
+        true
+    }
+}
+
+/// A literal that moves with now(), as a function of no arguments: its value at the
+/// instant planned, moved by the offset its [`Instant`] holds when evaluated.
+/// Volatile, so that no optimizer folds it back into a literal.
+#[derive(Debug)]
+struct Moved {
+    name: String,
+    value: ScalarValue,
+    rate: Rate,
+    offset_ms: Arc<AtomicI64>,
+    signature: Signature,
+}
+
+impl PartialEq for Moved {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.offset_ms, &other.offset_ms)
+            && self.name == other.name
+            && self.value == other.value
+            && self.rate == other.rate
+    }
+}
+
+impl Eq for Moved {}
+
+impl std::hash::Hash for Moved {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+        self.value.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for Moved {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(self.value.data_type())
+    }
+
+    fn return_field_from_args(&self, _: ReturnFieldArgs) -> datafusion::error::Result<FieldRef> {
+        // As the literal it stands for: never null.
+        Ok(Arc::new(Field::new(
+            self.name(),
+            self.value.data_type(),
+            self.value.is_null(),
+        )))
+    }
+
+    fn invoke_with_args(&self, _: ScalarFunctionArgs) -> datafusion::error::Result<ColumnarValue> {
+        let ms = self.offset_ms.load(Ordering::SeqCst);
+        moved(&self.value, self.rate, ms)
+            .map(ColumnarValue::Scalar)
+            .ok_or_else(|| {
+                DataFusionError::Execution(format!("{} cannot move {ms} ms exactly", self.value))
+            })
     }
 }
