@@ -12,8 +12,9 @@
 //! Reported (median of `FLEETLAKE_BENCH_ROUNDS` rounds, default 3): a round of 100 rules
 //! scanning (each rule's SQL over the lake and the hot buffer, as before incremental
 //! evaluation), a round of 100 and of 1,000 rules from partial aggregates, starting the
-//! 1,000 rules' leaves from the lake, folding one more minute of the fleet into them,
-//! and the bytes the partials hold.
+//! 1,000 rules' leaves from the lake, folding one more minute of the fleet into them
+//! (median of `FLEETLAKE_BENCH_FOLDS` minutes, default 3), and the bytes the partials
+//! hold.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -211,16 +212,24 @@ async fn bench() {
         inc_many.push(round_incremental(&inc, &many, at).await.0);
     }
     assert_eq!(rows.0, rows.1, "both paths find the same instances");
-    // One more minute of the fleet, folded by the next round.
-    for batch in minute(accounts, functions, minutes) {
-        aggregator
-            .write(vec![(Table::Metrics, batch)])
-            .await
-            .expect("write");
+    // More minutes of the fleet, each folded by the next round.
+    let folds = env("FLEETLAKE_BENCH_FOLDS", 3);
+    eprintln!("folding {folds} more minutes");
+    let mut fold_and_round = Vec::new();
+    let mut round_after = Vec::new();
+    for f in 0..folds {
+        for batch in minute(accounts, functions, minutes + f as i64) {
+            aggregator
+                .write(vec![(Table::Metrics, batch)])
+                .await
+                .expect("write");
+        }
+        let next = at + (f as i64 + 1) * 60_000;
+        fold_and_round.push(round_incremental(&inc, &many[..1], next).await.0);
+        round_after.push(round_incremental(&inc, &many, next).await.0);
     }
-    let next = at + 60_000;
-    let (fold_and_round, _) = round_incremental(&inc, &many[..1], next).await;
-    let (round_after, _) = round_incremental(&inc, &many, next).await;
+    let fold_and_round = median(fold_and_round);
+    let round_after = median(round_after);
 
     let s = median(scanned);
     let f = median(inc_few);
