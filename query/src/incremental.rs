@@ -1464,7 +1464,7 @@ fn group_by_value(
     column: &str,
     values: &BTreeSet<String>,
 ) -> Result<(RecordBatch, HashMap<String, std::ops::Range<usize>>), QueryError> {
-    let mut by_value: HashMap<&str, Vec<(usize, usize)>> =
+    let mut by_value: HashMap<&str, Vec<u32>> =
         values.iter().map(|v| (v.as_str(), Vec::new())).collect();
     let mut texts = Vec::with_capacity(parts.len());
     for part in parts {
@@ -1473,7 +1473,8 @@ fn group_by_value(
             .ok_or_else(|| QueryError::Lake(format!("rows without a {column} column")))?;
         texts.push(cast(array, &DataType::Utf8).map_err(arrow_err)?);
     }
-    for (p, text) in texts.iter().enumerate() {
+    let mut first_row = 0u32;
+    for text in &texts {
         // Runs of one value (a delivery is mostly one metric after another) look
         // the value up once.
         let mut last: Option<(&str, bool)> = None;
@@ -1488,9 +1489,10 @@ fn group_by_value(
                 }
             };
             if known && let Some(rows) = by_value.get_mut(value) {
-                rows.push((p, row));
+                rows.push(first_row + row as u32);
             }
         }
+        first_row += text.len() as u32;
     }
     let mut order = Vec::new();
     let mut ranges = HashMap::new();
@@ -1503,12 +1505,11 @@ fn group_by_value(
         .first()
         .map(RecordBatch::schema)
         .unwrap_or_else(|| Arc::new(Schema::empty()));
-    let grouped = if parts.is_empty() {
-        RecordBatch::new_empty(schema)
-    } else {
-        let refs: Vec<&RecordBatch> = parts.iter().collect();
-        arrow::compute::interleave_record_batch(&refs, &order).map_err(arrow_err)?
-    };
+    // Concatenated, then taken: `take` copies a map column's entries in bulk, where
+    // `interleave` extends them row by row.
+    let all = concat_batches(&schema, parts).map_err(arrow_err)?;
+    let grouped = arrow::compute::take_record_batch(&all, &arrow::array::UInt32Array::from(order))
+        .map_err(arrow_err)?;
     Ok((grouped, ranges))
 }
 
