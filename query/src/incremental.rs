@@ -31,7 +31,7 @@
 //! Every such path gives the same rows; the property test in this module compares
 //! them round by round.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1336,15 +1336,18 @@ struct FoldInput {
     /// The columns any of the leaves reads, with `time` and their routing columns,
     /// by index in `table_schema`.
     columns: BTreeSet<usize>,
-    /// The routing column most leaves route on, and the values they route on.
+    /// Per routing column, how many leaves route on it and on which values.
+    routes: BTreeMap<String, (usize, BTreeSet<String>)>,
+    /// The routing column most leaves route on (chosen when the rows come), and the
+    /// values they route on: the rows are grouped by it.
     route: Option<(String, BTreeSet<String>)>,
     /// The rows, conformed to `columns` and given their slots.
-    rows: Result<Rows2, String>,
+    rows: Result<FoldRows, String>,
 }
 
 /// Rows as a fold reads them.
 #[derive(Default)]
-struct Rows2 {
+struct FoldRows {
     /// The rows as they came, conformed, with slots.
     parts: Vec<RecordBatch>,
     /// The rows of the routed values, grouped by value in one batch (one copy of
@@ -1359,29 +1362,33 @@ impl FoldInput {
         Self {
             table_schema,
             columns,
+            routes: BTreeMap::new(),
             route: None,
-            rows: Ok(Rows2::default()),
+            rows: Ok(FoldRows::default()),
         }
     }
 
     /// Adds what `plan`'s fold reads.
     fn read(&mut self, plan: &LeafPlan) {
         self.columns.extend(plan.columns.iter().copied());
-        for (column, _) in &plan.leaf.routes {
+        for (column, values) in &plan.leaf.routes {
             self.columns.extend(self.table_schema.index_of(column).ok());
-        }
-        if let Some((column, values)) = plan.leaf.routes.first() {
-            match &mut self.route {
-                None => self.route = Some((column.clone(), values.clone())),
-                Some((c, all)) if c == column => all.extend(values.iter().cloned()),
-                // Leaves routed on another column filter the rows themselves.
-                Some(_) => {}
-            }
+            let (leaves, all) = self.routes.entry(column.clone()).or_default();
+            *leaves += 1;
+            all.extend(values.iter().cloned());
         }
     }
 
     /// Conforms `rows` to the columns read, with slots, and groups the routed ones.
     fn conform(&mut self, rows: &[&RecordBatch]) {
+        // The first of the columns most leaves route on; leaves that do not route
+        // on it filter the rows themselves.
+        self.route = self
+            .routes
+            .iter()
+            .rev()
+            .max_by_key(|(_, (leaves, _))| *leaves)
+            .map(|(column, (_, values))| (column.clone(), values.clone()));
         let made = (|| {
             let fields: Vec<Field> = self
                 .columns
@@ -1401,7 +1408,7 @@ impl FoldInput {
                 Some((column, values)) => Some(group_by_value(&parts, column, values)?),
                 None => None,
             };
-            Ok::<_, QueryError>(Rows2 { parts, routed })
+            Ok::<_, QueryError>(FoldRows { parts, routed })
         })();
         self.rows = made.map_err(|e| e.to_string());
     }
@@ -1413,8 +1420,14 @@ impl FoldInput {
             .rows
             .as_ref()
             .map_err(|e| QueryError::Lake(e.clone()))?;
-        let batches: Vec<RecordBatch> = match (plan.leaf.routes.first(), &self.route) {
-            (Some((column, values)), Some((routed_on, _))) if column == routed_on => {
+        let on_grouped = self.route.as_ref().and_then(|(routed_on, _)| {
+            plan.leaf
+                .routes
+                .iter()
+                .find(|(column, _)| column == routed_on)
+        });
+        let batches: Vec<RecordBatch> = match (on_grouped, plan.leaf.routes.first()) {
+            (Some((_, values)), _) => {
                 let (grouped, ranges) = rows.routed.as_ref().expect("grouped when routed");
                 values
                     .iter()
@@ -1422,7 +1435,7 @@ impl FoldInput {
                     .map(|r| grouped.slice(r.start, r.len()))
                     .collect()
             }
-            (Some((column, values)), _) => rows
+            (None, Some((column, values))) => rows
                 .parts
                 .iter()
                 .map(|part| {
@@ -1430,7 +1443,7 @@ impl FoldInput {
                     filter_record_batch(part, &keep).map_err(arrow_err)
                 })
                 .collect::<Result<_, _>>()?,
-            (None, _) => rows.parts.clone(),
+            (None, None) => rows.parts.clone(),
         };
         // The leaf's columns and the slot, by position in the rows read.
         let mut positions: Vec<usize> = plan
@@ -1745,11 +1758,10 @@ fn owned(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Option<RecordBat
 /// Whether `column`'s buffers hold more than twice what its rows use (a slice of a
 /// larger array).
 fn wasteful(column: &ArrayRef) -> bool {
-    column
-        .to_data()
-        .get_slice_memory_size()
-        .is_ok_and(|used| column.get_array_memory_size() > 2 * used + 4096)
-        || column.to_data().get_slice_memory_size().is_err()
+    match column.to_data().get_slice_memory_size() {
+        Ok(used) => column.get_array_memory_size() > 2 * used + 4096,
+        Err(_) => true,
+    }
 }
 
 /// A rule's plan at the two instants (leaves in place), and its leaves' aggregates at both.

@@ -19,7 +19,7 @@ use crate::access::Principal;
 use crate::engine::{HotData, QueryEngine, SideTable};
 
 /// Rules of the shapes fleets write, over the rows [`rows`] makes.
-const RULES: [&str; 13] = [
+const RULES: [&str; 14] = [
     // Every mergeable aggregate, by account, on one metric.
     "SELECT account_id, sum(sum) AS s, count(*) AS n, min(min) AS lo, max(max) AS hi, avg(sum) AS a \
      FROM metrics WHERE namespace = 'AWS/Lambda' AND metric_name = 'Errors' \
@@ -73,6 +73,10 @@ const RULES: [&str; 13] = [
     // folds rows with theirs once.
     "SELECT account_id, sum(sum) AS s FROM metrics WHERE time > now() - INTERVAL '3 minutes' \
      GROUP BY account_id HAVING sum(sum) > 1",
+    // Routed on the namespace only, where most leaves route on the metric: its rows
+    // filtered, not taken from the rows grouped by metric.
+    "SELECT account_id, count(*) AS n FROM metrics \
+     WHERE namespace = 'AWS/Lambda' AND time > now() - INTERVAL '2 minutes' GROUP BY account_id",
 ];
 
 /// One datapoint: account 0..3, metric 0..2, function 0..2, its time relative to the
