@@ -9,12 +9,12 @@
 //! re-pages nor forgets; transitions are committed to the lake with the evaluation's
 //! sequence number as a Delta application transaction, so none is written twice.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, SchemaRef};
 use async_trait::async_trait;
@@ -29,7 +29,7 @@ use crate::error::AlertError;
 use crate::matchers::{Matcher, all_match};
 use crate::notify::{self, FleetIncident, Message, RateLimits};
 use crate::redact;
-use crate::registry::{LABEL_FIELDS, Registry, Snapshot};
+use crate::registry::{Account, LABEL_FIELDS, Registry, Snapshot};
 use crate::rules::{ALERTNAME, Rule, RuleGroup, VALUE_COLUMN};
 use crate::state::{self, AlertState, Instance, Labels, Sample, Transition, state_name};
 use crate::table::{self, TransitionRow};
@@ -181,6 +181,8 @@ struct Inner {
     limits: RateLimits,
     external_url: String,
     writing: tokio::sync::Mutex<()>,
+    /// Each rule's [`RowCache`], by rule key.
+    made: Mutex<HashMap<String, RowCache>>,
 }
 
 /// A rule's result as the evaluator reads it.
@@ -211,16 +213,99 @@ fn rule_key(group: &str, alert: &str) -> String {
     format!("{group}/{alert}")
 }
 
+/// What a rule's last evaluation made of each of its rows, so that the next one
+/// makes it again only when something it depends on changed. A row is known by a
+/// 128-bit hash of its label columns' names and values; its labels and fingerprint
+/// depend on those, the registry's record of its account and the rule (which does
+/// not change while the service runs), so they are reused while the registry is
+/// the same snapshot and the rule's labels are plain text (a label template may read
+/// `$value`); its annotations also depend on its value, so they are reused while the
+/// value is the same. Entries of rows the last evaluation did not return are dropped.
+#[derive(Default)]
+pub struct RowCache {
+    registry: Option<Arc<Snapshot>>,
+    rows: HashMap<u128, Made, KeyHash>,
+}
+
+/// A row's key is a hash already: its low 64 bits place it in the map.
+type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
+
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u128` is used; anything else is folded in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+}
+
+/// One row as an evaluation made it.
+struct Made {
+    fingerprint: Arc<str>,
+    labels: Arc<Labels>,
+    value: u64,
+    annotations: Arc<Labels>,
+}
+
+/// The hash that knows a row: its label columns' names and values, an empty or
+/// null value as absent (it is not a label).
+fn row_key(label_columns: &[(String, ArrayRef)], row: usize) -> u128 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for (name, column) in label_columns {
+        let column = column.as_string::<i32>();
+        hasher.update(name.as_bytes());
+        if column.is_valid(row) && !column.value(row).is_empty() {
+            hasher.update(&[0xff]);
+            hasher.update(column.value(row).as_bytes());
+        }
+        hasher.update(&[0xfe]);
+    }
+    hasher.digest128()
+}
+
 /// Reads a rule's result rows into samples: `value` is the value, other columns
 /// labels; registry fields, the alertname and the rule's labels are added, then the
 /// annotations expanded.
 pub fn to_samples(
     rule: &Rule,
     batches: &[RecordBatch],
-    registry: &Snapshot,
+    registry: &Arc<Snapshot>,
 ) -> Result<Vec<Sample>, AlertError> {
-    let mut samples = Vec::new();
-    let mut seen = BTreeSet::new();
+    to_samples_with(rule, batches, registry, &mut RowCache::default())
+}
+
+/// [`to_samples`], reusing what the rule's previous evaluation made of the rows that
+/// did not change (`cache`, which is left holding this evaluation's rows).
+pub fn to_samples_with(
+    rule: &Rule,
+    batches: &[RecordBatch],
+    registry: &Arc<Snapshot>,
+    cache: &mut RowCache,
+) -> Result<Vec<Sample>, AlertError> {
+    if !cache
+        .registry
+        .as_ref()
+        .is_some_and(|r| Arc::ptr_eq(r, registry))
+    {
+        cache.rows.clear();
+        cache.registry = Some(Arc::clone(registry));
+    }
+    let labels_fixed = rule.labels.values().all(|t| t.is_static());
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut made = HashMap::with_capacity_and_hasher(rows, KeyHash::default());
+    let mut samples = Vec::with_capacity(rows);
+    let mut seen = HashSet::with_capacity(rows);
     for batch in batches {
         let schema = batch.schema();
         let value_index = schema
@@ -244,43 +329,43 @@ pub fn to_samples(
                 continue;
             }
             let value = values.value(row);
-            let mut labels = Labels::new();
-            for (name, column) in &label_columns {
-                let column = column.as_string::<i32>();
-                if column.is_valid(row) && !column.value(row).is_empty() {
-                    labels.insert(name.clone(), column.value(row).to_string());
+            let key = row_key(&label_columns, row);
+            let before = cache.rows.remove(&key).filter(|_| labels_fixed);
+            let (fingerprint, labels) = match &before {
+                Some(m) => (Arc::clone(&m.fingerprint), Arc::clone(&m.labels)),
+                None => {
+                    let labels = row_labels(rule, &label_columns, row, value, registry)?;
+                    (state::fingerprint(&labels).into(), Arc::new(labels))
                 }
-            }
-            let account = labels.get("account_id").and_then(|a| registry.get(a));
-            if let Some(account) = account {
-                for field in LABEL_FIELDS {
-                    if !labels.contains_key(field)
-                        && let Some(v) = account.get(field)
-                    {
-                        labels.insert(field.to_string(), v);
-                    }
-                }
-            }
-            labels.insert(ALERTNAME.into(), rule.alert.clone());
-            for (name, template) in &rule.labels {
-                let v = template
-                    .render_for(&labels, value, account)
-                    .map_err(|e| AlertError::Rule(format!("label {name}: {e}")))?;
-                labels.insert(name.clone(), v);
-            }
-            let mut annotations = Labels::new();
-            for (name, template) in &rule.annotations {
-                let v = template
-                    .render_for(&labels, value, account)
-                    .map_err(|e| AlertError::Rule(format!("annotation {name}: {e}")))?;
-                annotations.insert(name.clone(), v);
-            }
-            let fingerprint = state::fingerprint(&labels);
-            if !seen.insert(fingerprint.clone()) {
+            };
+            if !seen.insert(Arc::clone(&fingerprint)) {
                 return Err(AlertError::Rule(format!(
                     "two rows have the same labels {labels:?}: add the column that tells them apart or aggregate"
                 )));
             }
+            let annotations = match before {
+                Some(m) if m.value == value.to_bits() => m.annotations,
+                _ => {
+                    let account = row_account(&label_columns, row, registry);
+                    let mut annotations = Labels::new();
+                    for (name, template) in &rule.annotations {
+                        let v = template
+                            .render_for(&labels, value, account)
+                            .map_err(|e| AlertError::Rule(format!("annotation {name}: {e}")))?;
+                        annotations.insert(name.clone(), v);
+                    }
+                    Arc::new(annotations)
+                }
+            };
+            made.insert(
+                key,
+                Made {
+                    fingerprint: Arc::clone(&fingerprint),
+                    labels: Arc::clone(&labels),
+                    value: value.to_bits(),
+                    annotations: Arc::clone(&annotations),
+                },
+            );
             samples.push(Sample {
                 fingerprint,
                 labels,
@@ -289,7 +374,59 @@ pub fn to_samples(
             });
         }
     }
+    cache.rows = made;
     Ok(samples)
+}
+
+/// The registry's record of the account a result row is about (its `account_id`
+/// column), which its templates read as `$account`.
+fn row_account<'a>(
+    label_columns: &[(String, ArrayRef)],
+    row: usize,
+    registry: &'a Snapshot,
+) -> Option<&'a Account> {
+    let (_, column) = label_columns.iter().find(|(name, _)| name == ACCOUNT_ID)?;
+    let column = column.as_string::<i32>();
+    column
+        .is_valid(row)
+        .then(|| registry.get(column.value(row)))
+        .flatten()
+}
+
+/// The labels of one result row: its label columns, the registry's label fields of
+/// its account, the alertname and the rule's labels.
+fn row_labels(
+    rule: &Rule,
+    label_columns: &[(String, ArrayRef)],
+    row: usize,
+    value: f64,
+    registry: &Snapshot,
+) -> Result<Labels, AlertError> {
+    let mut labels = Labels::new();
+    for (name, column) in label_columns {
+        let column = column.as_string::<i32>();
+        if column.is_valid(row) && !column.value(row).is_empty() {
+            labels.insert(name.clone(), column.value(row).to_string());
+        }
+    }
+    let account = row_account(label_columns, row, registry);
+    if let Some(account) = account {
+        for field in LABEL_FIELDS {
+            if !labels.contains_key(field)
+                && let Some(v) = account.get(field)
+            {
+                labels.insert(field.to_string(), v);
+            }
+        }
+    }
+    labels.insert(ALERTNAME.into(), rule.alert.clone());
+    for (name, template) in &rule.labels {
+        let v = template
+            .render_for(&labels, value, account)
+            .map_err(|e| AlertError::Rule(format!("label {name}: {e}")))?;
+        labels.insert(name.clone(), v);
+    }
+    Ok(labels)
 }
 
 /// Whether a column can be a label.
@@ -482,7 +619,7 @@ impl Inner {
             for fp in &eligible {
                 let l = &rs.instances[fp].labels;
                 common = Some(match common {
-                    None => l.clone(),
+                    None => l.as_ref().clone(),
                     Some(c) => c.into_iter().filter(|(k, v)| l.get(k) == Some(v)).collect(),
                 });
             }
@@ -1001,8 +1138,8 @@ fn row_of(
         fingerprint: t.fingerprint.clone(),
         account_id: t.instance.labels.get("account_id").cloned(),
         value: t.instance.value,
-        labels: t.instance.labels.clone(),
-        annotations: t.instance.annotations.clone(),
+        labels: t.instance.labels.as_ref().clone(),
+        annotations: t.instance.annotations.as_ref().clone(),
         active_at: t.instance.active_at,
         notification: match t.to {
             Some(AlertState::Firing) | Some(AlertState::Resolved) => note.unwrap_or_default(),
@@ -1105,6 +1242,7 @@ impl Alerting {
                 limits: RateLimits::default(),
                 external_url: parts.external_url,
                 writing: tokio::sync::Mutex::new(()),
+                made: Mutex::default(),
             }),
         })
     }
@@ -1143,7 +1281,15 @@ impl Alerting {
     pub async fn run_rule(&self, group: &RuleGroup, rule: &Rule, at_ms: i64) -> RuleResult {
         let started = Instant::now();
         let samples = match self.inner.sql.query(&rule.expr, at_ms).await {
-            Ok(batches) => to_samples(rule, &batches, &self.inner.registry.snapshot()),
+            Ok(batches) => {
+                let key = rule_key(&group.name, &rule.alert);
+                let made = || self.inner.made.lock().expect("row cache lock");
+                let mut cache = made().remove(&key).unwrap_or_default();
+                let samples =
+                    to_samples_with(rule, &batches, &self.inner.registry.snapshot(), &mut cache);
+                made().insert(key, cache);
+                samples
+            }
             Err(e) => Err(e),
         };
         RuleResult {
@@ -1322,7 +1468,7 @@ impl Alerting {
 mod tests {
     use super::*;
 
-    use arrow::array::{ArrayRef, Float64Array, StringArray};
+    use arrow::array::{Float64Array, StringArray};
     use arrow::datatypes::{Field, Schema};
     use fleetlake_model::clock::{Clock, ManualClock};
 
@@ -1882,5 +2028,98 @@ mod tests {
         ] {
             assert_eq!(accounts(fleet_wide), None, "{fleet_wide:?}");
         }
+    }
+
+    /// One result row of account, region and value.
+    fn result_row(account: &str, region: Option<&str>, value: f64) -> Vec<RecordBatch> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("account_id", DataType::Utf8, false),
+            Field::new("region", DataType::Utf8, true),
+            Field::new(VALUE_COLUMN, DataType::Float64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![account])),
+            Arc::new(StringArray::from(vec![region])),
+            Arc::new(Float64Array::from(vec![value])),
+        ];
+        vec![RecordBatch::try_new(schema, columns).unwrap()]
+    }
+
+    #[test]
+    fn rows_made_again_follow_their_value_the_registry_and_label_templates() {
+        let groups = crate::rules::parse(
+            Path::new("t.rules.yml"),
+            r#"groups:
+  - name: g
+    rules:
+      - alert: Plain
+        expr: SELECT 1
+        labels:
+          severity: page
+        annotations:
+          summary: "{{ $labels.account_name }} at {{ $value }} ({{ $account.tier }})"
+      - alert: Banded
+        expr: SELECT 1
+        labels:
+          band: "{{ if gt $value 5.0 }}high{{ else }}low{{ end }}"
+"#,
+        )
+        .unwrap();
+        let (plain, banded) = (&groups[0].rules[0], &groups[0].rules[1]);
+        let registry = |name: &str, tier: &str| {
+            Arc::new(
+                Snapshot::parse(&format!(
+                    r#"{{"account_id":"111111111111","account_name":"{name}","tier":"{tier}"}}"#
+                ))
+                .unwrap(),
+            )
+        };
+        let (one, uno) = (registry("one", "gold"), registry("uno", "silver"));
+        let (mut plain_made, mut banded_made) = (RowCache::default(), RowCache::default());
+        // Each evaluation with its rule's cache makes what one without it makes.
+        let mut made = |rule: &Rule, rows: &[RecordBatch], registry: &Arc<Snapshot>| {
+            let cache = if rule.alert == "Plain" {
+                &mut plain_made
+            } else {
+                &mut banded_made
+            };
+            let samples = to_samples_with(rule, rows, registry, cache).unwrap();
+            assert_eq!(samples, to_samples(rule, rows, registry).unwrap());
+            samples.into_iter().next().unwrap()
+        };
+        let summary = |s: &Sample| s.annotations["summary"].clone();
+
+        let first = made(plain, &result_row("111111111111", None, 1.0), &one);
+        assert_eq!(summary(&first), "one at 1 (gold)");
+        let again = made(plain, &result_row("111111111111", None, 1.0), &one);
+        assert!(
+            Arc::ptr_eq(&first.labels, &again.labels)
+                && Arc::ptr_eq(&first.annotations, &again.annotations),
+            "an unchanged row is not made again"
+        );
+        let moved = made(plain, &result_row("111111111111", None, 2.0), &one);
+        assert_eq!(summary(&moved), "one at 2 (gold)");
+        assert!(Arc::ptr_eq(&first.labels, &moved.labels));
+        let renamed = made(plain, &result_row("111111111111", None, 2.0), &uno);
+        assert_eq!(summary(&renamed), "uno at 2 (silver)");
+        assert_eq!(renamed.labels["account_name"], "uno");
+        assert_ne!(renamed.fingerprint, moved.fingerprint);
+        // An empty column is no label, a value is.
+        let placed = made(
+            plain,
+            &result_row("111111111111", Some("eu-west-1"), 2.0),
+            &uno,
+        );
+        assert_eq!(placed.labels["region"], "eu-west-1");
+        let empty = made(plain, &result_row("111111111111", Some(""), 2.0), &uno);
+        assert_eq!(empty.fingerprint, renamed.fingerprint);
+
+        // A label template may read the value: labels are made again each time.
+        let low = made(banded, &result_row("111111111111", None, 1.0), &one);
+        let high = made(banded, &result_row("111111111111", None, 9.0), &one);
+        assert_eq!(
+            (&*low.labels["band"], &*high.labels["band"]),
+            ("low", "high")
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! for `for`, and when it is no longer returned a pending instance is dropped while a
 //! firing one is **resolved**, unless `keep_firing_for` still runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -39,13 +40,15 @@ pub fn state_name(state: Option<AlertState>) -> &'static str {
     state.map(AlertState::as_str).unwrap_or("inactive")
 }
 
-/// One alert instance of a rule.
+/// One alert instance of a rule. Labels and annotations are shared with the
+/// evaluation that made them (an instance that stays keeps the same ones round after
+/// round without copying them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     /// Its labels (alertname, the row's columns, registry fields, rule labels).
-    pub labels: Labels,
+    pub labels: Arc<Labels>,
     /// Its annotations, expanded at the last evaluation that returned it.
-    pub annotations: Labels,
+    pub annotations: Arc<Labels>,
     /// Its value at the last evaluation that returned it.
     pub value: f64,
     /// Its state.
@@ -70,11 +73,11 @@ pub struct Instance {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     /// The instance's fingerprint (from its labels).
-    pub fingerprint: String,
+    pub fingerprint: Arc<str>,
     /// Labels.
-    pub labels: Labels,
+    pub labels: Arc<Labels>,
     /// Annotations, expanded.
-    pub annotations: Labels,
+    pub annotations: Arc<Labels>,
     /// Value.
     pub value: f64,
 }
@@ -104,25 +107,24 @@ pub fn apply(
     keep_resolved: Duration,
 ) -> Vec<Transition> {
     let mut transitions = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
+    let seen: HashSet<&str> = samples.iter().map(|s| &*s.fingerprint).collect();
     let for_ms = for_.as_millis() as i64;
-    for sample in samples {
-        seen.insert(sample.fingerprint.clone());
+    for sample in &samples {
         let existing = instances
-            .get_mut(&sample.fingerprint)
+            .get_mut(&*sample.fingerprint)
             .filter(|i| i.state != AlertState::Resolved);
         match existing {
             Some(instance) => {
                 instance.value = sample.value;
-                instance.annotations = sample.annotations;
-                instance.labels = sample.labels;
+                instance.annotations = Arc::clone(&sample.annotations);
+                instance.labels = Arc::clone(&sample.labels);
                 instance.last_seen = now;
                 instance.keep_firing_since = None;
                 if instance.state == AlertState::Pending && now - instance.active_at >= for_ms {
                     instance.state = AlertState::Firing;
                     instance.fired_at = Some(now);
                     transitions.push(Transition {
-                        fingerprint: sample.fingerprint.clone(),
+                        fingerprint: sample.fingerprint.to_string(),
                         from: Some(AlertState::Pending),
                         to: Some(AlertState::Firing),
                         instance: instance.clone(),
@@ -132,8 +134,8 @@ pub fn apply(
             None => {
                 let firing = for_.is_zero();
                 let instance = Instance {
-                    labels: sample.labels,
-                    annotations: sample.annotations,
+                    labels: Arc::clone(&sample.labels),
+                    annotations: Arc::clone(&sample.annotations),
                     value: sample.value,
                     state: if firing {
                         AlertState::Firing
@@ -149,19 +151,19 @@ pub fn apply(
                     notified: false,
                 };
                 transitions.push(Transition {
-                    fingerprint: sample.fingerprint.clone(),
+                    fingerprint: sample.fingerprint.to_string(),
                     from: None,
                     to: Some(instance.state),
                     instance: instance.clone(),
                 });
-                instances.insert(sample.fingerprint, instance);
+                instances.insert(sample.fingerprint.to_string(), instance);
             }
         }
     }
     let keep_ms = keep_firing_for.as_millis() as i64;
     let mut dropped = Vec::new();
     for (fingerprint, instance) in instances.iter_mut() {
-        if seen.contains(fingerprint) {
+        if seen.contains(fingerprint.as_str()) {
             continue;
         }
         match instance.state {
@@ -223,9 +225,9 @@ mod tests {
     fn sample(account: &str, value: f64) -> Sample {
         let labels = Labels::from([("account_id".to_string(), account.to_string())]);
         Sample {
-            fingerprint: fingerprint(&labels),
-            labels,
-            annotations: Labels::new(),
+            fingerprint: fingerprint(&labels).into(),
+            labels: Arc::new(labels),
+            annotations: Arc::default(),
             value,
         }
     }

@@ -200,6 +200,12 @@ impl Template {
         })
     }
 
+    /// Whether the template is plain text (no action): it expands to its text
+    /// whatever the alert.
+    pub fn is_static(&self) -> bool {
+        self.parsed.is_none()
+    }
+
     /// The template's source.
     pub fn text(&self) -> &str {
         &self.text
