@@ -27,7 +27,10 @@ Prints a Markdown table on standard output; logs and reports stay in WORK_DIR.
 Environment: FLEETLAKE, LOADGEN (the binaries), BASELINE (another build's `fleetlake`:
 its probe run (2., 3.) too, in the same run, and the ratios), ACCOUNTS (6000), FUNCTIONS (4; 34 makes
 1.02 M series), RULES (1000), INTERVAL (5s), SUSTAIN_S (30), SUSTAIN_MINUTES (fleet-
-minutes made for the full-rate runs: 150), ROUNDS (2), PROBE_S (60), PRELOAD_MINUTES (20), SEED (1).
+minutes made for the full-rate runs: 150), ROUNDS (2; 0 skips 1., then HALF must be set),
+PROBE_S (60), PRELOAD_MINUTES (20), SEED (1), HALF (the probe run's rate in dp/s, instead
+of half the no-rules rate), PERF_S (profile each probe server for this many seconds with
+`perf record`, into WORK_DIR/logs/probe-*.perf).
 """
 
 import base64
@@ -289,7 +292,7 @@ for k in range(1, ROUNDS + 1):
 # ---------------------------------------------------------------------------------
 # 2. and 3. Time to page, and rounds, with ingest at half the no-rules rate.
 # ---------------------------------------------------------------------------------
-half = int(statistics.median(rates["none"]) / 2)
+half = int(ENV["HALF"]) if ENV.get("HALF") else int(statistics.median(rates["none"]) / 2)
 
 
 def probe_phase(binary, tag):
@@ -309,6 +312,13 @@ def probe_phase(binary, tag):
     background.start()
     time.sleep(5)  # loadgen under way
     before = server.metrics()
+    perf = None
+    if ENV.get("PERF_S"):
+        # A profile of the server under the probe run (perf report -i ...).
+        perf = subprocess.Popen(
+            ["perf", "record", "-F", "199", "-g", "-p", str(server.proc.pid),
+             "-o", f"{WORK}/logs/probe-{tag}.perf", "--", "sleep", ENV["PERF_S"]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     acked = {}
     run = int(time.time())
     for seq in range(PROBE_S):
@@ -339,6 +349,8 @@ def probe_phase(binary, tag):
                 break
         time.sleep(0.1)
     background.join()
+    if perf:
+        perf.wait()
     server.stop()
     pd.server.shutdown()
     with pd.lock:
@@ -377,7 +389,9 @@ def q(values, p):
 
 
 series = ACCOUNTS * FUNCTIONS * 5
-none_rate, rules_rate = statistics.median(rates["none"]), statistics.median(rates["rules"])
+nan = float("nan")
+none_rate = statistics.median(rates["none"]) if rates["none"] else nan
+rules_rate = statistics.median(rates["rules"]) if rates["rules"] else nan
 print(f"{ACCOUNTS:,} accounts × {FUNCTIONS} functions × 5 metrics ({series:,} series), "
       f"{RULES:,} rules in one group every {INTERVAL}; `nproc` = {os.cpu_count()}\n")
 print("| measure | value |")

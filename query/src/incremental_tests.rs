@@ -710,3 +710,64 @@ async fn a_plan_that_uses_now_above_its_leaves_is_moved_to_each_rounds_instant()
         assert_eq!(incremental.how(sql).await, Some(how), "{sql}");
     }
 }
+
+/// A map of strings per row (`None`: a null row; an entry's value may be null).
+type MapRows = Vec<Option<Vec<(String, Option<String>)>>>;
+
+fn map_rows() -> impl Strategy<Value = MapRows> {
+    let entry = ("[a-c]{1,2}", proptest::option::of("[x-z]{0,3}"));
+    proptest::collection::vec(
+        proptest::option::weighted(0.8, proptest::collection::vec(entry, 0..4)),
+        1..24,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Grouping rows by value takes maps, lists and structs of them as arrow's
+    /// `take` does, sliced or not.
+    #[test]
+    fn taking_nested_columns_is_arrows_take(rows in map_rows(), picks in proptest::collection::vec(any::<u16>(), 0..40), cut in 0usize..4) {
+        use arrow::array::{Array, ArrayRef, Int32Builder, ListBuilder, MapBuilder, StringBuilder, StructArray, UInt32Array};
+        use arrow::datatypes::{DataType, Field};
+        let mut maps = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+        let mut lists = ListBuilder::new(Int32Builder::new());
+        for row in &rows {
+            match row {
+                Some(entries) => {
+                    for (k, v) in entries {
+                        maps.keys().append_value(k);
+                        maps.values().append_option(v.as_deref());
+                        lists.values().append_value(k.len() as i32);
+                    }
+                    maps.append(true).unwrap();
+                    lists.append(true);
+                }
+                None => {
+                    maps.append(false).unwrap();
+                    lists.append(false);
+                }
+            }
+        }
+        let map: ArrayRef = Arc::new(maps.finish());
+        let list: ArrayRef = Arc::new(lists.finish());
+        let structs: ArrayRef = Arc::new(StructArray::from(vec![
+            (Arc::new(Field::new("m", map.data_type().clone(), true)), Arc::clone(&map)),
+            (Arc::new(Field::new("l", list.data_type().clone(), true)), Arc::clone(&list)),
+        ]));
+        let cut = cut.min(rows.len() - 1);
+        let len = rows.len() - cut;
+        let indices = UInt32Array::from(
+            picks.iter().map(|p| (*p as usize % len) as u32).collect::<Vec<_>>(),
+        );
+        for array in [map, list, structs] {
+            let array = array.slice(cut, len);
+            let ours = super::take_column(&array, &indices).unwrap();
+            let arrows = arrow::compute::take(&array, &indices, None).unwrap();
+            prop_assert_eq!(ours.data_type(), &arrows.data_type().clone());
+            prop_assert_eq!(&ours, &arrows, "{:?}", array.data_type());
+            prop_assert!(!matches!(ours.data_type(), DataType::Null));
+        }
+    }
+}
