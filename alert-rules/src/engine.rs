@@ -444,12 +444,21 @@ pub fn check_label_column(name: &str, data_type: &DataType) -> Result<(), AlertE
     Ok(())
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `path` by `write`-ing a temporary file beside it, fsyncing it and renaming
+/// it over `path` (then fsyncing the directory).
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
+    // Written as it is serialized: a state of many instances is tens of megabytes,
+    // which need not be held in memory first.
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    write(&mut file)?;
+    file.flush()?;
+    file.get_ref().sync_all()?;
+    drop(file);
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
@@ -460,13 +469,13 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl Inner {
     /// Writes the state file: write, fsync, rename.
     fn write_state(&self, state: &Persisted) -> Result<(), AlertError> {
-        serde_json::to_vec(state)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| write_atomically(&self.path, &bytes))
-            .map_err(|source| AlertError::State {
-                path: self.path.clone(),
-                source,
-            })
+        write_atomically(&self.path, |out| {
+            serde_json::to_writer(out, state).map_err(std::io::Error::other)
+        })
+        .map_err(|source| AlertError::State {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Saves the state; a failure is counted and logged (the state stays in memory and
