@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The alert_rounds bench (benches/alert_rounds.rs) of two builds in one run,
-# alternated, and each figure's ratio new / baseline.
+# alternated, and each figure's ratio new / baseline. Any bench that prints its
+# figures as `| name | time |` rows works the same (alert_engine does).
 #
 #   scripts/alert-rounds-ab.sh BASELINE_BENCH NEW_BENCH [RUNS]
 #
