@@ -72,19 +72,12 @@ use crate::shape::{Leaf, Shape, Window};
 /// The slot column added to a leaf's rows.
 const SLOT: &str = "__slot";
 
-/// Folds' partial batches a leaf keeps before merging them into one.
+/// Partial batches a leaf keeps before merging them into one.
 #[cfg(not(test))]
 const COMPACT_AFTER: usize = 16;
 /// Often, so that the property test goes through compactions.
 #[cfg(test)]
 const COMPACT_AFTER: usize = 2;
-/// Merges of folds a leaf keeps before merging everything it holds (which is
-/// when slots before its horizon are dropped): the whole window is merged once per
-/// `COMPACT_AFTER × MERGES_KEPT` folds instead of once per `COMPACT_AFTER`.
-#[cfg(not(test))]
-const MERGES_KEPT: usize = 8;
-#[cfg(test)]
-const MERGES_KEPT: usize = 1;
 
 /// The batch size of fold and merge plans.
 const EMIT_ROWS: usize = 1 << 20;
@@ -256,9 +249,7 @@ struct LeafPlan {
 /// A leaf and the partial aggregates it holds.
 struct LeafState {
     plan: Arc<LeafPlan>,
-    /// Oldest first: merges (the first `merged`), then what folds made since.
     partials: Vec<RecordBatch>,
-    merged: usize,
     /// The feed position and lake version its start read held: items at or before
     /// them are in its partials already.
     since: (u64, Option<i64>),
@@ -319,7 +310,6 @@ impl LeafState {
         Self {
             plan,
             partials: Vec::new(),
-            merged: 0,
             since: (0, None),
             horizon: i64::MAX,
             cached: None,
@@ -1059,7 +1049,6 @@ impl Incremental {
             (Ok(()), None) => {
                 tracing::info!(leaf = %leaf.plan.leaf, restarts, "a broken leaf started again; its rules run from partials");
                 leaf.partials = fresh.partials;
-                leaf.merged = fresh.merged;
                 leaf.since = fresh.since;
                 leaf.horizon = fresh.horizon;
                 leaf.cached = None;
@@ -1335,7 +1324,6 @@ async fn fold_into(leaves: &mut [LeafState], mine: &[usize], rows: &[RecordBatch
             tracing::warn!(leaf = %leaf.plan.leaf, %reason, "incremental aggregate dropped; its rules run as SQL");
             ::metrics::counter!("fleetlake_incremental_broken_total").increment(1);
             leaf.partials = Vec::new();
-            leaf.merged = 0;
             leaf.cached = None;
             leaf.broken = Some(reason);
         }
@@ -1644,50 +1632,33 @@ impl LeafState {
         };
         self.partials.push(partial);
         self.cached = None;
-        if self.partials.len() - self.merged > COMPACT_AFTER {
+        if self.partials.len() > COMPACT_AFTER {
             self.compact().await?;
         }
         Ok(())
     }
 
-    /// Merges the folds' partials into one; once `MERGES_KEPT` such merges are
-    /// kept, merges everything into one batch per slot and group, dropping slots
-    /// before the horizon. (Merging the whole window at every `COMPACT_AFTER` folds
-    /// cost more than the folds did.)
+    /// Merges the partials into one batch per slot and group, dropping slots before
+    /// the horizon.
     async fn compact(&mut self) -> Result<(), QueryError> {
-        if self.merged < MERGES_KEPT {
-            let folds = self.partials.split_off(self.merged);
-            let merged = self.merge_partials(folds).await?;
-            self.merged += usize::from(!merged.is_empty());
-            self.partials.extend(merged);
+        let kept = self.select(self.horizon, None)?;
+        if !self.plan.last_seen {
+            let schema = Arc::clone(&self.plan.partials_input.schema);
+            let merged = self.merge(&self.plan.merge_slots, kept).await?;
+            // Merging may widen a type (a decimal sum); the partials keep theirs.
+            self.partials = owned(&merged, &schema)?.into_iter().collect();
             return Ok(());
         }
-        let kept = self.select(self.horizon, None)?;
-        self.partials = self.merge_partials(kept).await?;
-        self.merged = self.partials.len();
-        Ok(())
-    }
-
-    /// `partials` merged into at most one batch per slot and group (for a leaf of
-    /// last-seen times: one row per group, in the slot of its latest time).
-    async fn merge_partials(
-        &self,
-        partials: Vec<RecordBatch>,
-    ) -> Result<Vec<RecordBatch>, QueryError> {
+        // One row per group, in the slot of its latest time.
+        let merged = self.merge(&self.plan.merge_groups, kept).await?;
         let schema = Arc::clone(&self.plan.partials_input.schema);
-        if !self.plan.last_seen {
-            let merged = self.merge(&self.plan.merge_slots, partials).await?;
-            // Merging may widen a type (a decimal sum); the partials keep theirs.
-            return Ok(owned(&merged, &schema)?.into_iter().collect());
-        }
-        let merged = self.merge(&self.plan.merge_groups, partials).await?;
         let groups = self
             .plan
             .finish
             .iter()
             .filter(|f| matches!(f, Finish::Group(_)))
             .count();
-        let mut out = Vec::with_capacity(1);
+        let mut partials = Vec::with_capacity(1);
         for batch in merged {
             let latest = cast(batch.column(groups), &DataType::Int64).map_err(arrow_err)?;
             let slots: Int64Array = latest
@@ -1702,9 +1673,10 @@ impl LeafState {
                 .zip(schema.fields())
                 .map(|(c, f)| cast(c, f.data_type()).map_err(arrow_err))
                 .collect::<Result<Vec<_>, _>>()?;
-            out.push(RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)?);
+            partials.push(RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)?);
         }
-        Ok(owned(&out, &schema)?.into_iter().collect())
+        self.partials = owned(&partials, &schema)?.into_iter().collect();
+        Ok(())
     }
 
     /// The partials of slots `first..=last`.
