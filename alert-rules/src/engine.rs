@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{debug, error, info, warn};
+use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 use fleetlake_model::clock::SharedClock;
 
@@ -224,30 +225,7 @@ fn rule_key(group: &str, alert: &str) -> String {
 #[derive(Default)]
 pub struct RowCache {
     registry: Option<Arc<Snapshot>>,
-    rows: HashMap<u128, Made, KeyHash>,
-}
-
-/// A row's key is a hash already: its low 64 bits place it in the map.
-type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
-
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u128` is used; anything else is folded in.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u128(&mut self, key: u128) {
-        self.0 = key as u64;
-    }
+    rows: HashMap<u128, Made, Xxh3DefaultBuilder>,
 }
 
 /// One row as an evaluation made it.
@@ -303,7 +281,7 @@ pub fn to_samples_with(
     }
     let labels_fixed = rule.labels.values().all(|t| t.is_static());
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let mut made = HashMap::with_capacity_and_hasher(rows, KeyHash::default());
+    let mut made = HashMap::with_capacity_and_hasher(rows, Xxh3DefaultBuilder);
     let mut samples = Vec::with_capacity(rows);
     let mut seen = HashSet::with_capacity(rows);
     for batch in batches {

@@ -1518,7 +1518,7 @@ fn group_by_value(
         .first()
         .map(RecordBatch::schema)
         .unwrap_or_else(|| Arc::new(Schema::empty()));
-    // Concatenated, then taken: `take` copies a map column's entries in bulk, where
+    // Concatenated, then taken (`take_column`: a map's entries in one take), where
     // `interleave` extends them row by row.
     let all = concat_batches(&schema, parts).map_err(arrow_err)?;
     let order = arrow::array::UInt32Array::from(order);
