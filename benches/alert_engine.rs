@@ -21,7 +21,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use fleetlake_alert_rules::config::{ReceiverConfig, ReceiverKind, RouteConfig};
 use fleetlake_alert_rules::{
-    AlertError, Alerting, AlertingConfig, AlertingParts, Registry, SqlSource, TransitionLog,
+    AlertError, Alerting, AlertingConfig, AlertingParts, Queued, Registry, SqlSource, TransitionLog,
 };
 use fleetlake_model::clock::ManualClock;
 
@@ -77,7 +77,7 @@ struct NoLog;
 
 #[async_trait]
 impl TransitionLog for NoLog {
-    async fn append(&self, _queued: Vec<(u64, RecordBatch)>) -> Result<(), AlertError> {
+    async fn append(&self, _queued: Vec<Queued>) -> Result<(), AlertError> {
         Ok(())
     }
 }

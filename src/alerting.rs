@@ -2,6 +2,7 @@
 //! transitions go to the lake's `alerts` table, the account registry becomes the
 //! `accounts` table, and the HTTP API shows alerts and manages silences.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,7 +21,9 @@ use fleetlake_aggregate::location::LakeLocation;
 use fleetlake_aggregate::store::{CommitMeta, DeltaLake, Lake, WriteSettings};
 use fleetlake_alert_rules::engine::ACCOUNT_ID;
 use fleetlake_alert_rules::matchers::Matcher;
-use fleetlake_alert_rules::{AlertError, Alerting, Registry, RuleGroup, SqlSource, TransitionLog};
+use fleetlake_alert_rules::{
+    AlertError, Alerting, Queued, Registry, RuleGroup, SqlSource, TransitionLog,
+};
 use fleetlake_query::incremental::{Incremental, RowFeed};
 use fleetlake_query::{Access, Principal, QueryEngine, QueryError, SideTable};
 use serde::Deserialize;
@@ -28,10 +31,6 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use crate::config::Config;
-
-/// The Delta application id whose version is the last evaluation sequence committed
-/// to the `alerts` table.
-const ALERTS_APP_ID: &str = "fleetlake.alerts";
 
 /// How often rows accepted since are folded into the incremental aggregates between
 /// rounds.
@@ -242,7 +241,7 @@ fn unavailable(e: impl std::fmt::Display) -> AlertError {
 
 #[async_trait]
 impl TransitionLog for LakeAlerts {
-    async fn append(&self, queued: Vec<(u64, RecordBatch)>) -> Result<(), AlertError> {
+    async fn append(&self, queued: Vec<Queued>) -> Result<(), AlertError> {
         let mut guard = self.table.lock().await;
         let mut lake = match guard.take() {
             Some(mut lake) => {
@@ -251,23 +250,33 @@ impl TransitionLog for LakeAlerts {
             }
             None => self.open().await?,
         };
-        let done = lake
-            .app_transaction(ALERTS_APP_ID)
-            .await
-            .map_err(unavailable)?;
-        let fresh: Vec<(u64, RecordBatch)> = queued
+        // Each rule group's state has its own application id: what the table holds
+        // of each, then what is new.
+        let mut done: BTreeMap<String, Option<i64>> = BTreeMap::new();
+        for q in &queued {
+            if !done.contains_key(&q.app_id) {
+                let version = lake.app_transaction(&q.app_id).await.map_err(unavailable)?;
+                done.insert(q.app_id.clone(), version);
+            }
+        }
+        let fresh: Vec<Queued> = queued
             .into_iter()
-            .filter(|(seq, _)| done.is_none_or(|v| *seq as i64 > v))
+            .filter(|q| done[&q.app_id].is_none_or(|v| q.seq as i64 > v))
             .collect();
-        let Some(last) = fresh.last().map(|(seq, _)| *seq) else {
+        if fresh.is_empty() {
             *guard = Some(lake);
             return Ok(());
-        };
+        }
+        let mut last: BTreeMap<String, i64> = BTreeMap::new();
+        for q in &fresh {
+            let seq = last.entry(q.app_id.clone()).or_default();
+            *seq = (*seq).max(q.seq as i64);
+        }
         let meta = CommitMeta {
-            transactions: vec![(ALERTS_APP_ID.to_string(), last as i64)],
+            transactions: last.into_iter().collect(),
             metadata: Vec::new(),
         };
-        let rows = fresh.into_iter().map(|(_, rows)| rows).collect();
+        let rows = fresh.into_iter().map(|q| q.rows).collect();
         lake.append(rows, meta).await.map_err(unavailable)?;
         *guard = Some(lake);
         Ok(())
@@ -521,6 +530,10 @@ async fn add_silence(State(api): State<Api>, headers: HeaderMap, body: String) -
         .add_silence(matchers, starts, ends, body.comment, created_by)
     {
         Ok(id) => reply(StatusCode::OK, json!({"silenceID": id})),
+        Err(e @ AlertError::State { .. }) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the silence is not made: {e}"),
+        ),
         Err(e) => error(StatusCode::BAD_REQUEST, &format!("invalid silence: {e}")),
     }
 }
@@ -533,10 +546,13 @@ async fn expire_silence(
     if let Err(refused) = api.fleet_caller(&headers) {
         return refused.into_response();
     }
-    if api.alerting.expire_silence(&id) {
-        reply(StatusCode::OK, json!({"status": "success"}))
-    } else {
-        error(StatusCode::NOT_FOUND, &format!("no silence with id {id:?}"))
+    match api.alerting.expire_silence(&id) {
+        Ok(true) => reply(StatusCode::OK, json!({"status": "success"})),
+        Ok(false) => error(StatusCode::NOT_FOUND, &format!("no silence with id {id:?}")),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the silence is not expired: {e}"),
+        ),
     }
 }
 

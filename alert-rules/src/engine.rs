@@ -1,16 +1,21 @@
 //! Evaluation, state, routing and the outbox, wired together.
 //!
 //! Each group runs at its interval; each rule's SQL runs once over the whole fleet.
-//! After every rule evaluation, in one step under one lock: the instances' states
-//! change, notifications are queued in the outbox, the transitions are queued for the
-//! `alerts` table, and all of it is written to the state file (write, fsync, rename)
-//! before anything is sent. Delivery workers (one per receiver) then post the outbox in
+//! After every rule evaluation, in one step under its group's lock: the instances'
+//! states change, notifications are queued in the group's outbox and the transitions
+//! for the `alerts` table. At the end of the round the group's state file is written
+//! (write, fsync, rename; see [`crate::store`]) when something in it must survive a
+//! restart, and nothing that depends on such a change is sent or written before that
+//! save holds it. Delivery workers (one per receiver) then post each group's outbox in
 //! order and remove each message once its receiver accepted it, so a restart neither
-//! re-pages nor forgets; transitions are committed to the lake with the evaluation's
-//! sequence number as a Delta application transaction, so none is written twice.
+//! re-pages nor forgets; transitions are committed to the lake with the group's
+//! application id and the evaluation's sequence number as a Delta application
+//! transaction, so none is written twice. Groups share no lock: a round of one group
+//! never waits for another's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +38,7 @@ use crate::redact;
 use crate::registry::{Account, LABEL_FIELDS, Registry, Snapshot};
 use crate::rules::{ALERTNAME, Rule, RuleGroup, VALUE_COLUMN};
 use crate::state::{self, AlertState, Instance, Labels, Sample, Transition, state_name};
+use crate::store::{self, GroupState, Silences};
 use crate::table::{self, TransitionRow};
 use crate::time::{parse_rfc3339, rfc3339};
 
@@ -55,12 +61,24 @@ pub trait SqlSource: Send + Sync + 'static {
 /// Where transitions go (the lake's `alerts` table).
 #[async_trait]
 pub trait TransitionLog: Send + Sync + 'static {
-    /// Commits the transitions of the evaluations `queued` (their sequence numbers,
-    /// rising, and rows) in one commit, leaving out those committed before (a
-    /// sequence number at or below the last one committed). A lake that cannot be
-    /// written is [`AlertError::Unavailable`]; the transitions stay queued and are
-    /// tried again after the next evaluation.
-    async fn append(&self, queued: Vec<(u64, RecordBatch)>) -> Result<(), AlertError>;
+    /// Commits the transitions of the evaluations `queued` in one commit, leaving out
+    /// those committed before (a sequence number at or below the last one committed
+    /// under the same application id); the commit records each application id's last
+    /// sequence number. A lake that cannot be written is [`AlertError::Unavailable`];
+    /// the transitions stay queued and are tried again after the next evaluation.
+    async fn append(&self, queued: Vec<Queued>) -> Result<(), AlertError>;
+}
+
+/// One evaluation's transitions, queued for the `alerts` table.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// The application id of the rule group's state (a Delta application
+    /// transaction's `appId`).
+    pub app_id: String,
+    /// The evaluation's sequence number under that id (rising).
+    pub seq: u64,
+    /// Its transitions.
+    pub rows: RecordBatch,
 }
 
 /// The label naming an alert's AWS account.
@@ -138,28 +156,11 @@ struct Storm {
     accounts: usize,
 }
 
+/// One rule's instances and fleet incident.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct RuleState {
+pub(crate) struct RuleState {
     instances: BTreeMap<String, Instance>,
     storm: Option<Storm>,
-}
-
-/// Everything the state file holds.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Persisted {
-    seq: u64,
-    next_message: u64,
-    rules: BTreeMap<String, RuleState>,
-    outbox: BTreeMap<String, VecDeque<Message>>,
-    unwritten: Vec<(u64, Vec<TransitionRow>)>,
-    silences: Vec<Silence>,
-    /// The last outbox message the state file holds: later ones are not delivered
-    /// until a save holds them (a round saves once, after all its rules).
-    #[serde(skip)]
-    saved_through: u64,
-    /// When a round last saved it (epoch ms).
-    #[serde(skip)]
-    saved_at_ms: i64,
 }
 
 /// The alerting stage.
@@ -175,8 +176,11 @@ struct Inner {
     sql: Arc<dyn SqlSource>,
     log: Arc<dyn TransitionLog>,
     registry: Registry,
-    state: Mutex<Persisted>,
-    path: PathBuf,
+    /// One per group, in the order of `groups`, then the files of groups no longer
+    /// configured that still have something to deliver.
+    slots: Vec<Slot>,
+    silences: Mutex<Silences>,
+    silences_path: PathBuf,
     wake: tokio::sync::Notify,
     client: reqwest::Client,
     limits: RateLimits,
@@ -209,6 +213,41 @@ pub struct Round {
     /// Rules not evaluated because the query engine was unavailable.
     pub unavailable: usize,
 }
+
+/// A rule group's state and where it is saved.
+struct Slot {
+    /// The group's index in `Inner.groups`; `None` for the file of a group no longer
+    /// configured, which only drains (and is deleted once empty).
+    group: Option<usize>,
+    path: PathBuf,
+    state: Mutex<GroupState>,
+    /// Its pending and firing instances at its last round, for the gauges.
+    pending: AtomicUsize,
+    firing: AtomicUsize,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
+        self.state.lock().expect("alert state lock")
+    }
+}
+
+/// Whether a message may be sent only once the state that queued it is saved. An
+/// Alertmanager refresh (the rule's whole current state, sent every round) need not
+/// be: losing it to a crash loses nothing the next round does not send again.
+fn needs_save(message: &Message) -> bool {
+    message.kind != "alerts"
+}
+
+/// How long transitions that need no save of their own (an instance became pending or
+/// was dropped while pending) wait for one before they are saved anyway, so that they
+/// reach the `alerts` table: a crash in between makes such an instance pending again
+/// from the restart (its `for` starts over), which is all it loses.
+const PENDING_SAVE_MS: i64 = 15_000;
+
+/// How often a group's state is saved at least, for what the next round would set
+/// again after a restart anyway (values, annotations, last seen).
+const SAVE_EVERY_MS: i64 = 60_000;
 
 fn rule_key(group: &str, alert: &str) -> String {
     format!("{group}/{alert}")
@@ -422,51 +461,30 @@ pub fn check_label_column(name: &str, data_type: &DataType) -> Result<(), AlertE
     Ok(())
 }
 
-/// Writes `path` by `write`-ing a temporary file beside it, fsyncing it and renaming
-/// it over `path` (then fsyncing the directory).
-fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    // Written as it is serialized: a state of many instances is tens of megabytes,
-    // which need not be held in memory first.
-    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-    write(&mut file)?;
-    file.flush()?;
-    file.get_ref().sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 impl Inner {
-    /// Writes the state file: write, fsync, rename.
-    fn write_state(&self, state: &Persisted) -> Result<(), AlertError> {
-        write_atomically(&self.path, |out| {
-            serde_json::to_writer(out, state).map_err(std::io::Error::other)
-        })
-        .map_err(|source| AlertError::State {
-            path: self.path.clone(),
-            source,
-        })
-    }
-
-    /// Saves the state; a failure is counted and logged (the state stays in memory and
-    /// the next change tries again).
-    fn save(&self, state: &mut Persisted) {
+    /// Saves a group's state (deletes the file of a group no longer configured once
+    /// it is empty); whether it is durable now. A failure is counted and logged: the
+    /// state stays in memory, nothing that waits for the save is sent or written, and
+    /// the next round tries again.
+    fn save(&self, slot: &Slot, state: &mut GroupState) -> bool {
         let started = Instant::now();
-        let result = self.write_state(state);
-        state.saved_through = state.next_message;
+        let result = if slot.group.is_none() && state.drained() {
+            store::remove(&slot.path)
+        } else {
+            store::write_json(&slot.path, &*state)
+        };
         metrics::histogram!("fleetlake_alert_state_save_seconds")
             .record(started.elapsed().as_secs_f64());
-        if let Err(error) = result {
-            metrics::counter!("fleetlake_alert_state_save_failures_total").increment(1);
-            error!(%error, "cannot save the alert state");
+        match result {
+            Ok(()) => {
+                state.saved(self.clock.now_ms());
+                true
+            }
+            Err(error) => {
+                metrics::counter!("fleetlake_alert_state_save_failures_total").increment(1);
+                error!(%error, group = %state.group, "cannot save the alert state; its notifications wait until a save succeeds");
+                false
+            }
         }
     }
 
@@ -496,7 +514,7 @@ impl Inner {
 
     fn enqueue(
         &self,
-        p: &mut Persisted,
+        p: &mut GroupState,
         receiver: &str,
         kind: &str,
         body: Value,
@@ -508,7 +526,7 @@ impl Inner {
             queue.retain(|m| m.coalesce.as_ref() != Some(key));
         }
         p.next_message += 1;
-        queue.push_back(Message {
+        let message = Message {
             id: p.next_message,
             receiver: receiver.to_string(),
             kind: kind.to_string(),
@@ -517,9 +535,11 @@ impl Inner {
             created_ms: now,
             attempts: 0,
             next_attempt_ms: now,
-        });
-        metrics::gauge!("fleetlake_outbox_messages", "receiver" => receiver.to_string())
-            .set(queue.len() as f64);
+        };
+        p.must_save |= needs_save(&message);
+        queue.push_back(message);
+        let queued = queue.len();
+        outbox_gauge(&p.group, receiver, queued);
     }
 
     /// Why an instance must not page now, if it must not. Silences are checked at
@@ -529,13 +549,13 @@ impl Inner {
     /// checks silences when it notifies.
     fn muted(
         &self,
-        p: &Persisted,
+        silences: &[Silence],
         labels: &Labels,
         registry: &Snapshot,
         now: i64,
     ) -> Option<&'static str> {
         let now = now.max(self.clock.now_ms());
-        if p.silences.iter().any(|s| s.silences(labels, now)) {
+        if silences.iter().any(|s| s.silences(labels, now)) {
             return Some("silenced");
         }
         let inactive = labels
@@ -555,14 +575,23 @@ impl Inner {
         by_number || by_share
     }
 
-    /// Applies one rule's samples and queues what follows; returns the sequence
-    /// number of the transitions queued for the `alerts` table, if any.
-    fn apply(&self, group: &RuleGroup, rule: &Rule, samples: Vec<Sample>, now: i64) -> Option<u64> {
+    /// Applies one rule's samples to its group's state (`slot`) and queues what
+    /// follows; returns the sequence number of the transitions queued for the
+    /// `alerts` table, if any.
+    fn apply(
+        &self,
+        slot: &Slot,
+        group: &RuleGroup,
+        rule: &Rule,
+        samples: Vec<Sample>,
+        now: i64,
+    ) -> Option<u64> {
         let registry = self.registry.snapshot();
         let key = rule_key(&group.name, &rule.alert);
-        let mut guard = self.state.lock().expect("alert state lock");
+        let silences = Arc::clone(&self.silences.lock().expect("silences lock").list);
+        let mut guard = slot.lock();
         let p = &mut *guard;
-        let mut rs = p.rules.remove(&key).unwrap_or_default();
+        let mut rs = p.rules.remove(&rule.alert).unwrap_or_default();
         let transitions = state::apply(
             &mut rs.instances,
             samples,
@@ -571,6 +600,12 @@ impl Inner {
             rule.keep_firing_for,
             self.config.resend_resolved_for,
         );
+        // Firing and resolving must survive a restart; becoming pending or being
+        // dropped while pending may wait for a later save.
+        let fired = |s: Option<AlertState>| {
+            matches!(s, Some(AlertState::Firing) | Some(AlertState::Resolved))
+        };
+        p.must_save |= transitions.iter().any(|t| fired(t.from) || fired(t.to));
         let mut notes: BTreeMap<String, String> = BTreeMap::new();
         let mut rows = Vec::new();
 
@@ -580,7 +615,7 @@ impl Inner {
             if instance.state != AlertState::Firing {
                 continue;
             }
-            match self.muted(p, &instance.labels, &registry, now) {
+            match self.muted(&silences, &instance.labels, &registry, now) {
                 Some(why) => {
                     notes.insert(fp.clone(), why.to_string());
                 }
@@ -619,7 +654,7 @@ impl Inner {
                 &rule.alert,
                 &format!("fleet-{}", state::fingerprint(&labels)),
             );
-            let receivers = if self.muted(p, &labels, &registry, now).is_some() {
+            let receivers = if self.muted(&silences, &labels, &registry, now).is_some() {
                 Vec::new()
             } else {
                 self.route(&labels)
@@ -677,6 +712,7 @@ impl Inner {
                 active_at: now,
                 notification: describe(&receivers),
             });
+            p.must_save = true;
             rs.storm = Some(Storm {
                 key: storm_key,
                 since: now,
@@ -685,6 +721,7 @@ impl Inner {
                 accounts: accounts.len(),
             });
         } else if !storming && let Some(storm) = rs.storm.take() {
+            p.must_save = true;
             let account_list: Vec<String> = Vec::new();
             let empty = BTreeMap::new();
             let incident = FleetIncident {
@@ -766,6 +803,7 @@ impl Inner {
             }
             instance.receivers = self.route(&instance.labels);
             instance.notified = true;
+            p.must_save = true;
             notes.insert(fp.clone(), describe(&instance.receivers));
             for name in instance.receivers.clone() {
                 let Some(receiver) = self.receiver(&name) else {
@@ -894,7 +932,7 @@ impl Inner {
                 now,
             ));
         }
-        p.rules.insert(key, rs);
+        p.rules.insert(rule.alert.clone(), rs);
         (!rows.is_empty()).then(|| {
             p.seq += 1;
             p.unwritten.push((p.seq, rows));
@@ -902,19 +940,24 @@ impl Inner {
         })
     }
 
-    /// Ends a round whose rules were applied at `now`: the state saved once (the
-    /// outbox's new messages with it), then the deliverers woken. Saved when something
-    /// that must survive a restart changed (`transitions`: an instance appeared, fired,
-    /// resolved or was dropped; a message was queued), and at least once a minute for
-    /// the rest (values, annotations, last seen, which the next round sets again after
-    /// a restart): a state of a million instances takes seconds to write, which a round
-    /// every few seconds cannot pay when nothing changed.
-    fn commit_round(&self, transitions: bool, now: i64) {
-        let mut guard = self.state.lock().expect("alert state lock");
+    /// Ends a round of the group of `slot` whose rules were applied at `now`: its
+    /// state saved once if it must be, then the deliverers woken. Saved when something
+    /// that must survive a restart changed (an instance fired or resolved, a
+    /// notification that is not an Alertmanager refresh was queued, a fleet incident
+    /// began or ended), within [`PENDING_SAVE_MS`] for transitions waiting for a save,
+    /// and every [`SAVE_EVERY_MS`] for the rest (values, annotations, last seen,
+    /// which the next round sets again after a restart): a group of a million
+    /// instances takes seconds to write, which a round every few seconds cannot pay
+    /// when nothing changed.
+    fn commit_round(&self, slot: &Slot, now: i64) {
+        let mut guard = slot.lock();
         let p = &mut *guard;
-        if transitions || p.next_message != p.saved_through || now - p.saved_at_ms >= 60_000 {
-            self.save(p);
-            p.saved_at_ms = now;
+        let since = now - p.saved_at_ms;
+        if p.must_save
+            || (p.seq > p.saved_seq && since >= PENDING_SAVE_MS)
+            || since >= SAVE_EVERY_MS
+        {
+            self.save(slot, p);
         }
         let (mut pending, mut firing) = (0, 0);
         for rs in p.rules.values() {
@@ -926,44 +969,105 @@ impl Inner {
                 }
             }
         }
-        metrics::gauge!("fleetlake_alerts", "state" => "pending").set(pending as f64);
-        metrics::gauge!("fleetlake_alerts", "state" => "firing").set(firing as f64);
         drop(guard);
+        slot.pending.store(pending, Ordering::Relaxed);
+        slot.firing.store(firing, Ordering::Relaxed);
+        let sum = |count: fn(&Slot) -> &AtomicUsize| -> usize {
+            self.slots
+                .iter()
+                .map(|s| count(s).load(Ordering::Relaxed))
+                .sum()
+        };
+        metrics::gauge!("fleetlake_alerts", "state" => "pending").set(sum(|s| &s.pending) as f64);
+        metrics::gauge!("fleetlake_alerts", "state" => "firing").set(sum(|s| &s.firing) as f64);
         self.wake.notify_waiters();
     }
 
-    /// Commits the queued transitions to the `alerts` table, oldest first.
+    /// Whether some group has saved transitions not yet in the `alerts` table.
+    fn transitions_to_write(&self) -> bool {
+        self.slots.iter().any(|slot| {
+            let p = slot.lock();
+            p.unwritten
+                .first()
+                .is_some_and(|(seq, _)| *seq <= p.saved_seq)
+        })
+    }
+
+    /// Commits the saved transitions of every group to the `alerts` table in one
+    /// commit, oldest first within each group. Only saved ones: a restart gives the
+    /// numbers of unsaved ones to other transitions.
     async fn write_transitions(&self) {
         let _one = self.writing.lock().await;
-        let queued: Vec<(u64, Vec<TransitionRow>)> = self
-            .state
-            .lock()
-            .expect("alert state lock")
-            .unwritten
-            .clone();
-        let Some(last) = queued.last().map(|(seq, _)| *seq) else {
+        let mut taken: Vec<(usize, String, store::Unwritten)> = Vec::new();
+        for (index, slot) in self.slots.iter().enumerate() {
+            let p = slot.lock();
+            let saved: Vec<_> = p
+                .unwritten
+                .iter()
+                .take_while(|(seq, _)| *seq <= p.saved_seq)
+                .cloned()
+                .collect();
+            if !saved.is_empty() {
+                taken.push((index, p.app_id.clone(), saved));
+            }
+        }
+        if taken.is_empty() {
             return;
-        };
+        }
         // One commit for all of them: a round of 1,000 rules can queue a thousand
         // evaluations' transitions, and a commit costs a read of the table's log.
-        let batches = queued
+        let queued = taken
             .iter()
-            .map(|(seq, rows)| (*seq, table::to_batch(rows)))
+            .flat_map(|(_, app_id, saved)| {
+                saved.iter().map(|(seq, rows)| Queued {
+                    app_id: app_id.clone(),
+                    seq: *seq,
+                    rows: table::to_batch(rows),
+                })
+            })
             .collect();
-        match self.log.append(batches).await {
+        match self.log.append(queued).await {
             Ok(()) => {
                 // Not saved for this alone: the next save drops them from the file,
                 // and until then a restart appends them again, which the table's
                 // application transaction (the sequence numbers) turns into nothing.
-                let mut p = self.state.lock().expect("alert state lock");
-                p.unwritten.retain(|(s, _)| *s > last);
+                for (index, _, saved) in &taken {
+                    let last = saved.last().map(|(seq, _)| *seq).unwrap_or_default();
+                    let slot = &self.slots[*index];
+                    let mut p = slot.lock();
+                    p.unwritten.retain(|(s, _)| *s > last);
+                    if slot.group.is_none() && p.drained() {
+                        self.save(slot, &mut p);
+                    }
+                }
             }
             Err(error) => {
                 metrics::counter!("fleetlake_alert_transition_write_failures_total", "kind" => error.label())
                     .increment(1);
-                warn!(%error, kind = error.label(), last, "alert transitions not committed yet; retrying at the next evaluation");
+                warn!(%error, kind = error.label(), "alert transitions not committed yet; retrying at the next evaluation");
             }
         }
+    }
+
+    /// The next message for `receiver` that may be sent: the front of some group's
+    /// queue (each group's in order) that its group's saves allow, the one due
+    /// first; with its slot's index.
+    fn next_message(&self, receiver: &str) -> Option<(usize, Message)> {
+        let mut next: Option<(usize, Message)> = None;
+        for (index, slot) in self.slots.iter().enumerate() {
+            let p = slot.lock();
+            let Some(m) = p.outbox.get(receiver).and_then(VecDeque::front) else {
+                continue;
+            };
+            let sendable = m.id <= p.saved_through || (!needs_save(m) && !p.must_save);
+            let sooner = next.as_ref().is_none_or(|(_, n)| {
+                (m.next_attempt_ms, m.created_ms) < (n.next_attempt_ms, n.created_ms)
+            });
+            if sendable && sooner {
+                next = Some((index, m.clone()));
+            }
+        }
+        next
     }
 
     async fn deliver(self: Arc<Self>, receiver: ReceiverConfig) {
@@ -972,14 +1076,7 @@ impl Inner {
         let endpoint = receiver.shown_endpoint();
         let secrets = receiver.secrets();
         loop {
-            let next = {
-                let p = self.state.lock().expect("alert state lock");
-                p.outbox
-                    .get(&name)
-                    .and_then(|q| q.front().cloned())
-                    .filter(|m| m.id <= p.saved_through)
-            };
-            let Some(message) = next else {
+            let Some((index, message)) = self.next_message(&name) else {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
                 continue;
             };
@@ -1000,7 +1097,8 @@ impl Inner {
                 }
             }
             let outcome = notify::send(&self.client, &receiver, &message.body).await;
-            let mut guard = self.state.lock().expect("alert state lock");
+            let slot = &self.slots[index];
+            let mut guard = slot.lock();
             let p = &mut *guard;
             let queue = p.outbox.entry(name.clone()).or_default();
             let result = match &outcome {
@@ -1037,13 +1135,25 @@ impl Inner {
                     }
                 }
             };
-            metrics::gauge!("fleetlake_outbox_messages", "receiver" => name.clone())
-                .set(queue.len() as f64);
+            let queued = queue.len();
+            outbox_gauge(&p.group, &name, queued);
             metrics::counter!("fleetlake_notifications_total", "receiver" => name.clone(), "type" => kind, "result" => result)
                 .increment(1);
-            self.save(p);
+            // A message out of the queue is saved at once, so that a restart does not
+            // send it again; an Alertmanager refresh is sent again by the next round
+            // anyway, and a retry's schedule need not survive a restart.
+            if result != "retried" && (needs_save(&message) || slot.group.is_none()) {
+                p.must_save = true;
+                self.save(slot, p);
+            }
         }
     }
+}
+
+/// `fleetlake_outbox_messages`: messages waiting, per group and receiver.
+fn outbox_gauge(group: &str, receiver: &str, queued: usize) {
+    metrics::gauge!("fleetlake_outbox_messages", "group" => group.to_string(), "receiver" => receiver.to_string())
+        .set(queued as f64);
 }
 
 fn describe(receivers: &[String]) -> String {
@@ -1157,31 +1267,18 @@ pub struct AlertingParts {
 }
 
 impl Alerting {
-    /// Loads the state file (if any) and prepares evaluation and delivery.
+    /// Loads the state files (see [`crate::store`]) and prepares evaluation and
+    /// delivery.
     pub fn open(parts: AlertingParts) -> Result<Self, AlertError> {
         parts.config.validate()?;
-        std::fs::create_dir_all(&parts.state_dir).map_err(|source| AlertError::State {
-            path: parts.state_dir.clone(),
-            source,
-        })?;
-        let path = parts.state_dir.join("alert-state.json");
-        let unreadable = |source: std::io::Error| AlertError::State {
-            path: path.clone(),
-            source,
-        };
-        let mut state: Persisted = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| unreadable(std::io::Error::from(e)))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
-            Err(e) => return Err(unreadable(e)),
-        };
-        state.saved_through = state.next_message;
+        let loaded = store::load(&parts.state_dir, &parts.groups)?;
+        let mut silences = loaded.silences;
         // Silences from the configuration are replaced at each start.
-        state.silences.retain(|s| !s.id.starts_with("config-"));
+        let list = Arc::make_mut(&mut silences.list);
+        list.retain(|s| !s.id.starts_with("config-"));
         let now = parts.clock.now_ms();
         for (i, s) in parts.config.silences.iter().enumerate() {
-            state.silences.push(Silence {
+            list.push(Silence {
                 id: format!("config-{i}"),
                 matchers: s.matchers.clone(),
                 starts_at: s
@@ -1195,16 +1292,37 @@ impl Alerting {
                 created_by: s.created_by.clone(),
             });
         }
-        // Rules no longer configured are forgotten (their alerts no longer exist).
-        let keys: BTreeSet<String> = parts
+        // What the files hold counts as saved now (a pending instance of a new group
+        // waits as long for its first save as for any other).
+        let slot = |group: Option<usize>, path: PathBuf, mut state: GroupState| {
+            state.saved_at_ms = now;
+            Slot {
+                group,
+                path,
+                state: Mutex::new(state),
+                pending: AtomicUsize::new(0),
+                firing: AtomicUsize::new(0),
+            }
+        };
+        let mut slots: Vec<Slot> = loaded
             .groups
-            .iter()
-            .flat_map(|g| g.rules.iter().map(|r| rule_key(&g.name, &r.alert)))
+            .into_iter()
+            .enumerate()
+            .map(|(index, (path, state))| slot(Some(index), path, state))
             .collect();
-        state.rules.retain(|k, _| keys.contains(k));
-        for (receiver, queue) in &state.outbox {
-            if !parts.config.receivers.iter().any(|r| &r.name == receiver) && !queue.is_empty() {
-                warn!(%receiver, messages = queue.len(), "queued notifications for a receiver no longer configured are kept but not sent");
+        slots.extend(
+            loaded
+                .orphans
+                .into_iter()
+                .map(|orphan| slot(None, orphan.path, orphan.state)),
+        );
+        for slot in &slots {
+            let p = slot.lock();
+            for (receiver, queue) in &p.outbox {
+                if !parts.config.receivers.iter().any(|r| &r.name == receiver) && !queue.is_empty()
+                {
+                    warn!(group = %p.group, %receiver, messages = queue.len(), "queued notifications for a receiver no longer configured are kept but not sent");
+                }
             }
         }
         let client = reqwest::Client::builder()
@@ -1222,8 +1340,9 @@ impl Alerting {
                 sql: parts.sql,
                 log: parts.log,
                 registry: parts.registry,
-                state: Mutex::new(state),
-                path,
+                slots,
+                silences: Mutex::new(silences),
+                silences_path: loaded.silences_path,
                 wake: tokio::sync::Notify::new(),
                 client,
                 limits: RateLimits::default(),
@@ -1296,8 +1415,8 @@ impl Alerting {
     /// not (`fleetlake_rule_evaluation_unavailable_total`).
     pub async fn evaluate_group(&self, index: usize) -> Round {
         let group = &self.inner.groups[index];
+        let slot = &self.inner.slots[index];
         let started = Instant::now();
-        let mut wrote = false;
         let mut round = Round::default();
         let now = self.inner.clock.now_ms();
         // SQL's now() is the round's start to the whole second: windows relative to
@@ -1311,7 +1430,7 @@ impl Alerting {
             match result.samples {
                 Ok(samples) => {
                     round.evaluated += 1;
-                    wrote |= self.inner.apply(group, rule, samples, now).is_some();
+                    self.inner.apply(slot, group, rule, samples, now);
                 }
                 Err(error) if error.is_unavailable() => {
                     round.unavailable += 1;
@@ -1328,20 +1447,13 @@ impl Alerting {
             }
         }
         if round.evaluated > 0 {
-            self.inner.commit_round(wrote, now);
+            self.inner.commit_round(slot, now);
         }
         metrics::histogram!("fleetlake_rule_group_duration_seconds", "group" => group.name.clone())
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("fleetlake_rule_group_evaluations_total", "group" => group.name.clone())
             .increment(1);
-        let pending = !self
-            .inner
-            .state
-            .lock()
-            .expect("alert state lock")
-            .unwritten
-            .is_empty();
-        if wrote || pending {
+        if self.inner.transitions_to_write() {
             self.inner.write_transitions().await;
         }
         round
@@ -1349,52 +1461,67 @@ impl Alerting {
 
     /// Active and recently resolved instances, as the HTTP API shows them.
     pub fn alerts(&self, fingerprint: Option<&str>) -> Vec<Value> {
-        let p = self.inner.state.lock().expect("alert state lock");
         let mut out = Vec::new();
-        for (key, rs) in &p.rules {
-            for (fp, i) in &rs.instances {
-                if fingerprint.is_some_and(|f| f != fp) {
-                    continue;
-                }
-                out.push(json!({
-                    "rule": key,
-                    "fingerprint": fp,
-                    "state": i.state.as_str(),
-                    "labels": i.labels,
-                    "annotations": i.annotations,
-                    "value": i.value,
-                    "activeAt": rfc3339(i.active_at),
-                    "firedAt": i.fired_at.map(rfc3339),
-                    "resolvedAt": i.resolved_at.map(rfc3339),
-                    "receivers": i.receivers,
-                    "notified": i.notified,
-                }));
-            }
-            if let Some(storm) = &rs.storm
-                && fingerprint.is_none_or(|f| f == storm.key)
-            {
-                out.push(json!({
-                    "rule": key,
-                    "fingerprint": storm.key,
-                    "state": "firing",
-                    "fleet": true,
-                    "labels": storm.labels,
-                    "accounts": storm.accounts,
-                    "activeAt": rfc3339(storm.since),
-                    "receivers": storm.receivers,
-                }));
+        for slot in &self.inner.slots {
+            let Some(group) = slot.group.map(|g| &self.inner.groups[g]) else {
+                continue;
+            };
+            let p = slot.lock();
+            for (alert, rs) in &p.rules {
+                let key = rule_key(&group.name, alert);
+                push_alerts(&mut out, &key, rs, fingerprint);
             }
         }
         out
     }
+}
 
+/// Adds a rule's instances (those of `fingerprint`, or all) and fleet incident to
+/// `out`, as the HTTP API shows them.
+fn push_alerts(out: &mut Vec<Value>, key: &str, rs: &RuleState, fingerprint: Option<&str>) {
+    {
+        for (fp, i) in &rs.instances {
+            if fingerprint.is_some_and(|f| f != fp) {
+                continue;
+            }
+            out.push(json!({
+                "rule": key,
+                "fingerprint": fp,
+                "state": i.state.as_str(),
+                "labels": i.labels,
+                "annotations": i.annotations,
+                "value": i.value,
+                "activeAt": rfc3339(i.active_at),
+                "firedAt": i.fired_at.map(rfc3339),
+                "resolvedAt": i.resolved_at.map(rfc3339),
+                "receivers": i.receivers,
+                "notified": i.notified,
+            }));
+        }
+        if let Some(storm) = &rs.storm
+            && fingerprint.is_none_or(|f| f == storm.key)
+        {
+            out.push(json!({
+                "rule": key,
+                "fingerprint": storm.key,
+                "state": "firing",
+                "fleet": true,
+                "labels": storm.labels,
+                "accounts": storm.accounts,
+                "activeAt": rfc3339(storm.since),
+                "receivers": storm.receivers,
+            }));
+        }
+    }
+}
+
+impl Alerting {
     /// The silences `visible` keeps (a caller limited to some accounts sees only those
     /// about its accounts), as the HTTP API shows them.
     pub fn silences(&self, visible: impl Fn(&Silence) -> bool) -> Vec<Value> {
         let now = self.inner.clock.now_ms();
-        let p = self.inner.state.lock().expect("alert state lock");
-        p.silences
-            .iter()
+        let list = Arc::clone(&self.inner.silences.lock().expect("silences lock").list);
+        list.iter()
             .filter(|s| visible(s))
             .map(|s| s.to_json(now))
             .collect()
@@ -1421,39 +1548,65 @@ impl Alerting {
                 "endsAt must be after startsAt and in the future".into(),
             ));
         }
-        let mut p = self.inner.state.lock().expect("alert state lock");
-        p.next_message += 1;
-        let id = format!("s{}-{}", now, p.next_message);
-        p.silences.push(Silence {
-            id: id.clone(),
-            matchers,
-            starts_at,
-            ends_at,
-            comment,
-            created_by,
-        });
-        // Expired silences are kept a day for the record, then dropped.
-        p.silences.retain(|s| s.ends_at > now - 86_400_000);
-        self.inner.save(&mut p);
-        Ok(id)
+        self.change_silences(|silences| {
+            silences.next += 1;
+            let id = format!("s{}-{}", now, silences.next);
+            let list = Arc::make_mut(&mut silences.list);
+            list.push(Silence {
+                id: id.clone(),
+                matchers,
+                starts_at,
+                ends_at,
+                comment,
+                created_by,
+            });
+            // Expired silences are kept a day for the record, then dropped.
+            list.retain(|s| s.ends_at > now - 86_400_000);
+            Some(id)
+        })
+        .map(|id| id.expect("a silence was added"))
     }
 
     /// Ends silence `id` now; false if there is no such silence.
-    pub fn expire_silence(&self, id: &str) -> bool {
+    pub fn expire_silence(&self, id: &str) -> Result<bool, AlertError> {
         let now = self.inner.clock.now_ms();
-        let mut p = self.inner.state.lock().expect("alert state lock");
-        let Some(s) = p.silences.iter_mut().find(|s| s.id == id) else {
-            return false;
+        self.change_silences(|silences| {
+            let list = Arc::make_mut(&mut silences.list);
+            let s = list.iter_mut().find(|s| s.id == id)?;
+            s.ends_at = s.ends_at.min(now);
+            Some(())
+        })
+        .map(|done| done.is_some())
+    }
+
+    /// Changes the silences by `change` (which returns `None` when it changed
+    /// nothing) and saves them; in effect only once saved.
+    fn change_silences<T>(
+        &self,
+        change: impl FnOnce(&mut Silences) -> Option<T>,
+    ) -> Result<Option<T>, AlertError> {
+        let mut guard = self.inner.silences.lock().expect("silences lock");
+        let mut changed = Silences {
+            next: guard.next,
+            list: Arc::clone(&guard.list),
         };
-        s.ends_at = s.ends_at.min(now);
-        self.inner.save(&mut p);
-        true
+        let Some(out) = change(&mut changed) else {
+            return Ok(None);
+        };
+        store::write_json(&self.inner.silences_path, &changed).inspect_err(|error| {
+            metrics::counter!("fleetlake_alert_state_save_failures_total").increment(1);
+            error!(%error, "cannot save the silences; the change is not made");
+        })?;
+        *guard = changed;
+        Ok(Some(out))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::path::Path;
 
     use arrow::array::{Float64Array, StringArray};
     use arrow::datatypes::{Field, Schema};
@@ -1531,19 +1684,32 @@ mod tests {
         }
     }
 
-    /// The `alerts` table: the states of the transitions committed, and the
-    /// sequence numbers each commit held.
+    /// The `alerts` table: the states of the transitions committed, the sequence
+    /// numbers each commit held, and each application id's last sequence number
+    /// (what is at or below it is left out, as the lake does).
     #[derive(Default)]
-    struct FakeLog(Mutex<Vec<(String, String)>>, Mutex<Vec<Vec<u64>>>);
+    struct FakeLog(
+        Mutex<Vec<(String, String)>>,
+        Mutex<Vec<Vec<u64>>>,
+        Mutex<BTreeMap<String, u64>>,
+    );
 
     #[async_trait]
     impl TransitionLog for FakeLog {
-        async fn append(&self, queued: Vec<(u64, RecordBatch)>) -> Result<(), AlertError> {
+        async fn append(&self, queued: Vec<Queued>) -> Result<(), AlertError> {
+            let mut done = self.2.lock().unwrap();
+            let queued: Vec<Queued> = queued
+                .into_iter()
+                .filter(|q| done.get(&q.app_id).is_none_or(|d| q.seq > *d))
+                .collect();
+            for q in &queued {
+                done.insert(q.app_id.clone(), q.seq);
+            }
             self.1
                 .lock()
                 .unwrap()
-                .push(queued.iter().map(|(seq, _)| *seq).collect());
-            for (_, rows) in queued {
+                .push(queued.iter().map(|q| q.seq).collect());
+            for Queued { rows, .. } in queued {
                 let column = |name: &str| {
                     rows.column_by_name(name)
                         .unwrap()
@@ -1565,7 +1731,8 @@ mod tests {
         clock: Arc<ManualClock>,
         sql: Arc<FakeSql>,
         log: Arc<FakeLog>,
-        _dir: tempfile::TempDir,
+        yaml: String,
+        dir: tempfile::TempDir,
     }
 
     fn receiver(name: &str, kind: ReceiverKind) -> ReceiverConfig {
@@ -1589,6 +1756,28 @@ mod tests {
 
     /// The rule file `yaml`; PagerDuty and an Alertmanager get every alert.
     fn harness_of(yaml: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at(T0);
+        let sql = Arc::new(FakeSql::new());
+        let log = Arc::new(FakeLog::default());
+        let alerting = open_alerting(yaml, dir.path(), &clock, &sql, &log);
+        Harness {
+            alerting,
+            clock,
+            sql,
+            log,
+            yaml: yaml.to_string(),
+            dir,
+        }
+    }
+
+    fn open_alerting(
+        yaml: &str,
+        dir: &Path,
+        clock: &Arc<ManualClock>,
+        sql: &Arc<FakeSql>,
+        log: &Arc<FakeLog>,
+    ) -> Alerting {
         let groups = crate::rules::parse(Path::new("t.rules.yml"), yaml).unwrap();
         let route = |receiver: &str, continue_: bool| crate::config::RouteConfig {
             matchers: Vec::new(),
@@ -1603,33 +1792,51 @@ mod tests {
             routes: vec![route("pd", true), route("am", false)],
             ..AlertingConfig::default()
         };
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::at(T0);
-        let sql = Arc::new(FakeSql::new());
-        let log = Arc::new(FakeLog::default());
-        let alerting = Alerting::open(AlertingParts {
+        Alerting::open(AlertingParts {
             config,
             groups,
             sql: sql.clone(),
             log: log.clone(),
             registry: Registry::empty(),
-            state_dir: dir.path().to_path_buf(),
+            state_dir: dir.to_path_buf(),
             external_url: "http://fleetlake".into(),
             clock: clock.clone(),
         })
-        .unwrap();
-        Harness {
-            alerting,
-            clock,
-            sql,
-            log,
-            _dir: dir,
-        }
+        .unwrap()
     }
 
     impl Harness {
         async fn round(&self) -> Round {
             self.alerting.evaluate_group(0).await
+        }
+
+        /// A restart: the state as its files hold it.
+        fn reopen(&mut self) {
+            self.alerting = open_alerting(
+                &self.yaml,
+                self.dir.path(),
+                &self.clock,
+                &self.sql,
+                &self.log,
+            );
+        }
+
+        /// What the deliverer of `receiver` would send next (kind and body).
+        fn sendable(&self, receiver: &str) -> Option<Message> {
+            self.alerting.inner.next_message(receiver).map(|(_, m)| m)
+        }
+
+        /// The bytes of each group's state file, by file name.
+        fn files(&self) -> BTreeMap<String, Vec<u8>> {
+            std::fs::read_dir(self.dir.path().join("groups"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .map(|p| {
+                    let name = p.file_name().unwrap().to_string_lossy().to_string();
+                    (name, std::fs::read(&p).unwrap())
+                })
+                .collect()
         }
 
         /// `(state, activeAt, firedAt)` of every instance.
@@ -1649,19 +1856,31 @@ mod tests {
 
         /// The PagerDuty events queued: `event_action` of each.
         fn pages(&self) -> Vec<String> {
-            let p = self.alerting.inner.state.lock().unwrap();
-            p.outbox
-                .get("pd")
-                .into_iter()
-                .flatten()
+            self.outbox("pd")
+                .iter()
                 .map(|m| m.body["event_action"].as_str().unwrap().to_string())
                 .collect()
         }
 
         /// The Alertmanager messages queued (coalesced: at most one per rule).
         fn alertmanager(&self) -> Vec<Message> {
-            let p = self.alerting.inner.state.lock().unwrap();
-            p.outbox.get("am").into_iter().flatten().cloned().collect()
+            self.outbox("am")
+        }
+
+        /// The messages queued for `receiver`, in every group.
+        fn outbox(&self, receiver: &str) -> Vec<Message> {
+            let mut out = Vec::new();
+            for slot in &self.alerting.inner.slots {
+                out.extend(
+                    slot.lock()
+                        .outbox
+                        .get(receiver)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+            out
         }
 
         fn transitions(&self) -> Vec<(String, String)> {
@@ -1943,7 +2162,7 @@ mod tests {
             String::new(),
         );
         assert!(matches!(late, Err(AlertError::Invalid(_))), "{late:?}");
-        assert!(h.alerting.expire_silence(&id));
+        assert!(h.alerting.expire_silence(&id).unwrap());
     }
 
     #[tokio::test]
@@ -2108,5 +2327,198 @@ mod tests {
             (&*low.labels["band"], &*high.labels["band"]),
             ("low", "high")
         );
+    }
+
+    fn two_groups() -> Harness {
+        harness_of(
+            "groups:\n  - name: fast\n    interval: 1m\n    rules:\n      - alert: A\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: 0s\n  - name: slow\n    interval: 1m\n    rules:\n      - alert: B\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: 5m\n",
+        )
+    }
+
+    #[tokio::test]
+    async fn a_round_saves_its_own_groups_file_and_only_when_it_must() {
+        let h = two_groups();
+        let (fast, slow) = (store::group_file("fast"), store::group_file("slow"));
+        h.sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
+        // A fires: its group is saved (before anything is sent), the other is not.
+        h.alerting.evaluate_group(0).await;
+        let files = h.files();
+        assert!(
+            files.contains_key(&fast) && !files.contains_key(&slow),
+            "{:?}",
+            files.keys()
+        );
+        assert_eq!(h.transitions(), [pair("inactive", "firing")]);
+        // B becomes pending: no save of its own, and its transition is not written
+        // before one holds it.
+        h.alerting.evaluate_group(1).await;
+        assert!(!h.files().contains_key(&slow));
+        assert_eq!(h.transitions().len(), 1);
+        // A round of A with nothing but a new value neither saves nor holds back the
+        // Alertmanager refresh it queues.
+        h.clock.advance(Duration::from_secs(10));
+        h.sql.answer(Answer::Rows(vec![("111111111111", 2.0)]));
+        h.alerting.evaluate_group(0).await;
+        assert_eq!(h.files()[&fast], files[&fast]);
+        let refresh = h.sendable("am").expect("the refresh may go");
+        assert_eq!(refresh.kind, "alerts");
+        assert_eq!(refresh.body[0]["annotations"], json!({}));
+        // 15 s after the pending transition B's group is saved and it is written.
+        h.clock.advance(Duration::from_secs(5));
+        h.alerting.evaluate_group(1).await;
+        assert!(h.files().contains_key(&slow));
+        assert_eq!(h.files()[&fast], files[&fast]);
+        assert_eq!(
+            h.transitions(),
+            [pair("inactive", "firing"), pair("inactive", "pending")]
+        );
+        // A minute after its last save a group is saved whatever happened.
+        h.clock.advance(Duration::from_secs(50));
+        h.alerting.evaluate_group(0).await;
+        assert_ne!(h.files()[&fast], files[&fast]);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_or_written_before_the_change_behind_it_is_saved() {
+        let h = harness("0s");
+        // The group's file cannot be written: a directory stands where it goes.
+        let path = h.dir.path().join("groups").join(store::group_file("g"));
+        std::fs::create_dir_all(path.join("in-the-way")).unwrap();
+        h.sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
+        h.round().await;
+        assert_eq!(h.pages(), ["trigger"]);
+        assert!(h.sendable("pd").is_none() && h.sendable("am").is_none());
+        assert!(h.transitions().is_empty());
+        // The next round saves it; then the page goes and the transition is written.
+        std::fs::remove_dir_all(&path).unwrap();
+        h.clock.advance(MINUTE);
+        h.round().await;
+        let page = h.sendable("pd").expect("saved: the page may go");
+        assert_eq!(page.body["event_action"], "trigger");
+        assert_eq!(h.transitions(), [pair("inactive", "firing")]);
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_instances_outbox_and_sequence_and_a_lost_file_a_new_app_id() {
+        let mut h = harness("0s");
+        h.sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
+        h.round().await;
+        let first = h.log.2.lock().unwrap().clone();
+        assert_eq!(first.len(), 1);
+        let app_id = first.keys().next().unwrap().clone();
+        assert!(app_id.starts_with("fleetlake.alerts/g/"), "{app_id}");
+        h.reopen();
+        assert_eq!(h.states()[0].0, "firing");
+        assert_eq!(h.pages(), ["trigger"], "kept, not queued again");
+        h.clock.advance(MINUTE);
+        h.sql.answer(Answer::Rows(Vec::new()));
+        h.round().await;
+        assert_eq!(h.pages(), ["trigger", "resolve"]);
+        assert_eq!(
+            *h.log.2.lock().unwrap(),
+            BTreeMap::from([(app_id.clone(), 2)])
+        );
+        // A state file lost (or restored from an old backup) starts a new
+        // application id: its first transitions are not taken for written ones.
+        std::fs::remove_dir_all(h.dir.path().join("groups")).unwrap();
+        h.reopen();
+        h.clock.advance(MINUTE);
+        h.sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
+        h.round().await;
+        let done = h.log.2.lock().unwrap().clone();
+        assert_eq!(done.len(), 2);
+        assert!(
+            done.iter().any(|(id, seq)| id != &app_id && *seq == 1),
+            "{done:?}"
+        );
+        assert_eq!(h.transitions().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_state_file_of_before_group_files_is_split_and_its_queues_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "groups:\n  - name: g\n    interval: 1m\n    rules:\n      - alert: Errors\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: 0s\n";
+        let labels = Labels::from([
+            ("alertname".to_string(), "Errors".to_string()),
+            ("account_id".to_string(), "111111111111".to_string()),
+        ]);
+        let fp = state::fingerprint(&labels);
+        let instance = json!({
+            "labels": labels, "annotations": {}, "value": 1.0, "state": "firing",
+            "active_at": T0, "fired_at": T0, "resolved_at": null, "last_seen": T0,
+            "keep_firing_since": null, "receivers": ["pd"], "notified": true,
+        });
+        let row = table::TransitionRow {
+            time: T0,
+            rule_group: "g".into(),
+            alertname: "Errors".into(),
+            state: "firing".into(),
+            previous_state: "inactive".into(),
+            fingerprint: fp.clone(),
+            account_id: Some("111111111111".into()),
+            value: 1.0,
+            labels: labels.clone(),
+            annotations: Labels::new(),
+            active_at: T0,
+            notification: "pd".into(),
+        };
+        let message = json!({
+            "id": 7, "receiver": "pd", "kind": "trigger", "body": {"event_action": "trigger"},
+            "coalesce": null, "created_ms": T0, "attempts": 0, "next_attempt_ms": T0,
+        });
+        let legacy = json!({
+            "seq": 41,
+            "next_message": 7,
+            "rules": {"g/Errors": {"instances": {fp.clone(): instance}, "storm": null},
+                      "gone/Old": {"instances": {}, "storm": null}},
+            "outbox": {"pd": [message]},
+            "unwritten": [[41, [row]]],
+            "silences": [{"id": "s1", "matchers": ["account_id=\"1\""],
+                          "starts_at": T0, "ends_at": T0 + 3_600_000,
+                          "comment": "", "created_by": "me"}],
+        });
+        std::fs::write(dir.path().join("alert-state.json"), legacy.to_string()).unwrap();
+        let clock = ManualClock::at(T0 + 60_000);
+        let sql = Arc::new(FakeSql::new());
+        let log = Arc::new(FakeLog::default());
+        let h = Harness {
+            alerting: open_alerting(yaml, dir.path(), &clock, &sql, &log),
+            clock,
+            sql,
+            log,
+            yaml: yaml.into(),
+            dir,
+        };
+        assert!(!h.dir.path().join("alert-state.json").exists());
+        assert_eq!(h.states()[0].0, "firing");
+        assert_eq!(h.alerting.silences(|_| true).len(), 1);
+        // The old page is still to be sent (it was saved); a round does not page again.
+        assert_eq!(h.sendable("pd").unwrap().id, 7);
+        h.sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
+        h.round().await;
+        assert_eq!(h.pages(), ["trigger"]);
+        // The old transitions go under the old application id and sequence; the
+        // rest of the old file stays until its page is out.
+        assert_eq!(h.log.2.lock().unwrap().get(store::LEGACY_APP_ID), Some(&41));
+        assert_eq!(h.transitions(), [pair("inactive", "firing")]);
+        assert!(h.files().contains_key("legacy.json"));
+
+        // A group no longer configured with only transitions left: written, then its
+        // file is deleted.
+        let gone = json!({
+            "group": "gone", "app_id": "fleetlake.alerts/gone/1", "seq": 3, "next_message": 0,
+            "rules": {}, "outbox": {}, "unwritten": [[3, legacy["unwritten"][0][1].clone()]],
+        });
+        let path = h.dir.path().join("groups").join(store::group_file("gone"));
+        std::fs::write(&path, gone.to_string()).unwrap();
+        let mut h = h;
+        h.reopen();
+        h.clock.advance(MINUTE);
+        h.round().await;
+        assert_eq!(
+            h.log.2.lock().unwrap().get("fleetlake.alerts/gone/1"),
+            Some(&3)
+        );
+        assert!(!path.exists());
     }
 }

@@ -6,7 +6,7 @@
 //!    ─> one alert instance per row (value + labels, registry fields added)
 //!    ─> states (pending → firing → resolved, `for`, `keep_firing_for`), silences,
 //!       storm control (one fleet incident instead of hundreds of pages)
-//!    ─> state file + outbox (durable) ─> PagerDuty Events API v2, Alertmanager,
+//!    ─> a state file per group + outbox (durable) ─> PagerDuty Events API v2, Alertmanager,
 //!                                        Alertmanager webhooks
 //!    ─> `alerts` table in the lake (every transition; SQL and Grafana annotations)
 //! ```
@@ -32,12 +32,13 @@ pub mod redact;
 pub mod registry;
 pub mod rules;
 pub mod state;
+pub mod store;
 pub mod table;
 pub mod template;
 pub mod time;
 
 pub use config::AlertingConfig;
-pub use engine::{Alerting, AlertingParts, Round, SqlSource, TransitionLog};
+pub use engine::{Alerting, AlertingParts, Queued, Round, SqlSource, TransitionLog};
 pub use error::AlertError;
 pub use registry::Registry;
 pub use rules::{RuleError, RuleGroup};
