@@ -160,6 +160,7 @@ fn main() {
         state_dir: dir.path().join("state"),
         external_url: "http://fleetlake".into(),
         clock: clock.clone(),
+        shared: None,
     })
     .expect("the alerting stage");
 

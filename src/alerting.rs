@@ -22,14 +22,17 @@ use fleetlake_aggregate::store::{CommitMeta, DeltaLake, Lake, WriteSettings};
 use fleetlake_alert_rules::engine::ACCOUNT_ID;
 use fleetlake_alert_rules::matchers::Matcher;
 use fleetlake_alert_rules::{
-    AlertError, Alerting, Queued, Registry, RuleGroup, SqlSource, TransitionLog,
+    AlertError, Alerting, DirStates, GroupLeases, Queued, Registry, RuleGroup, Shared,
+    SharedStates, SqlSource, TransitionLog,
 };
+use fleetlake_ingest::lease::LeaseSettings;
 use fleetlake_query::incremental::{Incremental, RowFeed};
 use fleetlake_query::{Access, Principal, QueryEngine, QueryError, SideTable};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::warn;
 
+use crate::alert_leases::{GroupLeaseKeeper, ObjectStates};
 use crate::config::Config;
 
 /// How often rows accepted since are folded into the incremental aggregates between
@@ -283,14 +286,21 @@ impl TransitionLog for LakeAlerts {
     }
 }
 
-/// Builds the alerting stage of `serve`.
+/// Where rule groups' states are kept when instances share them: beside the lake's
+/// tables, under `_fleetlake/alerting/groups/`.
+const SHARED_STATES: &str = "_fleetlake/alerting/groups";
+
+/// Builds the alerting stage of `serve`. With `leases` (a Kinesis lease table: several
+/// instances), each rule group is evaluated by the holder of its lease, with its state
+/// beside the lake; the keeper of this instance's leases is returned to be run.
 pub(crate) fn open(
     config: &Config,
     engine: Arc<QueryEngine>,
     registry: Registry,
     external_url: String,
     feed: Arc<dyn RowFeed>,
-) -> anyhow::Result<Alerting> {
+    leases: Option<LeaseSettings>,
+) -> anyhow::Result<(Alerting, Option<Arc<GroupLeaseKeeper>>)> {
     let groups = load_rules(&config.alerting.rule_files)?;
     let lake = config.lake_location()?;
     let shared_lake = config.kinesis.iter().any(|k| k.lease_table.is_some());
@@ -311,7 +321,31 @@ pub(crate) fn open(
     } else {
         EngineSql::scanning(engine)
     };
-    Alerting::open(fleetlake_alert_rules::AlertingParts {
+    // Without rules there is nothing to share.
+    let keeper = leases.filter(|_| !groups.is_empty()).map(|settings| {
+        Arc::new(GroupLeaseKeeper::new(
+            settings,
+            groups.iter().map(|g| g.name.clone()).collect(),
+        ))
+    });
+    let shared = match &keeper {
+        Some(keeper) => {
+            let states: Arc<dyn SharedStates> = match lake.local_dir() {
+                // Instances on one host: fsynced files, hard links as the fence.
+                Some(dir) => Arc::new(DirStates::new(dir.join(SHARED_STATES))),
+                None => Arc::new(ObjectStates::new(
+                    lake.object_store(SHARED_STATES)
+                        .context("the store of shared rule group states")?,
+                )),
+            };
+            Some(Shared {
+                states,
+                leases: Arc::clone(keeper) as Arc<dyn GroupLeases>,
+            })
+        }
+        None => None,
+    };
+    let alerting = Alerting::open(fleetlake_alert_rules::AlertingParts {
         config: config.alerting.clone(),
         groups,
         sql: Arc::new(sql),
@@ -320,8 +354,10 @@ pub(crate) fn open(
         state_dir: config.data_dir.join("alerting"),
         external_url,
         clock: fleetlake_model::clock::system(),
+        shared,
     })
-    .context("starting alerting")
+    .context("starting alerting")?;
+    Ok((alerting, keeper))
 }
 
 #[derive(Clone)]
@@ -473,12 +509,16 @@ async fn list_silences(State(api): State<Api>, headers: HeaderMap) -> Response {
     // As alerts: a limited caller sees the silences about its accounts only (their
     // matchers pin `account_id` to its accounts); fleet-wide ones, or ones that may
     // concern another account, are hidden.
-    let silences = api.alerting.silences(|silence| {
-        principal.accounts.is_none()
-            || silence.accounts().is_some_and(|accounts| {
-                !accounts.is_empty() && accounts.iter().all(|a| sees_account(&principal, Some(a)))
-            })
-    });
+    let silences = api
+        .alerting
+        .silences(|silence| {
+            principal.accounts.is_none()
+                || silence.accounts().is_some_and(|accounts| {
+                    !accounts.is_empty()
+                        && accounts.iter().all(|a| sees_account(&principal, Some(a)))
+                })
+        })
+        .await;
     reply(StatusCode::OK, Value::Array(silences))
 }
 
@@ -528,9 +568,10 @@ async fn add_silence(State(api): State<Api>, headers: HeaderMap, body: String) -
     match api
         .alerting
         .add_silence(matchers, starts, ends, body.comment, created_by)
+        .await
     {
         Ok(id) => reply(StatusCode::OK, json!({"silenceID": id})),
-        Err(e @ AlertError::State { .. }) => error(
+        Err(e @ (AlertError::State { .. } | AlertError::Unavailable(_))) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("the silence is not made: {e}"),
         ),
@@ -546,7 +587,7 @@ async fn expire_silence(
     if let Err(refused) = api.fleet_caller(&headers) {
         return refused.into_response();
     }
-    match api.alerting.expire_silence(&id) {
+    match api.alerting.expire_silence(&id).await {
         Ok(true) => reply(StatusCode::OK, json!({"status": "success"})),
         Ok(false) => error(StatusCode::NOT_FOUND, &format!("no silence with id {id:?}")),
         Err(e) => error(

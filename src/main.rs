@@ -10,6 +10,7 @@
 //! The binary only parses flags, loads [`config::Config`], and joins the crates:
 //! `fleetlake-ingest` → `fleetlake-aggregate` → lake ← `fleetlake-query`.
 
+mod alert_leases;
 mod alerting;
 mod backfill;
 mod compact_cmd;

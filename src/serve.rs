@@ -253,12 +253,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let scheme = if http_tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{addr}")
     });
-    let alerting = crate::alerting::open(
+    // With a Kinesis lease table several instances share the lake: rule groups are
+    // shared through leases in the same table.
+    let alert_leases = match config.kinesis.iter().find(|k| k.lease_table.is_some()) {
+        Some(kinesis) => {
+            let dynamo = aws_config_for(kinesis, kinesis.lease_endpoint_url.as_deref()).await;
+            Some(LeaseSettings {
+                store: Arc::new(DynamoLeases::new(
+                    aws_sdk_dynamodb::Client::new(&dynamo),
+                    kinesis.lease_table.as_deref().unwrap_or_default(),
+                )),
+                owner: instance_id(),
+                duration: kinesis.lease_duration,
+            })
+        }
+        None => None,
+    };
+    let (alerting, alert_keeper) = crate::alerting::open(
         &config,
         Arc::clone(&engine),
         registry,
         external_url,
         Arc::new(aggregator.clone()),
+        alert_leases,
     )?;
     info!(
         groups = alerting.groups().len(),
@@ -271,6 +288,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "alerting"
     );
     let mut alert_tasks = alerting.start();
+    if let Some(keeper) = alert_keeper {
+        alert_tasks.spawn(keeper.run());
+    }
     if let Some(coverage) = coverage {
         info!(
             role = ?config.gap_fill.role_name,

@@ -103,6 +103,23 @@ impl LakeLocation {
         &self.storage_options
     }
 
+    /// An object store rooted at `<root>/<prefix>/`, for what the service keeps beside
+    /// the tables (in S3: the lake's bucket, with the lake's storage options).
+    pub fn object_store(
+        &self,
+        prefix: &str,
+    ) -> Result<std::sync::Arc<dyn deltalake::ObjectStore>, DeltaTableError> {
+        let url = self
+            .root
+            .join(&format!("{prefix}/"))
+            .map_err(|e| DeltaTableError::Generic(format!("{prefix}: {e}")))?;
+        Ok(DeltaTableBuilder::from_url(url)?
+            .with_storage_options(self.storage_options.clone())
+            .build_storage()?
+            // The store prefixed with the URL's path (the "root" one is the bucket's).
+            .object_store(None))
+    }
+
     /// The URL of table `name`.
     pub fn table_url(&self, name: &str) -> Url {
         self.root

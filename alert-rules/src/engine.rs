@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ use crate::redact;
 use crate::registry::{Account, LABEL_FIELDS, Registry, Snapshot};
 use crate::rules::{ALERTNAME, Rule, RuleGroup, VALUE_COLUMN};
 use crate::state::{self, AlertState, Instance, Labels, Sample, Transition, state_name};
-use crate::store::{self, GroupState, Silences};
+use crate::store::{self, GroupLeases, GroupState, SharedStates, Silences};
 use crate::table::{self, TransitionRow};
 use crate::time::{parse_rfc3339, rfc3339};
 
@@ -181,6 +181,12 @@ struct Inner {
     slots: Vec<Slot>,
     silences: Mutex<Silences>,
     silences_path: PathBuf,
+    /// Silences of `[[alerting.silences]]` (in `silences` too).
+    configured_silences: Vec<Silence>,
+    /// One change of shared silences at a time.
+    silences_saving: tokio::sync::Mutex<()>,
+    /// With several instances: shared states and group leases.
+    shared: Option<Shared>,
     wake: tokio::sync::Notify,
     client: reqwest::Client,
     limits: RateLimits,
@@ -212,6 +218,9 @@ pub struct Round {
     pub rule_errors: Vec<(String, AlertError)>,
     /// Rules not evaluated because the query engine was unavailable.
     pub unavailable: usize,
+    /// Not evaluated: another instance holds the group (or its state could not be
+    /// loaded).
+    pub not_held: bool,
 }
 
 /// A rule group's state and where it is saved.
@@ -219,8 +228,17 @@ struct Slot {
     /// The group's index in `Inner.groups`; `None` for the file of a group no longer
     /// configured, which only drains (and is deleted once empty).
     group: Option<usize>,
+    /// Its file in the data directory.
     path: PathBuf,
+    /// Its name in [`SharedStates`].
+    name: String,
     state: Mutex<GroupState>,
+    /// Whether `state` is the group's: always in a data directory; with shared
+    /// states, from taking the group's lease and loading its state until the lease
+    /// is gone (or another instance saved a newer version).
+    held: AtomicBool,
+    /// One save at a time (versions are made in order).
+    saving: tokio::sync::Mutex<()>,
     /// Its pending and firing instances at its last round, for the gauges.
     pending: AtomicUsize,
     firing: AtomicUsize,
@@ -230,6 +248,19 @@ impl Slot {
     fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
         self.state.lock().expect("alert state lock")
     }
+
+    fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// Rule groups shared by several instances: their states, and which this one holds.
+#[derive(Clone)]
+pub struct Shared {
+    /// Where group states are saved.
+    pub states: Arc<dyn SharedStates>,
+    /// Which groups this instance evaluates.
+    pub leases: Arc<dyn GroupLeases>,
 }
 
 /// Whether a message may be sent only once the state that queued it is saved. An
@@ -485,6 +516,135 @@ impl Inner {
                 error!(%error, group = %state.group, "cannot save the alert state; its notifications wait until a save succeeds");
                 false
             }
+        }
+    }
+
+    /// Saves a group's state where it is kept (the file of a group no longer
+    /// configured stays in the data directory); whether it is durable now.
+    async fn persist(&self, slot: &Slot) -> bool {
+        match &self.shared {
+            Some(shared) if slot.group.is_some() => {
+                self.save_shared(slot, shared.states.as_ref()).await
+            }
+            _ => {
+                let mut p = slot.lock();
+                self.save(slot, &mut p)
+            }
+        }
+    }
+
+    /// Saves a held group's state as its next version in `states`. Another
+    /// instance's save of that version means the group's lease moved: this instance
+    /// lets the group go (the next round loads it again if the lease is back).
+    async fn save_shared(&self, slot: &Slot, states: &dyn SharedStates) -> bool {
+        let _one = slot.saving.lock().await;
+        let started = Instant::now();
+        let (version, bytes, next_message, seq, group) = {
+            let mut p = slot.lock();
+            if !slot.held() {
+                return false;
+            }
+            p.version += 1;
+            p.must_save = false;
+            match serde_json::to_vec(&*p) {
+                Ok(bytes) => (p.version, bytes, p.next_message, p.seq, p.group.clone()),
+                Err(e) => {
+                    p.must_save = true;
+                    error!(group = %p.group, error = %e, "cannot serialize the alert state");
+                    return false;
+                }
+            }
+        };
+        let result = states.create(&slot.name, version, bytes).await;
+        metrics::histogram!("fleetlake_alert_state_save_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(true) => {
+                slot.lock()
+                    .saved_as_of(next_message, seq, self.clock.now_ms());
+                true
+            }
+            Ok(false) => {
+                metrics::counter!("fleetlake_alert_groups_superseded_total").increment(1);
+                warn!(%group, version, "another instance saved this rule group's state: its lease moved; letting the group go");
+                self.let_go(slot);
+                false
+            }
+            Err(error) => {
+                metrics::counter!("fleetlake_alert_state_save_failures_total").increment(1);
+                error!(%error, %group, "cannot save the alert state; its notifications wait until a save succeeds");
+                slot.lock().must_save = true;
+                false
+            }
+        }
+    }
+
+    /// Makes `slot` hold its group's newest saved state (a new one if none was
+    /// saved), for this instance took its lease.
+    async fn take_up(
+        &self,
+        slot: &Slot,
+        group: &RuleGroup,
+        states: &dyn SharedStates,
+    ) -> Result<(), AlertError> {
+        let saved = states.latest(&slot.name).await?;
+        let mut state = match saved {
+            Some((version, bytes)) => {
+                let mut state =
+                    GroupState::from_saved(group, &bytes).map_err(|source| AlertError::State {
+                        path: PathBuf::from(&slot.name),
+                        source,
+                    })?;
+                state.version = state.version.max(version);
+                state
+            }
+            None => GroupState::new(&group.name)?,
+        };
+        state.saved_at_ms = self.clock.now_ms();
+        info!(group = %group.name, version = state.version, "evaluating this rule group (its lease is here)");
+        *slot.lock() = state;
+        slot.held.store(true, Ordering::Release);
+        metrics::counter!("fleetlake_alert_groups_taken_total").increment(1);
+        Ok(())
+    }
+
+    /// With shared states, takes the newest saved silences (and this instance's
+    /// configured ones); a failure keeps the ones known.
+    async fn refresh_silences(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let known = self.silences.lock().expect("silences lock").version;
+        match shared.states.latest(store::SILENCES).await {
+            Ok(Some((version, bytes))) if version > known => {
+                match serde_json::from_slice::<Silences>(&bytes) {
+                    Ok(mut saved) => {
+                        saved.version = version;
+                        Arc::make_mut(&mut saved.list)
+                            .extend(self.configured_silences.iter().cloned());
+                        let mut current = self.silences.lock().expect("silences lock");
+                        if current.version < version {
+                            *current = saved;
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, version, "unreadable shared silences; keeping the ones known")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%error, "cannot read the shared silences; keeping the ones known"),
+        }
+    }
+
+    /// Drops a group's state from memory: another instance holds it.
+    fn let_go(&self, slot: &Slot) {
+        if slot.held.swap(false, Ordering::AcqRel) {
+            let mut p = slot.lock();
+            info!(group = %p.group, "no longer evaluating this rule group (its lease is elsewhere)");
+            *p = GroupState::default();
+            slot.pending.store(0, Ordering::Relaxed);
+            slot.firing.store(0, Ordering::Relaxed);
         }
     }
 
@@ -949,27 +1109,28 @@ impl Inner {
     /// which the next round sets again after a restart): a group of a million
     /// instances takes seconds to write, which a round every few seconds cannot pay
     /// when nothing changed.
-    fn commit_round(&self, slot: &Slot, now: i64) {
-        let mut guard = slot.lock();
-        let p = &mut *guard;
-        let since = now - p.saved_at_ms;
-        if p.must_save
-            || (p.seq > p.saved_seq && since >= PENDING_SAVE_MS)
-            || since >= SAVE_EVERY_MS
-        {
-            self.save(slot, p);
-        }
-        let (mut pending, mut firing) = (0, 0);
-        for rs in p.rules.values() {
-            for i in rs.instances.values() {
-                match i.state {
-                    AlertState::Pending => pending += 1,
-                    AlertState::Firing => firing += 1,
-                    AlertState::Resolved => {}
+    async fn commit_round(&self, slot: &Slot, now: i64) {
+        let (due, pending, firing) = {
+            let p = slot.lock();
+            let since = now - p.saved_at_ms;
+            let due = p.must_save
+                || (p.seq > p.saved_seq && since >= PENDING_SAVE_MS)
+                || since >= SAVE_EVERY_MS;
+            let (mut pending, mut firing) = (0, 0);
+            for rs in p.rules.values() {
+                for i in rs.instances.values() {
+                    match i.state {
+                        AlertState::Pending => pending += 1,
+                        AlertState::Firing => firing += 1,
+                        AlertState::Resolved => {}
+                    }
                 }
             }
+            (due, pending, firing)
+        };
+        if due {
+            self.persist(slot).await;
         }
-        drop(guard);
         slot.pending.store(pending, Ordering::Relaxed);
         slot.firing.store(firing, Ordering::Relaxed);
         let sum = |count: fn(&Slot) -> &AtomicUsize| -> usize {
@@ -985,7 +1146,7 @@ impl Inner {
 
     /// Whether some group has saved transitions not yet in the `alerts` table.
     fn transitions_to_write(&self) -> bool {
-        self.slots.iter().any(|slot| {
+        self.slots.iter().filter(|slot| slot.held()).any(|slot| {
             let p = slot.lock();
             p.unwritten
                 .first()
@@ -1000,6 +1161,9 @@ impl Inner {
         let _one = self.writing.lock().await;
         let mut taken: Vec<(usize, String, store::Unwritten)> = Vec::new();
         for (index, slot) in self.slots.iter().enumerate() {
+            if !slot.held() {
+                continue;
+            }
             let p = slot.lock();
             let saved: Vec<_> = p
                 .unwritten
@@ -1055,6 +1219,9 @@ impl Inner {
     fn next_message(&self, receiver: &str) -> Option<(usize, Message)> {
         let mut next: Option<(usize, Message)> = None;
         for (index, slot) in self.slots.iter().enumerate() {
+            if !slot.held() {
+                continue;
+            }
             let p = slot.lock();
             let Some(m) = p.outbox.get(receiver).and_then(VecDeque::front) else {
                 continue;
@@ -1098,53 +1265,59 @@ impl Inner {
             }
             let outcome = notify::send(&self.client, &receiver, &message.body).await;
             let slot = &self.slots[index];
-            let mut guard = slot.lock();
-            let p = &mut *guard;
-            let queue = p.outbox.entry(name.clone()).or_default();
-            let result = match &outcome {
-                Ok(()) => {
-                    debug!(receiver = %name, kind = %message.kind, "notification delivered");
-                    queue.retain(|m| m.id != message.id);
-                    "sent"
-                }
-                Err(why) if !why.is_retryable() => {
-                    // The body carries a PagerDuty event's routing key.
-                    let body = redact::scrub(&message.body.to_string(), &secrets);
-                    error!(receiver = %name, %endpoint, kind = %message.kind, %why, %body, "notification refused; not retried");
-                    queue.retain(|m| m.id != message.id);
-                    "failed"
-                }
-                Err(why) => {
-                    let now = self.clock.now_ms();
-                    if now - message.created_ms > self.config.give_up_after.as_millis() as i64 {
-                        error!(receiver = %name, %endpoint, kind = %message.kind, %why, "notification dropped after retrying for too long");
+            let save = {
+                let mut guard = slot.lock();
+                let p = &mut *guard;
+                let queue = p.outbox.entry(name.clone()).or_default();
+                let result = match &outcome {
+                    Ok(()) => {
+                        debug!(receiver = %name, kind = %message.kind, "notification delivered");
                         queue.retain(|m| m.id != message.id);
-                        "expired"
-                    } else {
-                        if let Some(m) = queue.iter_mut().find(|m| m.id == message.id) {
-                            m.attempts += 1;
-                            let wait = notify::backoff(
-                                m.attempts,
-                                self.config.retry_initial,
-                                self.config.retry_max,
-                            );
-                            m.next_attempt_ms = now + wait.as_millis() as i64;
-                            warn!(receiver = %name, %endpoint, kind = %m.kind, %why, attempts = m.attempts, retry_in = ?wait, "notification failed; will retry");
-                        }
-                        "retried"
+                        "sent"
                     }
-                }
-            };
-            let queued = queue.len();
-            outbox_gauge(&p.group, &name, queued);
-            metrics::counter!("fleetlake_notifications_total", "receiver" => name.clone(), "type" => kind, "result" => result)
+                    Err(why) if !why.is_retryable() => {
+                        // The body carries a PagerDuty event's routing key.
+                        let body = redact::scrub(&message.body.to_string(), &secrets);
+                        error!(receiver = %name, %endpoint, kind = %message.kind, %why, %body, "notification refused; not retried");
+                        queue.retain(|m| m.id != message.id);
+                        "failed"
+                    }
+                    Err(why) => {
+                        let now = self.clock.now_ms();
+                        if now - message.created_ms > self.config.give_up_after.as_millis() as i64 {
+                            error!(receiver = %name, %endpoint, kind = %message.kind, %why, "notification dropped after retrying for too long");
+                            queue.retain(|m| m.id != message.id);
+                            "expired"
+                        } else {
+                            if let Some(m) = queue.iter_mut().find(|m| m.id == message.id) {
+                                m.attempts += 1;
+                                let wait = notify::backoff(
+                                    m.attempts,
+                                    self.config.retry_initial,
+                                    self.config.retry_max,
+                                );
+                                m.next_attempt_ms = now + wait.as_millis() as i64;
+                                warn!(receiver = %name, %endpoint, kind = %m.kind, %why, attempts = m.attempts, retry_in = ?wait, "notification failed; will retry");
+                            }
+                            "retried"
+                        }
+                    }
+                };
+                let queued = queue.len();
+                outbox_gauge(&p.group, &name, queued);
+                metrics::counter!("fleetlake_notifications_total", "receiver" => name.clone(), "type" => kind, "result" => result)
                 .increment(1);
-            // A message out of the queue is saved at once, so that a restart does not
-            // send it again; an Alertmanager refresh is sent again by the next round
-            // anyway, and a retry's schedule need not survive a restart.
-            if result != "retried" && (needs_save(&message) || slot.group.is_none()) {
-                p.must_save = true;
-                self.save(slot, p);
+                // A message out of the queue is saved at once, so that a restart does not
+                // send it again; an Alertmanager refresh is sent again by the next round
+                // anyway, and a retry's schedule need not survive a restart.
+                let save = result != "retried" && (needs_save(&message) || slot.group.is_none());
+                if save {
+                    p.must_save = true;
+                }
+                save
+            };
+            if save {
+                self.persist(slot).await;
             }
         }
     }
@@ -1264,6 +1437,9 @@ pub struct AlertingParts {
     /// Where "now" comes from (the system clock in the service, a manual one in
     /// tests).
     pub clock: SharedClock,
+    /// With several instances: where group states are kept and which groups this
+    /// one holds; `None` for one instance (states in `state_dir`).
+    pub shared: Option<Shared>,
 }
 
 impl Alerting {
@@ -1271,7 +1447,11 @@ impl Alerting {
     /// delivery.
     pub fn open(parts: AlertingParts) -> Result<Self, AlertError> {
         parts.config.validate()?;
-        let loaded = store::load(&parts.state_dir, &parts.groups)?;
+        // With shared states the data directory holds no group's state: what it holds
+        // (from before several instances) drains as the files of removed groups do.
+        let shared = parts.shared.is_some();
+        let local_groups: &[RuleGroup] = if shared { &[] } else { &parts.groups };
+        let loaded = store::load(&parts.state_dir, local_groups)?;
         let mut silences = loaded.silences;
         // Silences from the configuration are replaced at each start.
         let list = Arc::make_mut(&mut silences.list);
@@ -1294,27 +1474,48 @@ impl Alerting {
         }
         // What the files hold counts as saved now (a pending instance of a new group
         // waits as long for its first save as for any other).
-        let slot = |group: Option<usize>, path: PathBuf, mut state: GroupState| {
+        let slot = |group: Option<usize>, path: PathBuf, mut state: GroupState, held: bool| {
             state.saved_at_ms = now;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().trim_end_matches(".json").to_string())
+                .unwrap_or_default();
             Slot {
                 group,
                 path,
+                name,
                 state: Mutex::new(state),
+                held: AtomicBool::new(held),
+                saving: tokio::sync::Mutex::new(()),
                 pending: AtomicUsize::new(0),
                 firing: AtomicUsize::new(0),
             }
         };
-        let mut slots: Vec<Slot> = loaded
-            .groups
-            .into_iter()
-            .enumerate()
-            .map(|(index, (path, state))| slot(Some(index), path, state))
-            .collect();
+        let mut slots: Vec<Slot> = if shared {
+            // Taken up at a round that finds this instance holding the group's lease.
+            let dir = parts.state_dir.join("groups");
+            parts
+                .groups
+                .iter()
+                .enumerate()
+                .map(|(index, g)| {
+                    let path = dir.join(store::group_file(&g.name));
+                    slot(Some(index), path, GroupState::default(), false)
+                })
+                .collect()
+        } else {
+            loaded
+                .groups
+                .into_iter()
+                .enumerate()
+                .map(|(index, (path, state))| slot(Some(index), path, state, true))
+                .collect()
+        };
         slots.extend(
             loaded
                 .orphans
                 .into_iter()
-                .map(|orphan| slot(None, orphan.path, orphan.state)),
+                .map(|orphan| slot(None, orphan.path, orphan.state, true)),
         );
         for slot in &slots {
             let p = slot.lock();
@@ -1341,8 +1542,16 @@ impl Alerting {
                 log: parts.log,
                 registry: parts.registry,
                 slots,
+                configured_silences: silences
+                    .list
+                    .iter()
+                    .filter(|s| s.id.starts_with("config-"))
+                    .cloned()
+                    .collect(),
                 silences: Mutex::new(silences),
+                silences_saving: tokio::sync::Mutex::new(()),
                 silences_path: loaded.silences_path,
+                shared: parts.shared,
                 wake: tokio::sync::Notify::new(),
                 client,
                 limits: RateLimits::default(),
@@ -1416,8 +1625,27 @@ impl Alerting {
     pub async fn evaluate_group(&self, index: usize) -> Round {
         let group = &self.inner.groups[index];
         let slot = &self.inner.slots[index];
-        let started = Instant::now();
         let mut round = Round::default();
+        if let Some(shared) = &self.inner.shared {
+            if !shared.leases.holds(&group.name) {
+                self.inner.let_go(slot);
+                round.not_held = true;
+                return round;
+            }
+            if !slot.held()
+                && let Err(error) = self
+                    .inner
+                    .take_up(slot, group, shared.states.as_ref())
+                    .await
+            {
+                metrics::counter!("fleetlake_alert_state_load_failures_total").increment(1);
+                warn!(group = %group.name, %error, "cannot load the rule group's state; not evaluating it until it can");
+                round.not_held = true;
+                return round;
+            }
+            self.inner.refresh_silences().await;
+        }
+        let started = Instant::now();
         let now = self.inner.clock.now_ms();
         // SQL's now() is the round's start to the whole second: windows relative to
         // it fall on whole seconds, which incremental evaluation needs to read
@@ -1447,7 +1675,7 @@ impl Alerting {
             }
         }
         if round.evaluated > 0 {
-            self.inner.commit_round(slot, now);
+            self.inner.commit_round(slot, now).await;
         }
         metrics::histogram!("fleetlake_rule_group_duration_seconds", "group" => group.name.clone())
             .record(started.elapsed().as_secs_f64());
@@ -1518,7 +1746,8 @@ fn push_alerts(out: &mut Vec<Value>, key: &str, rs: &RuleState, fingerprint: Opt
 impl Alerting {
     /// The silences `visible` keeps (a caller limited to some accounts sees only those
     /// about its accounts), as the HTTP API shows them.
-    pub fn silences(&self, visible: impl Fn(&Silence) -> bool) -> Vec<Value> {
+    pub async fn silences(&self, visible: impl Fn(&Silence) -> bool) -> Vec<Value> {
+        self.inner.refresh_silences().await;
         let now = self.inner.clock.now_ms();
         let list = Arc::clone(&self.inner.silences.lock().expect("silences lock").list);
         list.iter()
@@ -1528,7 +1757,7 @@ impl Alerting {
     }
 
     /// Adds a silence; returns its id.
-    pub fn add_silence(
+    pub async fn add_silence(
         &self,
         matchers: Vec<Matcher>,
         starts_at: Option<i64>,
@@ -1554,21 +1783,22 @@ impl Alerting {
             let list = Arc::make_mut(&mut silences.list);
             list.push(Silence {
                 id: id.clone(),
-                matchers,
+                matchers: matchers.clone(),
                 starts_at,
                 ends_at,
-                comment,
-                created_by,
+                comment: comment.clone(),
+                created_by: created_by.clone(),
             });
             // Expired silences are kept a day for the record, then dropped.
             list.retain(|s| s.ends_at > now - 86_400_000);
             Some(id)
         })
+        .await
         .map(|id| id.expect("a silence was added"))
     }
 
     /// Ends silence `id` now; false if there is no such silence.
-    pub fn expire_silence(&self, id: &str) -> Result<bool, AlertError> {
+    pub async fn expire_silence(&self, id: &str) -> Result<bool, AlertError> {
         let now = self.inner.clock.now_ms();
         self.change_silences(|silences| {
             let list = Arc::make_mut(&mut silences.list);
@@ -1576,29 +1806,58 @@ impl Alerting {
             s.ends_at = s.ends_at.min(now);
             Some(())
         })
+        .await
         .map(|done| done.is_some())
     }
 
     /// Changes the silences by `change` (which returns `None` when it changed
     /// nothing) and saves them; in effect only once saved.
-    fn change_silences<T>(
+    /// With shared states, the silences are one more shared state (`silences`): the
+    /// change is made to the newest version and saved as the next one, again from the
+    /// newest if another instance saved that first.
+    async fn change_silences<T>(
         &self,
-        change: impl FnOnce(&mut Silences) -> Option<T>,
+        mut change: impl FnMut(&mut Silences) -> Option<T>,
     ) -> Result<Option<T>, AlertError> {
-        let mut guard = self.inner.silences.lock().expect("silences lock");
-        let mut changed = Silences {
-            next: guard.next,
-            list: Arc::clone(&guard.list),
-        };
-        let Some(out) = change(&mut changed) else {
-            return Ok(None);
-        };
-        store::write_json(&self.inner.silences_path, &changed).inspect_err(|error| {
+        let failed = |error: &AlertError| {
             metrics::counter!("fleetlake_alert_state_save_failures_total").increment(1);
             error!(%error, "cannot save the silences; the change is not made");
-        })?;
-        *guard = changed;
-        Ok(Some(out))
+        };
+        let Some(shared) = &self.inner.shared else {
+            let mut guard = self.inner.silences.lock().expect("silences lock");
+            let mut changed = guard.clone();
+            let Some(out) = change(&mut changed) else {
+                return Ok(None);
+            };
+            store::write_json(&self.inner.silences_path, &changed).inspect_err(failed)?;
+            *guard = changed;
+            return Ok(Some(out));
+        };
+        let _one = self.inner.silences_saving.lock().await;
+        for _ in 0..8 {
+            self.inner.refresh_silences().await;
+            let mut changed = self.inner.silences.lock().expect("silences lock").clone();
+            let Some(out) = change(&mut changed) else {
+                return Ok(None);
+            };
+            changed.version += 1;
+            let mut saved = changed.clone();
+            Arc::make_mut(&mut saved.list).retain(|s| !s.id.starts_with("config-"));
+            let bytes =
+                serde_json::to_vec(&saved).map_err(|e| AlertError::Unavailable(e.to_string()))?;
+            if shared
+                .states
+                .create(store::SILENCES, changed.version, bytes)
+                .await
+                .inspect_err(failed)?
+            {
+                *self.inner.silences.lock().expect("silences lock") = changed;
+                return Ok(Some(out));
+            }
+        }
+        Err(AlertError::Unavailable(
+            "the silences kept changing on other instances; try again".into(),
+        ))
     }
 }
 
@@ -1760,7 +2019,7 @@ mod tests {
         let clock = ManualClock::at(T0);
         let sql = Arc::new(FakeSql::new());
         let log = Arc::new(FakeLog::default());
-        let alerting = open_alerting(yaml, dir.path(), &clock, &sql, &log);
+        let alerting = open_alerting(yaml, dir.path(), &clock, &sql, &log, None);
         Harness {
             alerting,
             clock,
@@ -1777,6 +2036,7 @@ mod tests {
         clock: &Arc<ManualClock>,
         sql: &Arc<FakeSql>,
         log: &Arc<FakeLog>,
+        shared: Option<Shared>,
     ) -> Alerting {
         let groups = crate::rules::parse(Path::new("t.rules.yml"), yaml).unwrap();
         let route = |receiver: &str, continue_: bool| crate::config::RouteConfig {
@@ -1801,6 +2061,7 @@ mod tests {
             state_dir: dir.to_path_buf(),
             external_url: "http://fleetlake".into(),
             clock: clock.clone(),
+            shared,
         })
         .unwrap()
     }
@@ -1818,6 +2079,7 @@ mod tests {
                 &self.clock,
                 &self.sql,
                 &self.log,
+                None,
             );
         }
 
@@ -2134,9 +2396,10 @@ mod tests {
                 "maintenance".into(),
                 "test".into(),
             )
+            .await
             .unwrap();
         assert_eq!(
-            h.alerting.silences(|_| true)[0]["status"]["state"],
+            h.alerting.silences(|_| true).await[0]["status"]["state"],
             "active"
         );
         h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
@@ -2150,19 +2413,22 @@ mod tests {
         h.round().await;
         assert_eq!(h.pages(), ["trigger"], "the silence ended at {ends}");
         assert_eq!(
-            h.alerting.silences(|_| true)[0]["status"]["state"],
+            h.alerting.silences(|_| true).await[0]["status"]["state"],
             "expired"
         );
         // A silence in the past is refused.
-        let late = h.alerting.add_silence(
-            vec![Matcher::parse("account_id=\"1\"").unwrap()],
-            None,
-            ends,
-            String::new(),
-            String::new(),
-        );
+        let late = h
+            .alerting
+            .add_silence(
+                vec![Matcher::parse("account_id=\"1\"").unwrap()],
+                None,
+                ends,
+                String::new(),
+                String::new(),
+            )
+            .await;
         assert!(matches!(late, Err(AlertError::Invalid(_))), "{late:?}");
-        assert!(h.alerting.expire_silence(&id).unwrap());
+        assert!(h.alerting.expire_silence(&id).await.unwrap());
     }
 
     #[tokio::test]
@@ -2180,6 +2446,7 @@ mod tests {
                 "maintenance".into(),
                 "test".into(),
             )
+            .await
             .unwrap();
         h.sql.answer(Answer::Rows(vec![("111111111111", 5.0)]));
         h.round().await;
@@ -2482,7 +2749,7 @@ mod tests {
         let sql = Arc::new(FakeSql::new());
         let log = Arc::new(FakeLog::default());
         let h = Harness {
-            alerting: open_alerting(yaml, dir.path(), &clock, &sql, &log),
+            alerting: open_alerting(yaml, dir.path(), &clock, &sql, &log, None),
             clock,
             sql,
             log,
@@ -2491,7 +2758,7 @@ mod tests {
         };
         assert!(!h.dir.path().join("alert-state.json").exists());
         assert_eq!(h.states()[0].0, "firing");
-        assert_eq!(h.alerting.silences(|_| true).len(), 1);
+        assert_eq!(h.alerting.silences(|_| true).await.len(), 1);
         // The old page is still to be sent (it was saved); a round does not page again.
         assert_eq!(h.sendable("pd").unwrap().id, 7);
         h.sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
@@ -2520,5 +2787,110 @@ mod tests {
             Some(&3)
         );
         assert!(!path.exists());
+    }
+
+    /// Group leases switched by hand: which instance holds every group.
+    struct Holder(Mutex<&'static str>, &'static str);
+
+    impl GroupLeases for Holder {
+        fn holds(&self, _group: &str) -> bool {
+            let held = *self.0.lock().unwrap();
+            held == self.1 || held == "both"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_moves_between_instances_with_its_state_and_a_stale_holder_is_fenced() {
+        let yaml = "groups:\n  - name: g\n    interval: 1m\n    rules:\n      - alert: Errors\n        expr: SELECT account_id, 1.0 AS value FROM metrics\n        for: 0s\n";
+        let shared_dir = tempfile::tempdir().unwrap();
+        let states: Arc<dyn SharedStates> =
+            Arc::new(store::DirStates::new(shared_dir.path().to_path_buf()));
+        let clock = ManualClock::at(T0);
+        let sql = Arc::new(FakeSql::new());
+        let log = Arc::new(FakeLog::default());
+        let instance = |name: &'static str| {
+            let leases = Arc::new(Holder(Mutex::new(""), name));
+            let dir = tempfile::tempdir().unwrap();
+            let alerting = open_alerting(
+                yaml,
+                dir.path(),
+                &clock,
+                &sql,
+                &log,
+                Some(Shared {
+                    states: Arc::clone(&states),
+                    leases: leases.clone(),
+                }),
+            );
+            (alerting, leases, dir)
+        };
+        let (a, a_leases, _a_dir) = instance("a");
+        let (b, b_leases, _b_dir) = instance("b");
+        let hold = |who: &'static str| {
+            *a_leases.0.lock().unwrap() = who;
+            *b_leases.0.lock().unwrap() = who;
+        };
+        let outbox = |alerting: &Alerting| -> Vec<String> {
+            alerting.inner.slots[0]
+                .lock()
+                .outbox
+                .get("pd")
+                .into_iter()
+                .flatten()
+                .map(|m| m.body["event_action"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // Silences made on one instance are the other's too, whichever changes them.
+        let id = a
+            .add_silence(
+                vec![Matcher::parse("account_id=\"222222222222\"").unwrap()],
+                None,
+                T0 + 3_600_000,
+                "maintenance".into(),
+                "test".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(b.silences(|_| true).await[0]["id"], id);
+        assert!(b.expire_silence(&id).await.unwrap());
+        assert_eq!(a.silences(|_| true).await[0]["status"]["state"], "expired");
+
+        hold("a");
+        sql.answer(Answer::Rows(vec![("111111111111", 1.0)]));
+        assert!(b.evaluate_group(0).await.not_held);
+        assert_eq!(a.evaluate_group(0).await.evaluated, 1);
+        assert_eq!(outbox(&a), ["trigger"]);
+        assert!(
+            a.inner.next_message("pd").is_some(),
+            "saved: the page may go"
+        );
+
+        // The lease moves to b: b goes on from a's saved state (the page still
+        // queued, the instance firing), a lets the group go.
+        hold("b");
+        clock.advance(MINUTE);
+        assert!(a.evaluate_group(0).await.not_held);
+        assert!(a.inner.next_message("pd").is_none() && a.alerts(None).is_empty());
+        assert_eq!(b.evaluate_group(0).await.evaluated, 1);
+        assert_eq!(outbox(&b), ["trigger"], "not paged again");
+        assert_eq!(b.alerts(None)[0]["state"], "firing");
+
+        // Both think they hold it (b's lease ran out without b knowing): a takes the
+        // group up from b's save and resolves it; b's next save finds a's version,
+        // and b lets go, sending nothing.
+        hold("both");
+        clock.advance(MINUTE);
+        sql.answer(Answer::Rows(Vec::new()));
+        assert_eq!(a.evaluate_group(0).await.evaluated, 1);
+        assert_eq!(outbox(&a), ["trigger", "resolve"]);
+        b.evaluate_group(0).await;
+        assert!(!b.inner.slots[0].held(), "fenced by a's save");
+        assert!(b.inner.next_message("pd").is_none());
+        // Transitions went once each under the group's one application id.
+        assert_eq!(
+            log.0.lock().unwrap().clone(),
+            [pair("inactive", "firing"), pair("firing", "resolved")]
+        );
+        assert_eq!(log.2.lock().unwrap().len(), 1);
     }
 }

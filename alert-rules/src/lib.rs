@@ -38,7 +38,8 @@ pub mod template;
 pub mod time;
 
 pub use config::AlertingConfig;
-pub use engine::{Alerting, AlertingParts, Queued, Round, SqlSource, TransitionLog};
+pub use engine::{Alerting, AlertingParts, Queued, Round, Shared, SqlSource, TransitionLog};
 pub use error::AlertError;
 pub use registry::Registry;
 pub use rules::{RuleError, RuleGroup};
+pub use store::{DirStates, GroupLeases, SharedStates};

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -50,6 +51,9 @@ pub(crate) struct GroupState {
     pub(crate) group: String,
     /// The application id of its transitions in the `alerts` table.
     pub(crate) app_id: String,
+    /// Its last save's version in [`SharedStates`] (0 in a data directory).
+    #[serde(default)]
+    pub(crate) version: u64,
     /// The last sequence number given to an evaluation's transitions.
     pub(crate) seq: u64,
     /// The last outbox message id given.
@@ -103,18 +107,150 @@ impl GroupState {
 
     /// Counts a save that held everything up to now.
     pub(crate) fn saved(&mut self, now: i64) {
-        self.saved_through = self.next_message;
-        self.saved_seq = self.seq;
-        self.saved_at_ms = now;
+        self.saved_as_of(self.next_message, self.seq, now);
         self.must_save = false;
+    }
+
+    /// Counts a save that held messages up to `next_message` and transitions up to
+    /// `seq` (what was queued while it was being written is not saved yet).
+    pub(crate) fn saved_as_of(&mut self, next_message: u64, seq: u64, now: i64) {
+        self.saved_through = self.saved_through.max(next_message);
+        self.saved_seq = self.saved_seq.max(seq);
+        self.saved_at_ms = now;
+    }
+
+    /// Reads a group's state from what a save wrote; `None` when it is another
+    /// group's.
+    pub(crate) fn from_saved(group: &RuleGroup, bytes: &[u8]) -> Result<Self, std::io::Error> {
+        let state: Self = serde_json::from_slice(bytes)?;
+        if state.group != group.name {
+            return Err(std::io::Error::other(format!(
+                "the state holds group {:?}, not {:?}",
+                state.group, group.name
+            )));
+        }
+        let mut state = state.loaded();
+        state
+            .rules
+            .retain(|alert, _| group.rules.iter().any(|r| &r.alert == alert));
+        Ok(state)
     }
 }
 
+/// Where rule groups' states are kept when several instances share the groups.
+#[async_trait]
+pub trait SharedStates: Send + Sync + 'static {
+    /// The newest version of state `name` (a group's file name) and its bytes.
+    async fn latest(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, AlertError>;
+    /// Creates version `version` of state `name`, unless it exists already (another
+    /// instance saved it): then `false`. Versions before the previous one may go.
+    async fn create(&self, name: &str, version: u64, bytes: Vec<u8>) -> Result<bool, AlertError>;
+}
+
+/// Which rule groups this instance evaluates now: with several instances, each group
+/// is evaluated by the holder of its lease only.
+pub trait GroupLeases: Send + Sync + 'static {
+    /// Whether this instance holds `group`'s lease now, with time to spare before
+    /// another instance may take it.
+    fn holds(&self, group: &str) -> bool;
+}
+
+/// [`SharedStates`] in a directory that instances on one host share (a lake on a
+/// local disk): version `v` of a state is `<name>/<v, 20 digits>.json`, made by
+/// hard-linking a written and fsynced temporary file to that name, which fails when
+/// the version exists.
+#[derive(Debug, Clone)]
+pub struct DirStates {
+    dir: PathBuf,
+}
+
+impl DirStates {
+    /// States under `dir` (made when first written).
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    fn versions(dir: &Path) -> std::io::Result<Vec<u64>> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut versions = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(v) = name.strip_suffix(".json").and_then(|v| v.parse().ok()) {
+                versions.push(v);
+            }
+        }
+        versions.sort_unstable();
+        Ok(versions)
+    }
+}
+
+#[async_trait]
+impl SharedStates for DirStates {
+    async fn latest(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, AlertError> {
+        let dir = self.dir.join(name);
+        let state = |source| AlertError::State {
+            path: dir.clone(),
+            source,
+        };
+        let Some(&version) = Self::versions(&dir).map_err(state)?.last() else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(dir.join(format!("{version:020}.json"))).map_err(state)?;
+        Ok(Some((version, bytes)))
+    }
+
+    async fn create(&self, name: &str, version: u64, bytes: Vec<u8>) -> Result<bool, AlertError> {
+        use std::io::Write;
+        let dir = self.dir.join(name);
+        let path = dir.join(format!("{version:020}.json"));
+        let state = |source| AlertError::State {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(state)?;
+        let random = getrandom::u64().map_err(|e| state(std::io::Error::other(e.to_string())))?;
+        let tmp = dir.join(format!(".{version}-{random:016x}.tmp"));
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()
+        })();
+        let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(state(e)),
+        }
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(state)?;
+        for old in Self::versions(&dir).map_err(state)? {
+            if old + 1 < version {
+                let _ = std::fs::remove_file(dir.join(format!("{old:020}.json")));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The name of the silences in [`SharedStates`] (no group's file name: those end in
+/// a hash).
+pub const SILENCES: &str = "silences";
+
 /// Silences, as `silences.json` holds them.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Silences {
     /// The last number given to a silence's id.
     pub(crate) next: u64,
+    /// Its version in [`SharedStates`] (0 in a data directory).
+    #[serde(default)]
+    pub(crate) version: u64,
     /// The silences (shared with the rounds that read them).
     pub(crate) list: Arc<Vec<Silence>>,
 }
@@ -279,6 +415,7 @@ fn migrate(dir: &Path, groups_dir: &Path, groups: &[RuleGroup]) -> Result<(), Al
     }
     let silences = Silences {
         next: legacy.next_message,
+        version: 0,
         list: Arc::new(legacy.silences),
     };
     write_json(&dir.join("silences.json"), &silences)?;

@@ -15,7 +15,8 @@ use axum::routing::post;
 use serde_json::{Value, json};
 
 use crate::support::{
-    FirehoseRequest, Server, account_id, cli, client, free_port, settle_alerting, wait_until,
+    FirehoseRequest, Moto, Server, account_id, aws_env, cli, client, free_port, metric_sum,
+    settle_alerting, wait_until,
 };
 
 /// The integration key the fake PagerDuty accepts.
@@ -1416,4 +1417,136 @@ fn a_team_credential_sees_its_teams_accounts_in_sql_and_alerts() {
         [account_id(0), account_id(1)]
     );
     server.stop();
+}
+
+/// Two instances share a lake and the Kinesis lease table; Firehose deliveries go to
+/// them in turn. The rule group is evaluated by the holder of its lease only; killed
+/// with -9 while its alert fires, the other instance takes the group over with its
+/// state (no second page, no flap) and resolves it once.
+#[test]
+fn two_instances_page_once_and_the_next_evaluator_takes_over_after_a_kill() {
+    two_instances_take_over(false);
+}
+
+/// The same with the lake (and so the groups' states and silences) in S3.
+#[test]
+fn two_instances_on_an_s3_lake_page_once_and_take_over_after_a_kill() {
+    two_instances_take_over(true);
+}
+
+fn two_instances_take_over(s3: bool) {
+    let moto = Moto::start();
+    moto.python(
+        "client('kinesis').create_stream(StreamName='shared', ShardCount=1)\n\
+         client('s3').create_bucket(Bucket='fleet-lake')\nprint('{}')",
+        &[],
+    );
+    let fake = FakeReceivers::start();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("accounts.jsonl");
+    let records: Vec<String> = (0..3).map(|i| account_record(i, "active")).collect();
+    std::fs::write(&registry, records.join("\n")).unwrap();
+    let rule_file = dir.path().join("test.rules.yml");
+    std::fs::write(&rule_file, ERRORS_RULE).unwrap();
+    let config = dir.path().join("fleetlake.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[buffer]\nflush_interval = \"250ms\"\n\n[lake]\n{lake}\n\n\
+             [accounts]\nfile = {registry:?}\n\n\
+             [alerting]\nrule_files = [{rule_file:?}]\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n{receiver}\n\
+             [[kinesis]]\nstream = \"shared\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
+             idle_wait = \"100ms\"\ndiscovery_interval = \"1s\"\n\
+             lease_table = \"fleetlake-leases\"\nlease_endpoint_url = \"{endpoint}\"\n\
+             lease_duration = \"3s\"\n",
+            lake = if s3 {
+                format!(
+                    "location = \"s3://fleet-lake/lake\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"",
+                    moto.endpoint
+                )
+            } else {
+                format!("dir = {:?}", dir.path().join("lake"))
+            },
+            receiver = pagerduty_receiver(&fake),
+            endpoint = moto.endpoint,
+        ),
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let a = Server::start_with_args(&dir.path().join("a"), &aws_env(), &args);
+    let b = Server::start_with_args(&dir.path().join("b"), &aws_env(), &args);
+    let held = |s: &Server| metric_sum(&s.metrics_text(), "fleetlake_alert_groups_held");
+    wait_until("one instance holding the group", || {
+        held(&a) + held(&b) >= 1.0
+    });
+    assert_eq!(held(&a) + held(&b), 1.0, "exactly one evaluator");
+
+    // The breach reaches both instances, in turn.
+    errors(&a, "r1", 1, &[(0, 50.0), (1, 1.0)]);
+    errors(&b, "r2", 2, &[(0, 60.0), (1, 2.0)]);
+    wait_until("the page", || !fake.accepted().is_empty());
+    let (evaluator, other) = if held(&a) >= 1.0 { (a, b) } else { (b, a) };
+    settle_alerting(&evaluator, 2);
+
+    // The evaluator dies mid-incident; the other takes the group over once its
+    // lease expires and goes on from its state.
+    evaluator.kill9();
+    wait_until("the group taken over", || held(&other) >= 1.0);
+    settle_alerting(&other, 3);
+    // The trigger's delivery was saved before the kill (the outbox was empty for two
+    // rounds): the new evaluator sends nothing again.
+    let sent = actions(&fake.accepted());
+    assert_eq!(sent.len(), 1, "one page, no resolve: {sent:?}");
+    assert_eq!(sent[0].0, "trigger");
+    let firing = alerts_api(&other);
+    assert_eq!(firing.len(), 1, "{firing:?}");
+    assert_eq!(firing[0]["state"], "firing");
+
+    // The account recovers: one resolve.
+    errors(&other, "r3", 3, &[(0, 0.0)]);
+    wait_until("the resolve", || {
+        actions(&fake.accepted())
+            .iter()
+            .any(|(a, _)| a == "resolve")
+    });
+    settle_alerting(&other, 3);
+    let sent = actions(&fake.accepted());
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!((sent[1].0.as_str(), &sent[1].1), ("resolve", &sent[0].1));
+    // Each transition once in the alerts table, whichever instance wrote it.
+    wait_until("the resolve in the alerts table", || {
+        other
+            .sql("SELECT count(*) AS n FROM alerts WHERE state = 'resolved'")
+            .first()
+            .is_some_and(|r| r["n"] == 1)
+    });
+    let rows = other.sql("SELECT state, count(*) AS n FROM alerts GROUP BY state ORDER BY state");
+    assert_eq!(
+        rows,
+        vec![
+            json!({"state": "firing", "n": 1}),
+            json!({"state": "resolved", "n": 1})
+        ]
+    );
+    if s3 {
+        // The group's state was kept in the bucket, a version per save.
+        let keys = moto.python(
+            "import json\nr = client('s3').list_objects_v2(Bucket='fleet-lake', Prefix='lake/_fleetlake/alerting/groups/')\n\
+             print(json.dumps([o['Key'] for o in r.get('Contents', [])]))",
+            &[],
+        );
+        let keys: Vec<&str> = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with("lake/_fleetlake/alerting/groups/test-")
+                    && k.ends_with(".json")),
+            "{keys:?}"
+        );
+    }
+    other.stop();
 }
