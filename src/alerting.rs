@@ -450,7 +450,8 @@ async fn list_alerts(State(api): State<Api>, headers: HeaderMap) -> Response {
     };
     let alerts: Vec<Value> = api
         .alerting
-        .alerts(None)
+        .all_alerts(None)
+        .await
         .into_iter()
         .filter(|a| sees_account(&principal, a["labels"][ACCOUNT_ID].as_str()))
         .collect();

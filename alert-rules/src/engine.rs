@@ -1687,7 +1687,46 @@ impl Alerting {
         round
     }
 
-    /// Active and recently resolved instances, as the HTTP API shows them.
+    /// Active and recently resolved instances of every group, as the HTTP API shows
+    /// them: with several instances, the groups another instance evaluates as their
+    /// last save has them.
+    pub async fn all_alerts(&self, fingerprint: Option<&str>) -> Vec<Value> {
+        let Some(shared) = &self.inner.shared else {
+            return self.alerts(fingerprint);
+        };
+        let mut out = Vec::new();
+        for slot in &self.inner.slots {
+            let Some(group) = slot.group.map(|g| &self.inner.groups[g]) else {
+                continue;
+            };
+            if slot.held() {
+                let p = slot.lock();
+                for (alert, rs) in &p.rules {
+                    push_alerts(&mut out, &rule_key(&group.name, alert), rs, fingerprint);
+                }
+                continue;
+            }
+            let saved = match shared.states.latest(&slot.name).await {
+                Ok(Some((_, bytes))) => GroupState::from_saved(group, &bytes)
+                    .map_err(|e| AlertError::Unavailable(e.to_string())),
+                Ok(None) => continue,
+                Err(error) => Err(error),
+            };
+            match saved {
+                Ok(state) => {
+                    for (alert, rs) in &state.rules {
+                        push_alerts(&mut out, &rule_key(&group.name, alert), rs, fingerprint);
+                    }
+                }
+                Err(error) => {
+                    warn!(group = %group.name, %error, "cannot read the rule group's saved state; its alerts are left out")
+                }
+            }
+        }
+        out
+    }
+
+    /// Active and recently resolved instances of the groups this instance holds.
     pub fn alerts(&self, fingerprint: Option<&str>) -> Vec<Value> {
         let mut out = Vec::new();
         for slot in &self.inner.slots {
@@ -2864,6 +2903,9 @@ mod tests {
             a.inner.next_message("pd").is_some(),
             "saved: the page may go"
         );
+        // b shows the alerts a evaluates, as a saved them.
+        assert!(b.alerts(None).is_empty());
+        assert_eq!(b.all_alerts(None).await, a.alerts(None));
 
         // The lease moves to b: b goes on from a's saved state (the page still
         // queued, the instance firing), a lets the group go.

@@ -1487,6 +1487,10 @@ fn two_instances_take_over(s3: bool) {
     wait_until("the page", || !fake.accepted().is_empty());
     let (evaluator, other) = if held(&a) >= 1.0 { (a, b) } else { (b, a) };
     settle_alerting(&evaluator, 2);
+    // The other instance shows the alert too, as the evaluator saved it.
+    let shown = alerts_api(&other);
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0]["state"], "firing");
 
     // The evaluator dies mid-incident; the other takes the group over once its
     // lease expires and goes on from its state.
