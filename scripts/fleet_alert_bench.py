@@ -30,7 +30,8 @@ its probe run (2., 3.) too, in the same run, and the ratios), ACCOUNTS (6000), F
 minutes made for the full-rate runs: 150), ROUNDS (2; 0 skips 1., then HALF must be set),
 PROBE_S (60), PRELOAD_MINUTES (20), SEED (1), HALF (the probe run's rate in dp/s, instead
 of half the no-rules rate), PERF_S (profile each probe server for this many seconds with
-`perf record`, into WORK_DIR/logs/probe-*.perf).
+`perf record`, into WORK_DIR/logs/probe-*.perf), INGEST_PERF_S (the same for the
+full-rate servers with rules, into WORK_DIR/logs/ingest-rules-*.perf).
 """
 
 import base64
@@ -279,10 +280,20 @@ for k in range(1, ROUNDS + 1):
     for mode in (["none", "rules"] if k % 2 else ["rules", "none"]):
         say(f"round {k}: full rate for {SUSTAIN_S}s, {'no rules' if mode == 'none' else f'{RULES} rules'}")
         server = Server(f"ingest-{mode}-{k}", none_config if mode == "none" else rules_config)
+        perf = None
+        if ENV.get("INGEST_PERF_S") and mode == "rules":
+            # A profile of the server with rules at full rate (loadgen's pregeneration
+            # included: the server is idle then, and idle time makes no samples).
+            perf = subprocess.Popen(
+                ["perf", "record", "-F", "199", "-g", "-p", str(server.proc.pid),
+                 "-o", f"{WORK}/logs/ingest-rules-{k}.perf", "--", "sleep", ENV["INGEST_PERF_S"]],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report = loadgen(f"ingest-{mode}-{k}", server, "--pregenerate", "--minutes", str(SUSTAIN_MINUTES),
                          "--duration", f"{SUSTAIN_S}s", timeout=SUSTAIN_S + 900)
         if mode == "rules":
             rounds_during.append(summary(server.metrics(), "fleetlake_rule_group_duration_seconds", "fleet"))
+        if perf is not None:
+            perf.wait()
         server.stop()
         if report.get("datapoints_rejected"):
             sys.exit(f"{report['datapoints_rejected']} datapoints rejected ({mode}, round {k})")

@@ -106,19 +106,34 @@ impl GroupLeaseKeeper {
             .iter()
             .map(|(g, (c, _))| (g.clone(), *c))
             .collect();
-        for (group, counter) in held {
-            let renewed = store.renew(&group_key(&group), owner, counter).await?;
+        // All at once: an instance holding hundreds of groups renews them within the
+        // cycle, not one round trip after another.
+        let keys: Vec<String> = held.iter().map(|(group, _)| group_key(group)).collect();
+        let renewals = futures::future::join_all(
+            keys.iter()
+                .zip(&held)
+                .map(|(key, (_, counter))| store.renew(key, owner, *counter)),
+        )
+        .await;
+        // Every answer is recorded (a renewal that went through moved the counter)
+        // before a failed one ends the cycle.
+        let mut failed = None;
+        for ((group, _), renewed) in held.into_iter().zip(renewals) {
             let mut map = self.held.lock().expect("group leases lock");
             match renewed {
-                Some(counter) => {
+                Ok(Some(counter)) => {
                     map.insert(group, (counter, Instant::now()));
                 }
-                None => {
+                Ok(None) => {
                     map.remove(&group);
                     metrics::counter!("fleetlake_alert_leases_lost_total").increment(1);
                     warn!(%group, "rule group lease taken by another instance");
                 }
+                Err(error) => failed = Some(error),
             }
+        }
+        if let Some(error) = failed {
+            return Err(error);
         }
 
         let leases = store.list().await?;
