@@ -864,11 +864,11 @@ impl Inner {
                 fingerprint: storm_key.clone(),
                 account_id: None,
                 value: accounts.len() as f64,
-                labels: labels.clone(),
-                annotations: Labels::from([(
+                labels: Arc::new(labels.clone()),
+                annotations: Arc::new(Labels::from([(
                     "summary".to_string(),
                     format!("{} firing for {} accounts", rule.alert, accounts.len()),
-                )]),
+                )])),
                 active_at: now,
                 notification: describe(&receivers),
             });
@@ -941,8 +941,8 @@ impl Inner {
                 fingerprint: storm.key.clone(),
                 account_id: None,
                 value: accounts.len() as f64,
-                labels: storm.labels.clone(),
-                annotations: Labels::new(),
+                labels: Arc::new(storm.labels.clone()),
+                annotations: Arc::default(),
                 active_at: storm.since,
                 notification: describe(&storm.receivers),
             });
@@ -1408,8 +1408,8 @@ fn row_of(
         fingerprint: t.fingerprint.clone(),
         account_id: t.instance.labels.get("account_id").cloned(),
         value: t.instance.value,
-        labels: t.instance.labels.as_ref().clone(),
-        annotations: t.instance.annotations.as_ref().clone(),
+        labels: Arc::clone(&t.instance.labels),
+        annotations: Arc::clone(&t.instance.annotations),
         active_at: t.instance.active_at,
         notification: match t.to {
             Some(AlertState::Firing) | Some(AlertState::Resolved) => note.unwrap_or_default(),
@@ -2763,8 +2763,8 @@ mod tests {
             fingerprint: fp.clone(),
             account_id: Some("111111111111".into()),
             value: 1.0,
-            labels: labels.clone(),
-            annotations: Labels::new(),
+            labels: Arc::new(labels.clone()),
+            annotations: Arc::default(),
             active_at: T0,
             notification: "pd".into(),
         };

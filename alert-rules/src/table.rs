@@ -35,10 +35,10 @@ pub struct TransitionRow {
     pub account_id: Option<String>,
     /// Its value (a fleet incident's: the number of accounts).
     pub value: f64,
-    /// Labels.
-    pub labels: Labels,
-    /// Annotations.
-    pub annotations: Labels,
+    /// Labels (shared with the instance they are of).
+    pub labels: Arc<Labels>,
+    /// Annotations (shared with the instance they are of).
+    pub annotations: Arc<Labels>,
     /// Active since (epoch ms).
     pub active_at: i64,
     /// What was sent: receivers, or why nothing (`silenced`, `storm`, `inactive account`).
@@ -116,7 +116,7 @@ pub fn to_batch(rows: &[TransitionRow]) -> RecordBatch {
             (&row.labels, &mut labels),
             (&row.annotations, &mut annotations),
         ] {
-            for (k, v) in map {
+            for (k, v) in map.iter() {
                 builder.keys().append_value(k);
                 builder.values().append_value(v);
             }
@@ -157,8 +157,8 @@ mod tests {
             fingerprint: "f".into(),
             account_id: Some("1".into()),
             value: 2.0,
-            labels: Labels::from([("a".to_string(), "b".to_string())]),
-            annotations: Labels::new(),
+            labels: Arc::new(Labels::from([("a".to_string(), "b".to_string())])),
+            annotations: Arc::default(),
             active_at: 0,
             notification: "pd".into(),
         };
