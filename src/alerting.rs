@@ -303,16 +303,10 @@ pub(crate) fn open(
 ) -> anyhow::Result<(Alerting, Option<Arc<GroupLeaseKeeper>>)> {
     let groups = load_rules(&config.alerting.rule_files)?;
     let lake = config.lake_location()?;
-    let shared_lake = config.kinesis.iter().any(|k| k.lease_table.is_some());
-    if shared_lake && config.alerting.incremental == Some(true) {
-        anyhow::bail!(
-            "[alerting] incremental = true needs every row of the lake to reach this instance, \
-             but a Kinesis lease_table says several instances share it: leave incremental \
-             unset or set it to false"
-        );
-    }
     let rules_count: usize = groups.iter().map(|g| g.rules.len()).sum();
-    let sql = if rules_count > 0 && config.alerting.incremental.unwrap_or(!shared_lake) {
+    // With several instances on the lake, `feed` follows their commits too (see
+    // `follows_other_writers`).
+    let sql = if rules_count > 0 && config.alerting.incremental.unwrap_or(true) {
         let rules = groups
             .iter()
             .flat_map(|g| g.rules.iter().map(|r| r.expr.clone()))

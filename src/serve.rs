@@ -269,6 +269,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if alert_leases.is_some()
+        && !config.alerting.rule_files.is_empty()
+        && config.alerting.incremental != Some(false)
+    {
+        // Several instances share the lake: incremental rules take in the rows the
+        // others commit (and take back this one's rows they committed first).
+        aggregator
+            .follow_other_writers()
+            .await
+            .context("following other instances' commits to the lake")?;
+    }
     let (alerting, alert_keeper) = crate::alerting::open(
         &config,
         Arc::clone(&engine),

@@ -437,6 +437,12 @@ impl BufferView {
         out
     }
 
+    /// A flush of these rows is committing: which lake version holds it is not
+    /// known yet.
+    pub fn committing(&self) -> bool {
+        self.flushing_base.is_some()
+    }
+
     /// Rows held (open and flushing, suspects included).
     pub fn rows(&self) -> usize {
         self.rows

@@ -11,6 +11,17 @@
 //!   version that holds it.
 //!
 //! Duplicates within the buffer and redeliveries found in the lake are never emitted.
+//!
+//! With several writers on one lake ([`crate::Aggregator::follow_other_writers`]), two
+//! more kinds of item come:
+//! - the rows of another writer's commit, once this process reads it (the lake tail),
+//!   marked with that version;
+//! - *retractions*: rows this process made visible that its flush then found already
+//!   in the lake, committed by another writer (a retry sent to the other instance).
+//!   They were emitted once from here and come again with the other writer's commit,
+//!   so a reader takes them away once: every row counts once after this flush, as it
+//!   does in the lake.
+//!
 //! Each emission has a sequence number; [`Published::feed_seq`](crate::writer::Published)
 //! is the last one emitted before that snapshot, so a reader that subscribes and then
 //! reads a snapshot knows which items the snapshot already holds (see
@@ -35,8 +46,12 @@ pub struct FeedItem {
     pub table: Table,
     /// The rows.
     pub batches: Vec<RecordBatch>,
-    /// For suspects found new by a flush: the lake version that holds them.
+    /// For suspects found new by a flush, and rows of another writer's commit: the
+    /// lake version that holds them.
     pub committed_as: Option<i64>,
+    /// The rows are taken back (see the module docs): each was emitted before and is
+    /// in the lake through another writer's commit.
+    pub retract: bool,
 }
 
 impl FeedItem {

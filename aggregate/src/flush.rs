@@ -17,7 +17,7 @@ use tracing::{error, info};
 
 use crate::buffer;
 use crate::health::Stage;
-use crate::lake::{LakeError, sort_for_lake, split_at_time, without_points};
+use crate::lake::{LakeError, sort_for_lake, split_at_time, split_points, without_points};
 use crate::metrics as m;
 use crate::writer::{Command, TableFlush, Written};
 use crate::{Shared, TableSlot};
@@ -133,8 +133,21 @@ async fn flush_table(
         job_suspects.extend(maybe_there);
     }
     let mut revealed = Vec::new();
+    let mut retracted = Vec::new();
     if !job_suspects.is_empty() {
         let existing = lake.existing_points(&job_suspects).await?;
+        // The other writers' rows this check saw reach the feed before any of this
+        // flush's retractions, so no reader's count dips below the lake's.
+        let others = lake.others_commits(false).await?;
+        if !others.is_empty() {
+            shared
+                .command(Command::Others {
+                    table,
+                    commits: others,
+                    done: None,
+                })
+                .await?;
+        }
         let suspects: usize = job_suspects.iter().map(|b| b.num_rows()).sum();
         if !existing.is_empty() {
             ::metrics::counter!(m::DUPLICATES, "table" => table.name(), "stage" => "lake")
@@ -149,7 +162,9 @@ async fn flush_table(
         let visible = job_suspects.split_off(hidden);
         revealed = without_points(table, job_suspects, &existing);
         batches.extend(revealed.iter().cloned());
-        batches.extend(without_points(table, visible, &existing));
+        let (kept, dropped) = split_points(table, visible, &existing);
+        batches.extend(kept);
+        retracted = dropped;
     }
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let sorted = if rows == 0 {
@@ -199,6 +214,7 @@ async fn flush_table(
                 version,
                 rows: sorted,
                 revealed,
+                retracted,
                 latest: latest_times,
             }),
             positions,
@@ -212,5 +228,60 @@ async fn flush_table(
     ::metrics::histogram!(m::FLUSH_SECONDS, "table" => table.name())
         .record(started.elapsed().as_secs_f64());
     info!(%table, rows, version, wal_seq = job.seq, elapsed = ?started.elapsed(), "committed flush to lake");
+    Ok(())
+}
+
+/// How often other writers' commits are looked for while they are followed.
+pub(crate) const TAIL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// While other writers' commits are followed (see [`crate::feed`]): every
+/// [`TAIL_INTERVAL`], the rows of their new commits to each table go to the feed.
+pub(crate) async fn tail_loop(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for slot in &shared.tables {
+            if let Err(error) = tail_once(&shared, slot, false).await {
+                ::metrics::counter!(m::TAIL_FAILURES, "table" => slot.table.name()).increment(1);
+                tracing::warn!(table = %slot.table, %error, "reading other writers' commits failed; trying again");
+            }
+        }
+        drop(shared);
+        tokio::time::sleep(TAIL_INTERVAL).await;
+    }
+}
+
+/// Hands the rows of other writers' commits to `slot`'s table since the last call to
+/// the feed; with `wait`, returns once the writer emitted them (and whatever was
+/// handed to it before).
+pub(crate) async fn tail_once(
+    shared: &Shared,
+    slot: &TableSlot,
+    wait: bool,
+) -> Result<(), LakeError> {
+    let mut lake = slot.lake.lock().await;
+    let commits = lake.others_commits(true).await?;
+    if commits.is_empty() && !wait {
+        return Ok(());
+    }
+    let rows: usize = commits
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(RecordBatch::num_rows))
+        .sum();
+    ::metrics::counter!(m::TAILED_ROWS, "table" => slot.table.name()).increment(rows as u64);
+    // Sent under the handle's lock: a flush's own reading of the log comes after.
+    let (done, emitted) = oneshot::channel();
+    shared
+        .command(Command::Others {
+            table: slot.table,
+            commits,
+            done: wait.then_some(done),
+        })
+        .await?;
+    drop(lake);
+    if wait {
+        emitted.await.map_err(|_| LakeError::WriterStopped)?;
+    }
     Ok(())
 }

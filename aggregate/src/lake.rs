@@ -168,6 +168,9 @@ pub struct TableLake {
     rollup: Option<Rollup>,
     /// Commits up to this version were looked at for other writers' latest times.
     seen_version: i64,
+    /// While other writers' commits are followed: the last version whose rows were
+    /// handed on (see [`TableLake::others_commits`]).
+    tailed: Option<i64>,
     /// Shared with the process's other handles of this table (see [`CommitGate`]):
     /// this handle's maintenance commits (compaction, retention, vacuum) go through it.
     gate: Option<Arc<CommitGate>>,
@@ -307,6 +310,7 @@ impl TableLake {
             writer: writer.to_string(),
             rollup,
             seen_version: -1,
+            tailed: None,
             gate: None,
         })
     }
@@ -456,6 +460,110 @@ impl TableLake {
         }
         self.seen_version = latest;
         Ok(max)
+    }
+
+    /// Follows other writers' commits from the latest version on: each later one's
+    /// rows come once from [`TableLake::others_commits`].
+    pub async fn follow_others(&mut self) -> Result<(), LakeError> {
+        if self.tailed.is_none() {
+            self.refresh().await?;
+            self.tailed = Some(self.version().unwrap_or(-1));
+        }
+        Ok(())
+    }
+
+    /// The rows other writers added to the table (data changes: not compaction's
+    /// rewrites) in the versions after those asked for before, by version; with
+    /// `refresh`, up to the latest version, else up to the one loaded. Nothing unless
+    /// [`TableLake::follow_others`] was called.
+    pub async fn others_commits(
+        &mut self,
+        refresh: bool,
+    ) -> Result<Vec<(i64, Vec<RecordBatch>)>, LakeError> {
+        use deltalake::kernel::Action;
+        let Some(tailed) = self.tailed else {
+            return Ok(Vec::new());
+        };
+        if refresh {
+            self.refresh().await?;
+        }
+        let Some(latest) = self.version() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let log = self.lake.table().log_store();
+        let root = self.lake.table().table_url().clone();
+        for version in tailed + 1..=latest {
+            let Some(bytes) = log
+                .read_commit_entry(version as u64)
+                .await
+                .map_err(|e| self.delta_err(e))?
+            else {
+                tracing::warn!(table = %self.location, version, "a commit to follow is gone from the log; its rows are not followed");
+                continue;
+            };
+            let actions = deltalake::logstore::get_actions(version as u64, &bytes)
+                .map_err(|e| self.delta_err(e))?;
+            let mut writer = None;
+            let mut paths = Vec::new();
+            for action in actions {
+                match action {
+                    Action::CommitInfo(info) => {
+                        writer = info
+                            .info
+                            .get(WRITER_KEY)
+                            .and_then(|w| w.as_str())
+                            .map(str::to_owned);
+                    }
+                    Action::Add(add) if add.data_change => paths.push(add.path),
+                    _ => {}
+                }
+            }
+            if writer.as_deref() == Some(self.writer.as_str()) || paths.is_empty() {
+                continue;
+            }
+            let uris = paths
+                .iter()
+                .map(|path| {
+                    root.join(path).map(String::from).map_err(|e| {
+                        self.delta_err(deltalake::DeltaTableError::Generic(format!("{path}: {e}")))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push((version, self.read_files(uris).await?));
+        }
+        self.tailed = Some(latest);
+        Ok(out)
+    }
+
+    /// Every row of data files `uris` of this table, as the table's schema has them.
+    async fn read_files(&self, uris: Vec<String>) -> Result<Vec<RecordBatch>, LakeError> {
+        let query_err = |source| LakeError::Query {
+            table: self.location.clone(),
+            source: Box::new(source),
+        };
+        let ctx = SessionContext::new();
+        self.lake
+            .table()
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| self.delta_err(e))?;
+        let batches = read_data_files(&ctx, self.kind, uris)
+            .await
+            .map_err(query_err)?
+            .collect()
+            .await
+            .map_err(query_err)?;
+        let schema = self.kind.schema();
+        batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                conform(b, &schema).map_err(|source| LakeError::Arrow {
+                    table: self.location.clone(),
+                    source,
+                })
+            })
+            .collect()
     }
 
     /// Which table this is.
@@ -1031,6 +1139,33 @@ fn sorted_rows<K: Ord + Copy>(
         .into_iter()
         .map(|(_, b, r)| (b as usize, r as usize))
         .collect()
+}
+
+/// Splits `batches` (of `table`) into the rows whose key is not in `existing` and
+/// those whose key is.
+pub fn split_points(
+    table: Table,
+    batches: Vec<RecordBatch>,
+    existing: &HashSet<u128>,
+) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
+    if existing.is_empty() {
+        return (batches, Vec::new());
+    }
+    let (mut kept, mut found) = (Vec::new(), Vec::new());
+    for batch in batches {
+        let keep: arrow::array::BooleanArray = row_keys(table, &batch)
+            .iter()
+            .map(|k| Some(!existing.contains(&k.point)))
+            .collect();
+        let other = arrow::compute::not(&keep).expect("mask negates");
+        for (mask, out) in [(&keep, &mut kept), (&other, &mut found)] {
+            let part = arrow::compute::filter_record_batch(&batch, mask).expect("mask fits");
+            if part.num_rows() > 0 {
+                out.push(part);
+            }
+        }
+    }
+    (kept, found)
 }
 
 /// Keeps the rows of `batches` (of `table`) whose key is not in `existing`.

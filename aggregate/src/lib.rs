@@ -46,7 +46,7 @@ mod writer_tests;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
@@ -252,6 +252,8 @@ pub(crate) struct Shared {
     /// One flush at a time (and no position hand-over in the middle of one).
     pub(crate) flushing: tokio::sync::Mutex<()>,
     pub(crate) writer_id: String,
+    /// Other writers' commits are followed ([`Aggregator::follow_other_writers`]).
+    pub(crate) following: AtomicBool,
     /// Put in front of every table handle's store (tests inject faults with it).
     pub(crate) wrap: Option<LakeWrap>,
     pub(crate) clock: SharedClock,
@@ -432,6 +434,7 @@ impl Aggregator {
             outlet,
             flushing: tokio::sync::Mutex::new(()),
             writer_id: writer,
+            following: AtomicBool::new(false),
             wrap,
             clock,
             config,
@@ -498,6 +501,39 @@ impl Aggregator {
         u64,
     ) {
         self.shared.outlet.feed.subscribe()
+    }
+
+    /// Follows other writers' commits to the lake (several instances sharing it): from
+    /// now on the rows each of their commits adds reach the feed once, a moment after
+    /// it lands, and rows of this process that a flush finds committed by another are
+    /// retracted from it (see [`feed`]). Call it before subscribing.
+    pub async fn follow_other_writers(&self) -> Result<(), LakeError> {
+        if self.shared.following.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for slot in &self.shared.tables {
+            slot.lake.lock().await.follow_others().await?;
+        }
+        tokio::spawn(flush::tail_loop(Arc::downgrade(&self.shared)));
+        Ok(())
+    }
+
+    /// Hands the rows of other writers' commits landed since to the feed now (not at
+    /// the next second) and returns once they are emitted; nothing unless
+    /// [`Aggregator::follow_other_writers`] was called.
+    pub async fn follow_now(&self) -> Result<(), LakeError> {
+        if !self.follows_other_writers() {
+            return Ok(());
+        }
+        for slot in &self.shared.tables {
+            flush::tail_once(&self.shared, slot, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether other writers' commits are followed.
+    pub fn follows_other_writers(&self) -> bool {
+        self.shared.following.load(Ordering::Acquire)
     }
 
     /// The writer's latest snapshot: every table's hot rows and the feed position.

@@ -52,6 +52,11 @@ pub const RESIDENT_BYTES: &str = "fleetlake_resident_memory_bytes";
 /// 1 while a stage works, 0 while it fails, by `stage` (`wal`, `lake`).
 pub const STAGE_UP: &str = "fleetlake_stage_up";
 
+/// Rows of other writers' commits handed to the feed, by `table`.
+pub const TAILED_ROWS: &str = "fleetlake_lake_followed_rows_total";
+/// Failed reads of other writers' commits (tried again a second later), by `table`.
+pub const TAIL_FAILURES: &str = "fleetlake_lake_follow_failures_total";
+
 /// Registers descriptions for the aggregate metrics.
 pub fn describe() {
     metrics::describe_counter!(
@@ -59,6 +64,14 @@ pub fn describe() {
         "Day partitions rewritten by compaction"
     );
     metrics::describe_counter!(COMPACTION_FAILURES, "Compaction runs that failed");
+    metrics::describe_counter!(
+        TAILED_ROWS,
+        "Rows of other writers' commits handed to incremental alert evaluation"
+    );
+    metrics::describe_counter!(
+        TAIL_FAILURES,
+        "Failed reads of other writers' commits (tried again a second later)"
+    );
     metrics::describe_counter!(ROLLUP_ROWS, "Partial roll-up rows appended");
     metrics::describe_counter!(ROLLUP_FAILURES, "Roll-up runs that failed");
     metrics::describe_counter!(RETENTION_FILES, "Data files removed by retention");

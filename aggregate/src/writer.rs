@@ -106,6 +106,13 @@ pub(crate) enum Command {
     },
     /// The flush of `table` did not commit; its rows stay for the next one.
     FlushFailed { table: Table },
+    /// Other writers committed `commits` (version, rows) to `table`: emitted to the
+    /// feed (see [`crate::feed`]).
+    Others {
+        table: Table,
+        commits: Vec<(i64, Vec<RecordBatch>)>,
+        done: Option<oneshot::Sender<()>>,
+    },
     /// Delete the log segments every table has committed.
     Truncate,
     /// Carry `positions` (as the lake holds them) in commits from now on.
@@ -127,6 +134,9 @@ pub(crate) struct Written {
     /// The suspects among `rows` (held back from queries) that the lake did not have:
     /// visible from this commit on.
     pub revealed: Vec<RecordBatch>,
+    /// Rows that were visible but that the flush found in the lake, committed by
+    /// another writer: taken back from the feed.
+    pub retracted: Vec<RecordBatch>,
     pub latest: HashMap<u64, i64, KeyHasher>,
 }
 
@@ -371,6 +381,9 @@ impl<L: Log> Writer<L> {
                     if !written.revealed.is_empty() {
                         self.emit(table, written.revealed, Some(written.version));
                     }
+                    if !written.retracted.is_empty() {
+                        self.emit_item(table, written.retracted, None, true);
+                    }
                     let buffer = &mut self.buffers[table.index()];
                     buffer.complete_flush_known(written.version, written.rows, written.latest);
                     ::metrics::gauge!(m::TRACKED_SERIES, "table" => table.name())
@@ -385,6 +398,21 @@ impl<L: Log> Writer<L> {
             Command::FlushFailed { table } => {
                 self.buffers[table.index()].flush_failed();
                 self.publish();
+            }
+            Command::Others {
+                table,
+                commits,
+                done,
+            } => {
+                for (version, rows) in commits {
+                    if rows.iter().any(|b| b.num_rows() > 0) {
+                        self.emit(table, rows, Some(version));
+                    }
+                }
+                self.publish();
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
             Command::Truncate => {
                 let through = self.truncatable_through();
@@ -451,12 +479,23 @@ impl<L: Log> Writer<L> {
     /// Emits `batches` of `table` to the feed (before the snapshot that shows them is
     /// published).
     fn emit(&mut self, table: Table, batches: Vec<RecordBatch>, committed_as: Option<i64>) {
+        self.emit_item(table, batches, committed_as, false);
+    }
+
+    fn emit_item(
+        &mut self,
+        table: Table,
+        batches: Vec<RecordBatch>,
+        committed_as: Option<i64>,
+        retract: bool,
+    ) {
         self.feed_seq += 1;
         self.outlet.feed.emit(FeedItem {
             seq: self.feed_seq,
             table,
             batches,
             committed_as,
+            retract,
         });
     }
 

@@ -466,3 +466,102 @@ async fn a_commit_that_loses_the_race_to_another_writer_still_lands_once_and_sta
         0
     );
 }
+
+/// Following other writers: the rows of each of their commits reach the feed once,
+/// marked with its version; this writer's own commits and compaction's rewrites (no
+/// data change) do not; a row of this writer that the other committed first is
+/// retracted by this writer's flush, after the other's commit was emitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_writers_commits_reach_the_feed_once_and_rows_they_had_first_are_retracted() {
+    use fleetlake_model::RowSink;
+
+    use crate::Aggregator;
+    use crate::location::LakeLocation;
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
+    let mine = Aggregator::open(test_config(&dir.path().join("mine"), &lake, None))
+        .await
+        .unwrap();
+    let theirs = Aggregator::open(test_config(&dir.path().join("theirs"), &lake, None))
+        .await
+        .unwrap();
+    mine.follow_other_writers().await.unwrap();
+    let (mut feed, _) = mine.subscribe();
+    let drain = |feed: &mut mpsc::UnboundedReceiver<Arc<crate::feed::FeedItem>>| {
+        let mut items = Vec::new();
+        while let Ok(item) = feed.try_recv() {
+            if item.table == Table::Metrics {
+                items.push(item);
+            }
+        }
+        items
+    };
+
+    // Their rows, in two commits.
+    theirs
+        .write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    theirs.flush().await.unwrap();
+    let first = lake_version(&lake).await.unwrap();
+    theirs
+        .write(vec![(Table::Metrics, batch("2", 1))])
+        .await
+        .unwrap();
+    theirs.flush().await.unwrap();
+    mine.follow_now().await.unwrap();
+    let items = drain(&mut feed);
+    let seen: Vec<(Option<i64>, bool, usize)> = items
+        .iter()
+        .map(|i| (i.committed_as, i.retract, visible_rows(&i.batches)))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(Some(first), false, 1), (Some(first + 1), false, 1)]
+    );
+    // Asked again: nothing more.
+    mine.follow_now().await.unwrap();
+    assert!(drain(&mut feed).is_empty());
+
+    // A compaction's rewrite of their files (delta-rs' own here, as another engine's
+    // would be) is no new data.
+    let table = deltalake::DeltaTable::try_from_url(lake.table_url(Table::Metrics.name()))
+        .await
+        .unwrap();
+    let (_, optimized) = table.optimize().await.unwrap();
+    assert_eq!(optimized.num_files_removed, 2, "{optimized:?}");
+    mine.follow_now().await.unwrap();
+    assert!(drain(&mut feed).is_empty(), "a rewrite is not followed");
+
+    // A row of mine that they commit first (a retry sent to them): emitted as mine,
+    // emitted again with their commit, taken back by my flush.
+    mine.write(vec![(Table::Metrics, batch("3", 2))])
+        .await
+        .unwrap();
+    theirs
+        .write(vec![(Table::Metrics, batch("3", 2))])
+        .await
+        .unwrap();
+    theirs.flush().await.unwrap();
+    let theirs_at = lake_version(&lake).await.unwrap();
+    mine.flush().await.unwrap();
+    let items = drain(&mut feed);
+    let seen: Vec<(Option<i64>, bool, usize)> = items
+        .iter()
+        .map(|i| (i.committed_as, i.retract, visible_rows(&i.batches)))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (None, false, 1),
+            (Some(theirs_at), false, 1),
+            (None, true, 1)
+        ],
+        "mine, theirs, then mine taken back"
+    );
+    // My own commit (of nothing new) is not followed; the lake has the row once.
+    mine.follow_now().await.unwrap();
+    assert!(drain(&mut feed).is_empty());
+    assert_eq!(lake_rows(&lake).await, 3);
+}

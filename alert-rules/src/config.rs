@@ -49,8 +49,8 @@ pub struct AlertingConfig {
     pub silences: Vec<SilenceConfig>,
     /// Evaluate rules of the incremental shape from partial aggregates kept as rows
     /// arrive, instead of a scan each round (`fleetlake rules check` shows each rule's
-    /// path). Unset: on, unless a Kinesis lease table says several instances share the
-    /// lake (the partials hold only this instance's rows and the lake's at start).
+    /// path). Unset: on (with several instances on the lake, each follows the others'
+    /// commits into its partials).
     pub incremental: Option<bool>,
     /// Bytes of recent rows kept per table for rules that read rows in a window but not
     /// only as mergeable aggregates (`rules check` says which); past it, such rules

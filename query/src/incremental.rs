@@ -106,8 +106,10 @@ pub trait RowFeed: Send + Sync + 'static {
     /// emitted before.
     fn subscribe(&self) -> (mpsc::UnboundedReceiver<Arc<FeedItem>>, u64);
     /// The hot rows of `table` a reader of lake version `lake_version` must add, and
-    /// the feed position that snapshot holds.
-    fn hot(&self, table: Table, lake_version: Option<i64>) -> (u64, Vec<RecordBatch>);
+    /// the feed position that snapshot holds; `None` while that cannot be told (a
+    /// flush committing while other writers commit too: a version after the flush's
+    /// base may be theirs, not the flush's).
+    fn hot(&self, table: Table, lake_version: Option<i64>) -> Option<(u64, Vec<RecordBatch>)>;
 }
 
 impl RowFeed for fleetlake_aggregate::Aggregator {
@@ -115,14 +117,16 @@ impl RowFeed for fleetlake_aggregate::Aggregator {
         fleetlake_aggregate::Aggregator::subscribe(self)
     }
 
-    fn hot(&self, table: Table, lake_version: Option<i64>) -> (u64, Vec<RecordBatch>) {
+    fn hot(&self, table: Table, lake_version: Option<i64>) -> Option<(u64, Vec<RecordBatch>)> {
         let published = self.published();
-        let rows = published
-            .views
-            .get(table.index())
+        let view = published.views.get(table.index());
+        if self.follows_other_writers() && view.is_some_and(|v| v.committing()) {
+            return None;
+        }
+        let rows = view
             .map(|view| view.visible(lake_version))
             .unwrap_or_default();
-        (published.feed_seq, rows)
+        Some((published.feed_seq, rows))
     }
 }
 
@@ -240,6 +244,9 @@ struct LeafPlan {
     merge_groups: Arc<dyn ExecutionPlan>,
     partials_input: Arc<Rows>,
     finish: Vec<Finish>,
+    /// Per partial: whether it merges by summing (`sum`, `count`, `avg`'s two), so a
+    /// row taken back is subtracted from it; the others (`min`, `max`) stay.
+    additive: Vec<bool>,
     /// Every aggregate is `max(time)` over a window open towards now: a group's
     /// latest time says alone whether it has rows in a window, so its partials
     /// compact to one row per group (last seen) instead of one per slot.
@@ -383,6 +390,57 @@ impl RowWindow {
             self.rows = Vec::new();
             self.bytes = 0;
         }
+    }
+
+    /// Adds the rows of `table` that feed `items` bring past [`RowWindow::since`], and
+    /// takes away one copy of each row they retract.
+    fn take_in(&mut self, items: &[Arc<FeedItem>], table: Table, limit: usize) {
+        self.add(rows_after(items, table, self.since), limit);
+        let taken: Vec<RecordBatch> = retracted_after(items, table, self.since).collect();
+        if !taken.is_empty()
+            && !self.full
+            && let Err(error) = self.retract(table, &taken)
+        {
+            // Then it cannot be trusted: read again, as when it passes its bound.
+            tracing::warn!(%error, "recent rows could not take back rows; windowed rules read the lake");
+            self.full = true;
+            self.rows = Vec::new();
+            self.bytes = 0;
+        }
+    }
+
+    /// Takes away one row per row of `taken` with its key (the window holds it twice).
+    fn retract(&mut self, table: Table, taken: &[RecordBatch]) -> Result<(), QueryError> {
+        let mut owed: HashMap<u128, usize> = HashMap::new();
+        for batch in taken {
+            let batch = conform(batch, &table.schema()).map_err(arrow_err)?;
+            for key in fleetlake_model::keys::row_keys(table, &batch) {
+                *owed.entry(key.point).or_default() += 1;
+            }
+        }
+        let mut bytes = 0;
+        let schema = table.schema();
+        for batch in &mut self.rows {
+            // Rows read from the lake come in the reader's types (string views).
+            let keyed = conform(batch, &schema).map_err(arrow_err)?;
+            let keep: arrow::array::BooleanArray = fleetlake_model::keys::row_keys(table, &keyed)
+                .iter()
+                .map(|key| match owed.get_mut(&key.point) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        Some(false)
+                    }
+                    _ => Some(true),
+                })
+                .collect();
+            if keep.false_count() > 0 {
+                *batch = filter_record_batch(batch, &keep).map_err(arrow_err)?;
+            }
+            bytes += batch.get_array_memory_size();
+        }
+        self.rows.retain(|b| b.num_rows() > 0);
+        self.bytes = bytes;
+        Ok(())
     }
 
     /// Drops rows before `cut_us` (epoch µs).
@@ -723,13 +781,15 @@ impl Incremental {
     ) -> Result<(u64, Vec<RecordBatch>), QueryError> {
         let waited = std::time::Instant::now();
         loop {
-            let (seq, rows) = self.feed.hot(table, version);
-            if seq >= received {
-                return Ok((seq, rows));
-            }
+            let hot = self.feed.hot(table, version);
+            let seq = match hot {
+                Some((seq, rows)) if seq >= received => return Ok((seq, rows)),
+                Some((seq, _)) => seq,
+                None => 0,
+            };
             if waited.elapsed() > PUBLISH_WAIT {
                 return Err(QueryError::Lake(format!(
-                    "the writer has not published feed item {received} within {PUBLISH_WAIT:?} (its snapshot holds {seq})"
+                    "the writer has not published feed item {received} (its snapshot holds {seq}), or a flush has not landed, within {PUBLISH_WAIT:?}"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -782,6 +842,7 @@ impl Incremental {
                             &mine,
                             &std::mem::take(&mut chunk),
                             self.window_bytes,
+                            false,
                         )
                         .await;
                         chunk_rows = 0;
@@ -789,7 +850,7 @@ impl Incremental {
                 }
             }
             chunk.extend(hot);
-            fold_into(leaves, &mine, &chunk, self.window_bytes).await;
+            fold_into(leaves, &mine, &chunk, self.window_bytes, false).await;
         }
         Ok(())
     }
@@ -859,7 +920,7 @@ impl Incremental {
         }
         for (table, window) in Table::ALL.iter().zip(state.windows.iter_mut()) {
             let Some(window) = window else { continue };
-            window.add(rows_after(&items, *table, window.since), self.window_bytes);
+            window.take_in(&items, *table, self.window_bytes);
         }
         for table in [Table::Metrics, Table::Logs] {
             // Leaves that started together skip the same items: fold them together.
@@ -870,10 +931,15 @@ impl Incremental {
                 }
             }
             for (since, mine) in by_since {
-                let batches: Vec<RecordBatch> = rows_after(&items, table, since).collect();
-                if !batches.is_empty() {
-                    fold_into(&mut state.leaves, &mine, &batches, self.window_bytes).await;
-                }
+                fold_items(
+                    &mut state.leaves,
+                    &mine,
+                    &items,
+                    table,
+                    since,
+                    self.window_bytes,
+                )
+                .await;
             }
         }
         Ok(())
@@ -1023,12 +1089,13 @@ impl Incremental {
         let replay = state.started();
         let [mut fresh] = fresh;
         if started.is_ok() {
-            let batches: Vec<RecordBatch> =
-                rows_after(&replay, fresh.plan.leaf.table, fresh.since).collect();
-            fold_into(
+            let (table, since) = (fresh.plan.leaf.table, fresh.since);
+            fold_items(
                 std::slice::from_mut(&mut fresh),
                 &[0],
-                &batches,
+                &replay,
+                table,
+                since,
                 self.window_bytes,
             )
             .await;
@@ -1090,7 +1157,7 @@ impl Incremental {
         window.restart.running = false;
         match read {
             Ok(mut fresh) => {
-                fresh.add(rows_after(&replay, table, fresh.since), self.window_bytes);
+                fresh.take_in(&replay, table, self.window_bytes);
                 fresh.restart = std::mem::take(&mut window.restart);
                 if fresh.full {
                     tracing::warn!(
@@ -1238,12 +1305,49 @@ async fn lake_rows(
 fn rows_after(
     items: &[Arc<FeedItem>],
     table: Table,
+    since: (u64, Option<i64>),
+) -> impl Iterator<Item = RecordBatch> + '_ {
+    items_after(items, table, since, false)
+}
+
+/// The rows of `table` that feed `items` take back (see [`fleetlake_aggregate::feed`])
+/// from a state started from the snapshot at `since`.
+fn retracted_after(
+    items: &[Arc<FeedItem>],
+    table: Table,
+    since: (u64, Option<i64>),
+) -> impl Iterator<Item = RecordBatch> + '_ {
+    items_after(items, table, since, true)
+}
+
+fn items_after(
+    items: &[Arc<FeedItem>],
+    table: Table,
     (seq, version): (u64, Option<i64>),
+    retract: bool,
 ) -> impl Iterator<Item = RecordBatch> + '_ {
     items
         .iter()
-        .filter(move |item| item.table == table && !item.already_in(seq, version))
+        .filter(move |item| {
+            item.table == table && item.retract == retract && !item.already_in(seq, version)
+        })
         .flat_map(|item| item.batches.iter().cloned())
+}
+
+/// Folds what feed `items` bring to leaves `mine` (started from the snapshot at
+/// `since`): their rows, then what they take back.
+async fn fold_items(
+    leaves: &mut [LeafState],
+    mine: &[usize],
+    items: &[Arc<FeedItem>],
+    table: Table,
+    since: (u64, Option<i64>),
+    limit: usize,
+) {
+    let rows: Vec<RecordBatch> = rows_after(items, table, since).collect();
+    fold_into(leaves, mine, &rows, limit, false).await;
+    let taken: Vec<RecordBatch> = retracted_after(items, table, since).collect();
+    fold_into(leaves, mine, &taken, limit, true).await;
 }
 
 /// Folds `rows` (of the leaves' table, as the lake or the feed has them) into the
@@ -1251,7 +1355,17 @@ fn rows_after(
 /// columns its fold reads. Leaves with the same fold plan fold once. A leaf whose
 /// fold fails, or whose partials pass `limit` bytes, is marked broken (its rules run
 /// as SQL); the others go on.
-async fn fold_into(leaves: &mut [LeafState], mine: &[usize], rows: &[RecordBatch], limit: usize) {
+///
+/// With `retract`, the rows are taken back instead: each is in the leaf twice (see
+/// [`fleetlake_aggregate::feed`]), so its sums and counts lose it once and its minima
+/// and maxima, which a second copy did not move, stay.
+async fn fold_into(
+    leaves: &mut [LeafState],
+    mine: &[usize],
+    rows: &[RecordBatch],
+    limit: usize,
+    retract: bool,
+) {
     let rows: Vec<&RecordBatch> = rows.iter().filter(|b| b.num_rows() > 0).collect();
     if rows.is_empty() || mine.is_empty() {
         return;
@@ -1304,6 +1418,12 @@ async fn fold_into(leaves: &mut [LeafState], mine: &[usize], rows: &[RecordBatch
             }
         };
         let leaf = &mut leaves[i];
+        let out = match out {
+            Ok(Some(partial)) if retract => {
+                leaf.plan.taken_back(&partial).map_err(|e| e.to_string())
+            }
+            out => out,
+        };
         let absorbed = match out {
             Ok(partial) => leaf.absorb(partial).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
@@ -1622,6 +1742,35 @@ fn value_in(
         .iter()
         .map(|v| Some(v.is_some_and(|v| values.contains(v))))
         .collect())
+}
+
+impl LeafPlan {
+    /// What `partial` (a fold of rows taken back) does to the partials: its sums and
+    /// counts negated, its minima and maxima null; `None` when it changes nothing.
+    fn taken_back(&self, partial: &RecordBatch) -> Result<Option<RecordBatch>, QueryError> {
+        if !self.additive.iter().any(|a| *a) {
+            return Ok(None);
+        }
+        let first = partial.num_columns() - self.additive.len();
+        let columns = partial
+            .columns()
+            .iter()
+            .enumerate()
+            .map(|(i, column)| match i.checked_sub(first) {
+                None => Ok(Arc::clone(column)),
+                Some(p) if self.additive[p] => {
+                    arrow::compute::kernels::numeric::neg(column).map_err(arrow_err)
+                }
+                Some(_) => Ok(arrow::array::new_null_array(
+                    column.data_type(),
+                    column.len(),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new(partial.schema(), columns)
+            .map(Some)
+            .map_err(arrow_err)
+    }
 }
 
 impl LeafState {
@@ -1986,6 +2135,7 @@ async fn plan_leaf(
     let groups = g0.group_expr.len();
     let mut partial = Vec::new();
     let mut merges: Vec<fn(Expr) -> Expr> = Vec::new();
+    let mut additive: Vec<bool> = Vec::new();
     let mut finish: Vec<Finish> = (0..groups).map(Finish::Group).collect();
     for (j, e) in g0.aggr_expr.iter().enumerate() {
         let inner = match e {
@@ -1997,17 +2147,18 @@ async fn plan_leaf(
         };
         let name = f.func.name().to_ascii_lowercase();
         let out_type = output.field(groups + j).data_type();
-        let mut push = |expr: Expr, merge: fn(Expr) -> Expr| {
+        let mut push = |expr: Expr, merge: fn(Expr) -> Expr, sums: bool| {
             let p = partial.len();
             partial.push(expr.alias(format!("__p{p}")));
             merges.push(merge);
+            additive.push(sums);
             p
         };
         match name.as_str() {
-            "sum" => finish.push(Finish::Plain(push(inner.clone(), sum))),
-            "min" => finish.push(Finish::Plain(push(inner.clone(), min))),
-            "max" => finish.push(Finish::Plain(push(inner.clone(), max))),
-            "count" => finish.push(Finish::Count(push(inner.clone(), sum))),
+            "sum" => finish.push(Finish::Plain(push(inner.clone(), sum, true))),
+            "min" => finish.push(Finish::Plain(push(inner.clone(), min, false))),
+            "max" => finish.push(Finish::Plain(push(inner.clone(), max, false))),
+            "count" => finish.push(Finish::Count(push(inner.clone(), sum, true))),
             "avg" => {
                 if *out_type != DataType::Float64 {
                     return Ok(Err(format!("avg returning {out_type} is not merged here")));
@@ -2021,8 +2172,8 @@ async fn plan_leaf(
                     // A sum of integers can overflow where avg does not.
                     s.params.args = vec![datafusion::prelude::cast(arg, DataType::Float64)];
                 }
-                let sum_at = push(Expr::AggregateFunction(s), sum);
-                let count_at = push(Expr::AggregateFunction(c), sum);
+                let sum_at = push(Expr::AggregateFunction(s), sum, true);
+                let count_at = push(Expr::AggregateFunction(c), sum, true);
                 finish.push(Finish::Avg {
                     sum: sum_at,
                     count: count_at,
@@ -2095,6 +2246,7 @@ async fn plan_leaf(
         merge_groups,
         partials_input,
         finish,
+        additive,
         last_seen,
     }))
 }

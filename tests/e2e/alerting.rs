@@ -427,21 +427,7 @@ fn an_incremental_rule_pages_from_fresh_rows_and_resolves_as_its_window_passes()
     let server = setup.start();
     // The first round starts the rule's partials (from an empty lake).
     settle_alerting(&server, 1);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let lines: Vec<String> = [(0usize, 50.0), (1, 2.0)]
-        .iter()
-        .map(|(a, v)| {
-            format!(
-                r#"{{"account_id":"{}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{{"FunctionName":"api"}},"timestamp":{now_ms},"value":{{"count":1.0,"sum":{v:.1},"max":{v:.1},"min":{v:.1}}},"unit":"Count"}}"#,
-                account_id(*a)
-            )
-        })
-        .collect();
-    let (status, body) = server.post(&FirehoseRequest::new("w1", vec![lines.join("\n")]));
-    assert_eq!(status, 200, "{body}");
+    errors_now(&server, "w1", &[(0, 50.0), (1, 2.0)]);
     wait_until("the page", || !fake.accepted().is_empty());
     let events = fake.accepted();
     assert_eq!(events[0]["event_action"], "trigger");
@@ -461,18 +447,44 @@ fn an_incremental_rule_pages_from_fresh_rows_and_resolves_as_its_window_passes()
     );
     // Every round of the rule came from its partials.
     let text = server.metrics_text();
-    let path = |p: &str| {
-        text.lines()
-            .find(|l| {
-                l.starts_with("fleetlake_rule_evaluations_total")
-                    && l.contains(&format!("path=\"{p}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    assert!(path("incremental") >= 3.0, "{text}");
-    assert_eq!(path("sql"), 0.0, "no round of the rule was a scan");
+    assert!(evaluations(&text, "incremental") >= 3.0, "{text}");
+    assert_eq!(
+        evaluations(&text, "sql"),
+        0.0,
+        "no round of the rule was a scan"
+    );
+}
+
+/// Posts one `Errors` datapoint per `(account, value)` stamped now, as one Firehose
+/// request `request`.
+fn errors_now(server: &Server, request: &str, values: &[(usize, f64)]) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let lines: Vec<String> = values
+        .iter()
+        .map(|(a, v)| {
+            format!(
+                r#"{{"account_id":"{}","region":"us-east-1","namespace":"AWS/Lambda","metric_name":"Errors","dimensions":{{"FunctionName":"api"}},"timestamp":{now_ms},"value":{{"count":1.0,"sum":{v:.1},"max":{v:.1},"min":{v:.1}}},"unit":"Count"}}"#,
+                account_id(*a)
+            )
+        })
+        .collect();
+    let (status, body) = server.post(&FirehoseRequest::new(request, vec![lines.join("\n")]));
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Rule evaluations by `path` (`incremental`, `sql`) in a metrics exposition.
+fn evaluations(text: &str, path: &str) -> f64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with("fleetlake_rule_evaluations_total")
+                && l.contains(&format!("path=\"{path}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 #[test]
@@ -1434,47 +1446,131 @@ fn two_instances_on_an_s3_lake_page_once_and_take_over_after_a_kill() {
     two_instances_take_over(true);
 }
 
-fn two_instances_take_over(s3: bool) {
-    let moto = Moto::start();
-    moto.python(
-        "client('kinesis').create_stream(StreamName='shared', ShardCount=1)\n\
-         client('s3').create_bucket(Bucket='fleet-lake')\nprint('{}')",
-        &[],
+/// With several instances, incremental rules take in what the other instances commit:
+/// a breach accepted by the instance that does not evaluate the rule pages from the
+/// evaluator's partial aggregates (no scan of the lake), and resolves as its window
+/// passes.
+#[test]
+fn two_instances_evaluate_incremental_rules_over_rows_either_accepted() {
+    let TwoInstances {
+        moto: _moto,
+        fake,
+        _dir,
+        a,
+        b,
+    } = TwoInstances::start(WINDOW_RULE, false);
+    let held = |s: &Server| metric_sum(&s.metrics_text(), "fleetlake_alert_groups_held");
+    wait_until("one instance holding the group", || {
+        held(&a) + held(&b) >= 1.0
+    });
+    let (evaluator, other) = if held(&a) >= 1.0 { (a, b) } else { (b, a) };
+    // The rule's partials start (from an empty lake).
+    settle_alerting(&evaluator, 1);
+    errors_now(&evaluator, "w1", &[(1, 2.0)]);
+    errors_now(&other, "w2", &[(0, 50.0), (1, 3.0)]);
+    wait_until("the page", || !fake.accepted().is_empty());
+    let events = fake.accepted();
+    assert_eq!(
+        events[0]["payload"]["custom_details"]["labels"]["account_id"],
+        account_id(0)
     );
-    let fake = FakeReceivers::start();
-    let dir = tempfile::tempdir().unwrap();
-    let registry = dir.path().join("accounts.jsonl");
-    let records: Vec<String> = (0..3).map(|i| account_record(i, "active")).collect();
-    std::fs::write(&registry, records.join("\n")).unwrap();
-    let rule_file = dir.path().join("test.rules.yml");
-    std::fs::write(&rule_file, ERRORS_RULE).unwrap();
-    let config = dir.path().join("fleetlake.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[buffer]\nflush_interval = \"250ms\"\n\n[lake]\n{lake}\n\n\
-             [accounts]\nfile = {registry:?}\n\n\
-             [alerting]\nrule_files = [{rule_file:?}]\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n{receiver}\n\
-             [[kinesis]]\nstream = \"shared\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
-             idle_wait = \"100ms\"\ndiscovery_interval = \"1s\"\n\
-             lease_table = \"fleetlake-leases\"\nlease_endpoint_url = \"{endpoint}\"\n\
-             lease_duration = \"3s\"\n",
-            lake = if s3 {
-                format!(
-                    "location = \"s3://fleet-lake/lake\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"",
-                    moto.endpoint
-                )
-            } else {
-                format!("dir = {:?}", dir.path().join("lake"))
-            },
-            receiver = pagerduty_receiver(&fake),
-            endpoint = moto.endpoint,
-        ),
-    )
-    .unwrap();
-    let args = ["--config", config.to_str().unwrap()];
-    let a = Server::start_with_args(&dir.path().join("a"), &aws_env(), &args);
-    let b = Server::start_with_args(&dir.path().join("b"), &aws_env(), &args);
+    assert_eq!(events[0]["payload"]["custom_details"]["value"], 50.0);
+    let text = evaluator.metrics_text();
+    assert!(evaluations(&text, "incremental") >= 1.0, "{text}");
+    assert_eq!(
+        evaluations(&text, "sql"),
+        0.0,
+        "no round was a scan: {text}"
+    );
+    assert!(
+        metric_sum(&text, "fleetlake_lake_followed_rows_total") >= 2.0,
+        "the other instance's rows came from its commit: {text}"
+    );
+    // Nothing more arrives: the datapoint leaves the window and the alert resolves.
+    wait_until("the resolve", || fake.accepted().len() >= 2);
+    settle_alerting(&evaluator, 2);
+    assert_eq!(
+        actions(&fake.accepted())
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect::<Vec<_>>(),
+        vec!["trigger", "resolve"]
+    );
+    evaluator.stop();
+    other.stop();
+}
+
+/// Two instances sharing a Kinesis lease table (in moto) and a lake (in moto's S3
+/// with `s3`, else a local directory), with the rules of `rules` paging the fake
+/// PagerDuty.
+struct TwoInstances {
+    moto: Moto,
+    fake: FakeReceivers,
+    _dir: tempfile::TempDir,
+    a: Server,
+    b: Server,
+}
+
+impl TwoInstances {
+    fn start(rules: &str, s3: bool) -> Self {
+        let moto = Moto::start();
+        moto.python(
+            "client('kinesis').create_stream(StreamName='shared', ShardCount=1)\n\
+             client('s3').create_bucket(Bucket='fleet-lake')\nprint('{}')",
+            &[],
+        );
+        let fake = FakeReceivers::start();
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("accounts.jsonl");
+        let records: Vec<String> = (0..3).map(|i| account_record(i, "active")).collect();
+        std::fs::write(&registry, records.join("\n")).unwrap();
+        let rule_file = dir.path().join("test.rules.yml");
+        std::fs::write(&rule_file, rules).unwrap();
+        let config = dir.path().join("fleetlake.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[buffer]\nflush_interval = \"250ms\"\n\n[lake]\n{lake}\n\n\
+                 [accounts]\nfile = {registry:?}\n\n\
+                 [alerting]\nrule_files = [{rule_file:?}]\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n{receiver}\n\
+                 [[kinesis]]\nstream = \"shared\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
+                 idle_wait = \"100ms\"\ndiscovery_interval = \"1s\"\n\
+                 lease_table = \"fleetlake-leases\"\nlease_endpoint_url = \"{endpoint}\"\n\
+                 lease_duration = \"3s\"\n",
+                lake = if s3 {
+                    format!(
+                        "location = \"s3://fleet-lake/lake\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"",
+                        moto.endpoint
+                    )
+                } else {
+                    format!("dir = {:?}", dir.path().join("lake"))
+                },
+                receiver = pagerduty_receiver(&fake),
+                endpoint = moto.endpoint,
+            ),
+        )
+        .unwrap();
+        let args = ["--config", config.to_str().unwrap()];
+        let a = Server::start_with_args(&dir.path().join("a"), &aws_env(), &args);
+        let b = Server::start_with_args(&dir.path().join("b"), &aws_env(), &args);
+        Self {
+            moto,
+            fake,
+            _dir: dir,
+            a,
+            b,
+        }
+    }
+}
+
+fn two_instances_take_over(s3: bool) {
+    let TwoInstances {
+        moto,
+        fake,
+        _dir,
+        a,
+        b,
+    } = TwoInstances::start(ERRORS_RULE, s3);
     let held = |s: &Server| metric_sum(&s.metrics_text(), "fleetlake_alert_groups_held");
     wait_until("one instance holding the group", || {
         held(&a) + held(&b) >= 1.0
