@@ -31,7 +31,10 @@ minutes made for the full-rate runs: 150), ROUNDS (2; 0 skips 1., then HALF must
 PROBE_S (60), PRELOAD_MINUTES (20), SEED (1), HALF (the probe run's rate in dp/s, instead
 of half the no-rules rate), PERF_S (profile each probe server for this many seconds with
 `perf record`, into WORK_DIR/logs/probe-*.perf), INGEST_PERF_S (the same for the
-full-rate servers with rules, into WORK_DIR/logs/ingest-rules-*.perf).
+full-rate servers with rules, into WORK_DIR/logs/ingest-rules-*.perf), ALT_ENV (e.g.
+`MIMALLOC_PURGE_DELAY=1000`: space-separated NAME=VALUE settings of a third full-rate
+server with rules in each round of 1., in turn with the other two, for a same-run A/B
+of a runtime setting), PROBE_S=0 (skips 2. and 3.).
 """
 
 import base64
@@ -168,13 +171,16 @@ def write_config(name, rules_file, pagerduty_url):
     return path
 
 
+ALT_ENV = dict(kv.split("=", 1) for kv in ENV.get("ALT_ENV", "").split())
+
+
 class Server:
-    def __init__(self, name, config, binary=None):
+    def __init__(self, name, config, binary=None, extra_env=None):
         self.name = name
         self.dir = f"{WORK}/{name}"
         subprocess.run(["rm", "-rf", self.dir], check=True)
         self.log_path = f"{WORK}/logs/{name}.serve.log"
-        env = dict(ENV, FLEETLAKE_LOG="info", FLEETLAKE_RETENTION__METRICS="0s")
+        env = dict(ENV, FLEETLAKE_LOG="info", FLEETLAKE_RETENTION__METRICS="0s", **(extra_env or {}))
         self.proc = subprocess.Popen(
             [binary or FLEETLAKE, "serve", "--config", config, "--data-dir", self.dir,
              "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"],
@@ -274,12 +280,16 @@ open(f"{WORK}/logs/rules-check.txt", "w").write(check.stdout + check.stderr)
 # ---------------------------------------------------------------------------------
 # 1. Ingest at full rate, without and with the rules.
 # ---------------------------------------------------------------------------------
-rates = {"none": [], "rules": []}
+modes = ["none", "rules"] + (["rules-alt"] if ALT_ENV else [])
+rates = {mode: [] for mode in modes}
 rounds_during = []
 for k in range(1, ROUNDS + 1):
-    for mode in (["none", "rules"] if k % 2 else ["rules", "none"]):
-        say(f"round {k}: full rate for {SUSTAIN_S}s, {'no rules' if mode == 'none' else f'{RULES} rules'}")
-        server = Server(f"ingest-{mode}-{k}", none_config if mode == "none" else rules_config)
+    # Each round in another order: the machine's drift spreads over every mode.
+    for mode in modes[(k - 1) % len(modes):] + modes[:(k - 1) % len(modes)]:
+        say(f"round {k}: full rate for {SUSTAIN_S}s, {'no rules' if mode == 'none' else f'{RULES} rules'}"
+            + (f", {ENV['ALT_ENV']}" if mode == "rules-alt" else ""))
+        server = Server(f"ingest-{mode}-{k}", none_config if mode == "none" else rules_config,
+                        extra_env=ALT_ENV if mode == "rules-alt" else None)
         perf = None
         if ENV.get("INGEST_PERF_S") and mode == "rules":
             # A profile of the server with rules at full rate (loadgen's pregeneration
@@ -391,8 +401,9 @@ def probe_phase(binary, tag):
 
 
 # The build before a change, in the same run (BASELINE=/path/to/fleetlake), then this one.
-baseline = probe_phase(BASELINE, "baseline") if BASELINE else None
-measured = probe_phase(FLEETLAKE, "new")
+PROBING = ENV.get("PROBE_S") != "0"
+baseline = probe_phase(BASELINE, "baseline") if BASELINE and PROBING else None
+measured = probe_phase(FLEETLAKE, "new") if PROBING else None
 
 
 def q(values, p):
@@ -410,6 +421,11 @@ print("|---|---|")
 print(f"| ingest at full rate, no rules (median of {ROUNDS}) | {none_rate / 1e3:,.0f} k dp/s |")
 print(f"| ingest at full rate, {RULES:,} rules loaded (median of {ROUNDS}) | {rules_rate / 1e3:,.0f} k dp/s |")
 print(f"| with rules / without | {rules_rate / none_rate:.2f} |")
+if ALT_ENV:
+    alt_rate = statistics.median(rates["rules-alt"])
+    print(f"| ingest at full rate, {RULES:,} rules loaded, `{ENV['ALT_ENV']}` (median of {ROUNDS}) | "
+          f"{alt_rate / 1e3:,.0f} k dp/s |")
+    print(f"| with rules and `{ENV['ALT_ENV']}` / without | {alt_rate / none_rate:.2f} |")
 during = [d for d in rounds_during if d.get("count")]
 if during:
     print(f"| {RULES:,}-rule round during full-rate ingest: p50 / max | "
@@ -435,7 +451,9 @@ def probe_rows(m):
     ]
 
 
-if baseline:
+if measured is None:
+    pass
+elif baseline:
     print(f"\nThe probe run for both builds, one after the other in this run (baseline `{BASELINE}`):\n")
     print("| measure | baseline | this build | this / baseline |")
     print("|---|---|---|---|")

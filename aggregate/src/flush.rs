@@ -265,11 +265,6 @@ pub(crate) async fn tail_once(
     if commits.is_empty() && !wait {
         return Ok(());
     }
-    let rows: usize = commits
-        .iter()
-        .flat_map(|(_, b)| b.iter().map(RecordBatch::num_rows))
-        .sum();
-    ::metrics::counter!(m::TAILED_ROWS, "table" => slot.table.name()).increment(rows as u64);
     // Sent under the handle's lock: a flush's own reading of the log comes after.
     let (done, emitted) = oneshot::channel();
     shared

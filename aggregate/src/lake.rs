@@ -530,7 +530,10 @@ impl TableLake {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            out.push((version, self.read_files(uris).await?));
+            let rows = self.read_files(uris).await?;
+            ::metrics::counter!(crate::metrics::TAILED_ROWS, "table" => self.kind.name())
+                .increment(rows.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
+            out.push((version, rows));
         }
         self.tailed = Some(latest);
         Ok(out)
