@@ -32,6 +32,14 @@ impl HotData for HotBuffer {
     ) -> Vec<arrow::array::RecordBatch> {
         self.0.snapshot(table, lake_version)
     }
+
+    fn snapshot_settled(
+        &self,
+        table: fleetlake_model::Table,
+        lake_version: Option<i64>,
+    ) -> Option<Vec<arrow::array::RecordBatch>> {
+        self.0.snapshot_settled(table, lake_version)
+    }
 }
 
 /// Delta kernel logs every snapshot load at info, and an expected "not a table yet" at

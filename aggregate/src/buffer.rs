@@ -437,10 +437,16 @@ impl BufferView {
         out
     }
 
-    /// A flush of these rows is committing: which lake version holds it is not
-    /// known yet.
-    pub fn committing(&self) -> bool {
-        self.flushing_base.is_some()
+    /// As [`BufferView::visible`], but `None` while that cannot be told for sure: a
+    /// flush is committing on top of a version before `lake_version`, and whether
+    /// `lake_version` is that commit or another writer's is only known once the
+    /// writer records the version it landed as (a moment later). With one writer it
+    /// is always the flush's; with several instances on the lake it may not be.
+    pub fn visible_settled(&self, lake_version: Option<i64>) -> Option<Vec<RecordBatch>> {
+        if flushing_committed(self.flushing_base, lake_version) {
+            return None;
+        }
+        Some(self.visible(lake_version))
     }
 
     /// Rows held (open and flushing, suspects included).
@@ -534,6 +540,28 @@ mod tests {
         assert_eq!(rows(&buf.snapshot(Some(4))), 1);
         buf.begin_flush().unwrap();
         assert_eq!(rows(&buf.snapshot(Some(5))), 1, "not committing yet");
+    }
+
+    /// With other writers on the lake, a version after a committing flush's base may
+    /// be theirs: until the flush's version is known, a settled read waits.
+    #[test]
+    fn which_rows_a_version_after_a_committing_flush_lacks_is_told_once_it_landed() {
+        let mut buf = HotBuffer::new(Table::Metrics, None);
+        buf.insert(1, &batch(&[("a", 1), ("b", 1)]));
+        let job = buf.begin_flush().unwrap();
+        buf.committing_on(Some(3));
+        let view = buf.view();
+        assert_eq!(view.visible_settled(Some(3)).map(|b| rows(&b)), Some(2));
+        assert_eq!(
+            view.visible_settled(Some(4)),
+            None,
+            "4 may be another writer's"
+        );
+        // Another writer's commit was 4; the flush landed as 5.
+        buf.complete_flush(5, job.batches);
+        let view = buf.view();
+        assert_eq!(view.visible_settled(Some(4)).map(|b| rows(&b)), Some(2));
+        assert_eq!(view.visible_settled(Some(5)).map(|b| rows(&b)), Some(0));
     }
 
     #[test]

@@ -24,6 +24,35 @@ pub enum Fault {
     /// Another writer commits first (an empty append recording `meta`), then this
     /// commit goes ahead on top of it.
     OtherWriterFirst(CommitMeta),
+    /// As `OtherWriterFirst`, holding this commit between the two until the test says
+    /// go ([`Hold::go`]).
+    OtherWriterFirstThenHold(CommitMeta, Hold),
+}
+
+/// A commit held by [`Fault::OtherWriterFirstThenHold`]: the test waits until it is
+/// reached, then lets it go.
+#[derive(Debug, Clone, Default)]
+pub struct Hold {
+    reached: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl Hold {
+    /// Waits until the commit is held.
+    pub async fn reached(&self) {
+        self.reached.notified().await;
+    }
+
+    /// Lets the held commit go on.
+    pub fn go(&self) {
+        self.go.notify_one();
+    }
+}
+
+impl PartialEq for Hold {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.reached, &other.reached)
+    }
 }
 
 /// The faults still to come, in order, shared between a test and its lakes.
@@ -69,6 +98,29 @@ impl FaultyLake {
         Self { inner, script }
     }
 
+    /// Another writer's empty append recording `other`, then (once `hold` lets it go)
+    /// this commit on top of it.
+    async fn other_writer_first(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        meta: CommitMeta,
+        other: CommitMeta,
+        hold: Option<Hold>,
+    ) -> Result<i64, LakeError> {
+        let schema = batches
+            .first()
+            .map(RecordBatch::schema)
+            .ok_or_else(|| self.injected("nothing to append"))?;
+        self.inner
+            .append(vec![RecordBatch::new_empty(schema)], other)
+            .await?;
+        if let Some(hold) = hold {
+            hold.reached.notify_one();
+            hold.go.notified().await;
+        }
+        self.inner.append(batches, meta).await
+    }
+
     fn injected(&self, what: &str) -> LakeError {
         LakeError::Delta {
             table: self.inner.location().to_string(),
@@ -110,14 +162,11 @@ impl Lake for FaultyLake {
                 Err(self.injected("commit timed out (it landed)"))
             }
             Some(Fault::OtherWriterFirst(other)) => {
-                let schema = batches
-                    .first()
-                    .map(RecordBatch::schema)
-                    .ok_or_else(|| self.injected("nothing to append"))?;
-                self.inner
-                    .append(vec![RecordBatch::new_empty(schema)], other)
-                    .await?;
-                self.inner.append(batches, meta).await
+                self.other_writer_first(batches, meta, other, None).await
+            }
+            Some(Fault::OtherWriterFirstThenHold(other, hold)) => {
+                self.other_writer_first(batches, meta, other, Some(hold))
+                    .await
             }
         }
     }
@@ -129,7 +178,7 @@ impl Lake for FaultyLake {
         meta: CommitMeta,
     ) -> Result<Option<i64>, LakeError> {
         match self.script.next() {
-            None | Some(Fault::OtherWriterFirst(_)) => {
+            None | Some(Fault::OtherWriterFirst(_) | Fault::OtherWriterFirstThenHold(..)) => {
                 self.inner.rewrite(adds, removes, meta).await
             }
             Some(Fault::Fail) => Err(self.injected("commit refused")),

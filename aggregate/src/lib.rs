@@ -488,6 +488,19 @@ impl Aggregator {
             .unwrap_or_default()
     }
 
+    /// As [`Aggregator::snapshot`], but `None` for a moment while a flush commits and
+    /// `lake_version` is after its base (see [`buffer::BufferView::visible_settled`]).
+    pub fn snapshot_settled(
+        &self,
+        table: Table,
+        lake_version: Option<i64>,
+    ) -> Option<Vec<RecordBatch>> {
+        match self.shared.outlet.published.load().views.get(table.index()) {
+            Some(view) => view.visible_settled(lake_version),
+            None => Some(Vec::new()),
+        }
+    }
+
     /// Every row from now on as it becomes visible to SQL, exactly once (see
     /// [`feed`]), and the sequence number of the last item emitted before. Subscribe
     /// before reading [`Aggregator::published`], read a snapshot whose `feed_seq` is

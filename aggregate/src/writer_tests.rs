@@ -467,6 +467,69 @@ async fn a_commit_that_loses_the_race_to_another_writer_still_lands_once_and_sta
     );
 }
 
+/// While a flush commits on top of another writer's commit, a reader of that other
+/// commit's version must still get the flushing rows from the buffer: the old rule
+/// ("a version after the base holds the flush") gives none, the settled read waits
+/// until the flush's version is known and then gives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_of_another_writers_version_during_a_commit_waits_and_then_sees_the_rows() {
+    use fleetlake_model::RowSink;
+
+    use crate::faulty::{Fault, FaultScript, Hold};
+    use crate::store::CommitMeta;
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = FaultScript::default();
+    let (aggregator, lake) = faulty_aggregator(dir.path(), &script).await;
+    aggregator
+        .write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    let before = lake_version(&lake).await.unwrap();
+    let hold = Hold::default();
+    script.push(Fault::OtherWriterFirstThenHold(
+        CommitMeta {
+            transactions: vec![("another-writer".into(), 7)],
+            metadata: vec![("fleetlake.writer".into(), "another-writer".into())],
+        },
+        hold.clone(),
+    ));
+    let flushing = {
+        let aggregator = aggregator.clone();
+        tokio::spawn(async move { aggregator.flush().await })
+    };
+    hold.reached().await;
+    let theirs = lake_version(&lake).await.unwrap();
+    assert_eq!(theirs, before + 1, "the other writer's commit landed");
+    assert_eq!(
+        visible_rows(&aggregator.snapshot(Table::Metrics, Some(theirs))),
+        0,
+        "the single-writer rule takes their version for the flush's"
+    );
+    assert!(
+        aggregator
+            .snapshot_settled(Table::Metrics, Some(theirs))
+            .is_none(),
+        "not settled while the commit is in flight"
+    );
+    hold.go();
+    flushing.await.unwrap().unwrap();
+    assert_eq!(
+        aggregator
+            .snapshot_settled(Table::Metrics, Some(theirs))
+            .map(|b| visible_rows(&b)),
+        Some(1),
+        "their version lacks the rows: the buffer adds them"
+    );
+    let ours = lake_version(&lake).await;
+    assert_eq!(
+        aggregator
+            .snapshot_settled(Table::Metrics, ours)
+            .map(|b| visible_rows(&b)),
+        Some(0)
+    );
+}
+
 /// Following other writers: the rows of each of their commits reach the feed once,
 /// marked with its version; this writer's own commits and compaction's rewrites (no
 /// data change) do not; a row of this writer that the other committed first is

@@ -87,7 +87,21 @@ pub trait HotData: Send + Sync + 'static {
     /// The rows of `table` that a query reading lake version `lake_version` of it must
     /// add to what it reads from the lake.
     fn snapshot(&self, table: Table, lake_version: Option<i64>) -> Vec<RecordBatch>;
+
+    /// As [`HotData::snapshot`], `None` while that cannot be told yet (a flush
+    /// committing while other writers may commit too): asked again a moment later.
+    fn snapshot_settled(
+        &self,
+        table: Table,
+        lake_version: Option<i64>,
+    ) -> Option<Vec<RecordBatch>> {
+        Some(self.snapshot(table, lake_version))
+    }
 }
+
+/// How long a query waits for a committing flush to say which version it landed as
+/// before it takes the hot rows as if that version were the flush's.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What one query, and all of them together, may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,8 +441,8 @@ impl Lake {
         let schema = lake.schema();
         let version = delta.as_ref().and_then(|d| d.version()).map(|v| v as i64);
         let hot = match (&self.hot, hot_of) {
-            (Some(hot), Some(table)) => hot
-                .snapshot(table, version)
+            (Some(hot), Some(table)) => settled_snapshot(hot.as_ref(), table, version)
+                .await
                 .iter()
                 .map(|batch| conform(batch, &schema))
                 .collect::<Result<Vec<_>, _>>()
@@ -436,6 +450,27 @@ impl Lake {
             _ => Vec::new(),
         };
         Ok(Arc::new(LakeWithHot::new(delta, lake, hot)))
+    }
+}
+
+/// The hot rows of `table` a reader of `version` adds, once the hot data can tell
+/// (see [`HotData::snapshot_settled`]; a flush's commit ends within moments), or after
+/// [`SETTLE_WAIT`] as the single-writer rule has them.
+async fn settled_snapshot(
+    hot: &dyn HotData,
+    table: Table,
+    version: Option<i64>,
+) -> Vec<RecordBatch> {
+    let waited = std::time::Instant::now();
+    loop {
+        if let Some(rows) = hot.snapshot_settled(table, version) {
+            return rows;
+        }
+        if waited.elapsed() > SETTLE_WAIT {
+            tracing::warn!(%table, ?version, "a flush's commit did not land within {SETTLE_WAIT:?}; hot rows taken as if this version held it");
+            return hot.snapshot(table, version);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 

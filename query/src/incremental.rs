@@ -119,13 +119,10 @@ impl RowFeed for fleetlake_aggregate::Aggregator {
 
     fn hot(&self, table: Table, lake_version: Option<i64>) -> Option<(u64, Vec<RecordBatch>)> {
         let published = self.published();
-        let view = published.views.get(table.index());
-        if self.follows_other_writers() && view.is_some_and(|v| v.committing()) {
-            return None;
-        }
-        let rows = view
-            .map(|view| view.visible(lake_version))
-            .unwrap_or_default();
+        let rows = match published.views.get(table.index()) {
+            Some(view) => view.visible_settled(lake_version)?,
+            None => Vec::new(),
+        };
         Some((published.feed_seq, rows))
     }
 }

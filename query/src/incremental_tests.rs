@@ -202,6 +202,14 @@ impl HotData for Hot {
     fn snapshot(&self, table: Table, lake_version: Option<i64>) -> Vec<RecordBatch> {
         self.0.snapshot(table, lake_version)
     }
+
+    fn snapshot_settled(
+        &self,
+        table: Table,
+        lake_version: Option<i64>,
+    ) -> Option<Vec<RecordBatch>> {
+        self.0.snapshot_settled(table, lake_version)
+    }
 }
 
 /// Rows as sorted text lines, for comparing results whatever their order.
