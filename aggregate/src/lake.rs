@@ -1154,21 +1154,7 @@ pub fn split_points(
     if existing.is_empty() {
         return (batches, Vec::new());
     }
-    let (mut kept, mut found) = (Vec::new(), Vec::new());
-    for batch in batches {
-        let keep: arrow::array::BooleanArray = row_keys(table, &batch)
-            .iter()
-            .map(|k| Some(!existing.contains(&k.point)))
-            .collect();
-        let other = arrow::compute::not(&keep).expect("mask negates");
-        for (mask, out) in [(&keep, &mut kept), (&other, &mut found)] {
-            let part = arrow::compute::filter_record_batch(&batch, mask).expect("mask fits");
-            if part.num_rows() > 0 {
-                out.push(part);
-            }
-        }
-    }
-    (kept, found)
+    split_rows(table, batches, |k| !existing.contains(&k.point))
 }
 
 /// Keeps the rows of `batches` (of `table`) whose key is not in `existing`.
@@ -1231,21 +1217,31 @@ pub fn split_at_time(
     batches: Vec<RecordBatch>,
     time: i64,
 ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
-    let (mut after, mut before) = (Vec::new(), Vec::new());
+    split_rows(table, batches, |k| k.time > time)
+}
+
+/// Splits `batches` (of `table`) into the rows whose key `first` holds for and the
+/// others.
+fn split_rows(
+    table: Table,
+    batches: Vec<RecordBatch>,
+    first: impl Fn(&fleetlake_model::keys::RowKey) -> bool,
+) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
+    let (mut yes, mut no) = (Vec::new(), Vec::new());
     for batch in batches {
-        let later: arrow::array::BooleanArray = row_keys(table, &batch)
+        let mask: arrow::array::BooleanArray = row_keys(table, &batch)
             .iter()
-            .map(|k| Some(k.time > time))
+            .map(|k| Some(first(k)))
             .collect();
-        let earlier = arrow::compute::not(&later).expect("mask negates");
-        for (mask, out) in [(&later, &mut after), (&earlier, &mut before)] {
-            let kept = arrow::compute::filter_record_batch(&batch, mask).expect("mask fits");
-            if kept.num_rows() > 0 {
-                out.push(kept);
+        let rest = arrow::compute::not(&mask).expect("mask negates");
+        for (mask, out) in [(&mask, &mut yes), (&rest, &mut no)] {
+            let part = arrow::compute::filter_record_batch(&batch, mask).expect("mask fits");
+            if part.num_rows() > 0 {
+                out.push(part);
             }
         }
     }
-    (after, before)
+    (yes, no)
 }
 
 /// The order rows are kept in within each data file (see [`sort_for_lake`]), as sort

@@ -430,6 +430,14 @@ async fn a_refused_commit_keeps_the_rows_and_the_next_flush_commits_them_once() 
     );
 }
 
+/// What a commit of another instance's flush records.
+fn another_writers_commit() -> crate::store::CommitMeta {
+    crate::store::CommitMeta {
+        transactions: vec![("another-writer".into(), 7)],
+        metadata: vec![("fleetlake.writer".into(), "another-writer".into())],
+    }
+}
+
 /// Another writer's commit lands between this flush's start and its commit: the rows
 /// go in once, and a query reading the other writer's version (which lacks them) still
 /// finds them in the hot buffer.
@@ -438,7 +446,6 @@ async fn a_commit_that_loses_the_race_to_another_writer_still_lands_once_and_sta
     use fleetlake_model::RowSink;
 
     use crate::faulty::{Fault, FaultScript};
-    use crate::store::CommitMeta;
 
     let dir = tempfile::tempdir().unwrap();
     let script = FaultScript::default();
@@ -448,10 +455,7 @@ async fn a_commit_that_loses_the_race_to_another_writer_still_lands_once_and_sta
         .await
         .unwrap();
     let before = lake_version(&lake).await.unwrap();
-    script.push(Fault::OtherWriterFirst(CommitMeta {
-        transactions: vec![("another-writer".into(), 7)],
-        metadata: vec![("fleetlake.writer".into(), "another-writer".into())],
-    }));
+    script.push(Fault::OtherWriterFirst(another_writers_commit()));
     aggregator.flush().await.unwrap();
     let after = lake_version(&lake).await.unwrap();
     assert_eq!(after, before + 2, "the other writer's commit, then ours");
@@ -476,7 +480,6 @@ async fn a_reader_of_another_writers_version_during_a_commit_waits_and_then_sees
     use fleetlake_model::RowSink;
 
     use crate::faulty::{Fault, FaultScript, Hold};
-    use crate::store::CommitMeta;
 
     let dir = tempfile::tempdir().unwrap();
     let script = FaultScript::default();
@@ -488,10 +491,7 @@ async fn a_reader_of_another_writers_version_during_a_commit_waits_and_then_sees
     let before = lake_version(&lake).await.unwrap();
     let hold = Hold::default();
     script.push(Fault::OtherWriterFirstThenHold(
-        CommitMeta {
-            transactions: vec![("another-writer".into(), 7)],
-            metadata: vec![("fleetlake.writer".into(), "another-writer".into())],
-        },
+        another_writers_commit(),
         hold.clone(),
     ));
     let flushing = {

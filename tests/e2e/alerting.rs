@@ -380,6 +380,25 @@ fn errors(server: &Server, request: &str, minute: i64, values: &[(usize, f64)]) 
     assert_eq!(status, 200, "{body}");
 }
 
+/// Waits for the resolve in `server`'s `alerts` table, then checks it holds one
+/// firing and one resolved transition.
+fn one_firing_and_one_resolved_in_the_alerts_table(server: &Server) {
+    wait_until("the resolve in the alerts table", || {
+        server
+            .sql("SELECT count(*) AS n FROM alerts WHERE state = 'resolved'")
+            .first()
+            .is_some_and(|r| r["n"] == 1)
+    });
+    let rows = server.sql("SELECT state, count(*) AS n FROM alerts GROUP BY state ORDER BY state");
+    assert_eq!(
+        rows,
+        vec![
+            json!({"state": "firing", "n": 1}),
+            json!({"state": "resolved", "n": 1})
+        ]
+    );
+}
+
 fn alerts_api(server: &Server) -> Vec<Value> {
     let body: Value = client()
         .get(server.url("/api/v1/alerts"))
@@ -655,20 +674,7 @@ fn a_kill_in_the_middle_sends_nothing_twice_and_loses_nothing() {
     assert_eq!(sent[0].1, sent[1].1);
 
     // Each transition is in the alerts table once.
-    wait_until("the resolve in the alerts table", || {
-        server
-            .sql("SELECT count(*) AS n FROM alerts WHERE state = 'resolved'")
-            .first()
-            .is_some_and(|r| r["n"] == 1)
-    });
-    let rows = server.sql("SELECT state, count(*) AS n FROM alerts GROUP BY state ORDER BY state");
-    assert_eq!(
-        rows,
-        vec![
-            json!({"state": "firing", "n": 1}),
-            json!({"state": "resolved", "n": 1})
-        ]
-    );
+    one_firing_and_one_resolved_in_the_alerts_table(&server);
     server.stop();
 }
 
@@ -1621,20 +1627,7 @@ fn two_instances_take_over(s3: bool) {
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert_eq!((sent[1].0.as_str(), &sent[1].1), ("resolve", &sent[0].1));
     // Each transition once in the alerts table, whichever instance wrote it.
-    wait_until("the resolve in the alerts table", || {
-        other
-            .sql("SELECT count(*) AS n FROM alerts WHERE state = 'resolved'")
-            .first()
-            .is_some_and(|r| r["n"] == 1)
-    });
-    let rows = other.sql("SELECT state, count(*) AS n FROM alerts GROUP BY state ORDER BY state");
-    assert_eq!(
-        rows,
-        vec![
-            json!({"state": "firing", "n": 1}),
-            json!({"state": "resolved", "n": 1})
-        ]
-    );
+    one_firing_and_one_resolved_in_the_alerts_table(&other);
     if s3 {
         // The group's state was kept in the bucket, a version per save.
         let keys = moto.python(
