@@ -406,31 +406,80 @@ impl RowWindow {
         }
     }
 
-    /// Takes away one row per row of `taken` with its key (the window holds it twice).
+    /// Takes away one row per row of `taken` with its key (the window holds it twice):
+    /// the copy equal to it where there is one (two instances may have accepted one
+    /// datapoint with different values, and the one taken back is the one the lake
+    /// does not hold), else any.
     fn retract(&mut self, table: Table, taken: &[RecordBatch]) -> Result<(), QueryError> {
-        let mut owed: HashMap<u128, usize> = HashMap::new();
-        for batch in taken {
-            let batch = conform(batch, &table.schema()).map_err(arrow_err)?;
-            for key in fleetlake_model::keys::row_keys(table, &batch) {
-                *owed.entry(key.point).or_default() += 1;
+        let schema = table.schema();
+        let taken = taken
+            .iter()
+            .map(|b| conform(b, &schema))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(arrow_err)?;
+        // Per key, the taken rows (batch, row) not yet matched.
+        let mut owed: HashMap<u128, Vec<(usize, usize)>> = HashMap::new();
+        for (b, batch) in taken.iter().enumerate() {
+            for (r, key) in fleetlake_model::keys::row_keys(table, batch)
+                .iter()
+                .enumerate()
+            {
+                owed.entry(key.point).or_default().push((b, r));
+            }
+        }
+        let same_row = |window: &RecordBatch, row: usize, (b, r): (usize, usize)| {
+            window
+                .columns()
+                .iter()
+                .zip(taken[b].columns())
+                .all(|(w, t)| w.slice(row, 1).as_ref() == t.slice(r, 1).as_ref())
+        };
+        // Rows read from the lake come in the reader's types (string views).
+        let keyed = self
+            .rows
+            .iter()
+            .map(|b| conform(b, &schema))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(arrow_err)?;
+        let keys: Vec<Vec<u128>> = keyed
+            .iter()
+            .map(|b| {
+                fleetlake_model::keys::row_keys(table, b)
+                    .iter()
+                    .map(|k| k.point)
+                    .collect()
+            })
+            .collect();
+        let mut drop: Vec<Vec<bool>> = keys.iter().map(|k| vec![false; k.len()]).collect();
+        // Equal copies first, then any copy with the key for what is left.
+        for exact in [true, false] {
+            for (i, batch_keys) in keys.iter().enumerate() {
+                for (row, key) in batch_keys.iter().enumerate() {
+                    if drop[i][row] {
+                        continue;
+                    }
+                    let Some(waiting) = owed.get_mut(key) else {
+                        continue;
+                    };
+                    let found = if exact {
+                        waiting.iter().position(|&at| same_row(&keyed[i], row, at))
+                    } else {
+                        (!waiting.is_empty()).then_some(0)
+                    };
+                    if let Some(k) = found {
+                        waiting.swap_remove(k);
+                        drop[i][row] = true;
+                    }
+                }
+            }
+            if owed.values().all(Vec::is_empty) {
+                break;
             }
         }
         let mut bytes = 0;
-        let schema = table.schema();
-        for batch in &mut self.rows {
-            // Rows read from the lake come in the reader's types (string views).
-            let keyed = conform(batch, &schema).map_err(arrow_err)?;
-            let keep: arrow::array::BooleanArray = fleetlake_model::keys::row_keys(table, &keyed)
-                .iter()
-                .map(|key| match owed.get_mut(&key.point) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        Some(false)
-                    }
-                    _ => Some(true),
-                })
-                .collect();
-            if keep.false_count() > 0 {
+        for (batch, drop) in self.rows.iter_mut().zip(drop) {
+            if drop.iter().any(|d| *d) {
+                let keep: arrow::array::BooleanArray = drop.iter().map(|d| Some(!d)).collect();
                 *batch = filter_record_batch(batch, &keep).map_err(arrow_err)?;
             }
             bytes += batch.get_array_memory_size();
