@@ -890,6 +890,7 @@ impl Config {
                 bytes => bytes,
             } as usize,
             wal_segment_bytes: self.wal.segment_bytes,
+            follow_interval: fleetlake_aggregate::FOLLOW_INTERVAL,
             lake: fleetlake_aggregate::lake::LakeOptions {
                 target_file_bytes: self.lake.target_file_bytes,
                 zstd_level: self.lake.zstd_level,

@@ -394,6 +394,7 @@ impl HotBuffer {
                 .collect(),
             rows: self.rows(),
             bytes: self.bytes(),
+            mirror: Default::default(),
         }
     }
 
@@ -420,9 +421,17 @@ pub struct BufferView {
     recent: Vec<(i64, Chunk)>,
     rows: usize,
     bytes: usize,
+    /// Rows other instances published (see [`crate::peers`]).
+    mirror: crate::peers::MirrorView,
 }
 
 impl BufferView {
+    /// This view with other instances' published rows `mirror` shown too.
+    pub fn with_mirror(mut self, mirror: crate::peers::MirrorView) -> Self {
+        self.mirror = mirror;
+        self
+    }
+
     /// The rows a query that reads lake version `lake_version` must add to the lake's.
     pub fn visible(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
         let mut out: Vec<RecordBatch> = self.open.iter().flat_map(|c| c.iter().cloned()).collect();
@@ -434,6 +443,7 @@ impl BufferView {
                 out.extend(rows.iter().cloned());
             }
         }
+        out.extend(self.mirror.visible_anyway(lake_version));
         out
     }
 
@@ -446,6 +456,7 @@ impl BufferView {
         if flushing_committed(self.flushing_base, lake_version) {
             return None;
         }
+        self.mirror.visible(lake_version)?;
         Some(self.visible(lake_version))
     }
 

@@ -52,6 +52,9 @@ pub struct FeedItem {
     /// The rows are taken back (see the module docs): each was emitted before and is
     /// in the lake through another writer's commit.
     pub retract: bool,
+    /// The rows are another instance's, published before its commit (see
+    /// [`crate::peers`]).
+    pub mirrored: bool,
 }
 
 impl FeedItem {

@@ -95,7 +95,17 @@ async fn flush_table(
     flush: TableFlush,
 ) -> Result<(), LakeError> {
     let table = slot.table;
-    let TableFlush { job, positions, .. } = flush;
+    let TableFlush {
+        job,
+        positions,
+        feed_through,
+        ..
+    } = flush;
+    // What of this run's published rows the commit covers (see `peers`).
+    let cover = crate::peers::Cover {
+        incarnation: shared.incarnation.clone(),
+        through: feed_through,
+    };
     let mut lake = slot.lake.lock().await;
     let Some(job) = job else {
         if let Some(positions) = positions {
@@ -103,7 +113,8 @@ async fn flush_table(
             // messages): the table commits that it holds everything up to there.
             let empty = vec![RecordBatch::new_empty(table.schema())];
             let mut latest = slot.gate.enter().await;
-            lake.append(empty, None, None, Some(&positions)).await?;
+            lake.append(empty, None, None, Some(&positions), Some(&cover))
+                .await?;
             *latest = (*latest).max(lake.version());
             drop(latest);
             let (done, committed) = oneshot::channel();
@@ -116,6 +127,7 @@ async fn flush_table(
                 })
                 .await?;
             committed.await.map_err(|_| LakeError::WriterStopped)?;
+            published_covered(shared, table, feed_through);
         }
         return Ok(());
     };
@@ -140,13 +152,8 @@ async fn flush_table(
         // flush's retractions, so no reader's count dips below the lake's.
         let others = lake.others_commits(false).await?;
         if !others.is_empty() {
-            shared
-                .command(Command::Others {
-                    table,
-                    commits: others,
-                    done: None,
-                })
-                .await?;
+            let through = lake.tailed();
+            hand_others(shared, slot, others, through, None).await?;
         }
         let suspects: usize = job_suspects.iter().map(|b| b.num_rows()).sum();
         if !existing.is_empty() {
@@ -191,6 +198,7 @@ async fn flush_table(
             Some(job.seq),
             Some(job.max_time),
             positions.as_ref(),
+            Some(&cover),
         )
         .await;
     let version = match appended {
@@ -224,6 +232,7 @@ async fn flush_table(
     committed.await.map_err(|_| LakeError::WriterStopped)?;
     drop(latest);
     drop(lake);
+    published_covered(shared, table, feed_through);
     ::metrics::counter!(m::FLUSHED_ROWS, "table" => table.name()).increment(rows as u64);
     ::metrics::histogram!(m::FLUSH_SECONDS, "table" => table.name())
         .record(started.elapsed().as_secs_f64());
@@ -231,11 +240,9 @@ async fn flush_table(
     Ok(())
 }
 
-/// How often other writers' commits are looked for while they are followed.
-pub(crate) const TAIL_INTERVAL: Duration = Duration::from_secs(1);
-
 /// While other writers' commits are followed (see [`crate::feed`]): every
-/// [`TAIL_INTERVAL`], the rows of their new commits to each table go to the feed.
+/// `follow_interval`, the rows of their new commits to each table go to the feed, then
+/// those they published (see [`crate::peers`]).
 pub(crate) async fn tail_loop(shared: std::sync::Weak<Shared>) {
     loop {
         let Some(shared) = shared.upgrade() else {
@@ -247,14 +254,16 @@ pub(crate) async fn tail_loop(shared: std::sync::Weak<Shared>) {
                 tracing::warn!(table = %slot.table, %error, "reading other writers' commits failed; trying again");
             }
         }
+        let interval = shared.config.follow_interval;
         drop(shared);
-        tokio::time::sleep(TAIL_INTERVAL).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
 /// Hands the rows of other writers' commits to `slot`'s table since the last call to
-/// the feed; with `wait`, returns once the writer emitted them (and whatever was
-/// handed to it before).
+/// the feed, then the rows other instances published since (see [`crate::peers`]);
+/// with `wait`, returns once the writer emitted them (and whatever was handed to it
+/// before).
 pub(crate) async fn tail_once(
     shared: &Shared,
     slot: &TableSlot,
@@ -262,21 +271,140 @@ pub(crate) async fn tail_once(
 ) -> Result<(), LakeError> {
     let mut lake = slot.lake.lock().await;
     let commits = lake.others_commits(true).await?;
-    if commits.is_empty() && !wait {
-        return Ok(());
-    }
+    let through = lake.tailed();
     // Sent under the handle's lock: a flush's own reading of the log comes after.
     let (done, emitted) = oneshot::channel();
-    shared
-        .command(Command::Others {
-            table: slot.table,
-            commits,
-            done: wait.then_some(done),
-        })
-        .await?;
+    hand_others(shared, slot, commits, through, Some(done)).await?;
+    let mirrored = mirror_published(shared, slot, &mut lake).await;
     drop(lake);
     if wait {
         emitted.await.map_err(|_| LakeError::WriterStopped)?;
     }
-    Ok(())
+    match mirrored {
+        Ok(Some(done)) if wait => done.await.map_err(|_| LakeError::WriterStopped),
+        Ok(_) => Ok(()),
+        Err(error) => {
+            ::metrics::counter!(m::MIRROR_FAILURES, "table" => slot.table.name()).increment(1);
+            tracing::warn!(table = %slot.table, %error, "reading other instances' published rows failed; trying again");
+            Ok(())
+        }
+    }
+}
+
+/// Hands other writers' `commits` (read through lake version `through`) to the writer,
+/// after recording what of their published rows each covers; the caller holds the
+/// table's handle.
+async fn hand_others(
+    shared: &Shared,
+    slot: &TableSlot,
+    commits: Vec<crate::lake::OtherCommit>,
+    through: Option<i64>,
+    done: Option<oneshot::Sender<()>>,
+) -> Result<(), LakeError> {
+    {
+        let mut follower = slot.follower.lock().await;
+        for commit in &commits {
+            if let (Some(writer), Some(cover)) = (&commit.writer, &commit.cover) {
+                follower.covered(writer, cover);
+            }
+        }
+    }
+    shared
+        .command(Command::Others {
+            table: slot.table,
+            commits,
+            through,
+            done,
+        })
+        .await
+}
+
+/// Mirrors the rows other instances published of `slot`'s table and this process has
+/// not read (see [`crate::peers`]); the caller holds the table's handle, whose
+/// commits through its tailed version were handed on. Returns a receiver answered once
+/// the writer showed them.
+async fn mirror_published(
+    shared: &Shared,
+    slot: &TableSlot,
+    lake: &mut crate::lake::TableLake,
+) -> Result<Option<oneshot::Receiver<()>>, String> {
+    let Some(publisher) = shared.publisher.get() else {
+        return Ok(None);
+    };
+    let table = slot.table;
+    let store = publisher.store.as_ref();
+    let mut follower = slot.follower.lock().await;
+    let files = follower
+        .to_read(store, table, &shared.writer_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut published = Vec::new();
+    for file in files {
+        let Some((mut rows, joining)) = follower.read(store, table, file).await? else {
+            continue;
+        };
+        if joining && !rows.batches.is_empty() {
+            // A run this process has seen no commit of: rows it may have committed
+            // before are in the lake already.
+            let batches: Vec<RecordBatch> = rows.batches.iter().map(|(_, b)| b.clone()).collect();
+            let existing = lake
+                .existing_points(&batches)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !existing.is_empty() {
+                rows.batches = rows
+                    .batches
+                    .into_iter()
+                    .flat_map(|(seq, batch)| {
+                        without_points(table, vec![batch], &existing)
+                            .into_iter()
+                            .map(move |b| (seq, b))
+                    })
+                    .collect();
+            }
+        }
+        if !rows.batches.is_empty() {
+            published.push(rows);
+        }
+    }
+    drop(follower);
+    if published.is_empty() {
+        return Ok(None);
+    }
+    let (done, shown) = oneshot::channel();
+    shared
+        .command(Command::Mirror {
+            table,
+            published,
+            done: Some(done),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some(shown))
+}
+
+/// This run's commit of `table` covered its published rows through feed number
+/// `through`: the files go (in the background).
+fn published_covered(shared: &Shared, table: fleetlake_model::Table, through: u64) {
+    if let Some(publisher) = shared.publisher.get() {
+        let publisher = std::sync::Arc::clone(publisher);
+        tokio::spawn(async move { publisher.committed(table, through).await });
+    }
+}
+
+/// Publishes this process's rows for the other instances each `interval` (see
+/// [`crate::peers`]), until the feed closes.
+pub(crate) async fn publish_loop(
+    publisher: std::sync::Weak<crate::peers::Publisher>,
+    interval: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(publisher) = publisher.upgrade() else {
+            return;
+        };
+        if !publisher.publish_new().await {
+            return;
+        }
+    }
 }

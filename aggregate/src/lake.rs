@@ -67,6 +67,19 @@ pub struct CompactStats {
     pub conflicts: usize,
 }
 
+/// Another writer's commit as the tail reads it (see [`TableLake::others_commits`]).
+#[derive(Debug)]
+pub struct OtherCommit {
+    /// Its version.
+    pub version: i64,
+    /// Who made it (its WAL id), if it says.
+    pub writer: Option<String>,
+    /// What of that writer's published rows it covers (see [`crate::peers`]).
+    pub cover: Option<crate::peers::Cover>,
+    /// The rows it added (none for a commit of positions only).
+    pub rows: Vec<RecordBatch>,
+}
+
 /// Commit-info key of the writer (WAL id) that made a flush commit.
 pub const WRITER_KEY: &str = "fleetlake.writer";
 /// Commit-info key of the latest row time (epoch µs) in the table after a flush commit.
@@ -476,10 +489,7 @@ impl TableLake {
     /// rewrites) in the versions after those asked for before, by version; with
     /// `refresh`, up to the latest version, else up to the one loaded. Nothing unless
     /// [`TableLake::follow_others`] was called.
-    pub async fn others_commits(
-        &mut self,
-        refresh: bool,
-    ) -> Result<Vec<(i64, Vec<RecordBatch>)>, LakeError> {
+    pub async fn others_commits(&mut self, refresh: bool) -> Result<Vec<OtherCommit>, LakeError> {
         use deltalake::kernel::Action;
         let Some(tailed) = self.tailed else {
             return Ok(Vec::new());
@@ -505,6 +515,7 @@ impl TableLake {
             let actions = deltalake::logstore::get_actions(version as u64, &bytes)
                 .map_err(|e| self.delta_err(e))?;
             let mut writer = None;
+            let mut cover = None;
             let mut paths = Vec::new();
             for action in actions {
                 match action {
@@ -514,12 +525,18 @@ impl TableLake {
                             .get(WRITER_KEY)
                             .and_then(|w| w.as_str())
                             .map(str::to_owned);
+                        cover = info
+                            .info
+                            .get(crate::peers::COVER_KEY)
+                            .and_then(crate::peers::Cover::from_json);
                     }
                     Action::Add(add) if add.data_change => paths.push(add.path),
                     _ => {}
                 }
             }
-            if writer.as_deref() == Some(self.writer.as_str()) || paths.is_empty() {
+            if writer.as_deref() == Some(self.writer.as_str())
+                || (paths.is_empty() && cover.is_none())
+            {
                 continue;
             }
             let uris = paths
@@ -530,10 +547,19 @@ impl TableLake {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let rows = self.read_files(uris).await?;
+            let rows = if uris.is_empty() {
+                Vec::new()
+            } else {
+                self.read_files(uris).await?
+            };
             ::metrics::counter!(crate::metrics::TAILED_ROWS, "table" => self.kind.name())
                 .increment(rows.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
-            out.push((version, rows));
+            out.push(OtherCommit {
+                version,
+                writer,
+                cover,
+                rows,
+            });
         }
         self.tailed = Some(latest);
         Ok(out)
@@ -572,6 +598,12 @@ impl TableLake {
     /// Which table this is.
     pub fn kind(&self) -> Table {
         self.kind
+    }
+
+    /// The version through which other writers' commits were handed on, once
+    /// followed.
+    pub fn tailed(&self) -> Option<i64> {
+        self.tailed
     }
 
     /// The table version currently loaded.
@@ -910,6 +942,7 @@ impl TableLake {
         wal_seq: Option<u64>,
         max_time: Option<i64>,
         positions: Option<&BTreeMap<String, String>>,
+        cover: Option<&crate::peers::Cover>,
     ) -> Result<i64, LakeError> {
         let mut transactions = Vec::new();
         if let Some(seq) = wal_seq {
@@ -922,6 +955,9 @@ impl TableLake {
         let mut metadata = vec![(WRITER_KEY.to_string(), self.writer.clone().into())];
         if let Some(time) = max_time {
             metadata.push((MAX_TIME_KEY.to_string(), time.into()));
+        }
+        if let Some(cover) = cover {
+            metadata.push((crate::peers::COVER_KEY.to_string(), cover.to_json()));
         }
         if let Some(positions) = positions {
             let map: serde_json::Map<String, serde_json::Value> = positions

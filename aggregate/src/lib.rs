@@ -35,6 +35,7 @@ mod maintain;
 pub mod metrics;
 #[cfg(test)]
 mod model_tests;
+pub mod peers;
 pub mod positions;
 pub mod rollup;
 pub mod store;
@@ -93,7 +94,15 @@ pub struct AggregateConfig {
     /// How often `metrics_5m` and `metrics_1h` catch up with `metrics`; `None` for
     /// never (no roll-up tables are made).
     pub rollup_interval: Option<Duration>,
+    /// While other writers are followed ([`Aggregator::follow_other_writers`]): how
+    /// often their commits and published rows are read and this writer's rows are
+    /// published ([`FOLLOW_INTERVAL`] in the service).
+    pub follow_interval: Duration,
 }
+
+/// How often the service reads other instances' commits and published rows, and
+/// publishes its own.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 
 impl AggregateConfig {
     /// A write path that flushes only when asked ([`Aggregator::flush`]), holds any
@@ -111,6 +120,8 @@ impl AggregateConfig {
             lake: LakeOptions::default(),
             compaction: None,
             rollup_interval: None,
+            // Followed when asked (`follow_now`, `publish_now`).
+            follow_interval: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -241,6 +252,8 @@ pub(crate) struct TableSlot {
     pub(crate) gate: Arc<CommitGate>,
     /// The stream positions the table held when the aggregator opened.
     pub(crate) opened_positions: Positions,
+    /// What was read of other instances' published rows (taken after `lake`).
+    pub(crate) follower: tokio::sync::Mutex<peers::Follower>,
 }
 
 pub(crate) struct Shared {
@@ -252,8 +265,12 @@ pub(crate) struct Shared {
     /// One flush at a time (and no position hand-over in the middle of one).
     pub(crate) flushing: tokio::sync::Mutex<()>,
     pub(crate) writer_id: String,
+    /// This run of the writer (see [`peers`]).
+    pub(crate) incarnation: String,
     /// Other writers' commits are followed ([`Aggregator::follow_other_writers`]).
     pub(crate) following: AtomicBool,
+    /// Publishes this process's rows for the others, once following.
+    pub(crate) publisher: std::sync::OnceLock<Arc<peers::Publisher>>,
     /// Put in front of every table handle's store (tests inject faults with it).
     pub(crate) wrap: Option<LakeWrap>,
     pub(crate) clock: SharedClock,
@@ -376,6 +393,7 @@ impl Aggregator {
                 lake: tokio::sync::Mutex::new(lake),
                 gate: Arc::new(CommitGate::default()),
                 opened_positions: positions,
+                follower: Default::default(),
             });
         }
         // Streams resume from the least position any table committed; a table that
@@ -434,7 +452,9 @@ impl Aggregator {
             outlet,
             flushing: tokio::sync::Mutex::new(()),
             writer_id: writer,
+            incarnation: peers::new_incarnation(),
             following: AtomicBool::new(false),
+            publisher: std::sync::OnceLock::new(),
             wrap,
             clock,
             config,
@@ -524,6 +544,29 @@ impl Aggregator {
         if self.shared.following.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        let store = self
+            .shared
+            .config
+            .lake_location
+            .object_store(peers::PREFIX)
+            .map_err(|source| LakeError::Delta {
+                table: peers::PREFIX.into(),
+                source: Box::new(source),
+            })?;
+        // Subscribed before following starts: every row made visible from here on is
+        // published.
+        let (items, _) = self.shared.outlet.feed.subscribe();
+        let publisher = Arc::new(peers::Publisher::new(
+            store,
+            self.shared.writer_id.clone(),
+            self.shared.incarnation.clone(),
+            items,
+        ));
+        let _ = self.shared.publisher.set(Arc::clone(&publisher));
+        tokio::spawn(flush::publish_loop(
+            Arc::downgrade(&publisher),
+            self.shared.config.follow_interval,
+        ));
         for slot in &self.shared.tables {
             slot.lake.lock().await.follow_others().await?;
         }
@@ -542,6 +585,15 @@ impl Aggregator {
             flush::tail_once(&self.shared, slot, true).await?;
         }
         Ok(())
+    }
+
+    /// Publishes the rows made visible here since the last time for the other
+    /// instances now (not at the next second); nothing unless
+    /// [`Aggregator::follow_other_writers`] was called.
+    pub async fn publish_now(&self) {
+        if let Some(publisher) = self.shared.publisher.get() {
+            publisher.publish_new().await;
+        }
     }
 
     /// Whether other writers' commits are followed.

@@ -57,6 +57,17 @@ pub const TAILED_ROWS: &str = "fleetlake_lake_followed_rows_total";
 /// Failed reads of other writers' commits (tried again a second later), by `table`.
 pub const TAIL_FAILURES: &str = "fleetlake_lake_follow_failures_total";
 
+/// Rows of other instances mirrored before their commit, by `table` (see `peers`).
+pub const MIRRORED_ROWS: &str = "fleetlake_peer_mirrored_rows_total";
+/// Rows mirrored now and not yet committed, by `table`.
+pub const MIRROR_ROWS: &str = "fleetlake_peer_mirror_rows";
+/// Rows this instance published for the others before committing them, by `table`.
+pub const PUBLISHED_ROWS: &str = "fleetlake_peer_published_rows_total";
+/// Failed writes of published rows (kept and tried again a second later), by `table`.
+pub const PUBLISH_FAILURES: &str = "fleetlake_peer_publish_failures_total";
+/// Failed reads of other instances' published rows (tried again a second later).
+pub const MIRROR_FAILURES: &str = "fleetlake_peer_mirror_failures_total";
+
 /// Registers descriptions for the aggregate metrics.
 pub fn describe() {
     metrics::describe_counter!(
@@ -71,6 +82,26 @@ pub fn describe() {
     metrics::describe_counter!(
         TAIL_FAILURES,
         "Failed reads of other writers' commits (tried again a second later)"
+    );
+    metrics::describe_counter!(
+        MIRRORED_ROWS,
+        "Rows other instances published before their commit, mirrored here"
+    );
+    metrics::describe_gauge!(
+        MIRROR_ROWS,
+        "Mirrored rows of other instances not yet committed"
+    );
+    metrics::describe_counter!(
+        PUBLISHED_ROWS,
+        "Rows published for other instances before this one commits them"
+    );
+    metrics::describe_counter!(
+        PUBLISH_FAILURES,
+        "Failed writes of published rows (kept and tried again)"
+    );
+    metrics::describe_counter!(
+        MIRROR_FAILURES,
+        "Failed reads of other instances' published rows (tried again)"
     );
     metrics::describe_counter!(ROLLUP_ROWS, "Partial roll-up rows appended");
     metrics::describe_counter!(ROLLUP_FAILURES, "Roll-up runs that failed");

@@ -256,7 +256,10 @@ async fn flushed_files_keep_the_lake_sort_order() {
     let rows: Vec<_> = decoder.finish().into_iter().map(|(_, b)| b).collect();
     let sorted = crate::lake::sort_for_lake(Table::Metrics, &rows).unwrap();
     assert_eq!(sorted.num_rows(), 80_000);
-    table.append(vec![sorted], None, None, None).await.unwrap();
+    table
+        .append(vec![sorted], None, None, None, None)
+        .await
+        .unwrap();
     let files: Vec<String> = table.file_uris().unwrap();
     assert_eq!(files.len(), 1);
     let path = files[0].strip_prefix("file://").unwrap_or(&files[0]);

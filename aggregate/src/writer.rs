@@ -29,7 +29,9 @@ use fleetlake_model::{SharedClock, Table};
 use crate::buffer::{BufferView, FlushJob, HotBuffer};
 use crate::feed::{Feed, FeedItem};
 use crate::health::{Faults, Stage};
+use crate::lake::OtherCommit;
 use crate::metrics as m;
+use crate::peers::{Mirror, Published as PeerRows};
 use crate::positions::{Positions, advance, least_positions, merge_positions};
 use crate::wal::{Mark, Wal, WalError};
 
@@ -106,11 +108,20 @@ pub(crate) enum Command {
     },
     /// The flush of `table` did not commit; its rows stay for the next one.
     FlushFailed { table: Table },
-    /// Other writers committed `commits` (version, rows) to `table`: emitted to the
-    /// feed (see [`crate::feed`]).
+    /// Other writers committed `commits` to `table`, read through lake version
+    /// `through`: emitted to the feed (see [`crate::feed`]), less the rows mirrored
+    /// before (see [`crate::peers`]).
     Others {
         table: Table,
-        commits: Vec<(i64, Vec<RecordBatch>)>,
+        commits: Vec<OtherCommit>,
+        through: Option<i64>,
+        done: Option<oneshot::Sender<()>>,
+    },
+    /// Rows other writers published and this process has not mirrored yet: shown with
+    /// the hot buffer's and emitted (see [`crate::peers`]).
+    Mirror {
+        table: Table,
+        published: Vec<PeerRows>,
         done: Option<oneshot::Sender<()>>,
     },
     /// Delete the log segments every table has committed.
@@ -146,6 +157,9 @@ pub(crate) struct TableFlush {
     pub table: Table,
     pub job: Option<FlushJob>,
     pub positions: Option<Positions>,
+    /// The last feed number emitted when the flush began: the flush holds every row
+    /// of the table emitted through it that earlier flushes did not.
+    pub feed_through: u64,
 }
 
 /// What the writer publishes after every change.
@@ -205,6 +219,8 @@ pub(crate) struct Writer<L: Log> {
     applied_seq: u64,
     /// The last feed item's sequence number.
     feed_seq: u64,
+    /// Per table, rows other writers published (see [`crate::peers`]).
+    mirrors: Vec<Mirror>,
     outlet: Arc<Outlet>,
 }
 
@@ -226,8 +242,10 @@ impl<L: Log> Writer<L> {
         applied_seq: u64,
         outlet: Arc<Outlet>,
     ) -> Self {
+        let mirrors = buffers.iter().map(|_| Mirror::default()).collect();
         let mut writer = Self {
             log,
+            mirrors,
             buffers,
             reached,
             committed,
@@ -361,6 +379,7 @@ impl<L: Log> Writer<L> {
                             table: buffer.table(),
                             job: buffer.begin_flush(),
                             positions: (merged != *committed).then_some(merged),
+                            feed_through: self.feed_seq,
                         }
                     })
                     .collect();
@@ -382,7 +401,7 @@ impl<L: Log> Writer<L> {
                         self.emit(table, written.revealed, Some(written.version));
                     }
                     if !written.retracted.is_empty() {
-                        self.emit_item(table, written.retracted, None, true);
+                        self.emit_item(table, written.retracted, None, true, false);
                     }
                     let buffer = &mut self.buffers[table.index()];
                     buffer.complete_flush_known(written.version, written.rows, written.latest);
@@ -402,11 +421,46 @@ impl<L: Log> Writer<L> {
             Command::Others {
                 table,
                 commits,
+                through,
                 done,
             } => {
-                for (version, rows) in commits {
+                for commit in commits {
+                    let OtherCommit {
+                        version,
+                        writer,
+                        cover,
+                        rows,
+                    } = commit;
+                    let (rows, retracted) = match (writer, cover) {
+                        (Some(writer), Some(cover)) => self.mirrors[table.index()]
+                            .commit(table, version, &writer, &cover, rows),
+                        _ => (rows, Vec::new()),
+                    };
+                    // The commit's rows first: no reader's count dips below the lake's.
                     if rows.iter().any(|b| b.num_rows() > 0) {
                         self.emit(table, rows, Some(version));
+                    }
+                    if !retracted.is_empty() {
+                        self.emit_item(table, retracted, None, true, false);
+                    }
+                }
+                self.mirrors[table.index()].read_through(through);
+                self.publish();
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            Command::Mirror {
+                table,
+                published,
+                done,
+            } => {
+                for rows in published {
+                    let rows = self.mirrors[table.index()].add(rows);
+                    if !rows.is_empty() {
+                        ::metrics::counter!(m::MIRRORED_ROWS, "table" => table.name())
+                            .increment(rows.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
+                        self.emit_item(table, rows, None, false, true);
                     }
                 }
                 self.publish();
@@ -479,7 +533,7 @@ impl<L: Log> Writer<L> {
     /// Emits `batches` of `table` to the feed (before the snapshot that shows them is
     /// published).
     fn emit(&mut self, table: Table, batches: Vec<RecordBatch>, committed_as: Option<i64>) {
-        self.emit_item(table, batches, committed_as, false);
+        self.emit_item(table, batches, committed_as, false, false);
     }
 
     fn emit_item(
@@ -488,6 +542,7 @@ impl<L: Log> Writer<L> {
         batches: Vec<RecordBatch>,
         committed_as: Option<i64>,
         retract: bool,
+        mirrored: bool,
     ) {
         self.feed_seq += 1;
         self.outlet.feed.emit(FeedItem {
@@ -496,6 +551,7 @@ impl<L: Log> Writer<L> {
             batches,
             committed_as,
             retract,
+            mirrored,
         });
     }
 
@@ -507,11 +563,17 @@ impl<L: Log> Writer<L> {
 
     /// Publishes the buffers' views and updates the buffer gauges.
     fn publish(&mut self) {
-        let views: Vec<BufferView> = self.buffers.iter_mut().map(HotBuffer::view).collect();
-        for (buffer, view) in self.buffers.iter().zip(&views) {
+        let views: Vec<BufferView> = self
+            .buffers
+            .iter_mut()
+            .zip(&mut self.mirrors)
+            .map(|(buffer, mirror)| buffer.view().with_mirror(mirror.view()))
+            .collect();
+        for ((buffer, view), mirror) in self.buffers.iter().zip(&views).zip(&self.mirrors) {
             let table = buffer.table().name();
             ::metrics::gauge!(m::BUFFER_ROWS, "table" => table).set(view.rows() as f64);
             ::metrics::gauge!(m::BUFFER_BYTES, "table" => table).set(view.bytes() as f64);
+            ::metrics::gauge!(m::MIRROR_ROWS, "table" => table).set(mirror.rows() as f64);
         }
         self.outlet.published.store(Arc::new(Published {
             views,

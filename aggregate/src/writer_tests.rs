@@ -321,6 +321,7 @@ fn test_config(
         lake: crate::lake::LakeOptions::default(),
         compaction,
         rollup_interval: None,
+        follow_interval: std::time::Duration::from_secs(3600),
     }
 }
 
@@ -530,6 +531,38 @@ async fn a_reader_of_another_writers_version_during_a_commit_waits_and_then_sees
     );
 }
 
+/// Two write paths on one lake in `dir`: the lake, "mine" and "theirs".
+async fn two_writers(
+    dir: &tempfile::TempDir,
+) -> (
+    crate::location::LakeLocation,
+    crate::Aggregator,
+    crate::Aggregator,
+) {
+    let lake = crate::location::LakeLocation::local(&dir.path().join("lake")).unwrap();
+    let mut writers = Vec::new();
+    for name in ["mine", "theirs"] {
+        let config = test_config(&dir.path().join(name), &lake, None);
+        writers.push(crate::Aggregator::open(config).await.unwrap());
+    }
+    let theirs = writers.pop().unwrap();
+    (lake, writers.pop().unwrap(), theirs)
+}
+
+/// The `metrics` items on `feed` so far: the version that holds them (if marked), whether
+/// they are taken back, and how many rows.
+fn drain(
+    feed: &mut mpsc::UnboundedReceiver<Arc<crate::feed::FeedItem>>,
+) -> Vec<(Option<i64>, bool, usize)> {
+    let mut items = Vec::new();
+    while let Ok(item) = feed.try_recv() {
+        if item.table == Table::Metrics {
+            items.push((item.committed_as, item.retract, visible_rows(&item.batches)));
+        }
+    }
+    items
+}
+
 /// Following other writers: the rows of each of their commits reach the feed once,
 /// marked with its version; this writer's own commits and compaction's rewrites (no
 /// data change) do not; a row of this writer that the other committed first is
@@ -538,28 +571,10 @@ async fn a_reader_of_another_writers_version_during_a_commit_waits_and_then_sees
 async fn other_writers_commits_reach_the_feed_once_and_rows_they_had_first_are_retracted() {
     use fleetlake_model::RowSink;
 
-    use crate::Aggregator;
-    use crate::location::LakeLocation;
-
     let dir = tempfile::tempdir().unwrap();
-    let lake = LakeLocation::local(&dir.path().join("lake")).unwrap();
-    let mine = Aggregator::open(test_config(&dir.path().join("mine"), &lake, None))
-        .await
-        .unwrap();
-    let theirs = Aggregator::open(test_config(&dir.path().join("theirs"), &lake, None))
-        .await
-        .unwrap();
+    let (lake, mine, theirs) = two_writers(&dir).await;
     mine.follow_other_writers().await.unwrap();
     let (mut feed, _) = mine.subscribe();
-    let drain = |feed: &mut mpsc::UnboundedReceiver<Arc<crate::feed::FeedItem>>| {
-        let mut items = Vec::new();
-        while let Ok(item) = feed.try_recv() {
-            if item.table == Table::Metrics {
-                items.push(item);
-            }
-        }
-        items
-    };
 
     // Their rows, in two commits.
     theirs
@@ -574,13 +589,8 @@ async fn other_writers_commits_reach_the_feed_once_and_rows_they_had_first_are_r
         .unwrap();
     theirs.flush().await.unwrap();
     mine.follow_now().await.unwrap();
-    let items = drain(&mut feed);
-    let seen: Vec<(Option<i64>, bool, usize)> = items
-        .iter()
-        .map(|i| (i.committed_as, i.retract, visible_rows(&i.batches)))
-        .collect();
     assert_eq!(
-        seen,
+        drain(&mut feed),
         vec![(Some(first), false, 1), (Some(first + 1), false, 1)]
     );
     // Asked again: nothing more.
@@ -609,13 +619,8 @@ async fn other_writers_commits_reach_the_feed_once_and_rows_they_had_first_are_r
     theirs.flush().await.unwrap();
     let theirs_at = lake_version(&lake).await.unwrap();
     mine.flush().await.unwrap();
-    let items = drain(&mut feed);
-    let seen: Vec<(Option<i64>, bool, usize)> = items
-        .iter()
-        .map(|i| (i.committed_as, i.retract, visible_rows(&i.batches)))
-        .collect();
     assert_eq!(
-        seen,
+        drain(&mut feed),
         vec![
             (None, false, 1),
             (Some(theirs_at), false, 1),
@@ -627,4 +632,111 @@ async fn other_writers_commits_reach_the_feed_once_and_rows_they_had_first_are_r
     mine.follow_now().await.unwrap();
     assert!(drain(&mut feed).is_empty());
     assert_eq!(lake_rows(&lake).await, 3);
+}
+
+/// Rows another instance accepted reach this one's feed and SQL before that instance
+/// flushes (through its published rows, `peers`), and count once after its commit:
+/// the commit adds only what was not mirrored (a suspect it checked), takes back what
+/// it found already in the lake, and a follower that joins late mirrors only rows the
+/// lake does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_another_instance_accepted_are_seen_before_its_flush_and_count_once_after() {
+    use deltalake::logstore::object_store::ObjectStoreExt;
+    use fleetlake_model::RowSink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (lake, mine, theirs) = two_writers(&dir).await;
+    mine.follow_other_writers().await.unwrap();
+    theirs.follow_other_writers().await.unwrap();
+    let (mut feed, _) = mine.subscribe();
+    let visible_at =
+        |version| visible_rows(&mine.snapshot_settled(Table::Metrics, version).unwrap());
+
+    // Two rows accepted there, published, mirrored here: in the feed and in SQL.
+    theirs
+        .write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    theirs
+        .write(vec![(Table::Metrics, batch("2", 1))])
+        .await
+        .unwrap();
+    theirs.publish_now().await;
+    mine.follow_now().await.unwrap();
+    assert_eq!(drain(&mut feed), vec![(None, false, 2)]);
+    let before = lake_version(&lake).await;
+    assert_eq!(visible_at(before), 2);
+    // Read again: nothing more.
+    theirs.publish_now().await;
+    mine.follow_now().await.unwrap();
+    assert!(drain(&mut feed).is_empty());
+
+    // Their flush commits both: nothing new here, and SQL of the new version finds
+    // them in the lake only.
+    theirs.flush().await.unwrap();
+    mine.follow_now().await.unwrap();
+    assert!(
+        drain(&mut feed).is_empty(),
+        "mirrored rows are not emitted again"
+    );
+    let committed = lake_version(&lake).await;
+    assert_eq!(visible_at(committed), 0);
+    assert_eq!(
+        visible_at(before),
+        2,
+        "a reader of the version before still has them"
+    );
+    assert_eq!(lake_rows(&lake).await, 2);
+
+    // A row committed here first and then accepted there (a retry sent to them):
+    // mirrored (twice for a moment), then taken back with their commit, which lacks it.
+    mine.write(vec![(Table::Metrics, batch("3", 2))])
+        .await
+        .unwrap();
+    mine.flush().await.unwrap();
+    theirs
+        .write(vec![(Table::Metrics, batch("3", 2))])
+        .await
+        .unwrap();
+    theirs.publish_now().await;
+    mine.follow_now().await.unwrap();
+    assert_eq!(drain(&mut feed), vec![(None, false, 1), (None, false, 1)]);
+    theirs.flush().await.unwrap();
+    mine.follow_now().await.unwrap();
+    assert_eq!(drain(&mut feed), vec![(None, true, 1)], "taken back once");
+    assert_eq!(visible_at(lake_version(&lake).await), 0);
+    assert_eq!(lake_rows(&lake).await, 3);
+
+    // Their covered files are deleted.
+    let store = lake.object_store(crate::peers::PREFIX).unwrap();
+    let mut waited = 0;
+    loop {
+        let listed: Vec<_> = futures::TryStreamExt::try_collect(store.list(None))
+            .await
+            .unwrap();
+        if listed.is_empty() {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 500, "covered files stay: {listed:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // A writer's file first read by a follower: the rows the lake has are not mirrored.
+    let file =
+        crate::peers::encode(Table::Metrics, &[(1, batch("1", 1)), (2, batch("4", 1))]).unwrap();
+    store
+        .put(
+            &crate::peers::file_path(Table::Metrics, "elsewhere", "0", 1, 2),
+            file.into(),
+        )
+        .await
+        .unwrap();
+    mine.follow_now().await.unwrap();
+    assert_eq!(
+        drain(&mut feed),
+        vec![(None, false, 1)],
+        "only account 4's row"
+    );
+    assert_eq!(visible_at(lake_version(&lake).await), 1);
 }

@@ -1452,10 +1452,11 @@ fn two_instances_on_an_s3_lake_page_once_and_take_over_after_a_kill() {
     two_instances_take_over(true);
 }
 
-/// With several instances, incremental rules take in what the other instances commit:
-/// a breach accepted by the instance that does not evaluate the rule pages from the
-/// evaluator's partial aggregates (no scan of the lake), and resolves as its window
-/// passes.
+/// With several instances, incremental rules take in what the other instances accept
+/// before they commit it: a breach accepted by the instance that does not evaluate the
+/// rule, which flushes only once an hour, pages from the evaluator's partial aggregates
+/// (no scan of the lake) through the rows that instance published beside the lake
+/// (moto's S3), and resolves as its window passes.
 #[test]
 fn two_instances_evaluate_incremental_rules_over_rows_either_accepted() {
     let TwoInstances {
@@ -1464,7 +1465,7 @@ fn two_instances_evaluate_incremental_rules_over_rows_either_accepted() {
         _dir,
         a,
         b,
-    } = TwoInstances::start(WINDOW_RULE, false);
+    } = TwoInstances::start_flushing(WINDOW_RULE, true, "1h");
     let held = |s: &Server| metric_sum(&s.metrics_text(), "fleetlake_alert_groups_held");
     wait_until("one instance holding the group", || {
         held(&a) + held(&b) >= 1.0
@@ -1489,8 +1490,13 @@ fn two_instances_evaluate_incremental_rules_over_rows_either_accepted() {
         "no round was a scan: {text}"
     );
     assert!(
-        metric_sum(&text, "fleetlake_lake_followed_rows_total") >= 2.0,
-        "the other instance's rows came from its commit: {text}"
+        metric_sum(&text, "fleetlake_peer_mirrored_rows_total") >= 2.0,
+        "the other instance's rows came from what it published: {text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "fleetlake_lake_followed_rows_total"),
+        0.0,
+        "the other instance committed nothing: {text}"
     );
     // Nothing more arrives: the datapoint leaves the window and the alert resolves.
     wait_until("the resolve", || fake.accepted().len() >= 2);
@@ -1519,6 +1525,11 @@ struct TwoInstances {
 
 impl TwoInstances {
     fn start(rules: &str, s3: bool) -> Self {
+        Self::start_flushing(rules, s3, "250ms")
+    }
+
+    /// As [`TwoInstances::start`], each instance flushing every `flush_interval`.
+    fn start_flushing(rules: &str, s3: bool, flush_interval: &str) -> Self {
         let moto = Moto::start();
         moto.python(
             "client('kinesis').create_stream(StreamName='shared', ShardCount=1)\n\
@@ -1536,7 +1547,7 @@ impl TwoInstances {
         std::fs::write(
             &config,
             format!(
-                "[buffer]\nflush_interval = \"250ms\"\n\n[lake]\n{lake}\n\n\
+                "[buffer]\nflush_interval = \"{flush_interval}\"\n\n[lake]\n{lake}\n\n\
                  [accounts]\nfile = {registry:?}\n\n\
                  [alerting]\nrule_files = [{rule_file:?}]\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n{receiver}\n\
                  [[kinesis]]\nstream = \"shared\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\

@@ -1,0 +1,772 @@
+//! Rows other instances accepted and have not committed yet: published beside the
+//! lake by each instance, followed by every other one, so that SQL and incremental
+//! alert evaluation on any instance see every acknowledged row within about two
+//! seconds, not at the accepting instance's next flush.
+//!
+//! While instances follow each other ([`crate::Aggregator::follow_other_writers`]):
+//! - each **publishes** the rows it makes visible (its own: not rows it follows) once a
+//!   second as one file per table, `_fleetlake/pending/<table>/<writer>/<incarnation>/
+//!   <first>-<last>.rows`, where `first..=last` are the feed sequence numbers of the
+//!   rows in it (the feed numbers each emission; see [`crate::feed`]) and the
+//!   *incarnation* names this process's run of the writer (the feed numbers restart
+//!   with each run);
+//! - each flush commit says, in its commit info ([`COVER_KEY`]), which of the writer's
+//!   published rows it covers: every row of earlier incarnations and, of this one,
+//!   every row through feed number `through` (a flush takes all rows visible at one
+//!   instant). The writer then deletes the files it covered.
+//! - each **follows** the others: every second, after reading their new commits (the
+//!   lake tail), it reads the files it has not read and
+//!   mirrors their rows ([`Mirror`]): they are shown to SQL with the hot buffer's rows
+//!   and go to the feed. When a covering commit of that writer is read, the mirrored
+//!   rows it covers leave the mirror, compared by key with the commit's rows: rows of
+//!   the commit the mirror did not hold (suspects the writer checked, rows published
+//!   before this process joined) go to the feed as the commit's rows; mirrored rows
+//!   the commit does not hold (the writer found them already in the lake through a
+//!   third writer, or lost them with its process and a stream hands them to another)
+//!   are retracted. Every row counts once, as it does in the lake.
+//! - a writer's files first read by a follower (it just started, or the writer is a new
+//!   incarnation no commit has covered yet) are checked against the lake first: their
+//!   rows already committed are not mirrored.
+//!
+//! Files are written in order and never rewritten, so a follower reads each once; one
+//! that is gone when read was covered by a commit, whose rows come through the tail.
+//! A writer that dies leaves its published rows mirrored until it restarts and commits
+//! (its WAL replays them) — they were acknowledged; a stream's rows it lost with its
+//! process come again through the instance that takes the stream over, and are then
+//! mirrored twice until the restart's first commit of that table retracts them.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use deltalake::logstore::object_store::{ObjectStore, ObjectStoreExt, path::Path};
+use futures::TryStreamExt;
+
+use fleetlake_model::Table;
+use fleetlake_model::keys::row_keys;
+use fleetlake_model::schema::conform;
+
+use crate::lake::{split_points, without_points};
+
+/// Where published rows go, beside the lake's tables.
+pub const PREFIX: &str = "_fleetlake/pending";
+
+/// Commit-info key of what a flush commit covers of its writer's published rows: a JSON
+/// object `{"incarnation": "...", "through": n}`.
+pub const COVER_KEY: &str = "fleetlake.published";
+
+/// How long rows a covering commit took from the mirror stay visible through it,
+/// covering a query that loaded the lake just before that commit (as the hot buffer's
+/// own flushed rows do).
+const COVERED_RETENTION: Duration = Duration::from_secs(10);
+
+/// What a flush commit covers of its writer's published rows (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cover {
+    /// The writer's run that committed; every earlier run's rows are covered too.
+    pub incarnation: String,
+    /// Of this run's rows, those with feed numbers through this one.
+    pub through: u64,
+}
+
+impl Cover {
+    /// As the commit info carries it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"incarnation": self.incarnation, "through": self.through})
+    }
+
+    /// From the commit info; `None` unless both fields are there.
+    pub fn from_json(value: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            incarnation: value.get("incarnation")?.as_str()?.to_string(),
+            through: value.get("through")?.as_u64()?,
+        })
+    }
+
+    /// Whether a row of run `incarnation` with feed number `seq` is covered.
+    pub fn covers(&self, incarnation: &str, seq: u64) -> bool {
+        incarnation < self.incarnation.as_str()
+            || (incarnation == self.incarnation && seq <= self.through)
+    }
+}
+
+/// A new run's name: its start time in hex µs, then random bits, so that names sort
+/// in the order the runs started.
+pub(crate) fn new_incarnation() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    let mut bytes = [0u8; 4];
+    // Two runs started in the same µs by one writer are impossible (the WAL lock);
+    // the random part is for clocks that go back.
+    let _ = getrandom::fill(&mut bytes);
+    format!("{micros:016x}{:08x}", u32::from_le_bytes(bytes))
+}
+
+/// Rows of one writer's run, with the feed number of each batch.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The writer (its WAL id, as its commits name it).
+    pub writer: String,
+    /// Its run.
+    pub incarnation: String,
+    /// The rows, each batch with its feed number, in order.
+    pub batches: Vec<(u64, RecordBatch)>,
+}
+
+/// A published file's place: `<table>/<writer>/<incarnation>/<first>-<last>.rows`.
+pub(crate) fn file_path(
+    table: Table,
+    writer: &str,
+    incarnation: &str,
+    first: u64,
+    last: u64,
+) -> Path {
+    Path::from(format!(
+        "{}/{writer}/{incarnation}/{first:020}-{last:020}.rows",
+        table.name()
+    ))
+}
+
+/// The writer, run and last feed number of a published file of `table`, from its path.
+fn parse_path(table: Table, path: &Path) -> Option<(String, String, u64)> {
+    let mut parts = path.parts();
+    if parts.next()?.as_ref() != table.name() {
+        return None;
+    }
+    let writer = parts.next()?.as_ref().to_string();
+    let incarnation = parts.next()?.as_ref().to_string();
+    let name = parts.next()?;
+    let (_, last) = name.as_ref().strip_suffix(".rows")?.split_once('-')?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((writer, incarnation, last.parse().ok()?))
+}
+
+const MAGIC: &[u8; 8] = b"FLPEND1\n";
+
+/// A published file's bytes: a magic line, then per batch its feed number (u64 LE),
+/// its length (u32 LE) and an Arrow IPC stream of it (in the table's schema).
+pub(crate) fn encode(
+    table: Table,
+    batches: &[(u64, RecordBatch)],
+) -> Result<Vec<u8>, arrow::error::ArrowError> {
+    let schema = table.schema();
+    let mut out = MAGIC.to_vec();
+    for (seq, batch) in batches {
+        let bytes = crate::wal::encode_batch(&conform(batch, &schema)?)?;
+        let len = u32::try_from(bytes.len()).map_err(|_| {
+            arrow::error::ArrowError::InvalidArgumentError("batch too large".into())
+        })?;
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+/// The batches of a published file of `table` (see [`encode`]).
+pub(crate) fn decode(table: Table, bytes: &[u8]) -> Result<Vec<(u64, RecordBatch)>, String> {
+    let mut rest = bytes
+        .strip_prefix(MAGIC.as_slice())
+        .ok_or("not a published rows file")?;
+    let schema = table.schema();
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if rest.len() < 12 {
+            return Err("truncated batch header".into());
+        }
+        let seq = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
+        let body = rest.get(12..12 + len).ok_or("truncated batch")?;
+        let reader =
+            arrow::ipc::reader::StreamReader::try_new(body, None).map_err(|e| e.to_string())?;
+        for batch in reader {
+            let batch = batch.map_err(|e| e.to_string())?;
+            out.push((seq, conform(&batch, &schema).map_err(|e| e.to_string())?));
+        }
+        rest = &rest[12 + len..];
+    }
+    Ok(out)
+}
+
+/// One mirrored batch.
+#[derive(Debug)]
+struct Entry {
+    writer: Arc<str>,
+    incarnation: Arc<str>,
+    seq: u64,
+    batch: RecordBatch,
+}
+
+/// The rows of one table other writers published and this process has not yet seen
+/// committed (see the module docs); the writer's thread owns it.
+#[derive(Debug, Default)]
+pub(crate) struct Mirror {
+    entries: Vec<Entry>,
+    rows: usize,
+    /// Rows covering commits took out, by the version that holds them, kept a moment
+    /// for queries of earlier versions.
+    covered: VecDeque<(i64, Instant, Arc<[RecordBatch]>)>,
+    /// The lake version through which other writers' commits were read.
+    through: Option<i64>,
+    /// The entries' batches as the last view had them (rebuilt after a change).
+    cached: Option<Arc<[RecordBatch]>>,
+}
+
+/// The mirrored rows as one snapshot has them (see [`Mirror::view`]).
+#[derive(Debug, Clone, Default)]
+pub struct MirrorView {
+    rows: Option<Arc<[RecordBatch]>>,
+    covered: Vec<(i64, Arc<[RecordBatch]>)>,
+    through: Option<i64>,
+}
+
+impl MirrorView {
+    /// The rows a query of lake version `lake_version` adds; `None` while that cannot be
+    /// told: the version is after the last one whose commits were read, so a commit
+    /// covering mirrored rows may be in it.
+    pub fn visible(&self, lake_version: Option<i64>) -> Option<Vec<RecordBatch>> {
+        let rows = self.rows.as_deref().unwrap_or_default();
+        if rows.is_empty() && self.covered.is_empty() {
+            return Some(Vec::new());
+        }
+        if matches!((lake_version, self.through), (Some(v), t) if t.is_none_or(|t| v > t)) {
+            return None;
+        }
+        let mut out = rows.to_vec();
+        for (version, rows) in &self.covered {
+            if lake_version.is_none_or(|v| *version > v) {
+                out.extend(rows.iter().cloned());
+            }
+        }
+        Some(out)
+    }
+
+    /// As [`MirrorView::visible`], taking the rows as they are when it cannot tell.
+    pub fn visible_anyway(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
+        self.visible(lake_version)
+            .unwrap_or_else(|| self.visible(None).unwrap_or_default())
+    }
+
+    /// Rows mirrored and not yet covered.
+    pub fn rows(&self) -> usize {
+        self.rows
+            .as_deref()
+            .map_or(0, |b| b.iter().map(RecordBatch::num_rows).sum())
+    }
+}
+
+impl Mirror {
+    /// Mirrors the rows of `published` (already filtered by the follower: none covered,
+    /// none read before); returns them, for the feed.
+    pub(crate) fn add(&mut self, published: Published) -> Vec<RecordBatch> {
+        let writer: Arc<str> = published.writer.into();
+        let incarnation: Arc<str> = published.incarnation.into();
+        let mut out = Vec::with_capacity(published.batches.len());
+        for (seq, batch) in published.batches {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            self.rows += batch.num_rows();
+            out.push(batch.clone());
+            self.entries.push(Entry {
+                writer: Arc::clone(&writer),
+                incarnation: Arc::clone(&incarnation),
+                seq,
+                batch,
+            });
+        }
+        if !out.is_empty() {
+            self.cached = None;
+        }
+        out
+    }
+
+    /// Another writer's commit `version` of `table` with `rows`, covering `cover` of its
+    /// published rows: takes the covered rows out and returns the commit's rows the
+    /// mirror did not hold (new to readers) and the covered rows the commit does not
+    /// hold (to retract).
+    pub(crate) fn commit(
+        &mut self,
+        table: Table,
+        version: i64,
+        writer: &str,
+        cover: &Cover,
+        rows: Vec<RecordBatch>,
+    ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
+        let (covered, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| &*e.writer == writer && cover.covers(&e.incarnation, e.seq));
+        self.entries = kept;
+        if covered.is_empty() {
+            return (rows, Vec::new());
+        }
+        self.cached = None;
+        let covered: Vec<RecordBatch> = covered.into_iter().map(|e| e.batch).collect();
+        self.rows -= covered.iter().map(RecordBatch::num_rows).sum::<usize>();
+        let points = |batches: &[RecordBatch]| -> HashSet<u128> {
+            batches
+                .iter()
+                .flat_map(|b| row_keys(table, b).into_iter().map(|k| k.point))
+                .collect()
+        };
+        let mirrored = points(&covered);
+        let committed = points(&rows);
+        let new = without_points(table, rows, &mirrored);
+        let (gone, held) = split_points(table, covered, &committed);
+        if !held.is_empty() {
+            self.covered
+                .push_back((version, Instant::now(), Arc::from(held)));
+        }
+        (new, gone)
+    }
+
+    /// Other writers' commits were read through lake version `version`.
+    pub(crate) fn read_through(&mut self, version: Option<i64>) {
+        self.through = self.through.max(version);
+    }
+
+    /// The mirrored rows as they are now, for a published snapshot.
+    pub(crate) fn view(&mut self) -> MirrorView {
+        let now = Instant::now();
+        while self
+            .covered
+            .front()
+            .is_some_and(|(_, at, _)| now.duration_since(*at) > COVERED_RETENTION)
+        {
+            self.covered.pop_front();
+        }
+        let rows = match &self.cached {
+            Some(rows) => Arc::clone(rows),
+            None => {
+                let rows: Arc<[RecordBatch]> =
+                    self.entries.iter().map(|e| e.batch.clone()).collect();
+                self.cached = Some(Arc::clone(&rows));
+                rows
+            }
+        };
+        MirrorView {
+            rows: Some(rows),
+            covered: self
+                .covered
+                .iter()
+                .map(|(v, _, rows)| (*v, Arc::clone(rows)))
+                .collect(),
+            through: self.through,
+        }
+    }
+
+    /// Rows mirrored and not yet covered.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// What a follower of one table has read of other writers' published rows.
+#[derive(Debug, Default)]
+pub(crate) struct Follower {
+    /// Per (writer, run): the last feed number read.
+    read: HashMap<(String, String), u64>,
+    /// Per writer: the latest cover its commits carried, as the tail read them.
+    covers: HashMap<String, Cover>,
+}
+
+/// Files of other writers to read, for one table: the path, writer, run and whether
+/// the run is new to this follower (its rows must be checked against the lake).
+pub(crate) struct ToRead {
+    path: Path,
+    writer: String,
+    incarnation: String,
+    joining: bool,
+}
+
+impl Follower {
+    /// Records a cover read from `writer`'s commit.
+    pub(crate) fn covered(&mut self, writer: &str, cover: &Cover) {
+        let newer = self
+            .covers
+            .get(writer)
+            .is_none_or(|c| (&c.incarnation, c.through) < (&cover.incarnation, cover.through));
+        if newer {
+            self.covers.insert(writer.to_string(), cover.clone());
+        }
+        self.read
+            .retain(|(w, i), _| w != writer || i.as_str() >= cover.incarnation.as_str());
+    }
+
+    /// The files of `table` in `store` not written by `own` and not read or covered
+    /// yet, oldest first.
+    pub(crate) async fn to_read(
+        &self,
+        store: &dyn ObjectStore,
+        table: Table,
+        own: &str,
+    ) -> Result<Vec<ToRead>, deltalake::logstore::object_store::Error> {
+        let prefix = Path::from(table.name());
+        let listed: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
+        let mut out: Vec<(String, String, u64, Path)> = listed
+            .into_iter()
+            .filter_map(|meta| {
+                let (writer, incarnation, last) = parse_path(table, &meta.location)?;
+                (writer != own).then_some((writer, incarnation, last, meta.location))
+            })
+            .filter(|(writer, incarnation, last, _)| {
+                let covered = self
+                    .covers
+                    .get(writer)
+                    .is_some_and(|c| c.covers(incarnation, *last));
+                let read = self
+                    .read
+                    .get(&(writer.clone(), incarnation.clone()))
+                    .is_some_and(|r| *last <= *r);
+                !covered && !read
+            })
+            .collect();
+        out.sort();
+        Ok(out
+            .into_iter()
+            .map(|(writer, incarnation, _, path)| {
+                let covered_run = self
+                    .covers
+                    .get(&writer)
+                    .is_some_and(|c| c.incarnation == incarnation);
+                let read_run = self
+                    .read
+                    .contains_key(&(writer.clone(), incarnation.clone()));
+                let joining = !(covered_run || read_run);
+                ToRead {
+                    path,
+                    writer,
+                    incarnation,
+                    joining,
+                }
+            })
+            .collect())
+    }
+
+    /// Reads `file`: its rows not covered and not read before, and whether they must be
+    /// checked against the lake; `None` if it is gone (covered meanwhile).
+    pub(crate) async fn read(
+        &mut self,
+        store: &dyn ObjectStore,
+        table: Table,
+        file: ToRead,
+    ) -> Result<Option<(Published, bool)>, String> {
+        let got = match store.get(&file.path).await {
+            Ok(got) => got,
+            Err(deltalake::logstore::object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", file.path)),
+        };
+        let bytes = match got.bytes().await {
+            Ok(bytes) => bytes,
+            Err(deltalake::logstore::object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", file.path)),
+        };
+        let batches = decode(table, &bytes).map_err(|e| format!("{}: {e}", file.path))?;
+        let key = (file.writer.clone(), file.incarnation.clone());
+        let read = self.read.get(&key).copied();
+        let cover = self.covers.get(&file.writer);
+        let batches: Vec<_> = batches
+            .into_iter()
+            .filter(|(seq, _)| {
+                read.is_none_or(|r| *seq > r)
+                    && !cover.is_some_and(|c| c.covers(&file.incarnation, *seq))
+            })
+            .collect();
+        if let Some(last) = batches.iter().map(|(seq, _)| *seq).max() {
+            let entry = self.read.entry(key).or_insert(last);
+            *entry = (*entry).max(last);
+        }
+        Ok(Some((
+            Published {
+                writer: file.writer,
+                incarnation: file.incarnation,
+                batches,
+            },
+            file.joining,
+        )))
+    }
+}
+
+/// This process's published files of one table not yet covered by its commits.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    /// Batches to publish (a failed write keeps them for the next, in order).
+    held: Vec<(u64, RecordBatch)>,
+    /// Files written: path and last feed number.
+    written: Vec<(Path, u64)>,
+    /// Feed numbers through which this run's rows are committed.
+    covered_through: u64,
+    /// Whether earlier runs' files were deleted (after this run's first commit).
+    earlier_deleted: bool,
+}
+
+/// This process's publishing: its store, writer, run and per-table outboxes.
+#[derive(Debug)]
+pub(crate) struct Publisher {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) writer: String,
+    pub(crate) incarnation: String,
+    outboxes: std::sync::Mutex<Vec<Outbox>>,
+    /// This process's feed; one publication at a time takes from it.
+    items: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Arc<crate::feed::FeedItem>>>,
+}
+
+impl Publisher {
+    /// Publishes the rows of `items` (this process's feed) to `store`.
+    pub(crate) fn new(
+        store: Arc<dyn ObjectStore>,
+        writer: String,
+        incarnation: String,
+        items: tokio::sync::mpsc::UnboundedReceiver<Arc<crate::feed::FeedItem>>,
+    ) -> Self {
+        Self {
+            store,
+            writer,
+            incarnation,
+            outboxes: std::sync::Mutex::new(Table::ALL.iter().map(|_| Outbox::default()).collect()),
+            items: tokio::sync::Mutex::new(items),
+        }
+    }
+
+    /// Publishes the rows made visible since the last time; `false` once the feed is
+    /// closed (the aggregator is gone).
+    pub(crate) async fn publish_new(&self) -> bool {
+        let mut items = self.items.lock().await;
+        let mut open = true;
+        loop {
+            match items.try_recv() {
+                Ok(item) => self.hold(&item),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        self.publish().await;
+        open
+    }
+
+    fn outboxes(&self) -> std::sync::MutexGuard<'_, Vec<Outbox>> {
+        self.outboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes this process's own rows of `item` (made visible here, not followed).
+    fn hold(&self, item: &crate::feed::FeedItem) {
+        if item.committed_as.is_some() || item.retract || item.mirrored {
+            return;
+        }
+        let mut outboxes = self.outboxes();
+        let outbox = &mut outboxes[item.table.index()];
+        if item.seq <= outbox.covered_through {
+            return;
+        }
+        outbox
+            .held
+            .extend(item.batches.iter().map(|b| (item.seq, b.clone())));
+    }
+
+    /// Writes each table's held rows as one file.
+    async fn publish(&self) {
+        for table in Table::ALL {
+            let held = {
+                let mut outboxes = self.outboxes();
+                let outbox = &mut outboxes[table.index()];
+                let covered = outbox.covered_through;
+                outbox.held.retain(|(seq, _)| *seq > covered);
+                std::mem::take(&mut outbox.held)
+            };
+            let (Some(first), Some(last)) = (held.first().map(|h| h.0), held.last().map(|h| h.0))
+            else {
+                continue;
+            };
+            let path = file_path(table, &self.writer, &self.incarnation, first, last);
+            let rows: usize = held.iter().map(|(_, b)| b.num_rows()).sum();
+            let written = match encode(table, &held) {
+                Ok(bytes) => self
+                    .store
+                    .put(&path, bytes.into())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let mut outboxes = self.outboxes();
+            let outbox = &mut outboxes[table.index()];
+            match written {
+                Ok(_) => {
+                    ::metrics::counter!(crate::metrics::PUBLISHED_ROWS, "table" => table.name())
+                        .increment(rows as u64);
+                    outbox.written.push((path, last));
+                }
+                Err(error) => {
+                    ::metrics::counter!(crate::metrics::PUBLISH_FAILURES, "table" => table.name())
+                        .increment(1);
+                    tracing::warn!(%table, %error, "could not publish unflushed rows for other instances; trying again");
+                    // Kept, in order, in front of what came meanwhile.
+                    let mut later = std::mem::take(&mut outbox.held);
+                    outbox.held = held;
+                    outbox.held.append(&mut later);
+                }
+            }
+        }
+    }
+
+    /// This run's commit of `table` covered its rows through feed number `through`:
+    /// deletes the files covered (and, once, those of earlier runs).
+    pub(crate) async fn committed(&self, table: Table, through: u64) {
+        let (done, earlier) = {
+            let mut outboxes = self.outboxes();
+            let outbox = &mut outboxes[table.index()];
+            outbox.covered_through = outbox.covered_through.max(through);
+            let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut outbox.written)
+                .into_iter()
+                .partition(|(_, last)| *last <= through);
+            outbox.written = kept;
+            let earlier = !std::mem::replace(&mut outbox.earlier_deleted, true);
+            (done, earlier)
+        };
+        let mut paths: Vec<Path> = done.into_iter().map(|(path, _)| path).collect();
+        if earlier {
+            let prefix = Path::from(format!("{}/{}", table.name(), self.writer));
+            match self.store.list(Some(&prefix)).try_collect::<Vec<_>>().await {
+                Ok(listed) => paths.extend(listed.into_iter().map(|m| m.location).filter(|p| {
+                    parse_path(table, p).is_some_and(|(_, inc, _)| inc < self.incarnation)
+                })),
+                Err(error) => {
+                    tracing::warn!(%table, %error, "could not list earlier runs' published rows");
+                    self.outboxes()[table.index()].earlier_deleted = false;
+                }
+            }
+        }
+        for path in paths {
+            match self.store.delete(&path).await {
+                Ok(()) | Err(deltalake::logstore::object_store::Error::NotFound { .. }) => {}
+                Err(error) => {
+                    tracing::warn!(%path, %error, "could not delete covered published rows")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(account: &str, minutes: &[i64]) -> RecordBatch {
+        let mut b = fleetlake_ingest::metric_stream::MetricsBatchBuilder::new();
+        for minute in minutes {
+            let line = format!(
+                r#"{{"account_id":"{account}","region":"r","namespace":"N","metric_name":"M","dimensions":{{}},"timestamp":{},"value":{{"count":1,"sum":1,"min":1,"max":1}}}}"#,
+                minute * 60_000
+            );
+            assert!(b.push_record(line.as_bytes()).is_empty());
+        }
+        b.finish()
+    }
+
+    fn count(batches: &[RecordBatch]) -> usize {
+        batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    #[test]
+    fn a_published_file_reads_back_with_its_feed_numbers() {
+        let batches = vec![(3, rows("1", &[1, 2])), (5, rows("2", &[3]))];
+        let bytes = encode(Table::Metrics, &batches).unwrap();
+        let back = decode(Table::Metrics, &bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[0].0, back[0].1.num_rows()), (3, 2));
+        assert_eq!((back[1].0, back[1].1.num_rows()), (5, 1));
+        assert!(decode(Table::Metrics, &bytes[..bytes.len() - 3]).is_err());
+        assert!(decode(Table::Metrics, b"garbage").is_err());
+        let path = file_path(Table::Metrics, "w", "i", 3, 5);
+        assert_eq!(
+            parse_path(Table::Metrics, &path),
+            Some(("w".into(), "i".into(), 5))
+        );
+        assert_eq!(parse_path(Table::Logs, &path), None);
+    }
+
+    #[test]
+    fn a_covering_commit_takes_its_rows_out_adds_what_the_mirror_lacked_and_retracts_what_it_lacks()
+    {
+        let mut mirror = Mirror::default();
+        let added = mirror.add(Published {
+            writer: "p".into(),
+            incarnation: "b".into(),
+            batches: vec![
+                (1, rows("1", &[1, 2])),
+                (2, rows("1", &[3])),
+                (4, rows("1", &[4])),
+            ],
+        });
+        assert_eq!(count(&added), 4);
+        mirror.add(Published {
+            writer: "q".into(),
+            incarnation: "a".into(),
+            batches: vec![(1, rows("2", &[1]))],
+        });
+        let view = mirror.view();
+        assert_eq!(view.rows(), 5);
+        // Not yet told which commits were read: a query of version 0 must wait.
+        assert!(view.visible(Some(0)).is_none());
+        mirror.read_through(Some(0));
+        assert_eq!(count(&mirror.view().visible(Some(0)).unwrap()), 5);
+
+        // p's commit 1 covers feed numbers through 2: it holds time 1 and 3 of those,
+        // not 2 (found in the lake), and a suspect at time 9 the mirror never held.
+        let cover = Cover {
+            incarnation: "b".into(),
+            through: 2,
+        };
+        let (new, gone) =
+            mirror.commit(Table::Metrics, 1, "p", &cover, vec![rows("1", &[1, 3, 9])]);
+        assert_eq!(count(&new), 1, "the suspect is new");
+        assert_eq!(count(&gone), 1, "time 2 is retracted");
+        mirror.read_through(Some(1));
+        let view = mirror.view();
+        assert_eq!(view.rows(), 2, "feed number 4 of p and q's row stay");
+        assert_eq!(count(&view.visible(Some(1)).unwrap()), 2);
+        assert_eq!(
+            count(&view.visible(Some(0)).unwrap()),
+            4,
+            "a reader of version 0 still needs the two committed rows"
+        );
+        assert!(view.visible(Some(2)).is_none());
+
+        // A later run's commit covers everything of the earlier runs.
+        let (new, gone) = mirror.commit(
+            Table::Metrics,
+            2,
+            "p",
+            &Cover {
+                incarnation: "c".into(),
+                through: 0,
+            },
+            vec![rows("1", &[4])],
+        );
+        assert!(new.is_empty() && gone.is_empty());
+        assert_eq!(mirror.rows(), 1);
+        // A writer the mirror holds nothing of: all its commit's rows are new.
+        let (new, gone) = mirror.commit(Table::Metrics, 3, "r", &cover, vec![rows("3", &[1])]);
+        assert_eq!((count(&new), count(&gone)), (1, 0));
+    }
+
+    #[test]
+    fn covers_order_runs_then_feed_numbers() {
+        let cover = Cover {
+            incarnation: "0002".into(),
+            through: 10,
+        };
+        assert!(cover.covers("0001", 1_000));
+        assert!(cover.covers("0002", 10));
+        assert!(!cover.covers("0002", 11));
+        assert!(!cover.covers("0003", 1));
+        assert_eq!(Cover::from_json(&cover.to_json()), Some(cover));
+    }
+}
