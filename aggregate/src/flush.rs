@@ -127,6 +127,7 @@ async fn flush_table(
                 })
                 .await?;
             committed.await.map_err(|_| LakeError::WriterStopped)?;
+            read_others_through_own(shared, slot, &mut lake).await;
             published_covered(shared, table, feed_through);
         }
         return Ok(());
@@ -231,6 +232,7 @@ async fn flush_table(
         .await?;
     committed.await.map_err(|_| LakeError::WriterStopped)?;
     drop(latest);
+    read_others_through_own(shared, slot, &mut lake).await;
     drop(lake);
     published_covered(shared, table, feed_through);
     ::metrics::counter!(m::FLUSHED_ROWS, "table" => table.name()).increment(rows as u64);
@@ -338,49 +340,119 @@ async fn mirror_published(
         .to_read(store, table, &shared.writer_id)
         .await
         .map_err(|e| e.to_string())?;
-    let mut published = Vec::new();
+    // Files are marked read only once their rows are handed on: a failure leaves them
+    // (and every later one) for the next pass.
+    let mut read = Vec::new();
+    let mut failure = None;
     for file in files {
-        let Some((mut rows, joining)) = follower.read(store, table, file).await? else {
+        match follower.read(store, table, &file).await {
+            Ok(rows) => read.push((file, rows)),
+            Err(crate::peers::ReadFailure::Bad(error)) => {
+                ::metrics::counter!(m::MIRROR_FAILURES, "table" => table.name()).increment(1);
+                tracing::warn!(%table, %error, "skipping a published rows file this version cannot read");
+                follower.mark_read(&file);
+            }
+            Err(crate::peers::ReadFailure::Store(error)) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    // Runs this process has seen no commit of: rows they may have committed before
+    // are in the lake already (one check for all of them).
+    let joining: Vec<RecordBatch> = read
+        .iter()
+        .filter(|(file, _)| file.joining)
+        .flat_map(|(_, rows)| {
+            rows.iter()
+                .flat_map(|r| r.batches.iter().map(|(_, b)| b.clone()))
+        })
+        .collect();
+    let existing = if joining.is_empty() {
+        Default::default()
+    } else {
+        match lake.existing_points(&joining).await {
+            Ok(existing) => existing,
+            Err(error) => {
+                // The joining files wait for the next pass; the others go on.
+                read.retain(|(file, _)| !file.joining);
+                failure.get_or_insert(error.to_string());
+                Default::default()
+            }
+        }
+    };
+    let mut published = Vec::new();
+    for (file, rows) in &mut read {
+        let Some(rows) = rows.take() else {
             continue;
         };
-        if joining && !rows.batches.is_empty() {
-            // A run this process has seen no commit of: rows it may have committed
-            // before are in the lake already.
-            let batches: Vec<RecordBatch> = rows.batches.iter().map(|(_, b)| b.clone()).collect();
-            let existing = lake
-                .existing_points(&batches)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !existing.is_empty() {
-                rows.batches = rows
-                    .batches
-                    .into_iter()
-                    .flat_map(|(seq, batch)| {
-                        without_points(table, vec![batch], &existing)
-                            .into_iter()
-                            .map(move |b| (seq, b))
-                    })
-                    .collect();
-            }
+        let mut rows = rows;
+        if file.joining && !existing.is_empty() {
+            rows.batches = rows
+                .batches
+                .into_iter()
+                .flat_map(|(seq, batch)| {
+                    without_points(table, vec![batch], &existing)
+                        .into_iter()
+                        .map(move |b| (seq, b))
+                })
+                .collect();
         }
         if !rows.batches.is_empty() {
             published.push(rows);
         }
     }
-    drop(follower);
-    if published.is_empty() {
-        return Ok(None);
+    let shown = if published.is_empty() {
+        None
+    } else {
+        let (done, shown) = oneshot::channel();
+        shared
+            .command(Command::Mirror {
+                table,
+                published,
+                done: Some(done),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Some(shown)
+    };
+    for (file, _) in &read {
+        follower.mark_read(file);
     }
-    let (done, shown) = oneshot::channel();
-    shared
-        .command(Command::Mirror {
-            table,
-            published,
-            done: Some(done),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Some(shown))
+    match failure {
+        Some(error) if shown.is_none() => Err(error),
+        Some(error) => {
+            ::metrics::counter!(m::MIRROR_FAILURES, "table" => table.name()).increment(1);
+            tracing::warn!(%table, %error, "reading other instances' published rows failed; trying again");
+            Ok(shown)
+        }
+        None => Ok(shown),
+    }
+}
+
+/// After this writer's commit, while following: hands on other writers' commits up to
+/// it, so readers of the new version need not wait for the next tail to know which
+/// mirrored rows it holds (see [`crate::peers::MirrorView::visible`]). A failure is
+/// left to the tail.
+async fn read_others_through_own(
+    shared: &Shared,
+    slot: &TableSlot,
+    lake: &mut crate::lake::TableLake,
+) {
+    if !shared.following.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    let handed = match lake.others_commits(false).await {
+        Ok(commits) => {
+            let through = lake.tailed();
+            hand_others(shared, slot, commits, through, None).await
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = handed {
+        ::metrics::counter!(m::TAIL_FAILURES, "table" => slot.table.name()).increment(1);
+        tracing::warn!(table = %slot.table, %error, "reading other writers' commits after a flush failed; the tail will");
+    }
 }
 
 /// This run's commit of `table` covered its published rows through feed number

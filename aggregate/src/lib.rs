@@ -221,6 +221,29 @@ fn writer_id(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
     Ok(id)
 }
 
+/// This run of the writer (see [`peers`]): named after the last one
+/// (`<wal_dir>/LAST_RUN`), which it replaces, so runs sort in order whatever the clock.
+fn next_run(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
+    let path = wal_dir.join("LAST_RUN");
+    let io = |source| WalError::Io {
+        path: path.clone(),
+        source,
+    };
+    let last = match std::fs::read_to_string(&path) {
+        Ok(last) => Some(last.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(e).into()),
+    };
+    let run = peers::next_incarnation(last.as_deref());
+    let tmp = wal_dir.join("LAST_RUN.tmp");
+    std::fs::write(&tmp, &run).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(run)
+}
+
 /// Wraps a table handle's store: `(table name, store) → store`.
 pub type LakeWrap = Arc<dyn Fn(&str, Box<dyn Lake>) -> Box<dyn Lake> + Send + Sync>;
 
@@ -366,6 +389,7 @@ impl Aggregator {
         let Seams { lake: wrap, clock } = seams;
         let lock = lock_wal_dir(&config.wal_dir)?;
         let writer = writer_id(&config.wal_dir)?;
+        let incarnation = next_run(&config.wal_dir)?;
         let mut tables = Vec::new();
         let mut buffers = Vec::new();
         let mut committed = Vec::new();
@@ -452,7 +476,7 @@ impl Aggregator {
             outlet,
             flushing: tokio::sync::Mutex::new(()),
             writer_id: writer,
-            incarnation: peers::new_incarnation(),
+            incarnation,
             following: AtomicBool::new(false),
             publisher: std::sync::OnceLock::new(),
             wrap,
@@ -544,6 +568,18 @@ impl Aggregator {
         if self.shared.following.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        let started = self.start_following().await;
+        if started.is_err() {
+            // Asked again, it starts again.
+            self.shared.following.store(false, Ordering::Release);
+        }
+        started
+    }
+
+    async fn start_following(&self) -> Result<(), LakeError> {
+        for slot in &self.shared.tables {
+            slot.lake.lock().await.follow_others().await?;
+        }
         let store = self
             .shared
             .config
@@ -567,9 +603,6 @@ impl Aggregator {
             Arc::downgrade(&publisher),
             self.shared.config.follow_interval,
         ));
-        for slot in &self.shared.tables {
-            slot.lake.lock().await.follow_others().await?;
-        }
         tokio::spawn(flush::tail_loop(Arc::downgrade(&self.shared)));
         Ok(())
     }

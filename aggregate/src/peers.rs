@@ -91,18 +91,18 @@ impl Cover {
     }
 }
 
-/// A new run's name: its start time in hex µs, then random bits, so that names sort
-/// in the order the runs started.
-pub(crate) fn new_incarnation() -> String {
-    let micros = std::time::SystemTime::now()
+/// The name of the writer's run after one named `last` (if any): its start time in hex
+/// µs, or one more than the last run's if the clock reads earlier (a host whose clock
+/// went back), so that names sort in the order the runs started.
+pub(crate) fn next_incarnation(last: Option<&str>) -> String {
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros() as u64;
-    let mut bytes = [0u8; 4];
-    // Two runs started in the same µs by one writer are impossible (the WAL lock);
-    // the random part is for clocks that go back.
-    let _ = getrandom::fill(&mut bytes);
-    format!("{micros:016x}{:08x}", u32::from_le_bytes(bytes))
+    let after = last
+        .and_then(|l| u64::from_str_radix(l.get(..16)?, 16).ok())
+        .map_or(0, |l| l.saturating_add(1));
+    format!("{:016x}", now.max(after))
 }
 
 /// Rows of one writer's run, with the feed number of each batch.
@@ -208,8 +208,9 @@ struct Entry {
 pub(crate) struct Mirror {
     entries: Vec<Entry>,
     rows: usize,
-    /// Rows covering commits took out, by the version that holds them, kept a moment
-    /// for queries of earlier versions.
+    /// Rows of other writers' commits (mirrored ones they covered, and those the mirror
+    /// lacked), by the version that holds them, kept a moment for queries of earlier
+    /// versions.
     covered: VecDeque<(i64, Instant, Arc<[RecordBatch]>)>,
     /// The lake version through which other writers' commits were read.
     through: Option<i64>,
@@ -237,19 +238,19 @@ impl MirrorView {
         if matches!((lake_version, self.through), (Some(v), t) if t.is_none_or(|t| v > t)) {
             return None;
         }
-        let mut out = rows.to_vec();
+        Some(self.visible_anyway(lake_version))
+    }
+
+    /// As [`MirrorView::visible`], taking the rows as if no commit after the last one
+    /// read covered any when it cannot tell.
+    pub fn visible_anyway(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
+        let mut out = self.rows.as_deref().unwrap_or_default().to_vec();
         for (version, rows) in &self.covered {
             if lake_version.is_none_or(|v| *version > v) {
                 out.extend(rows.iter().cloned());
             }
         }
-        Some(out)
-    }
-
-    /// As [`MirrorView::visible`], taking the rows as they are when it cannot tell.
-    pub fn visible_anyway(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
-        self.visible(lake_version)
-            .unwrap_or_else(|| self.visible(None).unwrap_or_default())
+        out
     }
 
     /// Rows mirrored and not yet covered.
@@ -325,6 +326,17 @@ impl Mirror {
         (new, gone)
     }
 
+    /// Keeps `rows` of another writer's commit `version` (those the mirror did not hold)
+    /// a moment for queries of earlier versions: they went to the feed marked with that
+    /// version, so a reader of an earlier one skips them there and finds them here.
+    pub(crate) fn committed_elsewhere(&mut self, version: i64, rows: &[RecordBatch]) {
+        let rows: Vec<RecordBatch> = rows.iter().filter(|b| b.num_rows() > 0).cloned().collect();
+        if !rows.is_empty() {
+            self.covered
+                .push_back((version, Instant::now(), Arc::from(rows)));
+        }
+    }
+
     /// Other writers' commits were read through lake version `version`.
     pub(crate) fn read_through(&mut self, version: Option<i64>) {
         self.through = self.through.max(version);
@@ -381,7 +393,19 @@ pub(crate) struct ToRead {
     path: Path,
     writer: String,
     incarnation: String,
-    joining: bool,
+    /// The last feed number in it.
+    last: u64,
+    /// Whether its rows must be checked against the lake first.
+    pub(crate) joining: bool,
+}
+
+/// Why a published file could not be read.
+#[derive(Debug)]
+pub(crate) enum ReadFailure {
+    /// The store did not answer: try again later.
+    Store(String),
+    /// The file is not one this version reads: skipped for good.
+    Bad(String),
 }
 
 impl Follower {
@@ -429,7 +453,7 @@ impl Follower {
         out.sort();
         Ok(out
             .into_iter()
-            .map(|(writer, incarnation, _, path)| {
+            .map(|(writer, incarnation, last, path)| {
                 let covered_run = self
                     .covers
                     .get(&writer)
@@ -442,33 +466,39 @@ impl Follower {
                     path,
                     writer,
                     incarnation,
+                    last,
                     joining,
                 }
             })
             .collect())
     }
 
-    /// Reads `file`: its rows not covered and not read before, and whether they must be
-    /// checked against the lake; `None` if it is gone (covered meanwhile).
+    /// Reads `file`: its rows not covered and not read before; `None` if it is gone
+    /// (covered meanwhile). Nothing is marked read (see [`Follower::mark_read`]).
     pub(crate) async fn read(
-        &mut self,
+        &self,
         store: &dyn ObjectStore,
         table: Table,
-        file: ToRead,
-    ) -> Result<Option<(Published, bool)>, String> {
+        file: &ToRead,
+    ) -> Result<Option<Published>, ReadFailure> {
+        let failed = |e: deltalake::logstore::object_store::Error| match e {
+            deltalake::logstore::object_store::Error::NotFound { .. } => Ok(None),
+            e => Err(ReadFailure::Store(format!("{}: {e}", file.path))),
+        };
         let got = match store.get(&file.path).await {
             Ok(got) => got,
-            Err(deltalake::logstore::object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", file.path)),
+            Err(e) => return failed(e),
         };
         let bytes = match got.bytes().await {
             Ok(bytes) => bytes,
-            Err(deltalake::logstore::object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", file.path)),
+            Err(e) => return failed(e),
         };
-        let batches = decode(table, &bytes).map_err(|e| format!("{}: {e}", file.path))?;
-        let key = (file.writer.clone(), file.incarnation.clone());
-        let read = self.read.get(&key).copied();
+        let batches =
+            decode(table, &bytes).map_err(|e| ReadFailure::Bad(format!("{}: {e}", file.path)))?;
+        let read = self
+            .read
+            .get(&(file.writer.clone(), file.incarnation.clone()))
+            .copied();
         let cover = self.covers.get(&file.writer);
         let batches: Vec<_> = batches
             .into_iter()
@@ -477,18 +507,20 @@ impl Follower {
                     && !cover.is_some_and(|c| c.covers(&file.incarnation, *seq))
             })
             .collect();
-        if let Some(last) = batches.iter().map(|(seq, _)| *seq).max() {
-            let entry = self.read.entry(key).or_insert(last);
-            *entry = (*entry).max(last);
-        }
-        Ok(Some((
-            Published {
-                writer: file.writer,
-                incarnation: file.incarnation,
-                batches,
-            },
-            file.joining,
-        )))
+        Ok(Some(Published {
+            writer: file.writer.clone(),
+            incarnation: file.incarnation.clone(),
+            batches,
+        }))
+    }
+
+    /// Records that `file`'s rows were handed on (or that it is skipped for good).
+    pub(crate) fn mark_read(&mut self, file: &ToRead) {
+        let entry = self
+            .read
+            .entry((file.writer.clone(), file.incarnation.clone()))
+            .or_insert(file.last);
+        *entry = (*entry).max(file.last);
     }
 }
 
@@ -595,23 +627,31 @@ impl Publisher {
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            let mut outboxes = self.outboxes();
-            let outbox = &mut outboxes[table.index()];
-            match written {
-                Ok(_) => {
-                    ::metrics::counter!(crate::metrics::PUBLISHED_ROWS, "table" => table.name())
-                        .increment(rows as u64);
-                    outbox.written.push((path, last));
+            let covered_meanwhile = {
+                let mut outboxes = self.outboxes();
+                let outbox = &mut outboxes[table.index()];
+                match written {
+                    Ok(_) => {
+                        ::metrics::counter!(crate::metrics::PUBLISHED_ROWS, "table" => table.name())
+                            .increment(rows as u64);
+                        outbox.written.push((path, last));
+                        // A commit covered it while it was being written.
+                        (last <= outbox.covered_through).then_some(outbox.covered_through)
+                    }
+                    Err(error) => {
+                        ::metrics::counter!(crate::metrics::PUBLISH_FAILURES, "table" => table.name())
+                            .increment(1);
+                        tracing::warn!(%table, %error, "could not publish unflushed rows for other instances; trying again");
+                        // Kept, in order, in front of what came meanwhile.
+                        let mut later = std::mem::take(&mut outbox.held);
+                        outbox.held = held;
+                        outbox.held.append(&mut later);
+                        None
+                    }
                 }
-                Err(error) => {
-                    ::metrics::counter!(crate::metrics::PUBLISH_FAILURES, "table" => table.name())
-                        .increment(1);
-                    tracing::warn!(%table, %error, "could not publish unflushed rows for other instances; trying again");
-                    // Kept, in order, in front of what came meanwhile.
-                    let mut later = std::mem::take(&mut outbox.held);
-                    outbox.held = held;
-                    outbox.held.append(&mut later);
-                }
+            };
+            if let Some(through) = covered_meanwhile {
+                self.committed(table, through).await;
             }
         }
     }
@@ -647,7 +687,9 @@ impl Publisher {
             match self.store.delete(&path).await {
                 Ok(()) | Err(deltalake::logstore::object_store::Error::NotFound { .. }) => {}
                 Err(error) => {
-                    tracing::warn!(%path, %error, "could not delete covered published rows")
+                    tracing::warn!(%path, %error, "could not delete covered published rows; trying after the next commit");
+                    // Kept: the next commit's pass deletes it (its number is covered).
+                    self.outboxes()[table.index()].written.push((path, 0));
                 }
             }
         }
@@ -755,6 +797,19 @@ mod tests {
         // A writer the mirror holds nothing of: all its commit's rows are new.
         let (new, gone) = mirror.commit(Table::Metrics, 3, "r", &cover, vec![rows("3", &[1])]);
         assert_eq!((count(&new), count(&gone)), (1, 0));
+    }
+
+    #[test]
+    fn a_run_is_named_after_the_last_even_when_the_clock_went_back() {
+        let first = next_incarnation(None);
+        let ahead = format!(
+            "{:016x}",
+            u64::from_str_radix(&first, 16).unwrap() + 3_600_000_000
+        );
+        let next = next_incarnation(Some(&ahead));
+        assert!(next > ahead, "{next} after {ahead}");
+        assert!(next_incarnation(Some(&first)) > first);
+        assert!(next_incarnation(Some("garbage")) >= first);
     }
 
     #[test]

@@ -438,6 +438,7 @@ impl<L: Log> Writer<L> {
                     };
                     // The commit's rows first: no reader's count dips below the lake's.
                     if rows.iter().any(|b| b.num_rows() > 0) {
+                        self.mirrors[table.index()].committed_elsewhere(version, &rows);
                         self.emit(table, rows, Some(version));
                     }
                     if !retracted.is_empty() {
