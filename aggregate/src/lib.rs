@@ -212,13 +212,16 @@ fn writer_id(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(|e| io(std::io::Error::other(e)))?;
     let id = format!("{:016x}", u64::from_le_bytes(bytes));
-    let tmp = wal_dir.join("WRITER_ID.tmp");
-    std::fs::write(&tmp, &id).map_err(io)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    write_durably(&path, &id).map_err(io)?;
     Ok(id)
+}
+
+/// Replaces the file at `path` with `contents` (written beside it, fsynced, renamed).
+fn write_durably(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// This run of the writer (see [`peers`]): named after the last one
@@ -235,12 +238,7 @@ fn next_run(wal_dir: &std::path::Path) -> Result<String, AggregateError> {
         Err(e) => return Err(io(e).into()),
     };
     let run = peers::next_incarnation(last.as_deref());
-    let tmp = wal_dir.join("LAST_RUN.tmp");
-    std::fs::write(&tmp, &run).map_err(io)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    write_durably(&path, &run).map_err(io)?;
     Ok(run)
 }
 
