@@ -336,10 +336,16 @@ async fn mirror_published(
     let table = slot.table;
     let store = publisher.store.as_ref();
     let mut follower = slot.follower.lock().await;
-    let files = follower
-        .to_read(store, table, &shared.writer_id)
+    let (files, died) = follower
+        .survey(store, table, &shared.writer_id, shared.clock.now())
         .await
         .map_err(|e| e.to_string())?;
+    if !died.is_empty() {
+        shared
+            .command(Command::Forget { table, runs: died })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     // Files are marked read only once their rows are handed on: a failure leaves them
     // (and every later one) for the next pass.
     let mut read = Vec::new();

@@ -65,6 +65,8 @@ pub const MIRROR_ROWS: &str = "fleetlake_peer_mirror_rows";
 pub const PUBLISHED_ROWS: &str = "fleetlake_peer_published_rows_total";
 /// Failed writes of published rows (kept and tried again a second later), by `table`.
 pub const PUBLISH_FAILURES: &str = "fleetlake_peer_publish_failures_total";
+/// Mirrored rows taken back because their instance's run went silent, by `table`.
+pub const FORGOTTEN_ROWS: &str = "fleetlake_peer_forgotten_rows_total";
 /// Failed reads of other instances' published rows (tried again a second later).
 pub const MIRROR_FAILURES: &str = "fleetlake_peer_mirror_failures_total";
 
@@ -98,6 +100,10 @@ pub fn describe() {
     metrics::describe_counter!(
         PUBLISH_FAILURES,
         "Failed writes of published rows (kept and tried again)"
+    );
+    metrics::describe_counter!(
+        FORGOTTEN_ROWS,
+        "Mirrored rows taken back because their instance went silent"
     );
     metrics::describe_counter!(
         MIRROR_FAILURES,

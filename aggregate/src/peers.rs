@@ -30,10 +30,14 @@
 //!
 //! Files are written in order and never rewritten, so a follower reads each once; one
 //! that is gone when read was covered by a commit, whose rows come through the tail.
-//! A writer that dies leaves its published rows mirrored until it restarts and commits
-//! (its WAL replays them) — they were acknowledged; a stream's rows it lost with its
-//! process come again through the instance that takes the stream over, and are then
-//! mirrored twice until the restart's first commit of that table retracts them.
+//!
+//! A run with published rows not yet covered says it is alive at least every
+//! [`ALIVE_EVERY`] (a new file, or an `alive` object in its directory). A run silent
+//! for [`STALE_AFTER`] is taken for dead: its mirrored rows are retracted and its files
+//! no longer read. Its rows are then where the lake has them: a stream's rows it lost
+//! come again through the instance that takes the stream over; its WAL's rows come
+//! when it restarts and commits them. A run heard from again is joined again (its
+//! files read and checked against the lake).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -55,6 +59,12 @@ pub const PREFIX: &str = "_fleetlake/pending";
 /// Commit-info key of what a flush commit covers of its writer's published rows: a JSON
 /// object `{"incarnation": "...", "through": n}`.
 pub const COVER_KEY: &str = "fleetlake.published";
+
+/// How often a run with published rows not yet covered says it is alive, at least.
+pub const ALIVE_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a run may be silent before its followers take it for dead.
+pub const STALE_AFTER: Duration = Duration::from_secs(60);
 
 /// How long rows a covering commit took from the mirror stay visible through it,
 /// covering a query that loaded the lake just before that commit (as the hot buffer's
@@ -130,8 +140,14 @@ pub(crate) fn file_path(
     ))
 }
 
-/// The writer, run and last feed number of a published file of `table`, from its path.
-fn parse_path(table: Table, path: &Path) -> Option<(String, String, u64)> {
+/// A run's object saying it is alive: `<table>/<writer>/<incarnation>/alive`.
+fn alive_path(table: Table, writer: &str, incarnation: &str) -> Path {
+    Path::from(format!("{}/{writer}/{incarnation}/alive", table.name()))
+}
+
+/// The writer and run of an object of `table` from its path, and for a published
+/// file its last feed number (`None` for the `alive` object).
+fn parse_object(table: Table, path: &Path) -> Option<(String, String, Option<u64>)> {
     let mut parts = path.parts();
     if parts.next()?.as_ref() != table.name() {
         return None;
@@ -139,11 +155,14 @@ fn parse_path(table: Table, path: &Path) -> Option<(String, String, u64)> {
     let writer = parts.next()?.as_ref().to_string();
     let incarnation = parts.next()?.as_ref().to_string();
     let name = parts.next()?;
-    let (_, last) = name.as_ref().strip_suffix(".rows")?.split_once('-')?;
     if parts.next().is_some() {
         return None;
     }
-    Some((writer, incarnation, last.parse().ok()?))
+    if name.as_ref() == "alive" {
+        return Some((writer, incarnation, None));
+    }
+    let (_, last) = name.as_ref().strip_suffix(".rows")?.split_once('-')?;
+    Some((writer, incarnation, Some(last.parse().ok()?)))
 }
 
 const MAGIC: &[u8; 8] = b"FLPEND1\n";
@@ -337,6 +356,21 @@ impl Mirror {
         }
     }
 
+    /// Takes out every mirrored row of `writer`'s run `incarnation` (taken for dead);
+    /// returns them, to retract.
+    pub(crate) fn forget(&mut self, writer: &str, incarnation: &str) -> Vec<RecordBatch> {
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| &*e.writer == writer && &*e.incarnation == incarnation);
+        self.entries = kept;
+        if !gone.is_empty() {
+            self.cached = None;
+        }
+        let gone: Vec<RecordBatch> = gone.into_iter().map(|e| e.batch).collect();
+        self.rows -= gone.iter().map(RecordBatch::num_rows).sum::<usize>();
+        gone
+    }
+
     /// Other writers' commits were read through lake version `version`.
     pub(crate) fn read_through(&mut self, version: Option<i64>) {
         self.through = self.through.max(version);
@@ -385,6 +419,8 @@ pub(crate) struct Follower {
     read: HashMap<(String, String), u64>,
     /// Per writer: the latest cover its commits carried, as the tail read them.
     covers: HashMap<String, Cover>,
+    /// Runs taken for dead (silent for [`STALE_AFTER`]): their files are not read.
+    dead: HashSet<(String, String)>,
 }
 
 /// Files of other writers to read, for one table: the path, writer, run and whether
@@ -423,20 +459,53 @@ impl Follower {
     }
 
     /// The files of `table` in `store` not written by `own` and not read or covered
-    /// yet, oldest first.
-    pub(crate) async fn to_read(
-        &self,
+    /// yet, oldest first, and the runs mirrored before that are now taken for dead (at
+    /// `now`: silent for [`STALE_AFTER`]), whose mirrored rows are to be retracted.
+    pub(crate) async fn survey(
+        &mut self,
         store: &dyn ObjectStore,
         table: Table,
         own: &str,
-    ) -> Result<Vec<ToRead>, deltalake::logstore::object_store::Error> {
+        now: std::time::SystemTime,
+    ) -> Result<(Vec<ToRead>, Vec<(String, String)>), deltalake::logstore::object_store::Error>
+    {
         let prefix = Path::from(table.name());
         let listed: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
-        let mut out: Vec<(String, String, u64, Path)> = listed
+        let mut heard: HashMap<(String, String), std::time::SystemTime> = HashMap::new();
+        let mut files = Vec::new();
+        for meta in listed {
+            let Some((writer, incarnation, last)) = parse_object(table, &meta.location) else {
+                continue;
+            };
+            if writer == own {
+                continue;
+            }
+            let at = std::time::SystemTime::from(meta.last_modified);
+            let latest = heard
+                .entry((writer.clone(), incarnation.clone()))
+                .or_insert(at);
+            *latest = (*latest).max(at);
+            if let Some(last) = last {
+                files.push((writer, incarnation, last, meta.location));
+            }
+        }
+        let mut died = Vec::new();
+        for (run, at) in heard {
+            let silent = now.duration_since(at).unwrap_or_default() > STALE_AFTER;
+            if silent && !self.dead.contains(&run) {
+                if self.read.remove(&run).is_some() {
+                    died.push(run.clone());
+                }
+                self.dead.insert(run);
+            } else if !silent && self.dead.remove(&run) {
+                // Heard from again: joined again (its files read and checked anew).
+                self.read.remove(&run);
+            }
+        }
+        let mut out: Vec<(String, String, u64, Path)> = files
             .into_iter()
-            .filter_map(|meta| {
-                let (writer, incarnation, last) = parse_path(table, &meta.location)?;
-                (writer != own).then_some((writer, incarnation, last, meta.location))
+            .filter(|(writer, incarnation, _, _)| {
+                !self.dead.contains(&(writer.clone(), incarnation.clone()))
             })
             .filter(|(writer, incarnation, last, _)| {
                 let covered = self
@@ -451,7 +520,7 @@ impl Follower {
             })
             .collect();
         out.sort();
-        Ok(out
+        let out = out
             .into_iter()
             .map(|(writer, incarnation, last, path)| {
                 let covered_run = self
@@ -470,7 +539,8 @@ impl Follower {
                     joining,
                 }
             })
-            .collect())
+            .collect();
+        Ok((out, died))
     }
 
     /// Reads `file`: its rows not covered and not read before; `None` if it is gone
@@ -535,6 +605,8 @@ pub(crate) struct Outbox {
     covered_through: u64,
     /// Whether earlier runs' files were deleted (after this run's first commit).
     earlier_deleted: bool,
+    /// When this run last wrote a file (or said it is alive) for this table.
+    heard: Option<Instant>,
 }
 
 /// This process's publishing: its store, writer, run and per-table outboxes.
@@ -615,6 +687,7 @@ impl Publisher {
             };
             let (Some(first), Some(last)) = (held.first().map(|h| h.0), held.last().map(|h| h.0))
             else {
+                self.say_alive(table).await;
                 continue;
             };
             let path = file_path(table, &self.writer, &self.incarnation, first, last);
@@ -635,6 +708,7 @@ impl Publisher {
                         ::metrics::counter!(crate::metrics::PUBLISHED_ROWS, "table" => table.name())
                             .increment(rows as u64);
                         outbox.written.push((path, last));
+                        outbox.heard = Some(Instant::now());
                         // A commit covered it while it was being written.
                         (last <= outbox.covered_through).then_some(outbox.covered_through)
                     }
@@ -652,6 +726,28 @@ impl Publisher {
             };
             if let Some(through) = covered_meanwhile {
                 self.committed(table, through).await;
+            }
+        }
+    }
+
+    /// With files of `table` not yet covered and nothing new to write: tells the
+    /// followers this run is alive, every [`ALIVE_EVERY`].
+    async fn say_alive(&self, table: Table) {
+        {
+            let outboxes = self.outboxes();
+            let outbox = &outboxes[table.index()];
+            let due = outbox.heard.is_none_or(|at| at.elapsed() >= ALIVE_EVERY);
+            if outbox.written.is_empty() || !due {
+                return;
+            }
+        }
+        let path = alive_path(table, &self.writer, &self.incarnation);
+        match self.store.put(&path, Vec::new().into()).await {
+            Ok(_) => self.outboxes()[table.index()].heard = Some(Instant::now()),
+            Err(error) => {
+                ::metrics::counter!(crate::metrics::PUBLISH_FAILURES, "table" => table.name())
+                    .increment(1);
+                tracing::warn!(%table, %error, "could not tell other instances this one is alive; trying again");
             }
         }
     }
@@ -675,7 +771,7 @@ impl Publisher {
             let prefix = Path::from(format!("{}/{}", table.name(), self.writer));
             match self.store.list(Some(&prefix)).try_collect::<Vec<_>>().await {
                 Ok(listed) => paths.extend(listed.into_iter().map(|m| m.location).filter(|p| {
-                    parse_path(table, p).is_some_and(|(_, inc, _)| inc < self.incarnation)
+                    parse_object(table, p).is_some_and(|(_, inc, _)| inc < self.incarnation)
                 })),
                 Err(error) => {
                     tracing::warn!(%table, %error, "could not list earlier runs' published rows");
@@ -728,10 +824,14 @@ mod tests {
         assert!(decode(Table::Metrics, b"garbage").is_err());
         let path = file_path(Table::Metrics, "w", "i", 3, 5);
         assert_eq!(
-            parse_path(Table::Metrics, &path),
-            Some(("w".into(), "i".into(), 5))
+            parse_object(Table::Metrics, &path),
+            Some(("w".into(), "i".into(), Some(5)))
         );
-        assert_eq!(parse_path(Table::Logs, &path), None);
+        assert_eq!(parse_object(Table::Logs, &path), None);
+        assert_eq!(
+            parse_object(Table::Metrics, &alive_path(Table::Metrics, "w", "i")),
+            Some(("w".into(), "i".into(), None))
+        );
     }
 
     #[test]

@@ -117,6 +117,12 @@ pub(crate) enum Command {
         through: Option<i64>,
         done: Option<oneshot::Sender<()>>,
     },
+    /// Runs of other writers taken for dead (see [`crate::peers`]): their mirrored rows
+    /// are taken back.
+    Forget {
+        table: Table,
+        runs: Vec<(String, String)>,
+    },
     /// Rows other writers published and this process has not mirrored yet: shown with
     /// the hot buffer's and emitted (see [`crate::peers`]).
     Mirror {
@@ -450,6 +456,18 @@ impl<L: Log> Writer<L> {
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
+            }
+            Command::Forget { table, runs } => {
+                for (writer, incarnation) in runs {
+                    let gone = self.mirrors[table.index()].forget(&writer, &incarnation);
+                    if !gone.is_empty() {
+                        ::metrics::counter!(m::FORGOTTEN_ROWS, "table" => table.name())
+                            .increment(gone.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
+                        warn!(%table, %writer, %incarnation, "another instance's run has been silent too long: its unflushed rows are taken back until the lake has them");
+                        self.emit_item(table, gone, None, true, false);
+                    }
+                }
+                self.publish();
             }
             Command::Mirror {
                 table,

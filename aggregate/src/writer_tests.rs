@@ -761,3 +761,53 @@ async fn rows_another_instance_accepted_are_seen_before_its_flush_and_count_once
     );
     assert_eq!(visible_at(lake_version(&lake).await), 1);
 }
+
+/// An instance whose run goes silent (killed, never restarted) while its published
+/// rows are mirrored: once silent for `STALE_AFTER` by this instance's clock, its rows
+/// are taken back (the lake does not have them), and its files are not read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_instances_mirrored_rows_are_taken_back() {
+    use fleetlake_model::RowSink;
+    use fleetlake_model::clock::ManualClock;
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = crate::location::LakeLocation::local(&dir.path().join("lake")).unwrap();
+    let clock = ManualClock::at(fleetlake_model::clock::system().now_ms());
+    let seams = crate::Seams {
+        clock: clock.clone(),
+        ..Default::default()
+    };
+    let mine =
+        crate::Aggregator::open_with(test_config(&dir.path().join("mine"), &lake, None), seams)
+            .await
+            .unwrap();
+    let theirs = crate::Aggregator::open(test_config(&dir.path().join("theirs"), &lake, None))
+        .await
+        .unwrap();
+    mine.follow_other_writers().await.unwrap();
+    theirs.follow_other_writers().await.unwrap();
+    let (mut feed, _) = mine.subscribe();
+    theirs
+        .write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    theirs.publish_now().await;
+    mine.follow_now().await.unwrap();
+    assert_eq!(drain(&mut feed), vec![(None, false, 1)]);
+
+    // Not yet silent long enough: nothing changes.
+    clock.advance(crate::peers::STALE_AFTER / 2);
+    mine.follow_now().await.unwrap();
+    assert!(drain(&mut feed).is_empty());
+    // Silent for longer: taken back once, and not mirrored again.
+    clock.advance(crate::peers::STALE_AFTER);
+    mine.follow_now().await.unwrap();
+    assert_eq!(drain(&mut feed), vec![(None, true, 1)]);
+    let version = lake_version(&lake).await;
+    assert_eq!(
+        visible_rows(&mine.snapshot_settled(Table::Metrics, version).unwrap()),
+        0
+    );
+    mine.follow_now().await.unwrap();
+    assert!(drain(&mut feed).is_empty());
+}
