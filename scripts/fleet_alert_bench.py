@@ -34,7 +34,11 @@ of half the no-rules rate), PERF_S (profile each probe server for this many seco
 full-rate servers with rules, into WORK_DIR/logs/ingest-rules-*.perf), ALT_ENV (e.g.
 `MIMALLOC_PURGE_DELAY=1000`: space-separated NAME=VALUE settings of a third full-rate
 server with rules in each round of 1., in turn with the other two, for a same-run A/B
-of a runtime setting), PROBE_S=0 (skips 2. and 3.).
+of a runtime setting), PROBE_S=0 (skips 2. and 3.), TWO=1 (2. and 3. with two
+instances sharing the lake and a DynamoDB lease table in moto, whose moto_server is
+beside PYTHON's interpreter: each evaluates the rule groups it holds, the probes go to
+them in turn, half of them to the instance that does not evaluate the probe rule, and
+each flushes at its default interval; the background load is split between them).
 """
 
 import base64
@@ -158,9 +162,9 @@ class PagerDuty:
 # ---------------------------------------------------------------------------------
 # Servers and loadgen.
 # ---------------------------------------------------------------------------------
-def write_config(name, rules_file, pagerduty_url):
+def write_config(name, rules_file, pagerduty_url, extra=""):
     path = f"{WORK}/{name}.toml"
-    text = f'[accounts]\nfile = "{REGISTRY}"\n\n'
+    text = extra + f'[accounts]\nfile = "{REGISTRY}"\n\n'
     if rules_file:
         text += f'[alerting]\nrule_files = ["{rules_file}"]\n'
         if pagerduty_url:
@@ -172,6 +176,11 @@ def write_config(name, rules_file, pagerduty_url):
 
 
 ALT_ENV = dict(kv.split("=", 1) for kv in ENV.get("ALT_ENV", "").split())
+TWO = ENV.get("TWO") == "1"
+# Credentials for moto (TWO=1); no instance metadata, no profile files.
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null",
+           "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_REGION": "us-east-1"}
 
 
 class Server:
@@ -180,7 +189,8 @@ class Server:
         self.dir = f"{WORK}/{name}"
         subprocess.run(["rm", "-rf", self.dir], check=True)
         self.log_path = f"{WORK}/logs/{name}.serve.log"
-        env = dict(ENV, FLEETLAKE_LOG="info", FLEETLAKE_RETENTION__METRICS="0s", **(extra_env or {}))
+        env = dict(ENV, FLEETLAKE_LOG="info", FLEETLAKE_RETENTION__METRICS="0s", **AWS_ENV,
+                   **(extra_env or {}))
         self.proc = subprocess.Popen(
             [binary or FLEETLAKE, "serve", "--config", config, "--data-dir", self.dir,
              "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"],
@@ -340,48 +350,14 @@ def probe_phase(binary, tag):
             ["perf", "record", "-F", "199", "-g", "-p", str(server.proc.pid),
              "-o", f"{WORK}/logs/probe-{tag}.perf", "--", "sleep", ENV["PERF_S"]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    acked = {}
-    run = int(time.time())
-    for seq in range(PROBE_S):
-        tick = time.monotonic()
-        probe = f"{run}-{seq}"
-        now_ms = int(time.time() * 1000)
-        record = json.dumps({
-            "metric_stream_name": "bench", "account_id": PROBE_ACCOUNT, "region": "us-east-1",
-            "namespace": "fleetlake/bench", "metric_name": "BreachProbe", "dimensions": {"Probe": probe},
-            "timestamp": now_ms - now_ms % 60_000,
-            "value": {"count": 1.0, "sum": 1.0, "max": 1.0, "min": 1.0}, "unit": "Count"}) + "\n"
-        request_id = f"probe-{probe}"
-        body = json.dumps({"requestId": request_id, "timestamp": now_ms,
-                           "records": [{"data": base64.b64encode(record.encode()).decode()}]}).encode()
-        request = urllib.request.Request(
-            f"http://{server.addr}/firehose/metrics", data=gzip.compress(body), method="POST",
-            headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
-                     "X-Amz-Firehose-Protocol-Version": "1.0", "X-Amz-Firehose-Request-Id": request_id})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            if response.status == 200:
-                acked[probe] = time.monotonic()
-        time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    acked = send_probes([server])
     after = server.metrics()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with pd.lock:
-            if all(p in pd.triggers for p in acked):
-                break
-        time.sleep(0.1)
+    latencies = wait_for_pages(pd, acked, tag)
     background.join()
     if perf:
         perf.wait()
     server.stop()
     pd.server.shutdown()
-    with pd.lock:
-        missing = [p for p in acked if p not in pd.triggers]
-        latencies = sorted(pd.triggers[p] - acked[p] for p in acked if p in pd.triggers)
-        rejected = list(pd.rejected)
-    if rejected:
-        sys.exit(f"{tag}: the fake PagerDuty rejected events: {rejected[:5]}")
-    if missing:
-        sys.exit(f"{tag}: {len(missing)} of {len(acked)} probes never paged within 60 s: {missing[:5]}")
     s0 = summary(before, "fleetlake_rule_group_duration_seconds", "fleet")
     s1 = summary(after, "fleetlake_rule_group_duration_seconds", "fleet")
     rounds = s1.get("count", 0) - s0.get("count", 0)
@@ -400,10 +376,148 @@ def probe_phase(binary, tag):
     }
 
 
+def send_probes(servers):
+    """One breaching datapoint of a new Probe value a second for PROBE_S seconds, to
+    `servers` in turn: probe -> (monotonic time of its 200, index of the server)."""
+    acked = {}
+    run = int(time.time())
+    for seq in range(PROBE_S):
+        tick = time.monotonic()
+        probe = f"{run}-{seq}"
+        target = seq % len(servers)
+        now_ms = int(time.time() * 1000)
+        record = json.dumps({
+            "metric_stream_name": "bench", "account_id": PROBE_ACCOUNT, "region": "us-east-1",
+            "namespace": "fleetlake/bench", "metric_name": "BreachProbe", "dimensions": {"Probe": probe},
+            "timestamp": now_ms - now_ms % 60_000,
+            "value": {"count": 1.0, "sum": 1.0, "max": 1.0, "min": 1.0}, "unit": "Count"}) + "\n"
+        request_id = f"probe-{probe}"
+        body = json.dumps({"requestId": request_id, "timestamp": now_ms,
+                           "records": [{"data": base64.b64encode(record.encode()).decode()}]}).encode()
+        request = urllib.request.Request(
+            f"http://{servers[target].addr}/firehose/metrics", data=gzip.compress(body), method="POST",
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                     "X-Amz-Firehose-Protocol-Version": "1.0", "X-Amz-Firehose-Request-Id": request_id})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            if response.status == 200:
+                acked[probe] = (time.monotonic(), target)
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    return acked
+
+
+def wait_for_pages(pd, acked, tag):
+    """Waits up to 60 s for every acknowledged probe's page; per server index, the
+    sorted times from 200 to the fake PagerDuty's receipt (all servers under None)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with pd.lock:
+            if all(p in pd.triggers for p in acked):
+                break
+        time.sleep(0.1)
+    with pd.lock:
+        missing = [p for p in acked if p not in pd.triggers]
+        rejected = list(pd.rejected)
+        latencies = {}
+        for p, (at, target) in acked.items():
+            if p in pd.triggers:
+                for key in (None, target):
+                    latencies.setdefault(key, []).append(pd.triggers[p] - at)
+    if rejected:
+        sys.exit(f"{tag}: the fake PagerDuty rejected events: {rejected[:5]}")
+    if missing:
+        sys.exit(f"{tag}: {len(missing)} of {len(acked)} probes never paged within 60 s: {missing[:5]}")
+    return {k: sorted(v) for k, v in latencies.items()}
+
+
+def two_probe_phase(binary, tag):
+    """TWO=1: two servers of `binary` on one lake and one lease table (in moto), with
+    the rules and the probe; the probes to each in turn. What they measured."""
+    import boto3  # in PYTHON's venv with moto
+
+    client = boto3.client("kinesis", endpoint_url=MOTO, region_name="us-east-1", **{
+        "aws_access_key_id": "testing", "aws_secret_access_key": "testing"})
+    client.create_stream(StreamName=f"bench-{tag}", ShardCount=1)
+    pd = PagerDuty()
+    extra = (f'[lake]\ndir = "{WORK}/lake-two-{tag}"\n\n'
+             f'[[kinesis]]\nstream = "bench-{tag}"\nregion = "us-east-1"\nendpoint_url = "{MOTO}"\n'
+             f'lease_table = "leases-{tag}"\nlease_endpoint_url = "{MOTO}"\nlease_duration = "10s"\n\n')
+    config = write_config(f"probe-two-{tag}", probe_rules, pd.url, extra)
+    servers = [Server(f"probe-{tag}-{i}", config, binary) for i in (1, 2)]
+
+    def held():
+        return sum(float(line.rsplit(" ", 1)[1]) for s in servers for line in s.metrics().splitlines()
+                   if re.match(r"fleetlake_alert_groups_held[ {]", line))
+
+    deadline = time.monotonic() + 120
+    while held() < 2:
+        if time.monotonic() > deadline:
+            sys.exit(f"{tag}: the two rule groups were not held within 120 s")
+        time.sleep(0.5)
+    say(f"{tag}: preload, the fleet's last {PRELOAD_MINUTES} minutes at full rate (to the first)")
+    loadgen(f"preload-{tag}", servers[0], "--pregenerate", "--minutes", str(PRELOAD_MINUTES), timeout=900)
+    say(f"{tag}: probes for {PROBE_S}s to both in turn, loadgen at {half:,} dp/s split between them")
+    background = [threading.Thread(target=lambda i=i, s=s: loadgen(
+        f"probe-{tag}-{i}", s, "--rate", str(half // 2), "--duration", f"{PROBE_S + 10}s",
+        seed=str(int(SEED) + 1 + i), timeout=PROBE_S + 900)) for i, s in enumerate(servers)]
+    for b in background:
+        b.start()
+    time.sleep(5)
+    before = [s.metrics() for s in servers]
+    acked = send_probes(servers)
+    after = [s.metrics() for s in servers]
+    latencies = wait_for_pages(pd, acked, tag)
+    for b in background:
+        b.join()
+    for s in servers:
+        s.stop()
+    pd.server.shutdown()
+    rounds = total = 0.0
+    for b, a in zip(before, after):
+        s0 = summary(b, "fleetlake_rule_group_duration_seconds", "fleet")
+        s1 = summary(a, "fleetlake_rule_group_duration_seconds", "fleet")
+        rounds += s1.get("count", 0) - s0.get("count", 0)
+        total += s1.get("sum", 0) - s0.get("sum", 0)
+    return {"rounds": rounds, "mean": total / rounds if rounds else float("nan"),
+            "latencies": latencies}
+
+
+def two_rows(m):
+    out = [(f"{RULES:,}-rule round, two instances, ingest at half rate: mean over the probe run's rounds",
+            f"{m['mean'] * 1000:.0f} ms ({m['rounds']:.0f} rounds)", m["mean"])]
+    for key, label in ((None, "all probes"), (0, "probes to the first"), (1, "probes to the second")):
+        lat = m["latencies"].get(key, [])
+        if lat:
+            out.append((f"breach → page, two instances, {label} ({len(lat)}): p50 / p99 / max",
+                        f"{q(lat, 0.5) * 1000:.0f} ms / {q(lat, 0.99) * 1000:.0f} ms / {lat[-1] * 1000:.0f} ms",
+                        q(lat, 0.99)))
+    return out
+
+
 # The build before a change, in the same run (BASELINE=/path/to/fleetlake), then this one.
 PROBING = ENV.get("PROBE_S") != "0"
-baseline = probe_phase(BASELINE, "baseline") if BASELINE and PROBING else None
-measured = probe_phase(FLEETLAKE, "new") if PROBING else None
+MOTO = None
+moto = None
+if TWO and PROBING:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        moto_port = sock.getsockname()[1]
+    moto_bin = os.path.join(os.path.dirname(ENV.get("PYTHON", sys.executable)), "moto_server")
+    moto = subprocess.Popen([moto_bin, "-H", "127.0.0.1", "-p", str(moto_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    MOTO = f"http://127.0.0.1:{moto_port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(MOTO + "/moto-api/", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.2)
+phase = two_probe_phase if TWO else probe_phase
+baseline = phase(BASELINE, "baseline") if BASELINE and PROBING else None
+measured = phase(FLEETLAKE, "new") if PROBING else None
+if moto:
+    moto.terminate()
 
 
 def q(values, p):
@@ -434,7 +548,9 @@ if during:
 
 
 def probe_rows(m):
-    lat = m["latencies"]
+    if TWO:
+        return two_rows(m)
+    lat = m["latencies"][None]
     saves = m["saves"]
     return [
         (f"{RULES:,}-rule round, ingest at half rate ({half / 1e3:,.0f} k dp/s): mean over the probe run's rounds",
