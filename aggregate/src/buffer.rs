@@ -434,6 +434,29 @@ impl BufferView {
 
     /// The rows a query that reads lake version `lake_version` must add to the lake's.
     pub fn visible(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
+        let mut out = self.own_visible(lake_version);
+        out.extend(self.mirror.visible_anyway(lake_version));
+        out
+    }
+
+    /// As [`BufferView::visible`], but `None` while that cannot be told for sure: a
+    /// flush is committing on top of a version before `lake_version`, and whether
+    /// `lake_version` is that commit or another writer's is only known once the
+    /// writer records the version it landed as (a moment later). With one writer it
+    /// is always the flush's; with several instances on the lake it may not be. The
+    /// same for other instances' published rows (see [`crate::peers::MirrorView`]).
+    pub fn visible_settled(&self, lake_version: Option<i64>) -> Option<Vec<RecordBatch>> {
+        if flushing_committed(self.flushing_base, lake_version) {
+            return None;
+        }
+        let mirrored = self.mirror.visible(lake_version)?;
+        let mut out = self.own_visible(lake_version);
+        out.extend(mirrored);
+        Some(out)
+    }
+
+    /// This writer's rows a reader of `lake_version` adds to the lake's.
+    fn own_visible(&self, lake_version: Option<i64>) -> Vec<RecordBatch> {
         let mut out: Vec<RecordBatch> = self.open.iter().flat_map(|c| c.iter().cloned()).collect();
         if !flushing_committed(self.flushing_base, lake_version) {
             out.extend(self.flushing.iter().flat_map(|c| c.iter().cloned()));
@@ -443,21 +466,7 @@ impl BufferView {
                 out.extend(rows.iter().cloned());
             }
         }
-        out.extend(self.mirror.visible_anyway(lake_version));
         out
-    }
-
-    /// As [`BufferView::visible`], but `None` while that cannot be told for sure: a
-    /// flush is committing on top of a version before `lake_version`, and whether
-    /// `lake_version` is that commit or another writer's is only known once the
-    /// writer records the version it landed as (a moment later). With one writer it
-    /// is always the flush's; with several instances on the lake it may not be.
-    pub fn visible_settled(&self, lake_version: Option<i64>) -> Option<Vec<RecordBatch>> {
-        if flushing_committed(self.flushing_base, lake_version) {
-            return None;
-        }
-        self.mirror.visible(lake_version)?;
-        Some(self.visible(lake_version))
     }
 
     /// Rows held (open and flushing, suspects included).

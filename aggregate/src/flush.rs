@@ -389,10 +389,9 @@ async fn mirror_published(
     };
     let mut published = Vec::new();
     for (file, rows) in &mut read {
-        let Some(rows) = rows.take() else {
+        let Some(mut rows) = rows.take() else {
             continue;
         };
-        let mut rows = rows;
         if file.joining && !existing.is_empty() {
             rows.batches = rows
                 .batches
