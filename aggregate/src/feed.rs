@@ -22,6 +22,10 @@
 //!   so a reader takes them away once: every row counts once after this flush, as it
 //!   does in the lake.
 //!
+//! A commit of another writer whose rows cannot be read one commit at a time (its
+//! files vacuumed before this process read it) comes as a *lost* item: no rows, its
+//! version, and a reader whose state lacks that version reads the lake again.
+//!
 //! Each emission has a sequence number; [`Published::feed_seq`](crate::writer::Published)
 //! is the last one emitted before that snapshot, so a reader that subscribes and then
 //! reads a snapshot knows which items the snapshot already holds (see
@@ -55,6 +59,11 @@ pub struct FeedItem {
     /// The rows are another instance's, published before its commit (see
     /// [`crate::peers`]).
     pub mirrored: bool,
+    /// No rows: those of another writer's commit (`committed_as`) could not be read
+    /// (gone from the log, or its files vacuumed after a compaction rewrote them).
+    /// A reader whose state lacks that version cannot keep it up from the feed and
+    /// must read the lake again (at that version or later).
+    pub lost: bool,
 }
 
 impl FeedItem {

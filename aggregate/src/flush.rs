@@ -321,6 +321,9 @@ async fn hand_others(
         .await
 }
 
+/// Published files read at once by a follower.
+const READ_AT_ONCE: usize = 16;
+
 /// Mirrors the rows other instances published of `slot`'s table and this process has
 /// not read (see [`crate::peers`]); the caller holds the table's handle, whose
 /// commits through its tailed version were handed on. Returns a receiver answered once
@@ -350,8 +353,21 @@ async fn mirror_published(
     // (and every later one) for the next pass.
     let mut read = Vec::new();
     let mut failure = None;
-    for file in files {
-        match follower.read(store, table, &file).await {
+    // Several GETs at once: a follower joining a writer with many files (a long
+    // flush interval) holds the table's handle for a round trip per batch of them,
+    // not per file.
+    let fetched: Vec<_> = {
+        use futures::StreamExt as _;
+        let follower = &*follower;
+        let files = &files;
+        futures::stream::iter(0..files.len())
+            .map(|i| follower.read(store, table, &files[i]))
+            .buffered(READ_AT_ONCE)
+            .collect()
+            .await
+    };
+    for (file, fetched) in files.into_iter().zip(fetched) {
+        match fetched {
             Ok(rows) => read.push((file, rows)),
             Err(crate::peers::ReadFailure::Bad(error)) => {
                 ::metrics::counter!(m::MIRROR_FAILURES, "table" => table.name()).increment(1);

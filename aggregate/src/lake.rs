@@ -78,6 +78,11 @@ pub struct OtherCommit {
     pub cover: Option<crate::peers::Cover>,
     /// The rows it added (none for a commit of positions only).
     pub rows: Vec<RecordBatch>,
+    /// Why its rows could not be read, when they could not: the commit is gone from
+    /// the log (cleaned up) or some of its files are (vacuumed after a compaction
+    /// rewrote them). Its rows are in the lake, but not to be had one commit at a
+    /// time: a reader keeping state from the commits must read the lake again.
+    pub lost: Option<String>,
 }
 
 /// Commit-info key of the writer (WAL id) that made a flush commit.
@@ -509,7 +514,12 @@ impl TableLake {
                 .await
                 .map_err(|e| self.delta_err(e))?
             else {
-                tracing::warn!(table = %self.location, version, "a commit to follow is gone from the log; its rows are not followed");
+                out.push(self.lost(
+                    version,
+                    None,
+                    None,
+                    "the commit is gone from the log".into(),
+                ));
                 continue;
             };
             let actions = deltalake::logstore::get_actions(version as u64, &bytes)
@@ -517,6 +527,8 @@ impl TableLake {
             let mut writer = None;
             let mut cover = None;
             let mut paths = Vec::new();
+            // Rows the commit says its files hold, when every file says.
+            let mut expected = Some(0_usize);
             for action in actions {
                 match action {
                     Action::CommitInfo(info) => {
@@ -530,7 +542,13 @@ impl TableLake {
                             .get(crate::peers::COVER_KEY)
                             .and_then(crate::peers::Cover::from_json);
                     }
-                    Action::Add(add) if add.data_change => paths.push(add.path),
+                    Action::Add(add) if add.data_change => {
+                        let records = add.get_stats().ok().flatten().map(|s| s.num_records);
+                        expected = expected
+                            .zip(records.and_then(|n| usize::try_from(n).ok()))
+                            .map(|(a, b)| a + b);
+                        paths.push(add.path);
+                    }
                     _ => {}
                 }
             }
@@ -550,7 +568,29 @@ impl TableLake {
             let rows = if uris.is_empty() {
                 Vec::new()
             } else {
-                self.read_files(uris).await?
+                // A file that is gone reads as no rows (the reader takes a missing
+                // file for an empty prefix): what the commit says its files hold
+                // tells, or else whether each is still there.
+                if expected.is_none()
+                    && let Some(gone) = self.missing_file(&paths).await?
+                {
+                    out.push(self.lost(version, writer, cover, format!("its file {gone} is gone")));
+                    continue;
+                }
+                let rows = self.read_files(uris).await?;
+                let read: usize = rows.iter().map(RecordBatch::num_rows).sum();
+                if let Some(expected) = expected
+                    && read != expected
+                {
+                    out.push(self.lost(
+                        version,
+                        writer,
+                        cover,
+                        format!("its files held {read} of the {expected} rows it added (vacuumed)"),
+                    ));
+                    continue;
+                }
+                rows
             };
             ::metrics::counter!(crate::metrics::TAILED_ROWS, "table" => self.kind.name())
                 .increment(rows.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
@@ -559,10 +599,52 @@ impl TableLake {
                 writer,
                 cover,
                 rows,
+                lost: None,
             });
         }
         self.tailed = Some(latest);
         Ok(out)
+    }
+
+    /// Another writer's commit `version` whose rows could not be read (see
+    /// [`OtherCommit::lost`]), counted and logged.
+    fn lost(
+        &self,
+        version: i64,
+        writer: Option<String>,
+        cover: Option<crate::peers::Cover>,
+        why: String,
+    ) -> OtherCommit {
+        ::metrics::counter!(crate::metrics::TAIL_LOST, "table" => self.kind.name()).increment(1);
+        tracing::warn!(table = %self.location, version, %why, "the rows of another writer's commit cannot be read one commit at a time; state kept from commits is read from the lake again");
+        OtherCommit {
+            version,
+            writer,
+            cover,
+            rows: Vec::new(),
+            lost: Some(why),
+        }
+    }
+
+    /// The first of data files `paths` (relative to the table, as the log has them)
+    /// that is gone from the store, if any.
+    async fn missing_file(&self, paths: &[String]) -> Result<Option<String>, LakeError> {
+        use deltalake::logstore::object_store::ObjectStoreExt as _;
+        let store = self.lake.table().log_store().object_store(None);
+        for path in paths {
+            let location = deltalake::logstore::object_store::path::Path::from_url_path(path)
+                .map_err(|e| {
+                    self.delta_err(deltalake::DeltaTableError::Generic(format!("{path}: {e}")))
+                })?;
+            match store.head(&location).await {
+                Ok(_) => {}
+                Err(deltalake::logstore::object_store::Error::NotFound { .. }) => {
+                    return Ok(Some(path.clone()));
+                }
+                Err(e) => return Err(self.delta_err(e.into())),
+            }
+        }
+        Ok(None)
     }
 
     /// Every row of data files `uris` of this table, as the table's schema has them.

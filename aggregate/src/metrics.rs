@@ -56,6 +56,10 @@ pub const STAGE_UP: &str = "fleetlake_stage_up";
 pub const TAILED_ROWS: &str = "fleetlake_lake_followed_rows_total";
 /// Failed reads of other writers' commits (tried again a second later), by `table`.
 pub const TAIL_FAILURES: &str = "fleetlake_lake_follow_failures_total";
+/// Other writers' commits whose rows could not be read one at a time (gone from the
+/// log, or their files vacuumed), by `table`: state kept from commits reads the lake
+/// again.
+pub const TAIL_LOST: &str = "fleetlake_lake_follow_lost_commits_total";
 
 /// Rows of other instances mirrored before their commit, by `table` (see `peers`).
 pub const MIRRORED_ROWS: &str = "fleetlake_peer_mirrored_rows_total";
@@ -84,6 +88,10 @@ pub fn describe() {
     metrics::describe_counter!(
         TAIL_FAILURES,
         "Failed reads of other writers' commits (tried again a second later)"
+    );
+    metrics::describe_counter!(
+        TAIL_LOST,
+        "Other writers' commits whose rows could not be read one at a time (log cleaned up, files vacuumed); incremental state reads the lake again"
     );
     metrics::describe_counter!(
         MIRRORED_ROWS,

@@ -318,16 +318,10 @@ impl Mirror {
         cover: &Cover,
         rows: Vec<RecordBatch>,
     ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
-        let (covered, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|e| &*e.writer == writer && cover.covers(&e.incarnation, e.seq));
-        self.entries = kept;
+        let covered = self.take_covered(writer, cover);
         if covered.is_empty() {
             return (rows, Vec::new());
         }
-        self.cached = None;
-        let covered: Vec<RecordBatch> = covered.into_iter().map(|e| e.batch).collect();
-        self.rows -= covered.iter().map(RecordBatch::num_rows).sum::<usize>();
         let points = |batches: &[RecordBatch]| -> HashSet<u128> {
             batches
                 .iter()
@@ -343,6 +337,31 @@ impl Mirror {
                 .push_back((version, Instant::now(), Arc::from(held)));
         }
         (new, gone)
+    }
+
+    /// As [`Mirror::commit`] for a commit whose rows could not be read: the rows it
+    /// covers leave the mirror, and stay a moment for readers of earlier versions (the
+    /// commit holds them, unless its writer found one already in the lake).
+    pub(crate) fn commit_unread(&mut self, version: i64, writer: &str, cover: &Cover) {
+        let covered = self.take_covered(writer, cover);
+        if !covered.is_empty() {
+            self.covered
+                .push_back((version, Instant::now(), Arc::from(covered)));
+        }
+    }
+
+    /// Takes out the mirrored rows of `writer` that `cover` covers.
+    fn take_covered(&mut self, writer: &str, cover: &Cover) -> Vec<RecordBatch> {
+        let (covered, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| &*e.writer == writer && cover.covers(&e.incarnation, e.seq));
+        self.entries = kept;
+        if !covered.is_empty() {
+            self.cached = None;
+        }
+        let covered: Vec<RecordBatch> = covered.into_iter().map(|e| e.batch).collect();
+        self.rows -= covered.iter().map(RecordBatch::num_rows).sum::<usize>();
+        covered
     }
 
     /// Keeps `rows` of another writer's commit `version` (those the mirror did not hold)

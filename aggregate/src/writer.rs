@@ -436,7 +436,17 @@ impl<L: Log> Writer<L> {
                         writer,
                         cover,
                         rows,
+                        lost,
                     } = commit;
+                    if lost.is_some() {
+                        // Readers keeping state from the feed read the lake again; the
+                        // rows this mirror held of it leave (they are in the lake).
+                        if let (Some(writer), Some(cover)) = (writer, cover) {
+                            self.mirrors[table.index()].commit_unread(version, &writer, &cover);
+                        }
+                        self.emit_lost(table, version);
+                        continue;
+                    }
                     let (rows, retracted) = match (writer, cover) {
                         (Some(writer), Some(cover)) => self.mirrors[table.index()]
                             .commit(table, version, &writer, &cover, rows),
@@ -571,6 +581,22 @@ impl<L: Log> Writer<L> {
             committed_as,
             retract,
             mirrored,
+            lost: false,
+        });
+    }
+
+    /// Tells readers that the rows of another writer's commit `version` of `table`
+    /// cannot be had from the feed (see [`FeedItem::lost`]).
+    fn emit_lost(&mut self, table: Table, version: i64) {
+        self.feed_seq += 1;
+        self.outlet.feed.emit(FeedItem {
+            seq: self.feed_seq,
+            table,
+            batches: Vec::new(),
+            committed_as: Some(version),
+            retract: false,
+            mirrored: false,
+            lost: true,
         });
     }
 

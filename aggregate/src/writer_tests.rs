@@ -811,3 +811,83 @@ async fn a_silent_instances_mirrored_rows_are_taken_back() {
     mine.follow_now().await.unwrap();
     assert!(drain(&mut feed).is_empty());
 }
+
+/// Another writer's commits whose files a compaction rewrote and a vacuum deleted
+/// before this writer read them cannot be followed one commit at a time (their files
+/// would read as empty): each comes to the feed as lost, marked with its version and
+/// without rows, so readers keeping state read the lake again; rows of theirs this
+/// writer mirrored leave the mirror with the commit that covers them; a commit read
+/// in time afterwards comes as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_writers_commits_vacuumed_before_they_were_read_come_as_lost() {
+    use fleetlake_model::RowSink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (lake, mine, theirs) = two_writers(&dir).await;
+    mine.follow_other_writers().await.unwrap();
+    theirs.follow_other_writers().await.unwrap();
+    let (mut feed, _) = mine.subscribe();
+    let mut items = move || {
+        let mut items = Vec::new();
+        while let Ok(item) = feed.try_recv() {
+            if item.table == Table::Metrics {
+                items.push((item.committed_as, item.lost, visible_rows(&item.batches)));
+            }
+        }
+        items
+    };
+    // One row of theirs mirrored here, then committed; another committed.
+    theirs
+        .write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    theirs.publish_now().await;
+    mine.follow_now().await.unwrap();
+    assert_eq!(items(), vec![(None, false, 1)]);
+    theirs.flush().await.unwrap();
+    let first = lake_version(&lake).await.unwrap();
+    theirs
+        .write(vec![(Table::Metrics, batch("2", 1))])
+        .await
+        .unwrap();
+    theirs.flush().await.unwrap();
+
+    // Rewritten and vacuumed with no grace before this writer reads them.
+    let table = deltalake::DeltaTable::try_from_url(lake.table_url(Table::Metrics.name()))
+        .await
+        .unwrap();
+    let (table, optimized) = table.optimize().await.unwrap();
+    assert_eq!(optimized.num_files_removed, 2, "{optimized:?}");
+    let (_, vacuumed) = table
+        .vacuum()
+        .with_retention_period(chrono::Duration::zero())
+        .with_enforce_retention_duration(false)
+        .await
+        .unwrap();
+    assert_eq!(vacuumed.files_deleted.len(), 2, "{vacuumed:?}");
+
+    mine.follow_now().await.unwrap();
+    assert_eq!(
+        items(),
+        vec![(Some(first), true, 0), (Some(first + 1), true, 0)]
+    );
+    // The mirrored row is in the lake from `first` on, and with the hot rows before.
+    let hot_at = |version: i64| {
+        visible_rows(
+            &mine
+                .snapshot_settled(Table::Metrics, Some(version))
+                .unwrap(),
+        )
+    };
+    assert_eq!((hot_at(first - 1), hot_at(first)), (1, 0));
+
+    // A commit read in time is followed as before.
+    theirs
+        .write(vec![(Table::Metrics, batch("3", 1))])
+        .await
+        .unwrap();
+    theirs.flush().await.unwrap();
+    let third = lake_version(&lake).await.unwrap();
+    mine.follow_now().await.unwrap();
+    assert_eq!(items(), vec![(Some(third), false, 1)]);
+}

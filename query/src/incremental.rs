@@ -286,6 +286,14 @@ struct Backoff {
 }
 
 impl Backoff {
+    /// Starts it again at the next round: what broke it (a commit whose rows could
+    /// not be read from the feed) is over once the lake is read again.
+    fn at_once(&mut self) {
+        if !self.running {
+            self.at = Some(i64::MIN);
+        }
+    }
+
     /// Whether a round at `at_ms` starts it again (counted, and marked running, when
     /// it does); the first call after it broke sets when.
     fn due(&mut self, at_ms: i64) -> bool {
@@ -309,6 +317,16 @@ impl Backoff {
 }
 
 impl LeafState {
+    /// Its partials can no longer be trusted, for `reason`: its rules run as SQL
+    /// until it starts again.
+    fn drop_partials(&mut self, reason: String) {
+        tracing::warn!(leaf = %self.plan.leaf, %reason, "incremental aggregate dropped; its rules run as SQL until it starts again");
+        ::metrics::counter!("fleetlake_incremental_broken_total").increment(1);
+        self.partials = Vec::new();
+        self.cached = None;
+        self.broken = Some(reason);
+    }
+
     /// A leaf not started yet.
     fn new(plan: Arc<LeafPlan>) -> Self {
         Self {
@@ -392,6 +410,20 @@ impl RowWindow {
     /// Adds the rows of `table` that feed `items` bring past [`RowWindow::since`], and
     /// takes away one copy of each row they retract.
     fn take_in(&mut self, items: &[Arc<FeedItem>], table: Table, limit: usize) {
+        if !self.full
+            && let Some(version) = lost_after(items, table, self.since)
+        {
+            tracing::warn!(
+                table = table.name(),
+                version,
+                "recent rows miss another writer's commit that could not be read; windowed rules read the lake until they are read again"
+            );
+            self.full = true;
+            self.rows = Vec::new();
+            self.bytes = 0;
+            self.restart.at_once();
+            return;
+        }
         self.add(rows_after(items, table, self.since), limit);
         let taken: Vec<RecordBatch> = retracted_after(items, table, self.since).collect();
         if !taken.is_empty()
@@ -1158,6 +1190,8 @@ impl Incremental {
             (Ok(()), Some(reason)) => {
                 tracing::warn!(leaf = %leaf.plan.leaf, %reason, restarts, "a broken leaf started again and broke again; its rules run as SQL");
                 leaf.broken = Some(reason);
+                // Broken by a commit its start did not hold: again at once.
+                leaf.restart.at = fresh.restart.at;
             }
             (Ok(()), None) => {
                 tracing::info!(leaf = %leaf.plan.leaf, restarts, "a broken leaf started again; its rules run from partials");
@@ -1203,8 +1237,8 @@ impl Incremental {
         window.restart.running = false;
         match read {
             Ok(mut fresh) => {
-                fresh.take_in(&replay, table, self.window_bytes);
                 fresh.restart = std::mem::take(&mut window.restart);
+                fresh.take_in(&replay, table, self.window_bytes);
                 if fresh.full {
                     tracing::warn!(
                         table = table.name(),
@@ -1366,6 +1400,20 @@ fn retracted_after(
     items_after(items, table, since, true)
 }
 
+/// The version of the first commit of `table` that feed `items` say could not be read
+/// (see [`FeedItem::lost`]) and that a state started from the snapshot at `since` does
+/// not hold: such a state cannot be kept up from the feed.
+fn lost_after(
+    items: &[Arc<FeedItem>],
+    table: Table,
+    (seq, version): (u64, Option<i64>),
+) -> Option<i64> {
+    items
+        .iter()
+        .find(|item| item.table == table && item.lost && !item.already_in(seq, version))
+        .and_then(|item| item.committed_as)
+}
+
 fn items_after(
     items: &[Arc<FeedItem>],
     table: Table,
@@ -1390,6 +1438,19 @@ async fn fold_items(
     since: (u64, Option<i64>),
     limit: usize,
 ) {
+    if let Some(version) = lost_after(items, table, since) {
+        let reason = format!(
+            "the rows of another writer's commit {version} of {table} could not be read from the feed (vacuumed or cleaned up before this instance read it)"
+        );
+        for i in mine {
+            let leaf = &mut leaves[*i];
+            if leaf.broken.is_none() {
+                leaf.drop_partials(reason.clone());
+                leaf.restart.at_once();
+            }
+        }
+        return;
+    }
     let rows: Vec<RecordBatch> = rows_after(items, table, since).collect();
     fold_into(leaves, mine, &rows, limit, false).await;
     let taken: Vec<RecordBatch> = retracted_after(items, table, since).collect();
@@ -1487,11 +1548,7 @@ async fn fold_into(
             Ok(()) => None,
         };
         if let Some(reason) = broken {
-            tracing::warn!(leaf = %leaf.plan.leaf, %reason, "incremental aggregate dropped; its rules run as SQL");
-            ::metrics::counter!("fleetlake_incremental_broken_total").increment(1);
-            leaf.partials = Vec::new();
-            leaf.cached = None;
-            leaf.broken = Some(reason);
+            leaf.drop_partials(reason);
         }
     }
 }

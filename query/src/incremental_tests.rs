@@ -107,6 +107,9 @@ enum Step {
     /// The other instance publishes the rows it accepted since (as it does every
     /// second), for this one to mirror before the other's commit.
     PublishOther,
+    /// Another engine compacts the lake and vacuums it with no grace before this
+    /// instance reads the other's commits: their files are gone when it does.
+    VacuumOther,
 }
 
 fn point() -> impl Strategy<Value = Point> {
@@ -147,6 +150,7 @@ fn steps_with_another_writer() -> impl Strategy<Value = Vec<Step>> {
             1 => Just(Step::Flush),
             2 => Just(Step::FlushOther),
             2 => Just(Step::PublishOther),
+            1 => Just(Step::VacuumOther),
             3 => (1u8..90).prop_map(Step::Round),
             1 => Just(Step::Fold),
         ],
@@ -273,6 +277,7 @@ async fn run_with(
     };
     let registry = Arc::new(std::sync::Mutex::new(accounts(3)));
     let rows_now = Arc::clone(&registry);
+    let metrics_url = lake.table_url(Table::Metrics.name());
     let engine = Arc::new(
         QueryEngine::new(lake, Some(Arc::new(Hot(aggregator.clone())))).with_table(
             "accounts",
@@ -328,6 +333,18 @@ async fn run_with(
             }
             Step::FlushOther => other().flush().await.unwrap(),
             Step::PublishOther => other().publish_now().await,
+            Step::VacuumOther => {
+                other();
+                if let Ok(table) = deltalake::DeltaTable::try_from_url(metrics_url.clone()).await {
+                    let (table, _) = table.optimize().await.unwrap();
+                    table
+                        .vacuum()
+                        .with_retention_period(chrono::Duration::zero())
+                        .with_enforce_retention_duration(false)
+                        .await
+                        .unwrap();
+                }
+            }
             Step::Round(seconds) => {
                 // What the other instance committed reaches the feed within a second
                 // in the service; here before the round, as SQL reads it.
@@ -897,6 +914,34 @@ proptest! {
             prop_assert!(!matches!(ours.data_type(), DataType::Null));
         }
     }
+}
+
+/// Commits of the other instance whose files are vacuumed before this one reads them
+/// (and a row of theirs mirrored here before): every aggregate and window reads the
+/// lake again at the next round and gives the scan's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_instances_commits_vacuumed_before_they_were_read_are_read_from_the_lake() {
+    run_with(
+        vec![(2, 0, 1, -2000, 3)],
+        true,
+        vec![
+            Step::Round(1),
+            Step::DeliverOther(vec![(0, 0, 0, -1000, 7)]),
+            Step::PublishOther,
+            Step::Round(1),
+            Step::FlushOther,
+            Step::DeliverOther(vec![(1, 1, 1, -61_000, 8)]),
+            Step::FlushOther,
+            Step::VacuumOther,
+            Step::Round(1),
+            Step::DeliverOther(vec![(1, 0, 1, -3000, 5)]),
+            Step::FlushOther,
+            Step::Round(2),
+        ],
+        true,
+    )
+    .await
+    .unwrap();
 }
 
 /// Rows the other instance published are in the rounds before its commit, and once
