@@ -238,6 +238,21 @@ impl HotBuffer {
         (outcome, shown)
     }
 
+    /// Whether a row with de-duplication key `point` is held and not yet committed
+    /// (open or flushing, suspects included).
+    pub fn holds(&self, point: u128) -> bool {
+        self.open.keys.contains(&point)
+            || self
+                .flushing
+                .as_ref()
+                .is_some_and(|g| g.keys.contains(&point))
+    }
+
+    /// Whether no row is held and not yet committed.
+    pub fn holds_none(&self) -> bool {
+        self.open.keys.is_empty() && self.flushing.as_ref().is_none_or(|g| g.keys.is_empty())
+    }
+
     /// The first WAL sequence number whose rows are held and not yet committed, if any:
     /// the log must be kept from there on for this table.
     pub fn pending_since(&self) -> Option<u64> {

@@ -276,11 +276,23 @@ pub(crate) async fn tail_once(
     let through = lake.tailed();
     // Sent under the handle's lock: a flush's own reading of the log comes after.
     let (done, emitted) = oneshot::channel();
+    let any = !commits.is_empty();
     hand_others(shared, slot, commits, through, Some(done)).await?;
     let mirrored = mirror_published(shared, slot, &mut lake).await;
     drop(lake);
-    if wait {
-        emitted.await.map_err(|_| LakeError::WriterStopped)?;
+    // Only commits can hold rows this writer holds: without any, the answer is not
+    // waited for unless asked.
+    if wait || any {
+        let held = emitted.await.map_err(|_| LakeError::WriterStopped)?;
+        if held {
+            // Another writer committed rows this one holds too: its flush takes its
+            // copies back now, and the tail (a test's follow) returns after it. A
+            // failure is left to the flush loop, which reports and retries it.
+            if let Err(error) = flush_once(shared).await {
+                tracing::warn!(%error, "the flush after another writer committed rows held here too failed; the flush loop retries it");
+                shared.outlet.flush_now.notify_one();
+            }
+        }
     }
     match mirrored {
         Ok(Some(done)) if wait => done.await.map_err(|_| LakeError::WriterStopped),
@@ -301,7 +313,7 @@ async fn hand_others(
     slot: &TableSlot,
     commits: Vec<crate::lake::OtherCommit>,
     through: Option<i64>,
-    done: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Sender<bool>>,
 ) -> Result<(), LakeError> {
     {
         let mut follower = slot.follower.lock().await;

@@ -78,6 +78,9 @@ pub struct OtherCommit {
     pub cover: Option<crate::peers::Cover>,
     /// The rows it added (none for a commit of positions only).
     pub rows: Vec<RecordBatch>,
+    /// The de-duplication keys of `rows` (computed where the commit is read, off the
+    /// writer's thread).
+    pub points: HashSet<u128>,
     /// Why its rows could not be read, when they could not: the commit is gone from
     /// the log (cleaned up) or some of its files are (vacuumed after a compaction
     /// rewrote them). Its rows are in the lake, but not to be had one commit at a
@@ -594,11 +597,16 @@ impl TableLake {
             };
             ::metrics::counter!(crate::metrics::TAILED_ROWS, "table" => self.kind.name())
                 .increment(rows.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
+            let points = rows
+                .iter()
+                .flat_map(|b| row_keys(self.kind, b).into_iter().map(|k| k.point))
+                .collect();
             out.push(OtherCommit {
                 version,
                 writer,
                 cover,
                 rows,
+                points,
                 lost: None,
             });
         }
@@ -622,6 +630,7 @@ impl TableLake {
             writer,
             cover,
             rows: Vec::new(),
+            points: HashSet::new(),
             lost: Some(why),
         }
     }
@@ -1340,7 +1349,7 @@ pub fn split_at_time(
 
 /// Splits `batches` (of `table`) into the rows whose key `first` holds for and the
 /// others.
-fn split_rows(
+pub(crate) fn split_rows(
     table: Table,
     batches: Vec<RecordBatch>,
     first: impl Fn(&fleetlake_model::keys::RowKey) -> bool,

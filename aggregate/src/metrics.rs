@@ -69,6 +69,12 @@ pub const MIRROR_ROWS: &str = "fleetlake_peer_mirror_rows";
 pub const PUBLISHED_ROWS: &str = "fleetlake_peer_published_rows_total";
 /// Failed writes of published rows (kept and tried again a second later), by `table`.
 pub const PUBLISH_FAILURES: &str = "fleetlake_peer_publish_failures_total";
+/// Rows other instances published that this one holds too (a retry sent to both),
+/// not mirrored: they count once, as this instance's, by `table`.
+pub const LEFT_OUT_ROWS: &str = "fleetlake_peer_left_out_rows_total";
+/// Flushes asked for early because another writer's commit holds rows this instance
+/// holds too (its flush takes its copies back), by `table`.
+pub const EARLY_FLUSHES: &str = "fleetlake_peer_early_flushes_total";
 /// Mirrored rows taken back because their instance's run went silent, by `table`.
 pub const FORGOTTEN_ROWS: &str = "fleetlake_peer_forgotten_rows_total";
 /// Failed reads of other instances' published rows (tried again a second later).
@@ -112,6 +118,14 @@ pub fn describe() {
     metrics::describe_counter!(
         FORGOTTEN_ROWS,
         "Mirrored rows taken back because their instance went silent"
+    );
+    metrics::describe_counter!(
+        LEFT_OUT_ROWS,
+        "Rows other instances published that this one holds too, counted once as its own"
+    );
+    metrics::describe_counter!(
+        EARLY_FLUSHES,
+        "Flushes asked for early because another writer's commit holds rows this instance holds too"
     );
     metrics::describe_counter!(
         MIRROR_FAILURES,

@@ -281,13 +281,38 @@ impl MirrorView {
 }
 
 impl Mirror {
-    /// Mirrors the rows of `published` (already filtered by the follower: none covered,
-    /// none read before); returns them, for the feed.
-    pub(crate) fn add(&mut self, published: Published) -> Vec<RecordBatch> {
+    /// Mirrors the rows of `published` (of `table`, already filtered by the follower:
+    /// none covered, none read before) but those whose key `held` holds (this process
+    /// holds the datapoint too, not yet committed: a retry sent to both instances);
+    /// returns the rows mirrored, for the feed, and how many were left out.
+    ///
+    /// A row left out counts once, as this process's own: that copy is committed by
+    /// this process's flush, or found in the lake by it (the other instance committed
+    /// its copy first, and this one's is taken back then).
+    pub(crate) fn add(
+        &mut self,
+        table: Table,
+        published: Published,
+        held: Option<&dyn Fn(u128) -> bool>,
+    ) -> (Vec<RecordBatch>, usize) {
         let writer: Arc<str> = published.writer.into();
         let incarnation: Arc<str> = published.incarnation.into();
         let mut out = Vec::with_capacity(published.batches.len());
+        let mut left_out = 0;
         for (seq, batch) in published.batches {
+            let batch = match held {
+                Some(held) if batch.num_rows() > 0 => {
+                    let rows = batch.num_rows();
+                    let (kept, _) = crate::lake::split_rows(table, vec![batch], |k| !held(k.point));
+                    let kept = kept.into_iter().next();
+                    left_out += rows - kept.as_ref().map_or(0, RecordBatch::num_rows);
+                    match kept {
+                        Some(kept) => kept,
+                        None => continue,
+                    }
+                }
+                _ => batch,
+            };
             if batch.num_rows() == 0 {
                 continue;
             }
@@ -303,13 +328,13 @@ impl Mirror {
         if !out.is_empty() {
             self.cached = None;
         }
-        out
+        (out, left_out)
     }
 
-    /// Another writer's commit `version` of `table` with `rows`, covering `cover` of its
-    /// published rows: takes the covered rows out and returns the commit's rows the
-    /// mirror did not hold (new to readers) and the covered rows the commit does not
-    /// hold (to retract).
+    /// Another writer's commit `version` of `table` with `rows` (whose keys are
+    /// `committed`), covering `cover` of its published rows: takes the covered rows out
+    /// and returns the commit's rows the mirror did not hold (new to readers) and the
+    /// covered rows the commit does not hold (to retract).
     pub(crate) fn commit(
         &mut self,
         table: Table,
@@ -317,21 +342,18 @@ impl Mirror {
         writer: &str,
         cover: &Cover,
         rows: Vec<RecordBatch>,
+        committed: &HashSet<u128>,
     ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
         let covered = self.take_covered(writer, cover);
         if covered.is_empty() {
             return (rows, Vec::new());
         }
-        let points = |batches: &[RecordBatch]| -> HashSet<u128> {
-            batches
-                .iter()
-                .flat_map(|b| row_keys(table, b).into_iter().map(|k| k.point))
-                .collect()
-        };
-        let mirrored = points(&covered);
-        let committed = points(&rows);
+        let mirrored: HashSet<u128> = covered
+            .iter()
+            .flat_map(|b| row_keys(table, b).into_iter().map(|k| k.point))
+            .collect();
         let new = without_points(table, rows, &mirrored);
-        let (gone, held) = split_points(table, covered, &committed);
+        let (gone, held) = split_points(table, covered, committed);
         if !held.is_empty() {
             self.covered
                 .push_back((version, Instant::now(), Arc::from(held)));
@@ -853,25 +875,79 @@ mod tests {
         );
     }
 
+    /// [`Mirror::commit`] of `rows` to the metrics table.
+    fn commit(
+        mirror: &mut Mirror,
+        version: i64,
+        writer: &str,
+        cover: &Cover,
+        rows: Vec<RecordBatch>,
+    ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
+        let points = rows
+            .iter()
+            .flat_map(|b| row_keys(Table::Metrics, b).into_iter().map(|k| k.point))
+            .collect();
+        mirror.commit(Table::Metrics, version, writer, cover, rows, &points)
+    }
+
+    #[test]
+    fn rows_this_process_holds_too_are_left_out() {
+        let mut mirror = Mirror::default();
+        let mine: HashSet<u128> = row_keys(Table::Metrics, &rows("1", &[2, 3]))
+            .into_iter()
+            .map(|k| k.point)
+            .collect();
+        let held = |point: u128| mine.contains(&point);
+        let (added, left_out) = mirror.add(
+            Table::Metrics,
+            Published {
+                writer: "p".into(),
+                incarnation: "b".into(),
+                batches: vec![(1, rows("1", &[1, 2])), (2, rows("1", &[3]))],
+            },
+            Some(&held),
+        );
+        assert_eq!((count(&added), left_out), (1, 2));
+        mirror.read_through(Some(0));
+        assert_eq!(count(&mirror.view().visible(Some(0)).unwrap()), 1);
+        // Their commit of all three: the two left out are new to readers (this
+        // process's copies go with its next flush), the one mirrored is not.
+        let cover = Cover {
+            incarnation: "b".into(),
+            through: 2,
+        };
+        let (new, gone) = commit(&mut mirror, 1, "p", &cover, vec![rows("1", &[1, 2, 3])]);
+        assert_eq!((count(&new), count(&gone)), (2, 0));
+        assert_eq!(mirror.rows(), 0);
+    }
+
     #[test]
     fn a_covering_commit_takes_its_rows_out_adds_what_the_mirror_lacked_and_retracts_what_it_lacks()
     {
         let mut mirror = Mirror::default();
-        let added = mirror.add(Published {
-            writer: "p".into(),
-            incarnation: "b".into(),
-            batches: vec![
-                (1, rows("1", &[1, 2])),
-                (2, rows("1", &[3])),
-                (4, rows("1", &[4])),
-            ],
-        });
+        let (added, _) = mirror.add(
+            Table::Metrics,
+            Published {
+                writer: "p".into(),
+                incarnation: "b".into(),
+                batches: vec![
+                    (1, rows("1", &[1, 2])),
+                    (2, rows("1", &[3])),
+                    (4, rows("1", &[4])),
+                ],
+            },
+            None,
+        );
         assert_eq!(count(&added), 4);
-        mirror.add(Published {
-            writer: "q".into(),
-            incarnation: "a".into(),
-            batches: vec![(1, rows("2", &[1]))],
-        });
+        mirror.add(
+            Table::Metrics,
+            Published {
+                writer: "q".into(),
+                incarnation: "a".into(),
+                batches: vec![(1, rows("2", &[1]))],
+            },
+            None,
+        );
         let view = mirror.view();
         assert_eq!(view.rows(), 5);
         // Not yet told which commits were read: a query of version 0 must wait.
@@ -885,8 +961,7 @@ mod tests {
             incarnation: "b".into(),
             through: 2,
         };
-        let (new, gone) =
-            mirror.commit(Table::Metrics, 1, "p", &cover, vec![rows("1", &[1, 3, 9])]);
+        let (new, gone) = commit(&mut mirror, 1, "p", &cover, vec![rows("1", &[1, 3, 9])]);
         assert_eq!(count(&new), 1, "the suspect is new");
         assert_eq!(count(&gone), 1, "time 2 is retracted");
         mirror.read_through(Some(1));
@@ -901,8 +976,8 @@ mod tests {
         assert!(view.visible(Some(2)).is_none());
 
         // A later run's commit covers everything of the earlier runs.
-        let (new, gone) = mirror.commit(
-            Table::Metrics,
+        let (new, gone) = commit(
+            &mut mirror,
             2,
             "p",
             &Cover {
@@ -914,7 +989,7 @@ mod tests {
         assert!(new.is_empty() && gone.is_empty());
         assert_eq!(mirror.rows(), 1);
         // A writer the mirror holds nothing of: all its commit's rows are new.
-        let (new, gone) = mirror.commit(Table::Metrics, 3, "r", &cover, vec![rows("3", &[1])]);
+        let (new, gone) = commit(&mut mirror, 3, "r", &cover, vec![rows("3", &[1])]);
         assert_eq!((count(&new), count(&gone)), (1, 0));
     }
 

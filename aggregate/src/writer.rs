@@ -110,12 +110,14 @@ pub(crate) enum Command {
     FlushFailed { table: Table },
     /// Other writers committed `commits` to `table`, read through lake version
     /// `through`: emitted to the feed (see [`crate::feed`]), less the rows mirrored
-    /// before (see [`crate::peers`]).
+    /// before (see [`crate::peers`]). Answers whether this writer holds rows of them
+    /// not yet committed (a retry sent to both instances): its flush takes its copies
+    /// back, and should come now. Without `done`, the writer asks for that flush.
     Others {
         table: Table,
         commits: Vec<OtherCommit>,
         through: Option<i64>,
-        done: Option<oneshot::Sender<()>>,
+        done: Option<oneshot::Sender<bool>>,
     },
     /// Runs of other writers taken for dead (see [`crate::peers`]): their mirrored rows
     /// are taken back.
@@ -430,12 +432,14 @@ impl<L: Log> Writer<L> {
                 through,
                 done,
             } => {
+                let mut held = false;
                 for commit in commits {
                     let OtherCommit {
                         version,
                         writer,
                         cover,
                         rows,
+                        points,
                         lost,
                     } = commit;
                     if lost.is_some() {
@@ -449,9 +453,14 @@ impl<L: Log> Writer<L> {
                     }
                     let (rows, retracted) = match (writer, cover) {
                         (Some(writer), Some(cover)) => self.mirrors[table.index()]
-                            .commit(table, version, &writer, &cover, rows),
+                            .commit(table, version, &writer, &cover, rows, &points),
                         _ => (rows, Vec::new()),
                     };
+                    // Rows this writer holds too (a retry sent to both instances) count
+                    // twice until its flush finds them in the lake and takes its copies
+                    // back: that flush comes now rather than at the interval.
+                    let buffer = &self.buffers[table.index()];
+                    held |= !buffer.holds_none() && points.iter().any(|p| buffer.holds(*p));
                     // The commit's rows first: no reader's count dips below the lake's.
                     if rows.iter().any(|b| b.num_rows() > 0) {
                         self.mirrors[table.index()].committed_elsewhere(version, &rows);
@@ -463,8 +472,15 @@ impl<L: Log> Writer<L> {
                 }
                 self.mirrors[table.index()].read_through(through);
                 self.publish();
-                if let Some(done) = done {
-                    let _ = done.send(());
+                if held {
+                    ::metrics::counter!(m::EARLY_FLUSHES, "table" => table.name()).increment(1);
+                }
+                match done {
+                    Some(done) => {
+                        let _ = done.send(held);
+                    }
+                    None if held => self.outlet.flush_now.notify_one(),
+                    None => {}
                 }
             }
             Command::Forget { table, runs } => {
@@ -485,7 +501,16 @@ impl<L: Log> Writer<L> {
                 done,
             } => {
                 for rows in published {
-                    let rows = self.mirrors[table.index()].add(rows);
+                    // Rows this writer holds too count once, as its own.
+                    let buffer = &self.buffers[table.index()];
+                    let held = |point: u128| buffer.holds(point);
+                    let held: Option<&dyn Fn(u128) -> bool> =
+                        (!buffer.holds_none()).then_some(&held);
+                    let (rows, left_out) = self.mirrors[table.index()].add(table, rows, held);
+                    if left_out > 0 {
+                        ::metrics::counter!(m::LEFT_OUT_ROWS, "table" => table.name())
+                            .increment(left_out as u64);
+                    }
                     if !rows.is_empty() {
                         ::metrics::counter!(m::MIRRORED_ROWS, "table" => table.name())
                             .increment(rows.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);

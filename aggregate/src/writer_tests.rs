@@ -891,3 +891,55 @@ async fn other_writers_commits_vacuumed_before_they_were_read_come_as_lost() {
     mine.follow_now().await.unwrap();
     assert_eq!(items(), vec![(Some(third), false, 1)]);
 }
+
+/// A datapoint both instances accepted (a retry sent to the other): this writer's copy
+/// stands for it and the other's published copy is left out of the mirror; when the
+/// other commits it first, this writer flushes at once (nobody asks it to here) and
+/// takes its copy back. It counts once, but for the moment between that commit and
+/// this flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_both_instances_hold_counts_once_and_the_second_flushes_at_the_first_commit() {
+    use fleetlake_model::RowSink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (lake, mine, theirs) = two_writers(&dir).await;
+    mine.follow_other_writers().await.unwrap();
+    theirs.follow_other_writers().await.unwrap();
+    let (mut feed, _) = mine.subscribe();
+    mine.write(vec![(Table::Metrics, batch("1", 1))])
+        .await
+        .unwrap();
+    theirs
+        .write(vec![
+            (Table::Metrics, batch("1", 1)),
+            (Table::Metrics, batch("2", 1)),
+        ])
+        .await
+        .unwrap();
+    theirs.publish_now().await;
+    mine.follow_now().await.unwrap();
+    assert_eq!(
+        drain(&mut feed),
+        vec![(None, false, 1), (None, false, 1)],
+        "mine, then only their other row"
+    );
+    let settled = |version| visible_rows(&mine.snapshot_settled(Table::Metrics, version).unwrap());
+    assert_eq!(settled(None), 2);
+
+    // Their commit holds both: the mirrored row is not emitted again, the one left out
+    // is new to readers; my flush follows by itself and takes my copy back.
+    theirs.flush().await.unwrap();
+    let theirs_at = lake_version(&lake).await.unwrap();
+    mine.follow_now().await.unwrap();
+    let mut items = drain(&mut feed);
+    let waited = std::time::Instant::now();
+    while items.len() < 2 && waited.elapsed() < std::time::Duration::from_secs(30) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        items.extend(drain(&mut feed));
+    }
+    assert_eq!(items, vec![(Some(theirs_at), false, 1), (None, true, 1)]);
+    assert_eq!(lake_rows(&lake).await, 2);
+    let latest = lake_version(&lake).await;
+    assert!(latest > Some(theirs_at), "my flush committed its position");
+    assert_eq!(settled(latest), 0);
+}

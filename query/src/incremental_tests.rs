@@ -110,6 +110,9 @@ enum Step {
     /// Another engine compacts the lake and vacuums it with no grace before this
     /// instance reads the other's commits: their files are gone when it does.
     VacuumOther,
+    /// SQL on this instance counts this many rows (each datapoint once, wherever it
+    /// is); not generated.
+    Count(usize),
 }
 
 fn point() -> impl Strategy<Value = Point> {
@@ -333,6 +336,10 @@ async fn run_with(
             }
             Step::FlushOther => other().flush().await.unwrap(),
             Step::PublishOther => other().publish_now().await,
+            Step::Count(n) => {
+                let counted = scanned(&engine, "SELECT count(*) AS n FROM metrics", now).await;
+                prop_assert_eq!(counted, vec![format!("| {n} |")], "after round {}", rounds);
+            }
             Step::VacuumOther => {
                 other();
                 if let Ok(table) = deltalake::DeltaTable::try_from_url(metrics_url.clone()).await {
@@ -937,6 +944,37 @@ async fn the_other_instances_commits_vacuumed_before_they_were_read_are_read_fro
             Step::DeliverOther(vec![(1, 0, 1, -3000, 5)]),
             Step::FlushOther,
             Step::Round(2),
+        ],
+        true,
+    )
+    .await
+    .unwrap();
+}
+
+/// A datapoint this instance holds, retried to the other: the other's published copy
+/// is left out here (this instance's counts), and once the other commits it, this
+/// instance's flush follows at once and takes its copy back: every round counts it
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_retried_to_the_other_instance_counts_once_in_every_round() {
+    run_with(
+        Vec::new(),
+        false,
+        vec![
+            Step::Deliver(vec![(0, 0, 0, -1000, 7)]),
+            Step::Round(1),
+            Step::Count(1),
+            Step::RedeliverOther(1),
+            Step::PublishOther,
+            Step::Round(1),
+            Step::Count(1),
+            Step::FlushOther,
+            Step::Round(1),
+            Step::Count(1),
+            Step::DeliverOther(vec![(1, 1, 1, -2000, 3)]),
+            Step::PublishOther,
+            Step::Round(1),
+            Step::Count(2),
         ],
         true,
     )
