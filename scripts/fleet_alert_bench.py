@@ -38,7 +38,10 @@ of a runtime setting), PROBE_S=0 (skips 2. and 3.), TWO=1 (2. and 3. with two
 instances sharing the lake and a DynamoDB lease table in moto, whose moto_server is
 beside PYTHON's interpreter: each evaluates the rule groups it holds, the probes go to
 them in turn, half of them to the instance that does not evaluate the probe rule, and
-each flushes at its default interval; the background load is split between them).
+each flushes at its default interval; the background load is split between them;
+with ROUNDS > 0, 1. is two instances of this build and of BASELINE in turn, each
+instance fed at full rate by its own loadgen: acknowledged dp/s of both, their CPU per
+million datapoints, and the rows they published and mirrored).
 """
 
 import base64
@@ -287,13 +290,94 @@ if check.returncode != 0:
     sys.exit(f"rules check failed:\n{check.stdout}\n{check.stderr}")
 open(f"{WORK}/logs/rules-check.txt", "w").write(check.stdout + check.stderr)
 
+# Moto (TWO=1): the lease table (and Kinesis streams the configs name) of both servers.
+PROBING = ENV.get("PROBE_S") != "0"
+MOTO = None
+moto = None
+if TWO and (PROBING or ROUNDS > 0):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        moto_port = sock.getsockname()[1]
+    moto_bin = os.path.join(os.path.dirname(ENV.get("PYTHON", sys.executable)), "moto_server")
+    moto = subprocess.Popen([moto_bin, "-H", "127.0.0.1", "-p", str(moto_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    MOTO = f"http://127.0.0.1:{moto_port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(MOTO + "/moto-api/", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.2)
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds process `pid` has used."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def two_full_rate(binary, tag):
+    """TWO=1, 1.: two servers of `binary` with the rules on one lake and one lease
+    table, each fed by its own loadgen at full rate (another seed each: other
+    accounts): acknowledged dp/s of both together, the servers' CPU seconds, and
+    what they published and mirrored of each other's rows."""
+    import boto3  # in PYTHON's venv with moto
+
+    client = boto3.client("kinesis", endpoint_url=MOTO, region_name="us-east-1", **{
+        "aws_access_key_id": "testing", "aws_secret_access_key": "testing"})
+    client.create_stream(StreamName=f"ingest-{tag}", ShardCount=1)
+    extra = (f'[lake]\ndir = "{WORK}/lake-{tag}"\n\n'
+             f'[[kinesis]]\nstream = "ingest-{tag}"\nregion = "us-east-1"\nendpoint_url = "{MOTO}"\n'
+             f'lease_table = "leases-{tag}"\nlease_endpoint_url = "{MOTO}"\nlease_duration = "10s"\n\n')
+    subprocess.run(["rm", "-rf", f"{WORK}/lake-{tag}"], check=True)
+    config = write_config(f"ingest-{tag}", rules_file, None, extra)
+    servers = [Server(f"ingest-{tag}-{i}", config, binary) for i in (1, 2)]
+    reports = [None, None]
+
+    def run(i):
+        reports[i] = loadgen(f"ingest-{tag}-{i}", servers[i], "--pregenerate", "--minutes",
+                             str(SUSTAIN_MINUTES), "--duration", f"{SUSTAIN_S}s",
+                             seed=str(int(SEED) + i), timeout=SUSTAIN_S + 900)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    metrics = [s.metrics() for s in servers]
+    cpu = sum(cpu_seconds(s.proc.pid) for s in servers)
+    for s in servers:
+        s.stop()
+    for i, report in enumerate(reports):
+        if report.get("datapoints_rejected"):
+            sys.exit(f"{report['datapoints_rejected']} datapoints rejected ({tag}, server {i + 1})")
+
+    def total(name):
+        return sum(v for m in metrics for v in counters(m, name).values())
+
+    acked = sum(r["datapoints_acknowledged"] for r in reports)
+    return {"rate": sum(r["datapoints_acknowledged"] / r["elapsed_s"] for r in reports),
+            "cpu_per_m": cpu / (acked / 1e6), "published": total("fleetlake_peer_published_rows_total"),
+            "mirrored": total("fleetlake_peer_mirrored_rows_total")}
+
+
 # ---------------------------------------------------------------------------------
 # 1. Ingest at full rate, without and with the rules.
 # ---------------------------------------------------------------------------------
 modes = ["none", "rules"] + (["rules-alt"] if ALT_ENV else [])
 rates = {mode: [] for mode in modes}
 rounds_during = []
-for k in range(1, ROUNDS + 1):
+two_full = {"baseline": [], "new": []}
+for k in range(1, ROUNDS + 1 if TWO else 0):
+    # TWO=1: two instances with the rules at full rate, this build and BASELINE in turn.
+    builds = [("new", FLEETLAKE)] + ([("baseline", BASELINE)] if BASELINE else [])
+    for tag, binary in builds if k % 2 else builds[::-1]:
+        say(f"round {k}: two instances of {tag} with {RULES} rules, each at full rate for {SUSTAIN_S}s")
+        two_full[tag].append(two_full_rate(binary, f"{tag}-{k}"))
+        say(f"round {k} {tag}: {two_full[tag][-1]}")
+for k in range(1, 0 if TWO else ROUNDS + 1):
     # Each round in another order: the machine's drift spreads over every mode.
     for mode in modes[(k - 1) % len(modes):] + modes[:(k - 1) % len(modes)]:
         say(f"round {k}: full rate for {SUSTAIN_S}s, {'no rules' if mode == 'none' else f'{RULES} rules'}"
@@ -323,7 +407,8 @@ for k in range(1, ROUNDS + 1):
 # ---------------------------------------------------------------------------------
 # 2. and 3. Time to page, and rounds, with ingest at half the no-rules rate.
 # ---------------------------------------------------------------------------------
-half = int(ENV["HALF"]) if ENV.get("HALF") else int(statistics.median(rates["none"]) / 2)
+half = int(ENV["HALF"]) if ENV.get("HALF") else (
+    int(statistics.median(rates["none"]) / 2) if rates["none"] else 0)
 
 
 def probe_phase(binary, tag):
@@ -494,25 +579,6 @@ def two_rows(m):
 
 
 # The build before a change, in the same run (BASELINE=/path/to/fleetlake), then this one.
-PROBING = ENV.get("PROBE_S") != "0"
-MOTO = None
-moto = None
-if TWO and PROBING:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        moto_port = sock.getsockname()[1]
-    moto_bin = os.path.join(os.path.dirname(ENV.get("PYTHON", sys.executable)), "moto_server")
-    moto = subprocess.Popen([moto_bin, "-H", "127.0.0.1", "-p", str(moto_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    MOTO = f"http://127.0.0.1:{moto_port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(MOTO + "/moto-api/", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.2)
 phase = two_probe_phase if TWO else probe_phase
 baseline = phase(BASELINE, "baseline") if BASELINE and PROBING else None
 measured = phase(FLEETLAKE, "new") if PROBING else None
@@ -532,14 +598,31 @@ print(f"{ACCOUNTS:,} accounts × {FUNCTIONS} functions × 5 metrics ({series:,} 
       f"{RULES:,} rules in one group every {INTERVAL}; `nproc` = {os.cpu_count()}\n")
 print("| measure | value |")
 print("|---|---|")
-print(f"| ingest at full rate, no rules (median of {ROUNDS}) | {none_rate / 1e3:,.0f} k dp/s |")
-print(f"| ingest at full rate, {RULES:,} rules loaded (median of {ROUNDS}) | {rules_rate / 1e3:,.0f} k dp/s |")
-print(f"| with rules / without | {rules_rate / none_rate:.2f} |")
+if rates["none"]:
+    print(f"| ingest at full rate, no rules (median of {ROUNDS}) | {none_rate / 1e3:,.0f} k dp/s |")
+    print(f"| ingest at full rate, {RULES:,} rules loaded (median of {ROUNDS}) | {rules_rate / 1e3:,.0f} k dp/s |")
+    print(f"| with rules / without | {rules_rate / none_rate:.2f} |")
 if ALT_ENV:
     alt_rate = statistics.median(rates["rules-alt"])
     print(f"| ingest at full rate, {RULES:,} rules loaded, `{ENV['ALT_ENV']}` (median of {ROUNDS}) | "
           f"{alt_rate / 1e3:,.0f} k dp/s |")
     print(f"| with rules and `{ENV['ALT_ENV']}` / without | {alt_rate / none_rate:.2f} |")
+if two_full["new"]:
+    print(f"\nTwo instances with the rules, each fed at full rate, {ROUNDS} rounds, the builds in turn"
+          + (f" (baseline `{BASELINE}`)" if BASELINE else "") + ":\n")
+    print("| measure | " + ("baseline | this build | this / baseline |" if BASELINE else "this build |"))
+    print("|---|---|" + ("---|---|" if BASELINE else ""))
+    for key, label, fmt in (("rate", "acknowledged, both together (median)", lambda v: f"{v / 1e3:,.0f} k dp/s"),
+                            ("cpu_per_m", "servers' CPU per million acknowledged (median)", lambda v: f"{v:.2f} s"),
+                            ("published", "rows published for the other (median)", lambda v: f"{v:,.0f}"),
+                            ("mirrored", "rows mirrored from the other (median)", lambda v: f"{v:,.0f}")):
+        new_v = statistics.median(r[key] for r in two_full["new"])
+        if BASELINE:
+            old_v = statistics.median(r[key] for r in two_full["baseline"])
+            ratio = f"{new_v / old_v:.2f}" if old_v else ""
+            print(f"| {label} | {fmt(old_v)} | {fmt(new_v)} | {ratio} |")
+        else:
+            print(f"| {label} | {fmt(new_v)} |")
 during = [d for d in rounds_during if d.get("count")]
 if during:
     print(f"| {RULES:,}-rule round during full-rate ingest: p50 / max | "

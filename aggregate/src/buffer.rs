@@ -166,15 +166,16 @@ impl HotBuffer {
 
     /// Adds the rows of WAL record `seq`, dropping those already buffered.
     pub fn insert(&mut self, seq: u64, batch: &RecordBatch) -> InsertOutcome {
-        self.insert_visible(seq, batch).0
+        self.insert_visible(seq, batch, None).0
     }
 
     /// As [`HotBuffer::insert`], also returning the rows that became visible (neither
-    /// duplicates nor suspects), if any.
+    /// duplicates nor suspects), if any, and adding their keys to `points` if given.
     pub fn insert_visible(
         &mut self,
         seq: u64,
         batch: &RecordBatch,
+        mut points: Option<&mut Vec<u128>>,
     ) -> (InsertOutcome, Option<RecordBatch>) {
         self.prune_recent(Instant::now());
         let keys = row_keys(self.table, batch);
@@ -204,6 +205,9 @@ impl HotBuffer {
             } else {
                 outcome.visible += 1;
                 self.open.max_time = self.open.max_time.max(Some(key.time));
+                if let Some(points) = points.as_deref_mut() {
+                    points.push(key.point);
+                }
             }
             visible.push(!is_suspect);
             suspect.push(is_suspect);

@@ -48,7 +48,7 @@ use deltalake::logstore::object_store::{ObjectStore, ObjectStoreExt, path::Path}
 use futures::TryStreamExt;
 
 use fleetlake_model::Table;
-use fleetlake_model::keys::row_keys;
+use fleetlake_model::keys::{KeyHasher, row_keys};
 use fleetlake_model::schema::conform;
 
 use crate::lake::{split_points, without_points};
@@ -215,6 +215,8 @@ pub(crate) fn decode(table: Table, bytes: &[u8]) -> Result<Vec<(u64, RecordBatch
 /// One mirrored batch.
 #[derive(Debug)]
 struct Entry {
+    /// Its number in the mirror (see [`Mirror::points`]).
+    id: u64,
     writer: Arc<str>,
     incarnation: Arc<str>,
     seq: u64,
@@ -226,6 +228,11 @@ struct Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Mirror {
     entries: Vec<Entry>,
+    /// The de-duplication key of each mirrored row, with the entry holding it: a row
+    /// this process accepts after it mirrored another instance's copy takes that copy
+    /// out ([`Mirror::take_points`]).
+    points: HashMap<u128, u64, KeyHasher>,
+    next_id: u64,
     rows: usize,
     /// Rows of other writers' commits (mirrored ones they covered, and those the mirror
     /// lacked), by the version that holds them, kept a moment for queries of earlier
@@ -300,25 +307,33 @@ impl Mirror {
         let mut out = Vec::with_capacity(published.batches.len());
         let mut left_out = 0;
         for (seq, batch) in published.batches {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let mut points: Vec<u128> = row_keys(table, &batch).iter().map(|k| k.point).collect();
             let batch = match held {
-                Some(held) if batch.num_rows() > 0 => {
-                    let rows = batch.num_rows();
-                    let (kept, _) = crate::lake::split_rows(table, vec![batch], |k| !held(k.point));
-                    let kept = kept.into_iter().next();
-                    left_out += rows - kept.as_ref().map_or(0, RecordBatch::num_rows);
-                    match kept {
-                        Some(kept) => kept,
-                        None => continue,
-                    }
+                Some(held) if points.iter().any(|p| held(*p)) => {
+                    let keep: Vec<bool> = points.iter().map(|p| !held(*p)).collect();
+                    let mask = arrow::array::BooleanArray::from(keep.clone());
+                    let kept =
+                        arrow::compute::filter_record_batch(&batch, &mask).expect("mask fits");
+                    left_out += batch.num_rows() - kept.num_rows();
+                    let mut keep = keep.into_iter();
+                    points.retain(|_| keep.next().unwrap_or(false));
+                    kept
                 }
                 _ => batch,
             };
             if batch.num_rows() == 0 {
                 continue;
             }
+            let id = self.next_id;
+            self.next_id += 1;
+            self.points.extend(points.into_iter().map(|p| (p, id)));
             self.rows += batch.num_rows();
             out.push(batch.clone());
             self.entries.push(Entry {
+                id,
                 writer: Arc::clone(&writer),
                 incarnation: Arc::clone(&incarnation),
                 seq,
@@ -344,14 +359,10 @@ impl Mirror {
         rows: Vec<RecordBatch>,
         committed: &HashSet<u128>,
     ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
-        let covered = self.take_covered(writer, cover);
+        let (covered, mirrored) = self.take_covered(table, writer, cover);
         if covered.is_empty() {
             return (rows, Vec::new());
         }
-        let mirrored: HashSet<u128> = covered
-            .iter()
-            .flat_map(|b| row_keys(table, b).into_iter().map(|k| k.point))
-            .collect();
         let new = without_points(table, rows, &mirrored);
         let (gone, held) = split_points(table, covered, committed);
         if !held.is_empty() {
@@ -364,26 +375,94 @@ impl Mirror {
     /// As [`Mirror::commit`] for a commit whose rows could not be read: the rows it
     /// covers leave the mirror, and stay a moment for readers of earlier versions (the
     /// commit holds them, unless its writer found one already in the lake).
-    pub(crate) fn commit_unread(&mut self, version: i64, writer: &str, cover: &Cover) {
-        let covered = self.take_covered(writer, cover);
+    pub(crate) fn commit_unread(
+        &mut self,
+        table: Table,
+        version: i64,
+        writer: &str,
+        cover: &Cover,
+    ) {
+        let (covered, _) = self.take_covered(table, writer, cover);
         if !covered.is_empty() {
             self.covered
                 .push_back((version, Instant::now(), Arc::from(covered)));
         }
     }
 
-    /// Takes out the mirrored rows of `writer` that `cover` covers.
-    fn take_covered(&mut self, writer: &str, cover: &Cover) -> Vec<RecordBatch> {
-        let (covered, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+    /// Takes out the mirrored rows of `writer` that `cover` covers; returns them and
+    /// their keys.
+    fn take_covered(
+        &mut self,
+        table: Table,
+        writer: &str,
+        cover: &Cover,
+    ) -> (Vec<RecordBatch>, HashSet<u128>) {
+        self.take_entries(table, |e| {
+            &*e.writer == writer && cover.covers(&e.incarnation, e.seq)
+        })
+    }
+
+    /// Takes out the entries `which` picks; returns their rows and keys.
+    fn take_entries(
+        &mut self,
+        table: Table,
+        which: impl Fn(&Entry) -> bool,
+    ) -> (Vec<RecordBatch>, HashSet<u128>) {
+        let (taken, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
             .into_iter()
-            .partition(|e| &*e.writer == writer && cover.covers(&e.incarnation, e.seq));
+            .partition(|e| which(e));
         self.entries = kept;
-        if !covered.is_empty() {
+        if !taken.is_empty() {
             self.cached = None;
         }
-        let covered: Vec<RecordBatch> = covered.into_iter().map(|e| e.batch).collect();
-        self.rows -= covered.iter().map(RecordBatch::num_rows).sum::<usize>();
-        covered
+        let mut points = HashSet::new();
+        for entry in &taken {
+            for key in row_keys(table, &entry.batch) {
+                if self.points.get(&key.point) == Some(&entry.id) {
+                    self.points.remove(&key.point);
+                }
+                points.insert(key.point);
+            }
+        }
+        let taken: Vec<RecordBatch> = taken.into_iter().map(|e| e.batch).collect();
+        self.rows -= taken.iter().map(RecordBatch::num_rows).sum::<usize>();
+        (taken, points)
+    }
+
+    /// Whether no mirrored row is held (nothing to look rows up in).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// Takes out the mirrored rows with one of `points` for key (this process accepted
+    /// those datapoints too, after it mirrored the other instance's copies: its own
+    /// copies count from now on); returns them, to retract.
+    pub(crate) fn take_points(&mut self, table: Table, points: &[u128]) -> Vec<RecordBatch> {
+        let hits: HashSet<u128> = points
+            .iter()
+            .copied()
+            .filter(|p| self.points.contains_key(p))
+            .collect();
+        let ids: HashSet<u64> = hits.iter().filter_map(|p| self.points.remove(p)).collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        for entry in self.entries.iter_mut().filter(|e| ids.contains(&e.id)) {
+            let keep: arrow::array::BooleanArray = row_keys(table, &entry.batch)
+                .iter()
+                .map(|k| Some(!hits.contains(&k.point)))
+                .collect();
+            let out = arrow::compute::not(&keep).expect("mask negates");
+            let gone = arrow::compute::filter_record_batch(&entry.batch, &out).expect("mask fits");
+            entry.batch =
+                arrow::compute::filter_record_batch(&entry.batch, &keep).expect("mask fits");
+            self.rows -= gone.num_rows();
+            taken.push(gone);
+        }
+        self.entries.retain(|e| e.batch.num_rows() > 0);
+        self.cached = None;
+        taken
     }
 
     /// Keeps `rows` of another writer's commit `version` (those the mirror did not hold)
@@ -399,17 +478,16 @@ impl Mirror {
 
     /// Takes out every mirrored row of `writer`'s run `incarnation` (taken for dead);
     /// returns them, to retract.
-    pub(crate) fn forget(&mut self, writer: &str, incarnation: &str) -> Vec<RecordBatch> {
-        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|e| &*e.writer == writer && &*e.incarnation == incarnation);
-        self.entries = kept;
-        if !gone.is_empty() {
-            self.cached = None;
-        }
-        let gone: Vec<RecordBatch> = gone.into_iter().map(|e| e.batch).collect();
-        self.rows -= gone.iter().map(RecordBatch::num_rows).sum::<usize>();
-        gone
+    pub(crate) fn forget(
+        &mut self,
+        table: Table,
+        writer: &str,
+        incarnation: &str,
+    ) -> Vec<RecordBatch> {
+        self.take_entries(table, |e| {
+            &*e.writer == writer && &*e.incarnation == incarnation
+        })
+        .0
     }
 
     /// Other writers' commits were read through lake version `version`.

@@ -23,7 +23,7 @@ use arrow::array::RecordBatch;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, warn};
 
-use fleetlake_model::keys::KeyHasher;
+use fleetlake_model::keys::{KeyHasher, row_keys};
 use fleetlake_model::{SharedClock, Table};
 
 use crate::buffer::{BufferView, FlushJob, HotBuffer};
@@ -406,7 +406,17 @@ impl<L: Log> Writer<L> {
             } => {
                 if let Some(written) = written {
                     if !written.revealed.is_empty() {
+                        let points: Vec<u128> = if self.mirrors[table.index()].is_empty() {
+                            Vec::new()
+                        } else {
+                            written
+                                .revealed
+                                .iter()
+                                .flat_map(|b| row_keys(table, b).into_iter().map(|k| k.point))
+                                .collect()
+                        };
                         self.emit(table, written.revealed, Some(written.version));
+                        self.own_after_mirrored(table, &points);
                     }
                     if !written.retracted.is_empty() {
                         self.emit_item(table, written.retracted, None, true, false);
@@ -446,7 +456,8 @@ impl<L: Log> Writer<L> {
                         // Readers keeping state from the feed read the lake again; the
                         // rows this mirror held of it leave (they are in the lake).
                         if let (Some(writer), Some(cover)) = (writer, cover) {
-                            self.mirrors[table.index()].commit_unread(version, &writer, &cover);
+                            self.mirrors[table.index()]
+                                .commit_unread(table, version, &writer, &cover);
                         }
                         self.emit_lost(table, version);
                         continue;
@@ -485,7 +496,7 @@ impl<L: Log> Writer<L> {
             }
             Command::Forget { table, runs } => {
                 for (writer, incarnation) in runs {
-                    let gone = self.mirrors[table.index()].forget(&writer, &incarnation);
+                    let gone = self.mirrors[table.index()].forget(table, &writer, &incarnation);
                     if !gone.is_empty() {
                         ::metrics::counter!(m::FORGOTTEN_ROWS, "table" => table.name())
                             .increment(gone.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
@@ -556,21 +567,25 @@ impl<L: Log> Writer<L> {
     fn apply(&mut self, writes: &[(u64, &[(Table, RecordBatch)])]) -> usize {
         let mut open_rows = 0;
         let mut visible = Vec::new();
-        for buffer in &mut self.buffers {
+        for (buffer, mirror) in self.buffers.iter_mut().zip(&self.mirrors) {
             let table = buffer.table();
             let mut duplicates = 0;
             let mut shown = Vec::new();
+            // With rows of other instances mirrored, the keys of those made visible here,
+            // to take out the mirrored copies of the same datapoints.
+            let mut points = (!mirror.is_empty()).then(Vec::new);
             for (seq, rows) in writes {
                 for (t, batch) in *rows {
                     if *t == table {
-                        let (outcome, visible) = buffer.insert_visible(*seq, batch);
+                        let (outcome, visible) =
+                            buffer.insert_visible(*seq, batch, points.as_mut());
                         duplicates += outcome.duplicates;
                         shown.extend(visible);
                     }
                 }
             }
             if !shown.is_empty() {
-                visible.push((table, shown));
+                visible.push((table, shown, points.unwrap_or_default()));
             }
             if duplicates > 0 {
                 ::metrics::counter!(m::DUPLICATES, "table" => table.name(), "stage" => "buffer")
@@ -578,10 +593,27 @@ impl<L: Log> Writer<L> {
             }
             open_rows += buffer.open_rows();
         }
-        for (table, batches) in visible {
+        for (table, batches, points) in visible {
             self.emit(table, batches, None);
+            self.own_after_mirrored(table, &points);
         }
         open_rows
+    }
+
+    /// Rows with keys `points` of `table` became visible here: another instance's copies
+    /// of them mirrored before (a retry this instance received after the other's copy
+    /// reached it) are taken back, after the emission of this instance's, so that each
+    /// counts once.
+    fn own_after_mirrored(&mut self, table: Table, points: &[u128]) {
+        if points.is_empty() {
+            return;
+        }
+        let taken = self.mirrors[table.index()].take_points(table, points);
+        if !taken.is_empty() {
+            ::metrics::counter!(m::LEFT_OUT_ROWS, "table" => table.name())
+                .increment(taken.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
+            self.emit_item(table, taken, None, true, true);
+        }
     }
 
     /// Emits `batches` of `table` to the feed (before the snapshot that shows them is

@@ -953,8 +953,9 @@ async fn the_other_instances_commits_vacuumed_before_they_were_read_are_read_fro
 
 /// A datapoint this instance holds, retried to the other: the other's published copy
 /// is left out here (this instance's counts), and once the other commits it, this
-/// instance's flush follows at once and takes its copy back: every round counts it
-/// once.
+/// instance's flush follows at once and takes its copy back. A datapoint the other
+/// holds, retried to this instance after its copy was mirrored here: the mirrored copy
+/// is taken back as this instance's becomes visible. Every round counts each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_retried_to_the_other_instance_counts_once_in_every_round() {
     run_with(
@@ -973,6 +974,17 @@ async fn a_row_retried_to_the_other_instance_counts_once_in_every_round() {
             Step::Count(1),
             Step::DeliverOther(vec![(1, 1, 1, -2000, 3)]),
             Step::PublishOther,
+            Step::Round(1),
+            Step::Count(2),
+            // The other order: the other's copy mirrored here first, then the retry
+            // reaches this instance.
+            Step::Redeliver(2),
+            Step::Round(1),
+            Step::Count(2),
+            Step::FlushOther,
+            Step::Round(1),
+            Step::Count(2),
+            Step::Flush,
             Step::Round(1),
             Step::Count(2),
         ],
