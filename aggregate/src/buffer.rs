@@ -43,6 +43,8 @@ struct Generation {
     pending: Vec<RecordBatch>,
     suspects: Vec<RecordBatch>,
     keys: HashSet<u128, KeyHasher>,
+    /// The keys of the suspects (few: redelivered and late rows).
+    suspect_keys: HashSet<u128, KeyHasher>,
     /// Latest time of the visible rows (epoch µs).
     max_time: Option<i64>,
     rows: usize,
@@ -75,6 +77,7 @@ impl Generation {
         self.chunks.extend(newer.chunks);
         self.suspects.extend(newer.suspects);
         self.keys.extend(newer.keys);
+        self.suspect_keys.extend(newer.suspect_keys);
         self.max_time = self.max_time.max(newer.max_time);
         self.rows += newer.rows;
         self.suspect_rows += newer.suspect_rows;
@@ -202,6 +205,7 @@ impl HotBuffer {
             let is_suspect = key.time <= watermark;
             if is_suspect {
                 outcome.suspects += 1;
+                self.open.suspect_keys.insert(key.point);
             } else {
                 outcome.visible += 1;
                 self.open.max_time = self.open.max_time.max(Some(key.time));
@@ -242,14 +246,11 @@ impl HotBuffer {
         (outcome, shown)
     }
 
-    /// Whether a row with de-duplication key `point` is held and not yet committed
-    /// (open or flushing, suspects included).
-    pub fn holds(&self, point: u128) -> bool {
-        self.open.keys.contains(&point)
-            || self
-                .flushing
-                .as_ref()
-                .is_some_and(|g| g.keys.contains(&point))
+    /// Whether a row with de-duplication key `point` is held, visible and not yet
+    /// committed: in the open generation, or also in the flushing one with `flushing`.
+    pub fn shows(&self, point: u128, flushing: bool) -> bool {
+        let shows = |g: &Generation| g.keys.contains(&point) && !g.suspect_keys.contains(&point);
+        shows(&self.open) || (flushing && self.flushing.as_ref().is_some_and(shows))
     }
 
     /// Whether no row is held and not yet committed.

@@ -145,6 +145,19 @@ async fn flush_table(
         batches = after;
         job_suspects.extend(maybe_there);
     }
+    // Rows the tail found in another writer's commit (the time above covers only the
+    // commits read since the last flush asked, which may not be those); forgotten once
+    // this flush committed.
+    let held = shared.outlet.held[table.index()]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if !held.is_empty() {
+        let (kept, maybe_there) =
+            crate::lake::split_rows(table, batches, |k| !held.contains(&k.point));
+        batches = kept;
+        job_suspects.extend(maybe_there);
+    }
     let mut revealed = Vec::new();
     let mut retracted = Vec::new();
     if !job_suspects.is_empty() {
@@ -211,6 +224,12 @@ async fn flush_table(
         }
     };
     *latest = (*latest).max(Some(version));
+    if !held.is_empty() {
+        shared.outlet.held[table.index()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k| !held.contains(k));
+    }
     ::metrics::histogram!(m::COMMIT_SECONDS, "table" => table.name())
         .record(committing.elapsed().as_secs_f64());
     let latest_times = buffer::latest_per_series(table, &sorted);
@@ -432,7 +451,8 @@ async fn mirror_published(
                 .collect();
         }
         if !rows.batches.is_empty() {
-            published.push(rows);
+            // Keyed here, not on the writer's thread.
+            published.push(rows.with_points(table));
         }
     }
     let shown = if published.is_empty() {

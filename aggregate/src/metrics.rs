@@ -70,7 +70,8 @@ pub const PUBLISHED_ROWS: &str = "fleetlake_peer_published_rows_total";
 /// Failed writes of published rows (kept and tried again a second later), by `table`.
 pub const PUBLISH_FAILURES: &str = "fleetlake_peer_publish_failures_total";
 /// Rows other instances published that this one holds too (a retry sent to both),
-/// not mirrored: they count once, as this instance's, by `table`.
+/// left out of the mirror or taken out of it: they count once, as this instance's, by
+/// `table`.
 pub const LEFT_OUT_ROWS: &str = "fleetlake_peer_left_out_rows_total";
 /// Flushes asked for early because another writer's commit holds rows this instance
 /// holds too (its flush takes its copies back), by `table`.
@@ -121,7 +122,7 @@ pub fn describe() {
     );
     metrics::describe_counter!(
         LEFT_OUT_ROWS,
-        "Rows other instances published that this one holds too, counted once as its own"
+        "Rows other instances published that this one holds too, left out of the mirror or taken out of it: counted once, as this one's"
     );
     metrics::describe_counter!(
         EARLY_FLUSHES,

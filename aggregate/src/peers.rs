@@ -124,6 +124,21 @@ pub struct Published {
     pub incarnation: String,
     /// The rows, each batch with its feed number, in order.
     pub batches: Vec<(u64, RecordBatch)>,
+    /// The de-duplication keys of each batch's rows, when computed (by the follower,
+    /// off the writer's thread: [`Published::with_points`]).
+    pub points: Vec<Vec<u128>>,
+}
+
+impl Published {
+    /// With the keys of its rows (of `table`) computed.
+    pub(crate) fn with_points(mut self, table: Table) -> Self {
+        self.points = self
+            .batches
+            .iter()
+            .map(|(_, b)| row_keys(table, b).iter().map(|k| k.point).collect())
+            .collect();
+        self
+    }
 }
 
 /// A published file's place: `<table>/<writer>/<incarnation>/<first>-<last>.rows`.
@@ -221,6 +236,8 @@ struct Entry {
     incarnation: Arc<str>,
     seq: u64,
     batch: RecordBatch,
+    /// The keys of `batch`'s rows.
+    points: Vec<u128>,
 }
 
 /// The rows of one table other writers published and this process has not yet seen
@@ -302,15 +319,19 @@ impl Mirror {
         published: Published,
         held: Option<&dyn Fn(u128) -> bool>,
     ) -> (Vec<RecordBatch>, usize) {
+        let published = if published.points.len() == published.batches.len() {
+            published
+        } else {
+            published.with_points(table)
+        };
         let writer: Arc<str> = published.writer.into();
         let incarnation: Arc<str> = published.incarnation.into();
         let mut out = Vec::with_capacity(published.batches.len());
         let mut left_out = 0;
-        for (seq, batch) in published.batches {
+        for ((seq, batch), mut points) in published.batches.into_iter().zip(published.points) {
             if batch.num_rows() == 0 {
                 continue;
             }
-            let mut points: Vec<u128> = row_keys(table, &batch).iter().map(|k| k.point).collect();
             let batch = match held {
                 Some(held) if points.iter().any(|p| held(*p)) => {
                     let keep: Vec<bool> = points.iter().map(|p| !held(*p)).collect();
@@ -329,7 +350,7 @@ impl Mirror {
             }
             let id = self.next_id;
             self.next_id += 1;
-            self.points.extend(points.into_iter().map(|p| (p, id)));
+            self.points.extend(points.iter().map(|p| (*p, id)));
             self.rows += batch.num_rows();
             out.push(batch.clone());
             self.entries.push(Entry {
@@ -338,6 +359,7 @@ impl Mirror {
                 incarnation: Arc::clone(&incarnation),
                 seq,
                 batch,
+                points,
             });
         }
         if !out.is_empty() {
@@ -359,7 +381,7 @@ impl Mirror {
         rows: Vec<RecordBatch>,
         committed: &HashSet<u128>,
     ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
-        let (covered, mirrored) = self.take_covered(table, writer, cover);
+        let (covered, mirrored) = self.take_covered(writer, cover);
         if covered.is_empty() {
             return (rows, Vec::new());
         }
@@ -375,14 +397,8 @@ impl Mirror {
     /// As [`Mirror::commit`] for a commit whose rows could not be read: the rows it
     /// covers leave the mirror, and stay a moment for readers of earlier versions (the
     /// commit holds them, unless its writer found one already in the lake).
-    pub(crate) fn commit_unread(
-        &mut self,
-        table: Table,
-        version: i64,
-        writer: &str,
-        cover: &Cover,
-    ) {
-        let (covered, _) = self.take_covered(table, writer, cover);
+    pub(crate) fn commit_unread(&mut self, version: i64, writer: &str, cover: &Cover) {
+        let (covered, _) = self.take_covered(writer, cover);
         if !covered.is_empty() {
             self.covered
                 .push_back((version, Instant::now(), Arc::from(covered)));
@@ -391,21 +407,13 @@ impl Mirror {
 
     /// Takes out the mirrored rows of `writer` that `cover` covers; returns them and
     /// their keys.
-    fn take_covered(
-        &mut self,
-        table: Table,
-        writer: &str,
-        cover: &Cover,
-    ) -> (Vec<RecordBatch>, HashSet<u128>) {
-        self.take_entries(table, |e| {
-            &*e.writer == writer && cover.covers(&e.incarnation, e.seq)
-        })
+    fn take_covered(&mut self, writer: &str, cover: &Cover) -> (Vec<RecordBatch>, HashSet<u128>) {
+        self.take_entries(|e| &*e.writer == writer && cover.covers(&e.incarnation, e.seq))
     }
 
     /// Takes out the entries `which` picks; returns their rows and keys.
     fn take_entries(
         &mut self,
-        table: Table,
         which: impl Fn(&Entry) -> bool,
     ) -> (Vec<RecordBatch>, HashSet<u128>) {
         let (taken, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
@@ -417,11 +425,11 @@ impl Mirror {
         }
         let mut points = HashSet::new();
         for entry in &taken {
-            for key in row_keys(table, &entry.batch) {
-                if self.points.get(&key.point) == Some(&entry.id) {
-                    self.points.remove(&key.point);
+            for point in &entry.points {
+                if self.points.get(point) == Some(&entry.id) {
+                    self.points.remove(point);
                 }
-                points.insert(key.point);
+                points.insert(*point);
             }
         }
         let taken: Vec<RecordBatch> = taken.into_iter().map(|e| e.batch).collect();
@@ -437,7 +445,7 @@ impl Mirror {
     /// Takes out the mirrored rows with one of `points` for key (this process accepted
     /// those datapoints too, after it mirrored the other instance's copies: its own
     /// copies count from now on); returns them, to retract.
-    pub(crate) fn take_points(&mut self, table: Table, points: &[u128]) -> Vec<RecordBatch> {
+    pub(crate) fn take_points(&mut self, points: &[u128]) -> Vec<RecordBatch> {
         let hits: HashSet<u128> = points
             .iter()
             .copied()
@@ -449,14 +457,16 @@ impl Mirror {
         }
         let mut taken = Vec::new();
         for entry in self.entries.iter_mut().filter(|e| ids.contains(&e.id)) {
-            let keep: arrow::array::BooleanArray = row_keys(table, &entry.batch)
+            let keep: arrow::array::BooleanArray = entry
+                .points
                 .iter()
-                .map(|k| Some(!hits.contains(&k.point)))
+                .map(|p| Some(!hits.contains(p)))
                 .collect();
             let out = arrow::compute::not(&keep).expect("mask negates");
             let gone = arrow::compute::filter_record_batch(&entry.batch, &out).expect("mask fits");
             entry.batch =
                 arrow::compute::filter_record_batch(&entry.batch, &keep).expect("mask fits");
+            entry.points.retain(|p| !hits.contains(p));
             self.rows -= gone.num_rows();
             taken.push(gone);
         }
@@ -478,16 +488,9 @@ impl Mirror {
 
     /// Takes out every mirrored row of `writer`'s run `incarnation` (taken for dead);
     /// returns them, to retract.
-    pub(crate) fn forget(
-        &mut self,
-        table: Table,
-        writer: &str,
-        incarnation: &str,
-    ) -> Vec<RecordBatch> {
-        self.take_entries(table, |e| {
-            &*e.writer == writer && &*e.incarnation == incarnation
-        })
-        .0
+    pub(crate) fn forget(&mut self, writer: &str, incarnation: &str) -> Vec<RecordBatch> {
+        self.take_entries(|e| &*e.writer == writer && &*e.incarnation == incarnation)
+            .0
     }
 
     /// Other writers' commits were read through lake version `version`.
@@ -700,6 +703,7 @@ impl Follower {
             writer: file.writer.clone(),
             incarnation: file.incarnation.clone(),
             batches,
+            points: Vec::new(),
         }))
     }
 
@@ -982,6 +986,7 @@ mod tests {
                 writer: "p".into(),
                 incarnation: "b".into(),
                 batches: vec![(1, rows("1", &[1, 2])), (2, rows("1", &[3]))],
+                points: Vec::new(),
             },
             Some(&held),
         );
@@ -1013,6 +1018,7 @@ mod tests {
                     (2, rows("1", &[3])),
                     (4, rows("1", &[4])),
                 ],
+                points: Vec::new(),
             },
             None,
         );
@@ -1023,6 +1029,7 @@ mod tests {
                 writer: "q".into(),
                 incarnation: "a".into(),
                 batches: vec![(1, rows("2", &[1]))],
+                points: Vec::new(),
             },
             None,
         );

@@ -201,6 +201,10 @@ pub(crate) struct Outlet {
     pub clock: SharedClock,
     /// Rows as they become visible, for subscribers.
     pub feed: Feed,
+    /// Per table (by [`Table::index`]), keys of other writers' commits that this
+    /// writer held too: its next flush checks its rows with them against the lake,
+    /// whatever their time.
+    pub held: Vec<std::sync::Mutex<std::collections::HashSet<u128>>>,
 }
 
 impl Outlet {
@@ -212,6 +216,7 @@ impl Outlet {
             flush_rows,
             clock,
             feed: Feed::default(),
+            held: Table::ALL.iter().map(|_| Default::default()).collect(),
         }
     }
 }
@@ -442,6 +447,9 @@ impl<L: Log> Writer<L> {
                 through,
                 done,
             } => {
+                // The tail asks for a flush at once; a flush's own reading (no `done`)
+                // looks only at the rows it does not hold itself.
+                let from_tail = done.is_some();
                 let mut held = false;
                 for commit in commits {
                     let OtherCommit {
@@ -456,10 +464,12 @@ impl<L: Log> Writer<L> {
                         // Readers keeping state from the feed read the lake again; the
                         // rows this mirror held of it leave (they are in the lake).
                         if let (Some(writer), Some(cover)) = (writer, cover) {
-                            self.mirrors[table.index()]
-                                .commit_unread(table, version, &writer, &cover);
+                            self.mirrors[table.index()].commit_unread(version, &writer, &cover);
                         }
                         self.emit_lost(table, version);
+                        // Its rows are unknown: the flush checks this writer's rows by
+                        // time alone.
+                        held |= !self.buffers[table.index()].holds_none();
                         continue;
                     }
                     let (rows, retracted) = match (writer, cover) {
@@ -471,7 +481,21 @@ impl<L: Log> Writer<L> {
                     // twice until its flush finds them in the lake and takes its copies
                     // back: that flush comes now rather than at the interval.
                     let buffer = &self.buffers[table.index()];
-                    held |= !buffer.holds_none() && points.iter().any(|p| buffer.holds(*p));
+                    if !buffer.holds_none() {
+                        let mine: Vec<u128> = points
+                            .iter()
+                            .copied()
+                            .filter(|p| buffer.shows(*p, from_tail))
+                            .collect();
+                        if !mine.is_empty() {
+                            held = true;
+                            // The flush checks them against the lake whatever their time.
+                            self.outlet.held[table.index()]
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .extend(mine);
+                        }
+                    }
                     // The commit's rows first: no reader's count dips below the lake's.
                     if rows.iter().any(|b| b.num_rows() > 0) {
                         self.mirrors[table.index()].committed_elsewhere(version, &rows);
@@ -496,7 +520,7 @@ impl<L: Log> Writer<L> {
             }
             Command::Forget { table, runs } => {
                 for (writer, incarnation) in runs {
-                    let gone = self.mirrors[table.index()].forget(table, &writer, &incarnation);
+                    let gone = self.mirrors[table.index()].forget(&writer, &incarnation);
                     if !gone.is_empty() {
                         ::metrics::counter!(m::FORGOTTEN_ROWS, "table" => table.name())
                             .increment(gone.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
@@ -514,7 +538,7 @@ impl<L: Log> Writer<L> {
                 for rows in published {
                     // Rows this writer holds too count once, as its own.
                     let buffer = &self.buffers[table.index()];
-                    let held = |point: u128| buffer.holds(point);
+                    let held = |point: u128| buffer.shows(point, true);
                     let held: Option<&dyn Fn(u128) -> bool> =
                         (!buffer.holds_none()).then_some(&held);
                     let (rows, left_out) = self.mirrors[table.index()].add(table, rows, held);
@@ -608,7 +632,7 @@ impl<L: Log> Writer<L> {
         if points.is_empty() {
             return;
         }
-        let taken = self.mirrors[table.index()].take_points(table, points);
+        let taken = self.mirrors[table.index()].take_points(points);
         if !taken.is_empty() {
             ::metrics::counter!(m::LEFT_OUT_ROWS, "table" => table.name())
                 .increment(taken.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);

@@ -549,6 +549,23 @@ async fn two_writers(
     (lake, writers.pop().unwrap(), theirs)
 }
 
+/// As [`two_writers`], each following the other (commits and published rows), with a
+/// subscription to "mine"'s feed.
+async fn following_each_other(
+    dir: &tempfile::TempDir,
+) -> (
+    crate::location::LakeLocation,
+    crate::Aggregator,
+    crate::Aggregator,
+    mpsc::UnboundedReceiver<Arc<crate::feed::FeedItem>>,
+) {
+    let (lake, mine, theirs) = two_writers(dir).await;
+    mine.follow_other_writers().await.unwrap();
+    theirs.follow_other_writers().await.unwrap();
+    let (feed, _) = mine.subscribe();
+    (lake, mine, theirs, feed)
+}
+
 /// The `metrics` items on `feed` so far: the version that holds them (if marked), whether
 /// they are taken back, and how many rows.
 fn drain(
@@ -658,10 +675,7 @@ async fn rows_another_instance_accepted_are_seen_before_its_flush_and_count_once
     use fleetlake_model::RowSink;
 
     let dir = tempfile::tempdir().unwrap();
-    let (lake, mine, theirs) = two_writers(&dir).await;
-    mine.follow_other_writers().await.unwrap();
-    theirs.follow_other_writers().await.unwrap();
-    let (mut feed, _) = mine.subscribe();
+    let (lake, mine, theirs, mut feed) = following_each_other(&dir).await;
     let visible_at =
         |version| visible_rows(&mine.snapshot_settled(Table::Metrics, version).unwrap());
 
@@ -823,10 +837,7 @@ async fn other_writers_commits_vacuumed_before_they_were_read_come_as_lost() {
     use fleetlake_model::RowSink;
 
     let dir = tempfile::tempdir().unwrap();
-    let (lake, mine, theirs) = two_writers(&dir).await;
-    mine.follow_other_writers().await.unwrap();
-    theirs.follow_other_writers().await.unwrap();
-    let (mut feed, _) = mine.subscribe();
+    let (lake, mine, theirs, mut feed) = following_each_other(&dir).await;
     let mut items = move || {
         let mut items = Vec::new();
         while let Ok(item) = feed.try_recv() {
@@ -902,10 +913,7 @@ async fn a_row_both_instances_hold_counts_once_and_the_second_flushes_at_the_fir
     use fleetlake_model::RowSink;
 
     let dir = tempfile::tempdir().unwrap();
-    let (lake, mine, theirs) = two_writers(&dir).await;
-    mine.follow_other_writers().await.unwrap();
-    theirs.follow_other_writers().await.unwrap();
-    let (mut feed, _) = mine.subscribe();
+    let (lake, mine, theirs, mut feed) = following_each_other(&dir).await;
     mine.write(vec![(Table::Metrics, batch("1", 1))])
         .await
         .unwrap();
@@ -955,4 +963,47 @@ async fn a_row_both_instances_hold_counts_once_and_the_second_flushes_at_the_fir
         .unwrap();
     assert_eq!(drain(&mut feed), vec![(None, false, 1), (None, true, 1)]);
     assert_eq!(settled(latest), 1);
+}
+
+/// A row this writer holds as a suspect (late: at or before its series' latest
+/// committed time, so hidden until its flush checks the lake) does not hide another
+/// instance's published copy of it: the mirrored copy counts until this writer's flush
+/// reveals its own, and is taken back then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_held_here_does_not_hide_the_other_instances_copy() {
+    use fleetlake_model::RowSink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (lake, mine, theirs, mut feed) = following_each_other(&dir).await;
+    mine.write(vec![(Table::Metrics, batch("1", 5))])
+        .await
+        .unwrap();
+    mine.flush().await.unwrap();
+    assert_eq!(drain(&mut feed), vec![(None, false, 1)]);
+    // Minute 3 of the same series: late, a suspect here.
+    mine.write(vec![(Table::Metrics, batch("1", 3))])
+        .await
+        .unwrap();
+    assert!(drain(&mut feed).is_empty(), "a suspect is not shown");
+    theirs
+        .write(vec![(Table::Metrics, batch("1", 3))])
+        .await
+        .unwrap();
+    theirs.publish_now().await;
+    mine.follow_now().await.unwrap();
+    assert_eq!(
+        drain(&mut feed),
+        vec![(None, false, 1)],
+        "their copy is mirrored"
+    );
+    let settled = |version| visible_rows(&mine.snapshot_settled(Table::Metrics, version).unwrap());
+    assert_eq!(settled(lake_version(&lake).await), 1);
+    // My flush finds it new and reveals mine; theirs is taken back.
+    mine.flush().await.unwrap();
+    let mine_at = lake_version(&lake).await.unwrap();
+    assert_eq!(
+        drain(&mut feed),
+        vec![(Some(mine_at), false, 1), (None, true, 1)]
+    );
+    assert_eq!(settled(Some(mine_at)), 0);
 }

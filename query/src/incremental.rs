@@ -285,12 +285,16 @@ struct Backoff {
     running: bool,
 }
 
+/// [`Backoff::at`] of a start due at the next round, not counted as a restart.
+const AT_ONCE: i64 = i64::MIN;
+
 impl Backoff {
     /// Starts it again at the next round: what broke it (a commit whose rows could
-    /// not be read from the feed) is over once the lake is read again.
+    /// not be read from the feed) is over once the lake is read again, and does not
+    /// make later waits longer.
     fn at_once(&mut self) {
         if !self.running {
-            self.at = Some(i64::MIN);
+            self.at = Some(AT_ONCE);
         }
     }
 
@@ -308,8 +312,10 @@ impl Backoff {
         if at_ms < due {
             return false;
         }
+        if due != AT_ONCE {
+            self.restarts += 1;
+        }
         self.at = None;
-        self.restarts += 1;
         self.running = true;
         ::metrics::counter!("fleetlake_incremental_restarts_total").increment(1);
         true
@@ -1402,16 +1408,19 @@ fn retracted_after(
 
 /// The version of the first commit of `table` that feed `items` say could not be read
 /// (see [`FeedItem::lost`]) and that a state started from the snapshot at `since` does
-/// not hold: such a state cannot be kept up from the feed.
+/// not hold: such a state cannot be kept up from the feed. Only the lake holds such a
+/// commit's rows (a hot snapshot after the item does not), so only the version the
+/// state read of the lake tells.
 fn lost_after(
     items: &[Arc<FeedItem>],
     table: Table,
-    (seq, version): (u64, Option<i64>),
+    (_, version): (u64, Option<i64>),
 ) -> Option<i64> {
     items
         .iter()
-        .find(|item| item.table == table && item.lost && !item.already_in(seq, version))
-        .and_then(|item| item.committed_as)
+        .filter(|item| item.table == table && item.lost)
+        .filter_map(|item| item.committed_as)
+        .find(|at| version.is_none_or(|read| *at > read))
 }
 
 fn items_after(

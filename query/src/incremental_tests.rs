@@ -923,6 +923,41 @@ proptest! {
     }
 }
 
+/// A commit whose rows could not be read breaks a state that read an earlier lake
+/// version, whatever hot snapshot it read (the rows are in no snapshot), and no state
+/// that read that version or a later one.
+#[test]
+fn a_lost_commit_is_told_by_the_lake_version_a_state_read() {
+    let lost = |table, version| {
+        Arc::new(fleetlake_aggregate::feed::FeedItem {
+            seq: 5,
+            table,
+            batches: Vec::new(),
+            committed_as: Some(version),
+            retract: false,
+            mirrored: false,
+            lost: true,
+        })
+    };
+    let items = [lost(Table::Logs, 9), lost(Table::Metrics, 7)];
+    assert_eq!(
+        super::lost_after(&items, Table::Metrics, (10, Some(6))),
+        Some(7)
+    );
+    assert_eq!(
+        super::lost_after(&items, Table::Metrics, (1, None)),
+        Some(7)
+    );
+    assert_eq!(
+        super::lost_after(&items, Table::Metrics, (1, Some(7))),
+        None
+    );
+    assert_eq!(
+        super::lost_after(&items, Table::Logs, (10, Some(8))),
+        Some(9)
+    );
+}
+
 /// Commits of the other instance whose files are vacuumed before this one reads them
 /// (and a row of theirs mirrored here before): every aggregate and window reads the
 /// lake again at the next round and gives the scan's result.
