@@ -78,9 +78,9 @@ pub struct OtherCommit {
     pub cover: Option<crate::peers::Cover>,
     /// The rows it added (none for a commit of positions only).
     pub rows: Vec<RecordBatch>,
-    /// The de-duplication keys of `rows` (computed where the commit is read, off the
-    /// writer's thread).
-    pub points: HashSet<u128>,
+    /// The de-duplication keys of each batch of `rows` (computed where the commit is
+    /// read, off the writer's thread).
+    pub points: Vec<Vec<u128>>,
     /// Why its rows could not be read, when they could not: the commit is gone from
     /// the log (cleaned up) or some of its files are (vacuumed after a compaction
     /// rewrote them). Its rows are in the lake, but not to be had one commit at a
@@ -599,7 +599,7 @@ impl TableLake {
                 .increment(rows.iter().map(RecordBatch::num_rows).sum::<usize>() as u64);
             let points = rows
                 .iter()
-                .flat_map(|b| row_keys(self.kind, b).into_iter().map(|k| k.point))
+                .map(|b| row_keys(self.kind, b).iter().map(|k| k.point).collect())
                 .collect();
             out.push(OtherCommit {
                 version,
@@ -630,7 +630,7 @@ impl TableLake {
             writer,
             cover,
             rows: Vec::new(),
-            points: HashSet::new(),
+            points: Vec::new(),
             lost: Some(why),
         }
     }

@@ -51,8 +51,6 @@ use fleetlake_model::Table;
 use fleetlake_model::keys::{KeyHasher, row_keys};
 use fleetlake_model::schema::conform;
 
-use crate::lake::{split_points, without_points};
-
 /// Where published rows go, beside the lake's tables.
 pub const PREFIX: &str = "_fleetlake/pending";
 
@@ -227,6 +225,35 @@ pub(crate) fn decode(table: Table, bytes: &[u8]) -> Result<Vec<(u64, RecordBatch
     Ok(out)
 }
 
+/// Splits `batch`, whose rows have keys `points`, into the rows whose key `first`
+/// holds for and the others, each with its keys; `None` for a part without rows.
+fn split_keyed(
+    batch: RecordBatch,
+    points: Vec<u128>,
+    first: impl Fn(u128) -> bool,
+) -> [Option<(RecordBatch, Vec<u128>)>; 2] {
+    let mask: Vec<bool> = points.iter().map(|p| first(*p)).collect();
+    let yes = mask.iter().filter(|m| **m).count();
+    if yes == mask.len() {
+        return [(yes > 0).then_some((batch, points)), None];
+    }
+    if yes == 0 {
+        return [None, Some((batch, points))];
+    }
+    let part = |want: bool| {
+        let keep = arrow::array::BooleanArray::from_iter(mask.iter().map(|m| Some(*m == want)));
+        let rows = arrow::compute::filter_record_batch(&batch, &keep).expect("a key per row");
+        let keys = points
+            .iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m == want)
+            .map(|(p, _)| *p)
+            .collect();
+        Some((rows, keys))
+    };
+    [part(true), part(false)]
+}
+
 /// One mirrored batch.
 #[derive(Debug)]
 struct Entry {
@@ -328,26 +355,22 @@ impl Mirror {
         let incarnation: Arc<str> = published.incarnation.into();
         let mut out = Vec::with_capacity(published.batches.len());
         let mut left_out = 0;
-        for ((seq, batch), mut points) in published.batches.into_iter().zip(published.points) {
+        for ((seq, batch), points) in published.batches.into_iter().zip(published.points) {
             if batch.num_rows() == 0 {
                 continue;
             }
-            let batch = match held {
-                Some(held) if points.iter().any(|p| held(*p)) => {
-                    let keep: Vec<bool> = points.iter().map(|p| !held(*p)).collect();
-                    let mask = arrow::array::BooleanArray::from(keep.clone());
-                    let kept =
-                        arrow::compute::filter_record_batch(&batch, &mask).expect("mask fits");
-                    left_out += batch.num_rows() - kept.num_rows();
-                    let mut keep = keep.into_iter();
-                    points.retain(|_| keep.next().unwrap_or(false));
-                    kept
+            let (batch, points) = match held {
+                Some(held) => {
+                    let rows = batch.num_rows();
+                    let [kept, _] = split_keyed(batch, points, |p| !held(p));
+                    left_out += rows - kept.as_ref().map_or(0, |(b, _)| b.num_rows());
+                    match kept {
+                        Some(kept) => kept,
+                        None => continue,
+                    }
                 }
-                _ => batch,
+                None => (batch, points),
             };
-            if batch.num_rows() == 0 {
-                continue;
-            }
             let id = self.next_id;
             self.next_id += 1;
             self.points.extend(points.iter().map(|p| (*p, id)));
@@ -368,25 +391,42 @@ impl Mirror {
         (out, left_out)
     }
 
-    /// Another writer's commit `version` of `table` with `rows` (whose keys are
-    /// `committed`), covering `cover` of its published rows: takes the covered rows out
+    /// Another writer's commit `version` with `rows` (the keys of each batch in
+    /// `points`), covering `cover` of its published rows: takes the covered rows out
     /// and returns the commit's rows the mirror did not hold (new to readers) and the
     /// covered rows the commit does not hold (to retract).
     pub(crate) fn commit(
         &mut self,
-        table: Table,
         version: i64,
         writer: &str,
         cover: &Cover,
         rows: Vec<RecordBatch>,
-        committed: &HashSet<u128>,
+        points: Vec<Vec<u128>>,
     ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
-        let (covered, mirrored) = self.take_covered(writer, cover);
+        let covered = self.take_covered(writer, cover);
         if covered.is_empty() {
             return (rows, Vec::new());
         }
-        let new = without_points(table, rows, &mirrored);
-        let (gone, held) = split_points(table, covered, committed);
+        let mirrored: HashSet<u128> = covered
+            .iter()
+            .flat_map(|e| e.points.iter().copied())
+            .collect();
+        let committed: HashSet<u128> = points.iter().flatten().copied().collect();
+        let new = rows
+            .into_iter()
+            .zip(points)
+            .filter_map(|(batch, points)| {
+                let [new, _] = split_keyed(batch, points, |p| !mirrored.contains(&p));
+                new.map(|(b, _)| b)
+            })
+            .collect();
+        let (mut gone, mut held) = (Vec::new(), Vec::new());
+        for entry in covered {
+            let [lacked, holds] =
+                split_keyed(entry.batch, entry.points, |p| !committed.contains(&p));
+            gone.extend(lacked.map(|(b, _)| b));
+            held.extend(holds.map(|(b, _)| b));
+        }
         if !held.is_empty() {
             self.covered
                 .push_back((version, Instant::now(), Arc::from(held)));
@@ -398,24 +438,24 @@ impl Mirror {
     /// covers leave the mirror, and stay a moment for readers of earlier versions (the
     /// commit holds them, unless its writer found one already in the lake).
     pub(crate) fn commit_unread(&mut self, version: i64, writer: &str, cover: &Cover) {
-        let (covered, _) = self.take_covered(writer, cover);
+        let covered: Vec<RecordBatch> = self
+            .take_covered(writer, cover)
+            .into_iter()
+            .map(|e| e.batch)
+            .collect();
         if !covered.is_empty() {
             self.covered
                 .push_back((version, Instant::now(), Arc::from(covered)));
         }
     }
 
-    /// Takes out the mirrored rows of `writer` that `cover` covers; returns them and
-    /// their keys.
-    fn take_covered(&mut self, writer: &str, cover: &Cover) -> (Vec<RecordBatch>, HashSet<u128>) {
+    /// Takes out the mirrored entries of `writer` that `cover` covers.
+    fn take_covered(&mut self, writer: &str, cover: &Cover) -> Vec<Entry> {
         self.take_entries(|e| &*e.writer == writer && cover.covers(&e.incarnation, e.seq))
     }
 
-    /// Takes out the entries `which` picks; returns their rows and keys.
-    fn take_entries(
-        &mut self,
-        which: impl Fn(&Entry) -> bool,
-    ) -> (Vec<RecordBatch>, HashSet<u128>) {
+    /// Takes out the entries `which` picks.
+    fn take_entries(&mut self, which: impl Fn(&Entry) -> bool) -> Vec<Entry> {
         let (taken, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
             .into_iter()
             .partition(|e| which(e));
@@ -423,18 +463,15 @@ impl Mirror {
         if !taken.is_empty() {
             self.cached = None;
         }
-        let mut points = HashSet::new();
         for entry in &taken {
             for point in &entry.points {
                 if self.points.get(point) == Some(&entry.id) {
                     self.points.remove(point);
                 }
-                points.insert(*point);
             }
+            self.rows -= entry.batch.num_rows();
         }
-        let taken: Vec<RecordBatch> = taken.into_iter().map(|e| e.batch).collect();
-        self.rows -= taken.iter().map(RecordBatch::num_rows).sum::<usize>();
-        (taken, points)
+        taken
     }
 
     /// Whether no mirrored row is held (nothing to look rows up in).
@@ -456,21 +493,24 @@ impl Mirror {
             return Vec::new();
         }
         let mut taken = Vec::new();
-        for entry in self.entries.iter_mut().filter(|e| ids.contains(&e.id)) {
-            let keep: arrow::array::BooleanArray = entry
-                .points
-                .iter()
-                .map(|p| Some(!hits.contains(p)))
-                .collect();
-            let out = arrow::compute::not(&keep).expect("mask negates");
-            let gone = arrow::compute::filter_record_batch(&entry.batch, &out).expect("mask fits");
-            entry.batch =
-                arrow::compute::filter_record_batch(&entry.batch, &keep).expect("mask fits");
-            entry.points.retain(|p| !hits.contains(p));
-            self.rows -= gone.num_rows();
-            taken.push(gone);
+        for entry in std::mem::take(&mut self.entries) {
+            if !ids.contains(&entry.id) {
+                self.entries.push(entry);
+                continue;
+            }
+            let [kept, gone] = split_keyed(entry.batch, entry.points, |p| !hits.contains(&p));
+            if let Some((batch, _)) = gone {
+                self.rows -= batch.num_rows();
+                taken.push(batch);
+            }
+            if let Some((batch, points)) = kept {
+                self.entries.push(Entry {
+                    batch,
+                    points,
+                    ..entry
+                });
+            }
         }
-        self.entries.retain(|e| e.batch.num_rows() > 0);
         self.cached = None;
         taken
     }
@@ -490,7 +530,9 @@ impl Mirror {
     /// returns them, to retract.
     pub(crate) fn forget(&mut self, writer: &str, incarnation: &str) -> Vec<RecordBatch> {
         self.take_entries(|e| &*e.writer == writer && &*e.incarnation == incarnation)
-            .0
+            .into_iter()
+            .map(|e| e.batch)
+            .collect()
     }
 
     /// Other writers' commits were read through lake version `version`.
@@ -965,11 +1007,16 @@ mod tests {
         cover: &Cover,
         rows: Vec<RecordBatch>,
     ) -> (Vec<RecordBatch>, Vec<RecordBatch>) {
-        let points = rows
+        let points: Vec<Vec<u128>> = rows
             .iter()
-            .flat_map(|b| row_keys(Table::Metrics, b).into_iter().map(|k| k.point))
+            .map(|b| {
+                row_keys(Table::Metrics, b)
+                    .iter()
+                    .map(|k| k.point)
+                    .collect()
+            })
             .collect();
-        mirror.commit(Table::Metrics, version, writer, cover, rows, &points)
+        mirror.commit(version, writer, cover, rows, points)
     }
 
     #[test]

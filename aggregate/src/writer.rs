@@ -472,11 +472,6 @@ impl<L: Log> Writer<L> {
                         held |= !self.buffers[table.index()].holds_none();
                         continue;
                     }
-                    let (rows, retracted) = match (writer, cover) {
-                        (Some(writer), Some(cover)) => self.mirrors[table.index()]
-                            .commit(table, version, &writer, &cover, rows, &points),
-                        _ => (rows, Vec::new()),
-                    };
                     // Rows this writer holds too (a retry sent to both instances) count
                     // twice until its flush finds them in the lake and takes its copies
                     // back: that flush comes now rather than at the interval.
@@ -484,6 +479,7 @@ impl<L: Log> Writer<L> {
                     if !buffer.holds_none() {
                         let mine: Vec<u128> = points
                             .iter()
+                            .flatten()
                             .copied()
                             .filter(|p| buffer.shows(*p, from_tail))
                             .collect();
@@ -496,6 +492,11 @@ impl<L: Log> Writer<L> {
                                 .extend(mine);
                         }
                     }
+                    let (rows, retracted) = match (writer, cover) {
+                        (Some(writer), Some(cover)) => self.mirrors[table.index()]
+                            .commit(version, &writer, &cover, rows, points),
+                        _ => (rows, Vec::new()),
+                    };
                     // The commit's rows first: no reader's count dips below the lake's.
                     if rows.iter().any(|b| b.num_rows() > 0) {
                         self.mirrors[table.index()].committed_elsewhere(version, &rows);

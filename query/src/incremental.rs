@@ -407,10 +407,16 @@ impl RowWindow {
                 limit,
                 "recent rows for windowed rules pass their bound; those rules read the lake"
             );
-            self.full = true;
-            self.rows = Vec::new();
-            self.bytes = 0;
+            self.drop_rows();
         }
+    }
+
+    /// Empties itself: it can no longer be trusted or kept, and the rules that need it
+    /// read the lake until it is read again.
+    fn drop_rows(&mut self) {
+        self.full = true;
+        self.rows = Vec::new();
+        self.bytes = 0;
     }
 
     /// Adds the rows of `table` that feed `items` bring past [`RowWindow::since`], and
@@ -424,9 +430,7 @@ impl RowWindow {
                 version,
                 "recent rows miss another writer's commit that could not be read; windowed rules read the lake until they are read again"
             );
-            self.full = true;
-            self.rows = Vec::new();
-            self.bytes = 0;
+            self.drop_rows();
             self.restart.at_once();
             return;
         }
@@ -438,9 +442,7 @@ impl RowWindow {
         {
             // Then it cannot be trusted: read again, as when it passes its bound.
             tracing::warn!(%error, "recent rows could not take back rows; windowed rules read the lake");
-            self.full = true;
-            self.rows = Vec::new();
-            self.bytes = 0;
+            self.drop_rows();
         }
     }
 
