@@ -66,6 +66,7 @@ use fleetlake_model::schema::conform;
 
 use crate::access::Principal;
 use crate::engine::{QueryEngine, QueryError, pin, plan_read_only, sql_instant};
+use crate::grouped::{Grouped, Layout, Merge};
 use crate::moving::Moving;
 use crate::shape::{Leaf, Shape, Window};
 
@@ -248,12 +249,40 @@ struct LeafPlan {
     /// latest time says alone whether it has rows in a window, so its partials
     /// compact to one row per group (last seen) instead of one per slot.
     last_seen: bool,
+    /// How its partials are held by group, where they are of kinds held so.
+    grouped: Option<Arc<Layout>>,
+}
+
+/// A leaf's partial aggregates.
+enum Partials {
+    /// Held by group and slot ([`Grouped`]).
+    Grouped(Box<Grouped>),
+    /// Batches of `(slot, keys, states)`, merged by DataFusion (every
+    /// [`COMPACT_AFTER`] folds, and at each round).
+    Batches(Vec<RecordBatch>),
+}
+
+impl Partials {
+    fn empty(plan: &LeafPlan) -> Self {
+        match &plan.grouped {
+            Some(layout) => Partials::Grouped(Box::new(Grouped::new(Arc::clone(layout)))),
+            None => Partials::Batches(Vec::new()),
+        }
+    }
+
+    /// Bytes held.
+    fn bytes(&self) -> usize {
+        match self {
+            Partials::Grouped(g) => g.bytes(),
+            Partials::Batches(b) => b.iter().map(RecordBatch::get_array_memory_size).sum(),
+        }
+    }
 }
 
 /// A leaf and the partial aggregates it holds.
 struct LeafState {
     plan: Arc<LeafPlan>,
-    partials: Vec<RecordBatch>,
+    partials: Partials,
     /// The feed position and lake version its start read held: items at or before
     /// them are in its partials already.
     since: (u64, Option<i64>),
@@ -328,7 +357,7 @@ impl LeafState {
     fn drop_partials(&mut self, reason: String) {
         tracing::warn!(leaf = %self.plan.leaf, %reason, "incremental aggregate dropped; its rules run as SQL until it starts again");
         ::metrics::counter!("fleetlake_incremental_broken_total").increment(1);
-        self.partials = Vec::new();
+        self.partials = Partials::empty(&self.plan);
         self.cached = None;
         self.broken = Some(reason);
     }
@@ -336,8 +365,8 @@ impl LeafState {
     /// A leaf not started yet.
     fn new(plan: Arc<LeafPlan>) -> Self {
         Self {
+            partials: Partials::empty(&plan),
             plan,
-            partials: Vec::new(),
             since: (0, None),
             horizon: i64::MAX,
             cached: None,
@@ -1357,12 +1386,7 @@ impl Incremental {
     /// Bytes of partial aggregates held, and the number of leaves.
     pub async fn footprint(&self) -> (usize, usize) {
         let state = self.state.lock().await;
-        let bytes = state
-            .leaves
-            .iter()
-            .flat_map(|l| &l.partials)
-            .map(RecordBatch::get_array_memory_size)
-            .sum();
+        let bytes = state.leaves.iter().map(|l| l.partials.bytes()).sum();
         (bytes, state.leaves.len())
     }
 }
@@ -1546,11 +1570,7 @@ async fn fold_into(
             Ok(partial) => leaf.absorb(partial).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
-        let bytes: usize = leaf
-            .partials
-            .iter()
-            .map(RecordBatch::get_array_memory_size)
-            .sum();
+        let bytes = leaf.partials.bytes();
         let broken = match absorbed {
             Err(e) => Some(format!("a fold failed: {e}")),
             Ok(()) if bytes > limit => Some(format!(
@@ -1893,9 +1913,15 @@ impl LeafState {
         let Some(partial) = partial else {
             return Ok(());
         };
-        self.partials.push(partial);
         self.cached = None;
-        if self.partials.len() > COMPACT_AFTER {
+        let batches = match &mut self.partials {
+            Partials::Grouped(grouped) => {
+                return grouped.absorb(&partial, self.horizon).map_err(arrow_err);
+            }
+            Partials::Batches(batches) => batches,
+        };
+        batches.push(partial);
+        if batches.len() > COMPACT_AFTER {
             self.compact().await?;
         }
         Ok(())
@@ -1904,12 +1930,15 @@ impl LeafState {
     /// Merges the partials into one batch per slot and group, dropping slots before
     /// the horizon.
     async fn compact(&mut self) -> Result<(), QueryError> {
-        let kept = self.select(self.horizon, None)?;
+        let Partials::Batches(batches) = &self.partials else {
+            return Ok(());
+        };
+        let kept = select(batches, self.horizon, None)?;
         if !self.plan.last_seen {
             let schema = Arc::clone(&self.plan.partials_input.schema);
             let merged = self.merge(&self.plan.merge_slots, kept).await?;
             // Merging may widen a type (a decimal sum); the partials keep theirs.
-            self.partials = owned(&merged, &schema)?.into_iter().collect();
+            self.partials = Partials::Batches(owned(&merged, &schema)?.into_iter().collect());
             return Ok(());
         }
         // One row per group, in the slot of its latest time.
@@ -1938,26 +1967,8 @@ impl LeafState {
                 .collect::<Result<Vec<_>, _>>()?;
             partials.push(RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_err)?);
         }
-        self.partials = owned(&partials, &schema)?.into_iter().collect();
+        self.partials = Partials::Batches(owned(&partials, &schema)?.into_iter().collect());
         Ok(())
-    }
-
-    /// The partials of slots `first..=last`.
-    fn select(&self, first: i64, last: Option<i64>) -> Result<Vec<RecordBatch>, QueryError> {
-        let mut out = Vec::new();
-        for batch in &self.partials {
-            let slots = batch.column(0);
-            let mut keep = gt_eq(slots, &Int64Array::new_scalar(first)).map_err(arrow_err)?;
-            if let Some(last) = last {
-                let below = lt_eq(slots, &Int64Array::new_scalar(last)).map_err(arrow_err)?;
-                keep = and(&keep, &below).map_err(arrow_err)?;
-            }
-            let kept = filter_record_batch(batch, &keep).map_err(arrow_err)?;
-            if kept.num_rows() > 0 {
-                out.push(kept);
-            }
-        }
-        Ok(out)
     }
 
     async fn merge(
@@ -1988,16 +1999,21 @@ impl LeafState {
         if first < self.horizon {
             return Ok(None);
         }
-        let selected = self.select(first, last)?;
-        let merged = self.merge(&self.plan.merge_groups, selected).await?;
+        let merged = match &mut self.partials {
+            Partials::Grouped(grouped) => grouped.merged(first, last).map_err(arrow_err)?,
+            Partials::Batches(batches) => {
+                let selected = select(batches, first, last)?;
+                let merged = self.merge(&self.plan.merge_groups, selected).await?;
+                concat_batches(
+                    &merged
+                        .first()
+                        .map_or_else(|| Arc::new(Schema::empty()), |b| b.schema()),
+                    &merged,
+                )
+                .map_err(arrow_err)?
+            }
+        };
         let schema = Arc::clone(&self.plan.output);
-        let merged = concat_batches(
-            &merged
-                .first()
-                .map_or_else(|| Arc::new(Schema::empty()), |b| b.schema()),
-            &merged,
-        )
-        .map_err(arrow_err)?;
         let batch = if merged.num_columns() == 0 {
             RecordBatch::new_empty(schema)
         } else {
@@ -2009,6 +2025,28 @@ impl LeafState {
         self.cached = Some((at_ms, batch.clone()));
         Ok(Some(batch))
     }
+}
+
+/// The partials of slots `first..=last` of `batches`.
+fn select(
+    batches: &[RecordBatch],
+    first: i64,
+    last: Option<i64>,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let slots = batch.column(0);
+        let mut keep = gt_eq(slots, &Int64Array::new_scalar(first)).map_err(arrow_err)?;
+        if let Some(last) = last {
+            let below = lt_eq(slots, &Int64Array::new_scalar(last)).map_err(arrow_err)?;
+            keep = and(&keep, &below).map_err(arrow_err)?;
+        }
+        let kept = filter_record_batch(batch, &keep).map_err(arrow_err)?;
+        if kept.num_rows() > 0 {
+            out.push(kept);
+        }
+    }
+    Ok(out)
 }
 
 /// The leaf's output columns from merged partials (`__g…`, `__p…` in order).
@@ -2248,7 +2286,7 @@ async fn plan_leaf(
     ));
     let groups = g0.group_expr.len();
     let mut partial = Vec::new();
-    let mut merges: Vec<fn(Expr) -> Expr> = Vec::new();
+    let mut merges: Vec<Merge> = Vec::new();
     let mut additive: Vec<bool> = Vec::new();
     let mut finish: Vec<Finish> = (0..groups).map(Finish::Group).collect();
     for (j, e) in g0.aggr_expr.iter().enumerate() {
@@ -2261,18 +2299,18 @@ async fn plan_leaf(
         };
         let name = f.func.name().to_ascii_lowercase();
         let out_type = output.field(groups + j).data_type();
-        let mut push = |expr: Expr, merge: fn(Expr) -> Expr, sums: bool| {
+        let mut push = |expr: Expr, merge: Merge| {
             let p = partial.len();
             partial.push(expr.alias(format!("__p{p}")));
             merges.push(merge);
-            additive.push(sums);
+            additive.push(merge == Merge::Sum);
             p
         };
         match name.as_str() {
-            "sum" => finish.push(Finish::Plain(push(inner.clone(), sum, true))),
-            "min" => finish.push(Finish::Plain(push(inner.clone(), min, false))),
-            "max" => finish.push(Finish::Plain(push(inner.clone(), max, false))),
-            "count" => finish.push(Finish::Count(push(inner.clone(), sum, true))),
+            "sum" => finish.push(Finish::Plain(push(inner.clone(), Merge::Sum))),
+            "min" => finish.push(Finish::Plain(push(inner.clone(), Merge::Min))),
+            "max" => finish.push(Finish::Plain(push(inner.clone(), Merge::Max))),
+            "count" => finish.push(Finish::Count(push(inner.clone(), Merge::Sum))),
             "avg" => {
                 if *out_type != DataType::Float64 {
                     return Ok(Err(format!("avg returning {out_type} is not merged here")));
@@ -2286,8 +2324,8 @@ async fn plan_leaf(
                     // A sum of integers can overflow where avg does not.
                     s.params.args = vec![datafusion::prelude::cast(arg, DataType::Float64)];
                 }
-                let sum_at = push(Expr::AggregateFunction(s), sum, true);
-                let count_at = push(Expr::AggregateFunction(c), sum, true);
+                let sum_at = push(Expr::AggregateFunction(s), Merge::Sum);
+                let count_at = push(Expr::AggregateFunction(c), Merge::Sum);
                 finish.push(Finish::Avg {
                     sum: sum_at,
                     count: count_at,
@@ -2329,6 +2367,13 @@ async fn plan_leaf(
         ));
     }
     let partials_input = Rows::new(Arc::new(Schema::new(fields)));
+    // Held by group where the states are of kinds merged here; a `max(time)` of a
+    // window open towards now compacts to one row per group instead (`last_seen`).
+    let grouped = if last_seen {
+        None
+    } else {
+        Layout::new(&partials_input.schema, groups, &merges).map(Arc::new)
+    };
     let merge_plan = |by_slot: bool| -> datafusion::error::Result<LogicalPlan> {
         let mut keys = Vec::new();
         if by_slot {
@@ -2338,7 +2383,15 @@ async fn plan_leaf(
         let aggs: Vec<Expr> = merges
             .iter()
             .enumerate()
-            .map(|(p, merge)| merge(col(format!("__p{p}"))).alias(format!("__p{p}")))
+            .map(|(p, merge)| {
+                let state = col(format!("__p{p}"));
+                match merge {
+                    Merge::Sum => sum(state),
+                    Merge::Min => min(state),
+                    Merge::Max => max(state),
+                }
+                .alias(format!("__p{p}"))
+            })
             .collect();
         LogicalPlanBuilder::scan("__partials", partials_input.source()?, None)?
             .aggregate(keys, aggs)?
@@ -2362,6 +2415,7 @@ async fn plan_leaf(
         finish,
         additive,
         last_seen,
+        grouped,
     }))
 }
 

@@ -22,6 +22,7 @@ pub mod access;
 pub mod bounded;
 pub mod engine;
 pub mod format;
+mod grouped;
 pub mod guard;
 pub mod http;
 pub mod incremental;
