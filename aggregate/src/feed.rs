@@ -67,6 +67,20 @@ pub struct FeedItem {
 }
 
 impl FeedItem {
+    /// Emission `seq`: the rows of another writer's commit `version` of `table` cannot
+    /// be had from the feed (see [`FeedItem::lost`]).
+    pub fn lost_commit(seq: u64, table: Table, version: i64) -> Self {
+        Self {
+            seq,
+            table,
+            batches: Vec::new(),
+            committed_as: Some(version),
+            retract: false,
+            mirrored: false,
+            lost: true,
+        }
+    }
+
     /// Whether a reader that took its rows from the hot snapshot with `feed_seq` and
     /// from the lake at version `lake_version` of this item's table already has these
     /// rows.

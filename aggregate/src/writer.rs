@@ -671,15 +671,9 @@ impl<L: Log> Writer<L> {
     /// cannot be had from the feed (see [`FeedItem::lost`]).
     fn emit_lost(&mut self, table: Table, version: i64) {
         self.feed_seq += 1;
-        self.outlet.feed.emit(FeedItem {
-            seq: self.feed_seq,
-            table,
-            batches: Vec::new(),
-            committed_as: Some(version),
-            retract: false,
-            mirrored: false,
-            lost: true,
-        });
+        self.outlet
+            .feed
+            .emit(FeedItem::lost_commit(self.feed_seq, table, version));
     }
 
     fn maybe_flush(&self, open_rows: usize) {

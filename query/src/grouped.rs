@@ -53,6 +53,15 @@ enum Repr {
 }
 
 impl Repr {
+    /// The arrow type its values are read as.
+    fn data_type(self) -> DataType {
+        match self {
+            Repr::I64 => DataType::Int64,
+            Repr::U64 => DataType::UInt64,
+            Repr::F64 => DataType::Float64,
+        }
+    }
+
     fn of(data_type: &DataType, merge: Merge) -> Option<Self> {
         match data_type {
             DataType::Int64 => Some(Repr::I64),
@@ -377,9 +386,26 @@ impl std::fmt::Debug for Grouped {
     }
 }
 
-/// A group id from a count.
-fn id_of(n: usize) -> Result<u32, ArrowError> {
-    u32::try_from(n).map_err(|_| ArrowError::ComputeError("more than 2^32 groups".into()))
+/// The id of the group whose keys are `row` (hashed `hash`), added to `keys` and
+/// `index` when new.
+fn intern(
+    keys: &mut Rows,
+    index: &mut HashTable<u32>,
+    hasher: &DefaultHashBuilder,
+    row: arrow::row::Row<'_>,
+    hash: u64,
+) -> Result<u32, ArrowError> {
+    let bytes = row.as_ref();
+    if let Some(id) = index.find(hash, |id| keys.row(*id as usize).as_ref() == bytes) {
+        return Ok(*id);
+    }
+    let id = u32::try_from(keys.num_rows())
+        .map_err(|_| ArrowError::ComputeError("more than 2^32 groups".into()))?;
+    keys.push(row);
+    index.insert_unique(hash, id, |id| {
+        hasher.hash_one(keys.row(*id as usize).as_ref())
+    });
+    Ok(id)
 }
 
 impl Grouped {
@@ -414,7 +440,7 @@ impl Grouped {
     /// Takes in a fold's partials (`(slot, keys, states)` rows, as the layout says),
     /// dropping slots before `horizon`.
     pub(crate) fn absorb(&mut self, partial: &RecordBatch, horizon: i64) -> Result<(), ArrowError> {
-        self.drop_before(horizon);
+        self.drop_before(horizon)?;
         let n = partial.num_rows();
         if n == 0 {
             return Ok(());
@@ -434,36 +460,20 @@ impl Grouped {
                 ids.push(u32::MAX);
                 continue;
             }
-            let bytes = row.as_ref();
-            let hash = self.hasher.hash_one(bytes);
-            let keys = &self.keys;
-            let found = self
-                .index
-                .find(hash, |id| keys.row(*id as usize).as_ref() == bytes)
-                .copied();
-            let id = match found {
-                Some(id) => id,
-                None => {
-                    let id = id_of(self.keys.num_rows())?;
-                    self.keys.push(row);
-                    let (keys, hasher) = (&self.keys, &self.hasher);
-                    self.index.insert_unique(hash, id, |id| {
-                        hasher.hash_one(keys.row(*id as usize).as_ref())
-                    });
-                    id
-                }
-            };
-            ids.push(id);
+            let hash = self.hasher.hash_one(row.as_ref());
+            ids.push(intern(
+                &mut self.keys,
+                &mut self.index,
+                &self.hasher,
+                row,
+                hash,
+            )?);
         }
         let states: Vec<ArrayRef> = partial.columns()[1 + groups..]
             .iter()
             .zip(&self.layout.states)
             .map(|(c, (_, repr, _))| {
-                let want = match repr {
-                    Repr::I64 => DataType::Int64,
-                    Repr::U64 => DataType::UInt64,
-                    Repr::F64 => DataType::Float64,
-                };
+                let want = repr.data_type();
                 if *c.data_type() == want {
                     Ok(Arc::clone(c))
                 } else {
@@ -496,8 +506,11 @@ impl Grouped {
         touched.sort_unstable();
         touched.dedup();
         for slot in touched {
-            let entries = self.slots.get(&slot).map_or(0, |s| s.ids.len());
-            if entries > 2 * self.slots.get(&slot).map_or(0, |s| s.merged) + MERGE_SLOT_PAST {
+            if self
+                .slots
+                .get(&slot)
+                .is_some_and(|s| s.ids.len() > 2 * s.merged + MERGE_SLOT_PAST)
+            {
                 self.merge_slot(slot);
             }
         }
@@ -561,25 +574,25 @@ impl Grouped {
     }
 
     /// Drops the slots before `horizon`, and the groups then left without entries.
-    fn drop_before(&mut self, horizon: i64) {
+    fn drop_before(&mut self, horizon: i64) -> Result<(), ArrowError> {
         if self
             .slots
             .first_key_value()
             .is_none_or(|(at, _)| *at >= horizon)
         {
-            return;
+            return Ok(());
         }
         self.slots = self.slots.split_off(&horizon);
-        self.forget_gone();
+        self.forget_gone()
     }
 
     /// Forgets the groups no slot has entries of (a function deleted, an ephemeral
     /// dimension), renumbering the others, once the groups have doubled since the
     /// last look and a quarter or more of them are gone.
-    fn forget_gone(&mut self) {
+    fn forget_gone(&mut self) -> Result<(), ArrowError> {
         let groups = self.keys.num_rows();
         if groups < FORGET_FROM || groups < 2 * self.live_at_look {
-            return;
+            return Ok(());
         }
         let mut live = vec![false; groups];
         for slot in self.slots.values() {
@@ -590,7 +603,7 @@ impl Grouped {
         let count = live.iter().filter(|l| **l).count();
         self.live_at_look = count;
         if count * 4 > groups * 3 {
-            return;
+            return Ok(());
         }
         let mut renumbered = vec![u32::MAX; groups];
         let mut keys = self
@@ -599,15 +612,9 @@ impl Grouped {
             .empty_rows(count, self.keys.size() / groups.max(1) * count);
         let mut index = HashTable::with_capacity(count);
         for (old, _) in live.iter().enumerate().filter(|(_, l)| **l) {
-            let id = keys.num_rows() as u32;
-            renumbered[old] = id;
             let row = self.keys.row(old);
-            keys.push(row);
             let hash = self.hasher.hash_one(row.as_ref());
-            let hasher = &self.hasher;
-            index.insert_unique(hash, id, |id| {
-                hasher.hash_one(keys.row(*id as usize).as_ref())
-            });
+            renumbered[old] = intern(&mut keys, &mut index, &self.hasher, row, hash)?;
         }
         for slot in self.slots.values_mut() {
             for id in &mut slot.ids {
@@ -618,6 +625,7 @@ impl Grouped {
         self.index = index;
         self.scratch = Vec::new();
         self.key_arrays = None;
+        Ok(())
     }
 
     /// The groups with entries in slots `first..=last`, their partial states merged:

@@ -929,15 +929,9 @@ proptest! {
 #[test]
 fn a_lost_commit_is_told_by_the_lake_version_a_state_read() {
     let lost = |table, version| {
-        Arc::new(fleetlake_aggregate::feed::FeedItem {
-            seq: 5,
-            table,
-            batches: Vec::new(),
-            committed_as: Some(version),
-            retract: false,
-            mirrored: false,
-            lost: true,
-        })
+        Arc::new(fleetlake_aggregate::feed::FeedItem::lost_commit(
+            5, table, version,
+        ))
     };
     let items = [lost(Table::Logs, 9), lost(Table::Metrics, 7)];
     assert_eq!(
